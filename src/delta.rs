@@ -1,0 +1,51 @@
+//! Rsync-style deltas on top of `fast_rsync`, with what it lacks for huge files.
+//!
+//! `fast_rsync::diff` needs the whole new data and the whole signature index in memory, and
+//! `fast_rsync::apply` appends its whole result to one buffer. So:
+//! - the new file is memory-mapped and diffed one window ([`WINDOW`]) at a time against the full
+//!   base signature; each window's fast_rsync delta is re-encoded into our own op stream
+//!   ([`ops`]), and the unmatched tail of a window is carried into the next so a match that
+//!   straddles a window boundary is still found;
+//! - the receiver applies op blocks one by one, streaming into a file and hashing as it goes
+//!   ([`apply`]), copying from a memory-mapped base.
+//!
+//! A whole-file transfer is the same op stream with only literals, so there is one decoder.
+//!
+//! # Layout
+//! - [`block_size`]: the one rule that picks a block size from a file size.
+//! - [`signature`]: computing signatures and the on-disk signature cache (both ends keep one).
+//! - [`ops`]: the wire op stream, its encoder (diff) and zstd framing.
+//! - [`apply`]: the streaming decoder.
+
+pub mod apply;
+pub mod block_size;
+pub mod ops;
+pub mod signature;
+
+pub use apply::Applier;
+pub use block_size::{WHOLE_FILE_BELOW, block_size};
+pub use ops::{Block, DeltaStats, encode_delta, encode_whole};
+pub use signature::SigCache;
+
+/// Bytes of new data diffed per call of `fast_rsync::diff`: bounds the encoder's memory and the
+/// size of one block on the wire.
+pub const WINDOW: usize = 8 << 20;
+
+/// Largest decoded block a receiver accepts: a window plus a carried tail, rounded up.
+pub const MAX_BLOCK: usize = WINDOW + (1 << 20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("corrupt delta: {0}")]
+    Corrupt(&'static str),
+    #[error("delta copies {len} bytes at offset {offset} but the base has only {base_len}")]
+    CopyOutOfBounds { offset: u64, len: u64, base_len: u64 },
+    #[error("delta produces more than the announced {limit} bytes")]
+    TooLong { limit: u64 },
+    #[error("decompressing a delta block failed: {0}")]
+    Decompress(std::io::Error),
+    #[error("fast_rsync diff failed: {0}")]
+    Diff(String),
+    #[error("I/O error while applying a delta: {0}")]
+    Io(#[from] std::io::Error),
+}

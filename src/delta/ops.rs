@@ -1,0 +1,246 @@
+//! The op stream that carries file content on the wire, and its encoders.
+//!
+//! A block is a sequence of ops, each `0 varint(offset) varint(len)` (copy from the base) or
+//! `1 varint(len) bytes` (literal), zstd-compressed when that makes it smaller. fast_rsync's own
+//! delta format is the same two ops; we re-encode it so a window's trailing literal can be cut off
+//! and carried into the next window.
+
+use fast_rsync::IndexedSignature;
+use serde::{Deserialize, Serialize};
+
+use super::{DeltaError, MAX_BLOCK, WINDOW};
+
+/// zstd level for literal data: 3 is zstd's default and compresses text well at hundreds of MB/s;
+/// random data is detected and stored raw cheaply.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Whole-file transfers are cut into blocks of this size so progress moves and memory stays low.
+const WHOLE_CHUNK: usize = 1 << 20;
+
+const OP_COPY: u8 = 0;
+const OP_LITERAL: u8 = 1;
+
+/// One unit of file content on the wire.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Block {
+    pub zstd: bool,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Block(zstd={}, {} bytes)", self.zstd, self.bytes.len())
+    }
+}
+
+/// What rsync calls literal and matched data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeltaStats {
+    pub literal: u64,
+    pub matched: u64,
+}
+
+impl DeltaStats {
+    pub fn add(&mut self, o: DeltaStats) {
+        self.literal += o.literal;
+        self.matched += o.matched;
+    }
+}
+
+pub(crate) enum Op<'a> {
+    Copy { offset: u64, len: u64 },
+    Literal(&'a [u8]),
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(buf: &mut &[u8]) -> Result<u64, DeltaError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = buf.split_first().ok_or(DeltaError::Corrupt("truncated varint"))?;
+        *buf = rest;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(DeltaError::Corrupt("varint too long"))
+}
+
+fn put_op(out: &mut Vec<u8>, op: &Op<'_>, stats: &mut DeltaStats) {
+    match op {
+        Op::Copy { offset, len } => {
+            out.push(OP_COPY);
+            put_varint(out, *offset);
+            put_varint(out, *len);
+            stats.matched += len;
+        }
+        Op::Literal(b) => {
+            out.push(OP_LITERAL);
+            put_varint(out, b.len() as u64);
+            out.extend_from_slice(b);
+            stats.literal += b.len() as u64;
+        }
+    }
+}
+
+/// Parses one decoded block into ops.
+pub(crate) fn parse_ops(mut buf: &[u8]) -> impl Iterator<Item = Result<Op<'_>, DeltaError>> {
+    std::iter::from_fn(move || {
+        let (&tag, rest) = buf.split_first()?;
+        buf = rest;
+        let op = (|| match tag {
+            OP_COPY => {
+                let offset = get_varint(&mut buf)?;
+                let len = get_varint(&mut buf)?;
+                Ok(Op::Copy { offset, len })
+            }
+            OP_LITERAL => {
+                let len = get_varint(&mut buf)? as usize;
+                if len > buf.len() {
+                    return Err(DeltaError::Corrupt("literal runs past the block"));
+                }
+                let (lit, rest) = buf.split_at(len);
+                buf = rest;
+                Ok(Op::Literal(lit))
+            }
+            _ => Err(DeltaError::Corrupt("unknown op")),
+        })();
+        if op.is_err() {
+            buf = &[];
+        }
+        Some(op)
+    })
+}
+
+/// Compresses a block of ops when that helps.
+fn seal(raw: Vec<u8>) -> Block {
+    if raw.len() > 64 {
+        if let Ok(c) = zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+            if c.len() < raw.len() {
+                return Block { zstd: true, bytes: c };
+            }
+        }
+    }
+    Block { zstd: false, bytes: raw }
+}
+
+/// Decompresses a received block, refusing anything larger than [`MAX_BLOCK`].
+pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
+    if b.zstd {
+        zstd::bulk::decompress(&b.bytes, MAX_BLOCK).map(Into::into).map_err(DeltaError::Decompress)
+    } else if b.bytes.len() > MAX_BLOCK {
+        Err(DeltaError::Corrupt("block too large"))
+    } else {
+        Ok(std::borrow::Cow::Borrowed(&b.bytes))
+    }
+}
+
+/// A whole file as literal blocks.
+pub fn encode_whole(
+    data: &[u8],
+    mut emit: impl FnMut(Block) -> std::io::Result<()>,
+) -> std::io::Result<DeltaStats> {
+    let mut stats = DeltaStats::default();
+    for chunk in data.chunks(WHOLE_CHUNK) {
+        let mut raw = Vec::with_capacity(chunk.len() + 12);
+        put_op(&mut raw, &Op::Literal(chunk), &mut stats);
+        emit(seal(raw))?;
+    }
+    Ok(stats)
+}
+
+/// Diffs `data` against the base whose signature is `sig`, one window at a time.
+pub fn encode_delta(
+    sig: &IndexedSignature<'_>,
+    block_size: u32,
+    data: &[u8],
+    mut emit: impl FnMut(Block) -> std::io::Result<()>,
+) -> Result<DeltaStats, DeltaError> {
+    let mut stats = DeltaStats::default();
+    let mut start = 0usize;
+    let mut fr = Vec::new();
+    while start < data.len() {
+        let end = (start + WINDOW).min(data.len());
+        let last = end == data.len();
+        let window = &data[start..end];
+        fr.clear();
+        fast_rsync::diff(sig, window, &mut fr).map_err(|e| DeltaError::Diff(e.to_string()))?;
+        let mut ops = parse_fast_rsync(&fr)?;
+        let mut consumed = window.len();
+        if !last {
+            // A match that starts in the last block_size-1 bytes of the window could not be seen:
+            // give those bytes back to the next window.
+            if let Some(Op::Literal(tail)) = ops.last() {
+                let give_back = tail.len().min(block_size as usize - 1);
+                consumed -= give_back;
+                let keep = tail.len() - give_back;
+                let tail: &[u8] = tail;
+                if keep == 0 {
+                    ops.pop();
+                } else {
+                    let kept = &tail[..keep];
+                    *ops.last_mut().expect("checked above") = Op::Literal(kept);
+                }
+            }
+        }
+        let mut raw = Vec::with_capacity(64);
+        for op in &ops {
+            put_op(&mut raw, op, &mut stats);
+        }
+        if !raw.is_empty() {
+            emit(seal(raw)).map_err(DeltaError::Io)?;
+        }
+        start += consumed.max(1);
+    }
+    Ok(stats)
+}
+
+/// Reads fast_rsync's (librsync's) delta format: magic, then literal/copy commands, then end.
+fn parse_fast_rsync(mut d: &[u8]) -> Result<Vec<Op<'_>>, DeltaError> {
+    const MAGIC: [u8; 4] = 0x72730236u32.to_be_bytes();
+    fn take<'a>(d: &mut &'a [u8], n: usize) -> Result<&'a [u8], DeltaError> {
+        if d.len() < n {
+            return Err(DeltaError::Corrupt("truncated fast_rsync delta"));
+        }
+        let (a, b) = d.split_at(n);
+        *d = b;
+        Ok(a)
+    }
+    fn int(d: &mut &[u8], n: usize) -> Result<u64, DeltaError> {
+        let mut b = [0u8; 8];
+        b[8 - n..].copy_from_slice(take(d, n)?);
+        Ok(u64::from_be_bytes(b))
+    }
+    if take(&mut d, 4)? != MAGIC {
+        return Err(DeltaError::Corrupt("fast_rsync delta magic"));
+    }
+    let mut ops = Vec::new();
+    loop {
+        let cmd = take(&mut d, 1)?[0];
+        match cmd {
+            0 => break,
+            0x01..=0x40 => ops.push(Op::Literal(take(&mut d, cmd as usize)?)),
+            0x41..=0x44 => {
+                let n = int(&mut d, 1 << (cmd - 0x41))? as usize;
+                ops.push(Op::Literal(take(&mut d, n)?));
+            }
+            0x45..=0x54 => {
+                let mode = cmd - 0x45;
+                let offset = int(&mut d, 1 << (mode / 4))?;
+                let len = int(&mut d, 1 << (mode % 4))?;
+                ops.push(Op::Copy { offset, len });
+            }
+            _ => return Err(DeltaError::Corrupt("unknown fast_rsync command")),
+        }
+    }
+    // fast_rsync emits at most 2^64-sized literals in pieces; merge adjacent ones for one header.
+    Ok(ops)
+}

@@ -1,0 +1,145 @@
+//! Durable file-system steps shared by client and server: temp file → fsync → rename → fsync dir,
+//! plus metadata (mtime, exec bit) and no-follow checks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+/// Prefix of every temp file deltasync writes inside a synced folder, so scans and watchers skip them.
+pub const TEMP_PREFIX: &str = ".deltasync-tmp-";
+
+/// Maps a file read-only. An empty file cannot be mapped, so it gets an empty map of its own.
+pub fn map(f: &File) -> io::Result<Mapped> {
+    if f.metadata()?.len() == 0 {
+        return Ok(Mapped::Empty);
+    }
+    // SAFETY: the map is read-only. deltasync never writes a file in place (every write goes to a
+    // temp file that is renamed over), so the mapped inode only changes if another program truncates
+    // it under us; reads then fault with SIGBUS, which is why hashes are re-checked after every use.
+    #[allow(unsafe_code)]
+    let m = unsafe { Mmap::map(f)? };
+    #[cfg(unix)]
+    let _ = m.advise(memmap2::Advice::Sequential);
+    Ok(Mapped::Map(m))
+}
+
+pub enum Mapped {
+    Empty,
+    Map(Mmap),
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Mapped::Empty => &[],
+            Mapped::Map(m) => m,
+        }
+    }
+}
+
+/// A fresh temp path in `dir` (unique per process and call).
+pub fn temp_path(dir: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut r = [0u8; 6];
+    let _ = getrandom::fill(&mut r);
+    dir.join(format!("{TEMP_PREFIX}{}-{n}-{}", std::process::id(), hex::encode(r)))
+}
+
+pub fn create_temp(dir: &Path) -> io::Result<(File, PathBuf)> {
+    let p = temp_path(dir);
+    let f = OpenOptions::new().write(true).create_new(true).open(&p)?;
+    Ok((f, p))
+}
+
+/// Makes `tmp` the file at `dest`: fsync the data, rename, fsync the directory, so after a crash
+/// the old version or the new one is there, never a torn file.
+pub fn commit_temp(tmp: &Path, dest: &Path) -> io::Result<()> {
+    File::open(tmp)?.sync_all()?;
+    fs::rename(tmp, dest)?;
+    if let Some(parent) = dest.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Sets mtime (nanoseconds since the epoch) without following a symlink.
+pub fn set_mtime(path: &Path, mtime_ns: i64) -> io::Result<()> {
+    let t = filetime::FileTime::from_unix_time(
+        mtime_ns.div_euclid(1_000_000_000),
+        mtime_ns.rem_euclid(1_000_000_000) as u32,
+    );
+    filetime::set_symlink_file_times(path, t, t)
+}
+
+pub fn mtime_ns(md: &fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+/// Only permission bits travel; the executable bit is what users care about.
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+}
+
+/// Creates `root/rel`'s parent directories, refusing to pass through a symlink (which could point
+/// outside the folder).
+pub fn ensure_dirs(root: &Path, rel: &crate::path::RelPath) -> io::Result<()> {
+    for a in rel.ancestors() {
+        let p = a.under(root);
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} is not a directory (symlinks are never followed)", p.display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&p)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Errors unless every ancestor of `rel` under `root` is a real directory (or missing).
+pub fn check_no_symlink_ancestors(root: &Path, rel: &crate::path::RelPath) -> io::Result<()> {
+    for a in rel.ancestors() {
+        let p = a.under(root);
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not a directory (symlinks are never followed)", p.display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes leftovers of interrupted writes.
+pub fn clean_temps(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    if !dir.exists() {
+        return Ok(0);
+    }
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            fs::remove_file(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,95 @@
+//! Content identity: xxh3-128 of a file's bytes, the one hash used for "same content",
+//! rename detection, signature-cache keys and verification after every reconstruction.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3Default;
+
+/// Files at least this large are hashed through a memory map rather than read into buffers.
+const MMAP_THRESHOLD: u64 = 1 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentHash(pub [u8; 16]);
+
+impl ContentHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        ContentHash(xxhash_rust::xxh3::xxh3_128(bytes).to_be_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(ContentHash(b.try_into().ok()?))
+    }
+
+    /// Hashes a file, streaming: memory stays bounded whatever the size.
+    pub fn of_file(path: &Path) -> io::Result<(Self, u64)> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        if len >= MMAP_THRESHOLD {
+            let map = crate::fsutil::map(&f)?;
+            return Ok((ContentHash::of(&map), len));
+        }
+        let mut h = Hasher::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            h.update(&buf[..n]);
+        }
+        Ok((h.finish(), total))
+    }
+}
+
+/// Incremental hashing, for data that arrives in pieces (downloads, reconstructions).
+pub struct Hasher(Xxh3Default);
+
+impl Hasher {
+    pub fn new() -> Self {
+        Hasher(Xxh3Default::new())
+    }
+    pub fn update(&mut self, b: &[u8]) {
+        self.0.update(b);
+    }
+    pub fn finish(&self) -> ContentHash {
+        ContentHash(self.0.digest128().to_be_bytes())
+    }
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..12])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_equals_one_shot() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut h = Hasher::new();
+        for c in data.chunks(777) {
+            h.update(c);
+        }
+        assert_eq!(h.finish(), ContentHash::of(&data));
+        assert_ne!(ContentHash::of(b"a"), ContentHash::of(b"b"));
+    }
+}

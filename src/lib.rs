@@ -1,0 +1,17 @@
+//! deltasync: a self-hosted file sync service that sends rsync-style deltas.
+//!
+//! # Layout
+//! - [`path`]: `RelPath`, the validated path type every path from outside becomes.
+//! - [`hash`]: xxh3-128 content identity.
+//! - [`fsutil`]: durable writes (temp, fsync, rename), metadata, no-follow checks.
+//! - [`delta`]: fast_rsync wrapped for huge files: block-size rule, signature cache, windowed diff,
+//!   streaming apply.
+//! - [`protocol`]: frames, messages and the counted connection.
+//! - [`server`]: `deltasync serve`: accounts, metadata (SQLite), content store (plain folders).
+//! - [`sync`]: the client's engine: index, scan, plan (pure decisions), execute.
+//! - [`progress`]: progress bars and `--stats`.
+
+pub mod delta;
+pub mod fsutil;
+pub mod hash;
+pub mod path;
