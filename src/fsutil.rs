@@ -143,3 +143,27 @@ pub fn clean_temps(dir: &Path) -> io::Result<usize> {
     }
     Ok(n)
 }
+
+/// A temp file that is removed when dropped, unless [`keep`](TempGuard::keep) was called (it was
+/// renamed into place). Keeps every error path from leaking temp files.
+pub struct TempGuard(Option<PathBuf>);
+
+impl TempGuard {
+    pub fn new(p: PathBuf) -> Self {
+        TempGuard(Some(p))
+    }
+    pub fn path(&self) -> &Path {
+        self.0.as_deref().expect("TempGuard used after keep")
+    }
+    pub fn keep(mut self) -> PathBuf {
+        self.0.take().expect("TempGuard kept twice")
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}

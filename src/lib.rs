@@ -15,3 +15,5 @@ pub mod delta;
 pub mod fsutil;
 pub mod hash;
 pub mod path;
+pub mod protocol;
+pub mod server;

@@ -64,9 +64,8 @@ mod tests {
 
     fn roundtrip(base: &[u8], new: &[u8]) -> DeltaStats {
         let sig = signature::compute(base);
-        let idx = sig.index();
         let mut blocks = Vec::new();
-        let stats = encode_delta(&idx, sig_block(base), new, |b| {
+        let stats = encode_delta(&sig, new, |b| {
             blocks.push(b);
             Ok(())
         })
@@ -81,10 +80,6 @@ mod tests {
         assert_eq!(h, ContentHash::of(new));
         assert_eq!(applied, stats);
         stats
-    }
-
-    fn sig_block(base: &[u8]) -> u32 {
-        super::super::block_size(base.len() as u64)
     }
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {

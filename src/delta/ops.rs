@@ -5,7 +5,7 @@
 //! delta format is the same two ops; we re-encode it so a window's trailing literal can be cut off
 //! and carried into the next window.
 
-use fast_rsync::IndexedSignature;
+use fast_rsync::Signature;
 use serde::{Deserialize, Serialize};
 
 use super::{DeltaError, MAX_BLOCK, WINDOW};
@@ -159,11 +159,20 @@ pub fn encode_whole(
 
 /// Diffs `data` against the base whose signature is `sig`, one window at a time.
 pub fn encode_delta(
-    sig: &IndexedSignature<'_>,
-    block_size: u32,
+    signature: &Signature,
     data: &[u8],
     mut emit: impl FnMut(Block) -> std::io::Result<()>,
 ) -> Result<DeltaStats, DeltaError> {
+    // The serialized header is magic, block size, hash size (big-endian u32s).
+    let header = signature.serialized();
+    let block_size = header
+        .get(4..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .filter(|&b| b > 0)
+        .ok_or(DeltaError::Corrupt("signature header"))?;
+    let sig = signature.index();
+    let sig = &sig;
     let mut stats = DeltaStats::default();
     let mut start = 0usize;
     let mut fr = Vec::new();

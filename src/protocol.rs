@@ -1,0 +1,27 @@
+//! The wire protocol: length-prefixed frames holding postcard-encoded messages.
+//!
+//! # Layout
+//! - [`message`]: every message and the order they flow in (see ARCHITECTURE.md).
+//! - [`connection`]: framed, byte-counting reader and writer halves of a TCP stream.
+
+pub mod connection;
+pub mod message;
+
+pub use connection::{Counters, FrameReader, FrameWriter, split};
+pub use message::*;
+
+/// Hard limit on one frame: a delta block ([`crate::delta::MAX_BLOCK`]) plus headroom. A peer
+/// announcing a larger frame is cut off before anything is allocated.
+pub const MAX_FRAME: usize = crate::delta::MAX_BLOCK + (64 << 10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed message from peer: {0}")]
+    Decode(postcard::Error),
+    #[error("could not encode message: {0}")]
+    Encode(postcard::Error),
+    #[error("peer closed the connection")]
+    Closed,
+}

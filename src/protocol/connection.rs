@@ -1,0 +1,115 @@
+//! Framed reader and writer halves over a TCP stream, counting every byte that crosses the socket
+//! (framing included) for `--stats`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use super::{MAX_FRAME, ProtocolError};
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+impl Counters {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+struct Counted<S> {
+    inner: S,
+    counters: Arc<Counters>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counters.received.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
+}
+
+pub struct FrameReader {
+    inner: FramedRead<Counted<OwnedReadHalf>, LengthDelimitedCodec>,
+}
+
+pub struct FrameWriter {
+    inner: FramedWrite<Counted<OwnedWriteHalf>, LengthDelimitedCodec>,
+}
+
+/// Splits a stream into a reader and a writer that can live in different tasks.
+pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
+    let _ = stream.set_nodelay(true);
+    let counters = Arc::new(Counters::default());
+    let (r, w) = stream.into_split();
+    let reader = FramedRead::new(Counted { inner: r, counters: counters.clone() }, codec());
+    let writer = FramedWrite::new(Counted { inner: w, counters: counters.clone() }, codec());
+    (FrameReader { inner: reader }, FrameWriter { inner: writer }, counters)
+}
+
+impl FrameReader {
+    /// The next message, or `Ok(None)` when the peer closed cleanly between frames.
+    pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtocolError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(ProtocolError::Io(e)),
+            Some(Ok(frame)) => postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode),
+        }
+    }
+}
+
+impl FrameWriter {
+    /// Queues a message; it goes out once the buffer fills or on [`flush`](Self::flush). Lets a
+    /// pipelining sender put many small requests in one TCP segment.
+    pub async fn feed<M: Serialize>(&mut self, msg: &M) -> Result<(), ProtocolError> {
+        let bytes = postcard::to_allocvec(msg).map_err(ProtocolError::Encode)?;
+        self.inner.feed(bytes::Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    pub async fn send<M: Serialize>(&mut self, msg: &M) -> Result<(), ProtocolError> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        Ok(SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?)
+    }
+}

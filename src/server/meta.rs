@@ -1,0 +1,263 @@
+//! Metadata: accounts, the current state of every path, and the journal, in SQLite (WAL).
+//!
+//! All SQL of the server lives here, so a PostgreSQL backend is one more implementation of this
+//! module's API. Each commit is one transaction that takes the account's next sequence number,
+//! updates the path's row (its `rev` is that number) and appends a journal line, so "what changed
+//! since N" is `WHERE rev > N` and can never miss a commit.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::hash::ContentHash;
+use crate::path::RelPath;
+use crate::protocol::{Entry, Meta as NodeMeta, Node};
+
+/// Entries per `Changes` page: ~100 bytes each keeps a page far below the frame limit.
+pub const PAGE: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("an account named `{0}` exists already")]
+    AccountExists(String),
+    #[error("corrupt row for `{0}` in the database")]
+    CorruptRow(String),
+}
+
+pub type AccountId = i64;
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+}
+
+/// One connection behind a mutex: SQLite serializes writers anyway, and every call is short.
+/// This is a `std::sync::Mutex` (not a Tokio one) because no `.await` happens while it is held;
+/// callers run it on the blocking pool.
+pub struct Metadata {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_hash BLOB NOT NULL UNIQUE,
+    seq INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    account INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    kind INTEGER NOT NULL,          -- 0 deleted, 1 file, 2 dir, 3 symlink
+    hash BLOB,
+    size INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    mode INTEGER NOT NULL DEFAULT 0,
+    target TEXT,
+    device TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (account, path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_rev ON files(account, rev);
+CREATE INDEX IF NOT EXISTS files_hash ON files(account, hash);
+CREATE TABLE IF NOT EXISTS journal (
+    account INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    path TEXT NOT NULL,
+    device TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (account, seq)
+) WITHOUT ROWID;
+";
+
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Metadata {
+    pub fn open(path: &Path) -> Result<Self, MetaError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // WAL lets `account add` write while the server runs; synchronous=FULL makes each commit
+        // durable, matching the fsync of the file it records.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Metadata { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_account(&self, name: &str, token: &str) -> Result<Account, MetaError> {
+        let c = self.conn();
+        let r = c.execute(
+            "INSERT INTO accounts (name, token_hash, created) VALUES (?1, ?2, ?3)",
+            params![name, token_hash(token), now_secs()],
+        );
+        match r {
+            Ok(_) => Ok(Account { id: c.last_insert_rowid(), name: name.to_string() }),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(MetaError::AccountExists(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn list_accounts(&self) -> Result<Vec<(Account, u64)>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT id, name, seq FROM accounts ORDER BY name")?;
+        let rows = st.query_map([], |r| Ok((Account { id: r.get(0)?, name: r.get(1)? }, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn authenticate(&self, token: &str) -> Result<Option<Account>, MetaError> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT id, name FROM accounts WHERE token_hash = ?1",
+            params![token_hash(token)],
+            |r| Ok(Account { id: r.get(0)?, name: r.get(1)? }),
+        )
+        .optional()?)
+    }
+
+    /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
+    pub fn get(&self, account: AccountId, path: &RelPath) -> Result<Option<Entry>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
+        )?;
+        let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
+        row.transpose()
+    }
+
+    /// A live file in the account with this content, for server-side copies.
+    pub fn find_by_hash(&self, account: AccountId, hash: &ContentHash) -> Result<Option<RelPath>, MetaError> {
+        let c = self.conn();
+        let p: Option<String> = c
+            .query_row(
+                "SELECT path FROM files WHERE account=?1 AND hash=?2 AND kind=1 LIMIT 1",
+                params![account, &hash.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        p.map(|p| RelPath::new(p.clone()).map_err(|_| MetaError::CorruptRow(p))).transpose()
+    }
+
+    /// One page of entries changed after `since`, the account's current sequence, and whether
+    /// more pages follow.
+    pub fn changes(&self, account: AccountId, since: u64) -> Result<(Vec<Entry>, u64, bool), MetaError> {
+        let c = self.conn();
+        let seq: i64 = c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get(0))?;
+        let mut st = c.prepare_cached(
+            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
+             WHERE account=?1 AND rev>?2 ORDER BY rev LIMIT ?3",
+        )?;
+        let mut entries = st
+            .query_map(params![account, since as i64, PAGE as i64 + 1], row_to_entry)?
+            .collect::<Result<Result<Vec<_>, _>, _>>()??;
+        let more = entries.len() > PAGE;
+        entries.truncate(PAGE);
+        Ok((entries, seq as u64, more))
+    }
+
+    pub fn seq(&self, account: AccountId) -> Result<u64, MetaError> {
+        let c = self.conn();
+        Ok(c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Records a set of path changes as one journal step; returns the new sequence number.
+    /// The caller holds the account's commit lock and has checked the base revisions.
+    pub fn commit(
+        &self,
+        account: AccountId,
+        op: &str,
+        device: &str,
+        changes: &[(&RelPath, Option<&Node>)],
+    ) -> Result<u64, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let seq: i64 = tx.query_row(
+            "UPDATE accounts SET seq = seq + 1 WHERE id=?1 RETURNING seq",
+            params![account],
+            |r| r.get(0),
+        )?;
+        for (path, node) in changes {
+            let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) = match node {
+                None => (0, None, 0, NodeMeta { mtime_ns: 0, mode: 0 }, None),
+                Some(Node::File { hash, size, meta }) => (1, Some(hash.0.to_vec()), *size, *meta, None),
+                Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
+                Some(Node::Symlink { target }) => (3, None, 0, NodeMeta { mtime_ns: 0, mode: 0 }, Some(target)),
+            };
+            tx.execute(
+                "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![account, path.as_str(), seq, kind, hash, size as i64, meta.mtime_ns, meta.mode, target, device],
+            )?;
+            tx.execute(
+                "INSERT INTO journal (account, seq, op, path, device, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT DO NOTHING",
+                params![account, seq, op, path.as_str(), device, now_secs()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(seq as u64)
+    }
+
+    /// Live entries under a directory (for refusing to delete a non-empty one).
+    pub fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
+        let c = self.conn();
+        let prefix = format!("{}/", dir.as_str());
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM files WHERE account=?1 AND kind<>0 AND path > ?2 AND path < ?3",
+            params![account, prefix, format!("{}0", dir.as_str())],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+}
+
+type RowResult = Result<Entry, MetaError>;
+
+fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
+    let path: String = r.get(0)?;
+    let rev: i64 = r.get(1)?;
+    let kind: i64 = r.get(2)?;
+    let hash: Option<Vec<u8>> = r.get(3)?;
+    let size: i64 = r.get(4)?;
+    let meta = NodeMeta { mtime_ns: r.get(5)?, mode: r.get(6)? };
+    let target: Option<String> = r.get(7)?;
+    let device: String = r.get(8)?;
+    let bad = || MetaError::CorruptRow(path.clone());
+    let node = match kind {
+        0 => None,
+        1 => match hash.as_deref().and_then(ContentHash::from_slice) {
+            Some(hash) => Some(Node::File { hash, size: size as u64, meta }),
+            None => return Ok(Err(bad())),
+        },
+        2 => Some(Node::Dir { mode: meta.mode }),
+        3 => match target {
+            Some(target) => Some(Node::Symlink { target }),
+            None => return Ok(Err(bad())),
+        },
+        _ => return Ok(Err(bad())),
+    };
+    let Ok(rel) = RelPath::new(path.clone()) else { return Ok(Err(bad())) };
+    Ok(Ok(Entry { path: rel, rev: rev as u64, node, device }))
+}

@@ -1,0 +1,158 @@
+//! Content storage: per account a plain mirror of the folder (a user can walk in and copy files
+//! out), a temp area on the same file system, and the signature cache.
+//!
+//! All file I/O of the server goes through here, so an object-storage backend is one more
+//! implementation of this module. Paths are `RelPath`s and no operation follows a symlink: every
+//! ancestor is checked to be a real directory, and links are only ever created, read or removed.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use crate::delta::SigCache;
+use crate::fsutil;
+use crate::path::RelPath;
+use crate::protocol::Meta;
+
+use super::meta::AccountId;
+
+#[derive(Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// One account's rooms.
+#[derive(Clone)]
+pub struct AccountStore {
+    pub files: PathBuf,
+    pub tmp: PathBuf,
+    pub sigs: SigCache,
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> io::Result<Self> {
+        let root = data_dir.join("accounts");
+        fs::create_dir_all(&root)?;
+        Ok(Store { root })
+    }
+
+    pub fn account(&self, id: AccountId) -> io::Result<AccountStore> {
+        let base = self.root.join(id.to_string());
+        let files = base.join("files");
+        let tmp = base.join("tmp");
+        fs::create_dir_all(&files)?;
+        fs::create_dir_all(&tmp)?;
+        Ok(AccountStore { files, tmp, sigs: SigCache::new(base.join("sigs"))? })
+    }
+
+    /// Removes temp files left by interrupted uploads; returns how many.
+    pub fn clean_temps(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for e in fs::read_dir(&self.root)? {
+            n += fsutil::clean_temps(&e?.path().join("tmp"))?;
+        }
+        Ok(n)
+    }
+}
+
+impl AccountStore {
+    /// The on-disk path of `rel`, after checking that no ancestor is a symlink or a file.
+    pub fn resolve(&self, rel: &RelPath) -> io::Result<PathBuf> {
+        fsutil::check_no_symlink_ancestors(&self.files, rel)?;
+        Ok(rel.under(&self.files))
+    }
+
+    pub fn new_temp(&self) -> io::Result<(fs::File, PathBuf)> {
+        fsutil::create_temp(&self.tmp)
+    }
+
+    /// Moves a verified temp file into place with its metadata, durably.
+    pub fn install_file(&self, tmp: &Path, rel: &RelPath, meta: Meta) -> io::Result<()> {
+        fsutil::set_mode(tmp, meta.mode)?;
+        fsutil::set_mtime(tmp, meta.mtime_ns)?;
+        fsutil::ensure_dirs(&self.files, rel)?;
+        let dest = rel.under(&self.files);
+        if let Ok(md) = fs::symlink_metadata(&dest) {
+            if md.is_dir() {
+                remove_tree(&dest)?;
+            }
+        }
+        fsutil::commit_temp(tmp, &dest)
+    }
+
+    pub fn mkdir(&self, rel: &RelPath, mode: u32) -> io::Result<()> {
+        fsutil::ensure_dirs(&self.files, rel)?;
+        let p = rel.under(&self.files);
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                fs::remove_file(&p)?;
+                fs::create_dir(&p)?;
+            }
+            Err(_) => fs::create_dir(&p)?,
+        }
+        if mode != 0 {
+            fsutil::set_mode(&p, mode | 0o700)?;
+        }
+        Ok(())
+    }
+
+    pub fn symlink(&self, rel: &RelPath, target: &str) -> io::Result<()> {
+        fsutil::ensure_dirs(&self.files, rel)?;
+        let tmp = fsutil::temp_path(&self.tmp);
+        symlink(target, &tmp)?;
+        let dest = rel.under(&self.files);
+        if let Ok(md) = fs::symlink_metadata(&dest) {
+            if md.is_dir() {
+                remove_tree(&dest)?;
+            }
+        }
+        fs::rename(&tmp, &dest)?;
+        fsutil::sync_dir(dest.parent().unwrap_or(&self.files))
+    }
+
+    /// Removes a file, link or empty directory; a missing one is fine (already gone).
+    pub fn remove(&self, rel: &RelPath) -> io::Result<()> {
+        let p = self.resolve(rel)?;
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => fs::remove_dir(&p)?,
+            Ok(_) => fs::remove_file(&p)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        fsutil::sync_dir(p.parent().unwrap_or(&self.files))
+    }
+
+    pub fn rename(&self, from: &RelPath, to: &RelPath, meta: Meta) -> io::Result<()> {
+        let src = self.resolve(from)?;
+        fsutil::ensure_dirs(&self.files, to)?;
+        let dest = to.under(&self.files);
+        fs::rename(&src, &dest)?;
+        fsutil::set_mode(&dest, meta.mode)?;
+        fsutil::set_mtime(&dest, meta.mtime_ns)?;
+        fsutil::sync_dir(dest.parent().unwrap_or(&self.files))?;
+        fsutil::sync_dir(src.parent().unwrap_or(&self.files))
+    }
+
+    pub fn set_meta(&self, rel: &RelPath, meta: Meta) -> io::Result<()> {
+        let p = self.resolve(rel)?;
+        if fs::symlink_metadata(&p)?.file_type().is_symlink() {
+            return Ok(());
+        }
+        fsutil::set_mode(&p, meta.mode)?;
+        fsutil::set_mtime(&p, meta.mtime_ns)
+    }
+
+    /// Opens a stored file for reading without following a final symlink.
+    pub fn open(&self, rel: &RelPath) -> io::Result<fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.resolve(rel)?;
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
+    }
+}
+
+fn remove_tree(p: &Path) -> io::Result<()> {
+    fs::remove_dir_all(p)
+}
+
