@@ -11,9 +11,12 @@
 //! - [`sync`]: the client's engine: index, scan, plan (pure decisions), execute.
 //! - [`progress`]: progress bars and `--stats`.
 
+pub mod client;
 pub mod delta;
 pub mod fsutil;
 pub mod hash;
 pub mod path;
+pub mod progress;
 pub mod protocol;
 pub mod server;
+pub mod sync;

@@ -71,8 +71,12 @@ impl RelPath {
 
     /// The path of `full` relative to `root`, for files found by a local scan.
     pub fn from_local(root: &Path, full: &Path) -> Result<Self, PathError> {
-        let rel = full.strip_prefix(root).map_err(|_| PathError::Absolute(full.display().to_string()))?;
-        let s = rel.to_str().ok_or_else(|| PathError::NotUtf8(rel.display().to_string()))?;
+        let rel = full
+            .strip_prefix(root)
+            .map_err(|_| PathError::Absolute(full.display().to_string()))?;
+        let s = rel
+            .to_str()
+            .ok_or_else(|| PathError::NotUtf8(rel.display().to_string()))?;
         RelPath::new(s)
     }
 
@@ -144,7 +148,13 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_paths() {
-        for p in ["a", "a/b.txt", "with space/été 日本.md", ".hidden", "a/.deltasync"] {
+        for p in [
+            "a",
+            "a/b.txt",
+            "with space/été 日本.md",
+            ".hidden",
+            "a/.deltasync",
+        ] {
             assert!(RelPath::new(p).is_ok(), "{p}");
         }
     }
@@ -153,8 +163,17 @@ mod tests {
     fn rejects_escapes() {
         let long = "x".repeat(256);
         for p in [
-            "", "/etc/passwd", "..", "a/../../b", "a//b", "./a", "a/", "a\0b", ".deltasync",
-            ".deltasync/index.db", long.as_str(),
+            "",
+            "/etc/passwd",
+            "..",
+            "a/../../b",
+            "a//b",
+            "./a",
+            "a/",
+            "a\0b",
+            ".deltasync",
+            ".deltasync/index.db",
+            long.as_str(),
         ] {
             assert!(RelPath::new(p).is_err(), "{p:?} should be refused");
         }

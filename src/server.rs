@@ -56,7 +56,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
-        let dd = |err| ServerError::DataDir { path: config.data_dir.clone(), err };
+        let dd = |err| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            err,
+        };
         std::fs::create_dir_all(&config.data_dir).map_err(dd)?;
         let store = Store::open(&config.data_dir).map_err(dd)?;
         let cleaned = store.clean_temps().map_err(dd)?;
@@ -80,7 +83,9 @@ impl Shared {
 
     pub fn subscribe(&self, account: AccountId) -> broadcast::Receiver<u64> {
         let mut m = self.hub.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(account).or_insert_with(|| broadcast::channel(16).0).subscribe()
+        m.entry(account)
+            .or_insert_with(|| broadcast::channel(16).0)
+            .subscribe()
     }
 
     /// Tells every subscribed device of the account that its journal reached `seq`.
@@ -93,7 +98,10 @@ impl Shared {
 }
 
 pub fn open_metadata(data_dir: &Path) -> Result<Metadata, ServerError> {
-    std::fs::create_dir_all(data_dir).map_err(|err| ServerError::DataDir { path: data_dir.to_path_buf(), err })?;
+    std::fs::create_dir_all(data_dir).map_err(|err| ServerError::DataDir {
+        path: data_dir.to_path_buf(),
+        err,
+    })?;
     Ok(Metadata::open(&data_dir.join("deltasync.db"))?)
 }
 
@@ -113,7 +121,11 @@ pub fn add_account(meta: &Metadata, name: &str) -> Result<(Account, String), met
 
 /// Serves until `shutdown` completes, then stops accepting, tells sessions to finish, and waits
 /// for them.
-pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future) -> Result<(), ServerError> {
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future,
+) -> Result<(), ServerError> {
     let shared = Arc::new(Shared::open(&config)?);
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -152,7 +164,14 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
 }
 
 /// Binds `addr` and serves in a background task; for tests and embedding.
-pub async fn spawn(addr: &str, config: ServerConfig) -> std::io::Result<(SocketAddr, CancellationToken, tokio::task::JoinHandle<Result<(), ServerError>>)> {
+pub async fn spawn(
+    addr: &str,
+    config: ServerConfig,
+) -> std::io::Result<(
+    SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ServerError>>,
+)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let stop = CancellationToken::new();

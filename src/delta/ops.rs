@@ -64,7 +64,9 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 fn get_varint(buf: &mut &[u8]) -> Result<u64, DeltaError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let (&b, rest) = buf.split_first().ok_or(DeltaError::Corrupt("truncated varint"))?;
+        let (&b, rest) = buf
+            .split_first()
+            .ok_or(DeltaError::Corrupt("truncated varint"))?;
         *buf = rest;
         v |= ((b & 0x7f) as u64) << shift;
         if b & 0x80 == 0 {
@@ -125,17 +127,25 @@ fn seal(raw: Vec<u8>) -> Block {
     if raw.len() > 64 {
         if let Ok(c) = zstd::bulk::compress(&raw, ZSTD_LEVEL) {
             if c.len() < raw.len() {
-                return Block { zstd: true, bytes: c };
+                return Block {
+                    zstd: true,
+                    bytes: c,
+                };
             }
         }
     }
-    Block { zstd: false, bytes: raw }
+    Block {
+        zstd: false,
+        bytes: raw,
+    }
 }
 
 /// Decompresses a received block, refusing anything larger than [`MAX_BLOCK`].
 pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
     if b.zstd {
-        zstd::bulk::decompress(&b.bytes, MAX_BLOCK).map(Into::into).map_err(DeltaError::Decompress)
+        zstd::bulk::decompress(&b.bytes, MAX_BLOCK)
+            .map(Into::into)
+            .map_err(DeltaError::Decompress)
     } else if b.bytes.len() > MAX_BLOCK {
         Err(DeltaError::Corrupt("block too large"))
     } else {
@@ -144,15 +154,16 @@ pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
 }
 
 /// A whole file as literal blocks.
+/// `emit` gets each block and how many bytes of `data` it covers (for progress).
 pub fn encode_whole(
     data: &[u8],
-    mut emit: impl FnMut(Block) -> std::io::Result<()>,
+    mut emit: impl FnMut(Block, u64) -> std::io::Result<()>,
 ) -> std::io::Result<DeltaStats> {
     let mut stats = DeltaStats::default();
     for chunk in data.chunks(WHOLE_CHUNK) {
         let mut raw = Vec::with_capacity(chunk.len() + 12);
         put_op(&mut raw, &Op::Literal(chunk), &mut stats);
-        emit(seal(raw))?;
+        emit(seal(raw), chunk.len() as u64)?;
     }
     Ok(stats)
 }
@@ -161,7 +172,7 @@ pub fn encode_whole(
 pub fn encode_delta(
     signature: &Signature,
     data: &[u8],
-    mut emit: impl FnMut(Block) -> std::io::Result<()>,
+    mut emit: impl FnMut(Block, u64) -> std::io::Result<()>,
 ) -> Result<DeltaStats, DeltaError> {
     // The serialized header is magic, block size, hash size (big-endian u32s).
     let header = signature.serialized();
@@ -205,7 +216,7 @@ pub fn encode_delta(
             put_op(&mut raw, op, &mut stats);
         }
         if !raw.is_empty() {
-            emit(seal(raw)).map_err(DeltaError::Io)?;
+            emit(seal(raw), consumed as u64).map_err(DeltaError::Io)?;
         }
         start += consumed.max(1);
     }

@@ -37,7 +37,11 @@ struct Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
@@ -47,7 +51,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
@@ -63,7 +71,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 }
 
 fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
 }
 
 pub struct FrameReader {
@@ -79,9 +89,25 @@ pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
     let _ = stream.set_nodelay(true);
     let counters = Arc::new(Counters::default());
     let (r, w) = stream.into_split();
-    let reader = FramedRead::new(Counted { inner: r, counters: counters.clone() }, codec());
-    let writer = FramedWrite::new(Counted { inner: w, counters: counters.clone() }, codec());
-    (FrameReader { inner: reader }, FrameWriter { inner: writer }, counters)
+    let reader = FramedRead::new(
+        Counted {
+            inner: r,
+            counters: counters.clone(),
+        },
+        codec(),
+    );
+    let writer = FramedWrite::new(
+        Counted {
+            inner: w,
+            counters: counters.clone(),
+        },
+        codec(),
+    );
+    (
+        FrameReader { inner: reader },
+        FrameWriter { inner: writer },
+        counters,
+    )
 }
 
 impl FrameReader {
@@ -90,7 +116,9 @@ impl FrameReader {
         match self.inner.next().await {
             None => Ok(None),
             Some(Err(e)) => Err(ProtocolError::Io(e)),
-            Some(Ok(frame)) => postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode),
+            Some(Ok(frame)) => postcard::from_bytes(&frame)
+                .map(Some)
+                .map_err(ProtocolError::Decode),
         }
     }
 }

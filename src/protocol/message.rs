@@ -23,8 +23,15 @@ pub struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Welcome {
-    Accepted { account: String, new_token: Option<String> },
-    Rejected { reason: Rejection, message: String, server_version: u32 },
+    Accepted {
+        account: String,
+        new_token: Option<String>,
+    },
+    Rejected {
+        reason: Rejection,
+        message: String,
+        server_version: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,9 +51,17 @@ pub struct Meta {
 /// What is at a path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Node {
-    File { hash: ContentHash, size: u64, meta: Meta },
-    Dir { mode: u32 },
-    Symlink { target: String },
+    File {
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// A path's state on the server; `node: None` is a tombstone (deleted at `rev`).
@@ -71,24 +86,65 @@ pub enum ClientMsg {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     /// Entries changed after journal sequence `since`, in pages.
-    Changes { since: u64 },
+    Changes {
+        since: u64,
+    },
     /// File content follows as `Data` blocks and `End`. With `base`, the blocks are a delta against
     /// the server's current version, which must have that hash.
-    Put { path: RelPath, base_rev: u64, hash: ContentHash, size: u64, meta: Meta, base: Option<ContentHash> },
-    Mkdir { path: RelPath, base_rev: u64, mode: u32 },
-    Symlink { path: RelPath, base_rev: u64, target: String },
-    Delete { path: RelPath, base_rev: u64 },
+    Put {
+        path: RelPath,
+        base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+        base: Option<ContentHash>,
+    },
+    Mkdir {
+        path: RelPath,
+        base_rev: u64,
+        mode: u32,
+    },
+    Symlink {
+        path: RelPath,
+        base_rev: u64,
+        target: String,
+    },
+    Delete {
+        path: RelPath,
+        base_rev: u64,
+    },
     /// A rename: no content crosses the wire.
-    Move { from: RelPath, from_rev: u64, to: RelPath, to_base_rev: u64, meta: Meta },
+    Move {
+        from: RelPath,
+        from_rev: u64,
+        to: RelPath,
+        to_base_rev: u64,
+        meta: Meta,
+    },
     /// A new path whose content the server already holds somewhere in the account.
-    Copy { hash: ContentHash, size: u64, to: RelPath, to_base_rev: u64, meta: Meta },
-    SetMeta { path: RelPath, base_rev: u64, meta: Meta },
+    Copy {
+        hash: ContentHash,
+        size: u64,
+        to: RelPath,
+        to_base_rev: u64,
+        meta: Meta,
+    },
+    SetMeta {
+        path: RelPath,
+        base_rev: u64,
+        meta: Meta,
+    },
     /// Download a file; `have` names the version the client holds, so the server can send a delta
     /// against its cached signature of it.
-    Get { path: RelPath, have: Option<(ContentHash, u64)> },
+    Get {
+        path: RelPath,
+        have: Option<(ContentHash, u64)>,
+    },
     /// The server's signature of its current version of `path` (rsync's fallback when the client's
     /// signature cache has lost it). Comes back as `Data` blocks.
-    Signature { path: RelPath },
+    Signature {
+        path: RelPath,
+    },
     /// Ask to be sent `Notify` whenever the account changes (used by `watch`).
     Subscribe,
     Ping,
@@ -96,24 +152,48 @@ pub enum Request {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ServerMsg {
-    Resp { id: u64, result: Result<Reply, Refusal> },
-    Data { id: u64, block: Block },
-    End { id: u64 },
+    Resp {
+        id: u64,
+        result: Result<Reply, Refusal>,
+    },
+    Data {
+        id: u64,
+        block: Block,
+    },
+    End {
+        id: u64,
+    },
     /// The account's journal reached `seq` (sent to subscribers).
-    Notify { seq: u64 },
+    Notify {
+        seq: u64,
+    },
     /// The server is closing this connection, and why.
-    Fatal { message: String },
+    Fatal {
+        message: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     /// One page of changes; more pages follow for the same id while `more`.
-    Changes { entries: Vec<Entry>, seq: u64, more: bool },
-    Committed { rev: u64 },
+    Changes {
+        entries: Vec<Entry>,
+        seq: u64,
+        more: bool,
+    },
+    Committed {
+        rev: u64,
+    },
     /// File content follows as `Data` and `End`; `base` is what the delta is against, if any.
-    File { entry: Entry, base: Option<ContentHash> },
+    File {
+        entry: Entry,
+        base: Option<ContentHash>,
+    },
     /// Signature bytes follow as `Data` (literal blocks) and `End`.
-    Signature { hash: ContentHash, size: u64 },
+    Signature {
+        hash: ContentHash,
+        size: u64,
+    },
     Ok,
 }
 
@@ -140,6 +220,9 @@ pub enum RefusalKind {
 
 impl Refusal {
     pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
-        Refusal { kind, message: message.into() }
+        Refusal {
+            kind,
+            message: message.into(),
+        }
     }
 }

@@ -39,7 +39,10 @@ type Handled = Result<Result<Reply, Refusal>, SessionError>;
 
 fn server_err(e: impl std::fmt::Display) -> Refusal {
     tracing::warn!("request failed: {e}");
-    Refusal::new(RefusalKind::Server, format!("server could not complete the request: {e}"))
+    Refusal::new(
+        RefusalKind::Server,
+        format!("server could not complete the request: {e}"),
+    )
 }
 
 impl From<MetaError> for Refusal {
@@ -63,24 +66,45 @@ struct Session {
     wr: FrameWriter,
 }
 
-pub async fn serve(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), SessionError> {
+pub async fn serve(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) -> Result<(), SessionError> {
     let (mut rd, mut wr, _) = split(stream);
     let hello: Hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.recv()).await {
         Err(_) => return Err(SessionError::Handshake("timed out".into())),
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => {
-            let _ = wr.send(&Welcome::Rejected { reason: Rejection::BadMagic, message: "not a deltasync client".into(), server_version: PROTOCOL_VERSION }).await;
+            let _ = wr
+                .send(&Welcome::Rejected {
+                    reason: Rejection::BadMagic,
+                    message: "not a deltasync client".into(),
+                    server_version: PROTOCOL_VERSION,
+                })
+                .await;
             return Err(e.into());
         }
     };
-    let reject = |reason, message: String| Welcome::Rejected { reason, message, server_version: PROTOCOL_VERSION };
+    let reject = |reason, message: String| Welcome::Rejected {
+        reason,
+        message,
+        server_version: PROTOCOL_VERSION,
+    };
     if hello.magic != MAGIC {
-        wr.send(&reject(Rejection::BadMagic, "not a deltasync client".into())).await?;
+        wr.send(&reject(
+            Rejection::BadMagic,
+            "not a deltasync client".into(),
+        ))
+        .await?;
         return Err(SessionError::Handshake("bad magic".into()));
     }
     if hello.version != PROTOCOL_VERSION {
-        let msg = format!("protocol version mismatch: client speaks {}, server speaks {PROTOCOL_VERSION}; install the same deltasync version on both", hello.version);
+        let msg = format!(
+            "protocol version mismatch: client speaks {}, server speaks {PROTOCOL_VERSION}; install the same deltasync version on both",
+            hello.version
+        );
         wr.send(&reject(Rejection::Version, msg.clone())).await?;
         return Err(SessionError::Handshake(msg));
     }
@@ -88,19 +112,25 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationT
     let token = hello.token.clone();
     let device = hello.device.chars().take(64).collect::<String>();
     let dev = device.clone();
-    let auth = tokio::task::spawn_blocking(move || -> Result<Option<(Account, Option<String>)>, MetaError> {
-        match token {
-            Some(t) => Ok(sh.meta.authenticate(&t)?.map(|a| (a, None))),
-            None if sh.open_registration => {
-                let mut suffix = [0u8; 3];
-                let _ = getrandom::fill(&mut suffix);
-                let name = format!("{}-{}", if dev.is_empty() { "device" } else { &dev }, hex::encode(suffix));
-                let (a, t) = super::add_account(&sh.meta, &name)?;
-                Ok(Some((a, Some(t))))
+    let auth = tokio::task::spawn_blocking(
+        move || -> Result<Option<(Account, Option<String>)>, MetaError> {
+            match token {
+                Some(t) => Ok(sh.meta.authenticate(&t)?.map(|a| (a, None))),
+                None if sh.open_registration => {
+                    let mut suffix = [0u8; 3];
+                    let _ = getrandom::fill(&mut suffix);
+                    let name = format!(
+                        "{}-{}",
+                        if dev.is_empty() { "device" } else { &dev },
+                        hex::encode(suffix)
+                    );
+                    let (a, t) = super::add_account(&sh.meta, &name)?;
+                    Ok(Some((a, Some(t))))
+                }
+                None => Ok(None),
             }
-            None => Ok(None),
-        }
-    })
+        },
+    )
     .await
     .map_err(|e| SessionError::Internal(e.to_string()))?
     .map_err(|e| SessionError::Internal(e.to_string()))?;
@@ -113,12 +143,30 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationT
         wr.send(&reject(Rejection::Auth, msg.into())).await?;
         return Err(SessionError::Handshake("authentication failed".into()));
     };
-    let store = shared.store.account(account.id).map_err(|e| SessionError::Internal(e.to_string()))?;
-    wr.send(&Welcome::Accepted { account: account.name.clone(), new_token }).await?;
-    let mut s = Session { shared, account, device, store, rd, wr };
+    let store = shared
+        .store
+        .account(account.id)
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    wr.send(&Welcome::Accepted {
+        account: account.name.clone(),
+        new_token,
+    })
+    .await?;
+    let mut s = Session {
+        shared,
+        account,
+        device,
+        store,
+        rd,
+        wr,
+    };
     let r = s.requests(cancel).await;
     if let Err(SessionError::Protocol(ProtocolError::Decode(e))) = &r {
-        let _ = s.wr.send(&ServerMsg::Fatal { message: format!("malformed message ({e}): closing") }).await;
+        let _ =
+            s.wr.send(&ServerMsg::Fatal {
+                message: format!("malformed message ({e}): closing"),
+            })
+            .await;
     }
     r
 }
@@ -145,7 +193,11 @@ impl Session {
             let Some(msg) = msg else { return Ok(()) };
             let (id, req) = match msg {
                 ClientMsg::Req { id, req } => (id, req),
-                other => return Err(SessionError::Violation(format!("unexpected {other:?} outside an upload"))),
+                other => {
+                    return Err(SessionError::Violation(format!(
+                        "unexpected {other:?} outside an upload"
+                    )));
+                }
             };
             let result = match req {
                 Request::Changes { since } => {
@@ -160,9 +212,14 @@ impl Session {
                     self.signature(id, path).await?;
                     continue;
                 }
-                Request::Put { path, base_rev, hash, size, meta, base } => {
-                    self.put(id, path, base_rev, hash, size, meta, base).await?
-                }
+                Request::Put {
+                    path,
+                    base_rev,
+                    hash,
+                    size,
+                    meta,
+                    base,
+                } => self.put(id, path, base_rev, hash, size, meta, base).await?,
                 Request::Subscribe => {
                     notices = Some(self.shared.subscribe(self.account.id));
                     Ok(Reply::Ok)
@@ -177,11 +234,16 @@ impl Session {
     /// Runs a metadata call on the blocking pool.
     async fn db<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&super::meta::Metadata, super::meta::AccountId) -> Result<T, MetaError> + Send + 'static,
+        f: impl FnOnce(&super::meta::Metadata, super::meta::AccountId) -> Result<T, MetaError>
+        + Send
+        + 'static,
     ) -> Result<T, Refusal> {
         let sh = self.shared.clone();
         let a = self.account.id;
-        tokio::task::spawn_blocking(move || f(&sh.meta, a)).await.map_err(server_err)?.map_err(Refusal::from)
+        tokio::task::spawn_blocking(move || f(&sh.meta, a))
+            .await
+            .map_err(server_err)?
+            .map_err(Refusal::from)
     }
 
     async fn current(&self, path: &RelPath) -> Result<Option<Entry>, Refusal> {
@@ -189,7 +251,11 @@ impl Session {
         self.db(move |m, a| m.get(a, &p)).await
     }
 
-    async fn commit(&self, op: &'static str, changes: Vec<(RelPath, Option<Node>)>) -> Result<u64, Refusal> {
+    async fn commit(
+        &self,
+        op: &'static str,
+        changes: Vec<(RelPath, Option<Node>)>,
+    ) -> Result<u64, Refusal> {
         let device = self.device.clone();
         let seq = self
             .db(move |m, a| {
@@ -223,14 +289,25 @@ impl Session {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn put(&mut self, id: u64, path: RelPath, base_rev: u64, hash: ContentHash, size: u64, meta: Meta, base: Option<ContentHash>) -> Handled {
+    async fn put(
+        &mut self,
+        id: u64,
+        path: RelPath,
+        base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+        base: Option<ContentHash>,
+    ) -> Handled {
         let early = self.check_put(&path, base_rev, base).await;
         let (tx, rx) = mpsc::channel::<Block>(4);
         let worker = match &early {
             Ok(base_file) => {
                 let store = self.store.clone();
                 let base_file = base_file.clone();
-                Some(tokio::task::spawn_blocking(move || reconstruct(&store, base_file, rx, size, hash)))
+                Some(tokio::task::spawn_blocking(move || {
+                    reconstruct(&store, base_file, rx, size, hash)
+                }))
             }
             Err(_) => None,
         };
@@ -241,7 +318,11 @@ impl Session {
                     let _ = tx.send(block).await; // a failed worker stops receiving; keep draining
                 }
                 Some(ClientMsg::End { id: i }) if i == id => break,
-                Some(other) => return Err(SessionError::Violation(format!("expected data for upload {id}, got {other:?}"))),
+                Some(other) => {
+                    return Err(SessionError::Violation(format!(
+                        "expected data for upload {id}, got {other:?}"
+                    )));
+                }
                 None => return Err(SessionError::Protocol(ProtocolError::Closed)),
             }
         }
@@ -254,24 +335,47 @@ impl Session {
             Ok(Err(r)) => return Ok(Err(r)),
             Err(e) => return Ok(Err(server_err(e))),
         };
-        Ok(self.install(path, base_rev, tmp, Node::File { hash, size, meta }, "write").await)
+        Ok(self
+            .install(
+                path,
+                base_rev,
+                tmp,
+                Node::File { hash, size, meta },
+                "write",
+            )
+            .await)
     }
 
     /// Checks an upload's base before its data arrives; returns the base file to apply a delta to.
-    async fn check_put(&self, path: &RelPath, base_rev: u64, base: Option<ContentHash>) -> Result<Option<std::path::PathBuf>, Refusal> {
+    async fn check_put(
+        &self,
+        path: &RelPath,
+        base_rev: u64,
+        base: Option<ContentHash>,
+    ) -> Result<Option<std::path::PathBuf>, Refusal> {
         let cur = self.current(path).await?;
         check_base(path, &cur, base_rev)?;
         match base {
             None => Ok(None),
             Some(h) => match cur.and_then(|e| e.node) {
                 Some(Node::File { hash, .. }) if hash == h => Ok(Some(self.store.resolve(path)?)),
-                _ => Err(Refusal::new(RefusalKind::NotFound, format!("the server does not hold the base version of `{path}`; send it whole"))),
+                _ => Err(Refusal::new(
+                    RefusalKind::NotFound,
+                    format!("the server does not hold the base version of `{path}`; send it whole"),
+                )),
             },
         }
     }
 
     /// Under the account's commit lock: re-check the base, move the file into place, record it.
-    async fn install(&self, path: RelPath, base_rev: u64, tmp: TempGuard, node: Node, op: &'static str) -> Result<Reply, Refusal> {
+    async fn install(
+        &self,
+        path: RelPath,
+        base_rev: u64,
+        tmp: TempGuard,
+        node: Node,
+        op: &'static str,
+    ) -> Result<Reply, Refusal> {
         let lock = self.shared.commit_lock(self.account.id);
         let _held = lock.lock().await;
         let cur = self.current(&path).await?;
@@ -298,10 +402,19 @@ impl Session {
     /// copy, set-meta.
     async fn simple(&self, req: Request) -> Result<Reply, Refusal> {
         match req {
-            Request::Copy { hash, size, to, to_base_rev, meta } => {
+            Request::Copy {
+                hash,
+                size,
+                to,
+                to_base_rev,
+                meta,
+            } => {
                 let src = self.db(move |m, a| m.find_by_hash(a, &hash)).await?;
                 let Some(src) = src else {
-                    return Err(Refusal::new(RefusalKind::NotFound, "no file with that content on the server; upload it"));
+                    return Err(Refusal::new(
+                        RefusalKind::NotFound,
+                        "no file with that content on the server; upload it",
+                    ));
                 };
                 let store = self.store.clone();
                 let tmp = tokio::task::spawn_blocking(move || -> Result<TempGuard, Refusal> {
@@ -311,13 +424,23 @@ impl Session {
                     std::io::copy(&mut from, &mut f)?;
                     let (h, n) = ContentHash::of_file(g.path())?;
                     if h != hash || n != size {
-                        return Err(Refusal::new(RefusalKind::NotFound, "the server's copy changed; upload it"));
+                        return Err(Refusal::new(
+                            RefusalKind::NotFound,
+                            "the server's copy changed; upload it",
+                        ));
                     }
                     Ok(g)
                 })
                 .await
                 .map_err(server_err)??;
-                self.install(to, to_base_rev, tmp, Node::File { hash, size, meta }, "copy").await
+                self.install(
+                    to,
+                    to_base_rev,
+                    tmp,
+                    Node::File { hash, size, meta },
+                    "copy",
+                )
+                .await
             }
             other => {
                 let lock = self.shared.commit_lock(self.account.id);
@@ -330,38 +453,66 @@ impl Session {
     async fn simple_locked(&self, req: Request) -> Result<Reply, Refusal> {
         let store = self.store.clone();
         match req {
-            Request::Mkdir { path, base_rev, mode } => {
+            Request::Mkdir {
+                path,
+                base_rev,
+                mode,
+            } => {
                 let cur = self.current(&path).await?;
-                if let Some(Entry { node: Some(Node::Dir { .. }), rev, .. }) = cur {
+                if let Some(Entry {
+                    node: Some(Node::Dir { .. }),
+                    rev,
+                    ..
+                }) = cur
+                {
                     return Ok(Reply::Committed { rev });
                 }
                 check_base(&path, &cur, base_rev)?;
                 let p = path.clone();
                 blocking(move || store.mkdir(&p, mode)).await?;
-                let rev = self.commit("mkdir", vec![(path, Some(Node::Dir { mode }))]).await?;
+                let rev = self
+                    .commit("mkdir", vec![(path, Some(Node::Dir { mode }))])
+                    .await?;
                 Ok(Reply::Committed { rev })
             }
-            Request::Symlink { path, base_rev, target } => {
+            Request::Symlink {
+                path,
+                base_rev,
+                target,
+            } => {
                 if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains('\0') {
-                    return Err(Refusal::new(RefusalKind::Invalid, "symlink target is empty, too long or has a NUL byte"));
+                    return Err(Refusal::new(
+                        RefusalKind::Invalid,
+                        "symlink target is empty, too long or has a NUL byte",
+                    ));
                 }
                 let cur = self.current(&path).await?;
                 check_base(&path, &cur, base_rev)?;
                 let (p, t) = (path.clone(), target.clone());
                 blocking(move || store.symlink(&p, &t)).await?;
-                let rev = self.commit("symlink", vec![(path, Some(Node::Symlink { target }))]).await?;
+                let rev = self
+                    .commit("symlink", vec![(path, Some(Node::Symlink { target }))])
+                    .await?;
                 Ok(Reply::Committed { rev })
             }
             Request::Delete { path, base_rev } => {
                 let cur = self.current(&path).await?;
-                let Some(Entry { node: Some(node), .. }) = &cur else {
-                    return Ok(Reply::Committed { rev: cur.map_or(0, |e| e.rev) });
+                let Some(Entry {
+                    node: Some(node), ..
+                }) = &cur
+                else {
+                    return Ok(Reply::Committed {
+                        rev: cur.map_or(0, |e| e.rev),
+                    });
                 };
                 check_base(&path, &cur, base_rev)?;
                 if matches!(node, Node::Dir { .. }) {
                     let p = path.clone();
                     if self.db(move |m, a| m.has_children(a, &p)).await? {
-                        return Err(Refusal::new(RefusalKind::Stale, format!("directory `{path}` is not empty on the server")));
+                        return Err(Refusal::new(
+                            RefusalKind::Stale,
+                            format!("directory `{path}` is not empty on the server"),
+                        ));
                     }
                 }
                 let p = path.clone();
@@ -369,27 +520,49 @@ impl Session {
                 let rev = self.commit("delete", vec![(path, None)]).await?;
                 Ok(Reply::Committed { rev })
             }
-            Request::Move { from, from_rev, to, to_base_rev, meta } => {
+            Request::Move {
+                from,
+                from_rev,
+                to,
+                to_base_rev,
+                meta,
+            } => {
                 let src = self.current(&from).await?;
                 check_base(&from, &src, from_rev)?;
                 let node = match src.and_then(|e| e.node) {
                     Some(Node::File { hash, size, .. }) => Node::File { hash, size, meta },
-                    _ => return Err(Refusal::new(RefusalKind::NotFound, format!("`{from}` is not a file on the server"))),
+                    _ => {
+                        return Err(Refusal::new(
+                            RefusalKind::NotFound,
+                            format!("`{from}` is not a file on the server"),
+                        ));
+                    }
                 };
                 let dst = self.current(&to).await?;
                 check_base(&to, &dst, to_base_rev)?;
                 let (f, t) = (from.clone(), to.clone());
                 blocking(move || store.rename(&f, &t, meta)).await?;
-                let rev = self.commit("move", vec![(from, None), (to, Some(node))]).await?;
+                let rev = self
+                    .commit("move", vec![(from, None), (to, Some(node))])
+                    .await?;
                 Ok(Reply::Committed { rev })
             }
-            Request::SetMeta { path, base_rev, meta } => {
+            Request::SetMeta {
+                path,
+                base_rev,
+                meta,
+            } => {
                 let cur = self.current(&path).await?;
                 check_base(&path, &cur, base_rev)?;
                 let node = match cur.and_then(|e| e.node) {
                     Some(Node::File { hash, size, .. }) => Node::File { hash, size, meta },
                     Some(Node::Dir { .. }) => Node::Dir { mode: meta.mode },
-                    _ => return Err(Refusal::new(RefusalKind::NotFound, format!("`{path}` does not exist on the server"))),
+                    _ => {
+                        return Err(Refusal::new(
+                            RefusalKind::NotFound,
+                            format!("`{path}` does not exist on the server"),
+                        ));
+                    }
                 };
                 let p = path.clone();
                 blocking(move || store.set_meta(&p, meta)).await?;
@@ -401,13 +574,27 @@ impl Session {
     }
 
     /// Sends a file, as a delta against the client's version when the server holds its signature.
-    async fn get(&mut self, id: u64, path: RelPath, have: Option<(ContentHash, u64)>) -> Result<(), SessionError> {
+    async fn get(
+        &mut self,
+        id: u64,
+        path: RelPath,
+        have: Option<(ContentHash, u64)>,
+    ) -> Result<(), SessionError> {
         let opened = async {
             let lock = self.shared.commit_lock(self.account.id);
             let _held = lock.lock().await;
             let cur = self.current(&path).await?;
-            let Some(entry @ Entry { node: Some(Node::File { .. }), .. }) = cur else {
-                return Err(Refusal::new(RefusalKind::NotFound, format!("`{path}` is not a file on the server")));
+            let Some(
+                entry @ Entry {
+                    node: Some(Node::File { .. }),
+                    ..
+                },
+            ) = cur
+            else {
+                return Err(Refusal::new(
+                    RefusalKind::NotFound,
+                    format!("`{path}` is not a file on the server"),
+                ));
             };
             let file = self.store.open(&path)?;
             Ok((entry, file))
@@ -416,18 +603,33 @@ impl Session {
         let (entry, file) = match opened {
             Ok(x) => x,
             Err(r) => {
-                self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?;
+                self.wr
+                    .send(&ServerMsg::Resp { id, result: Err(r) })
+                    .await?;
                 return Ok(());
             }
         };
-        let Some(Node::File { hash, .. }) = entry.node else { unreachable!("checked above") };
+        let Some(Node::File { hash, .. }) = entry.node else {
+            unreachable!("checked above")
+        };
         let sigs = self.store.sigs.clone();
         let base = have.filter(|(h, len)| *h != hash && sigs.contains(h, *len));
-        self.wr.feed(&ServerMsg::Resp { id, result: Ok(Reply::File { entry, base: base.map(|b| b.0) }) }).await?;
+        self.wr
+            .feed(&ServerMsg::Resp {
+                id,
+                result: Ok(Reply::File {
+                    entry,
+                    base: base.map(|b| b.0),
+                }),
+            })
+            .await?;
         let (tx, mut rx) = mpsc::channel::<Block>(4);
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let map = fsutil::map(&file).map_err(|e| e.to_string())?;
-            let emit = |b| tx.blocking_send(b).map_err(|_| std::io::Error::other("receiver gone"));
+            let emit = |b, _| {
+                tx.blocking_send(b)
+                    .map_err(|_| std::io::Error::other("receiver gone"))
+            };
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
                 Some(sig) => {
                     delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?;
@@ -452,27 +654,54 @@ impl Session {
     async fn signature(&mut self, id: u64, path: RelPath) -> Result<(), SessionError> {
         let cur = self.current(&path).await;
         let r = match cur {
-            Ok(Some(Entry { node: Some(Node::File { hash, size, .. }), .. })) => {
+            Ok(Some(Entry {
+                node: Some(Node::File { hash, size, .. }),
+                ..
+            })) => {
                 let store = self.store.clone();
                 let p = path.clone();
                 blocking(move || -> std::io::Result<Vec<u8>> {
                     let f = store.open(&p)?;
                     let map = fsutil::map(&f)?;
                     store.sigs.ensure(&hash, &map)?;
-                    Ok(store.sigs.get(&hash, size).map(|s| s.into_serialized()).unwrap_or_default())
+                    Ok(store
+                        .sigs
+                        .get(&hash, size)
+                        .map(|s| s.into_serialized())
+                        .unwrap_or_default())
                 })
                 .await
                 .map(|bytes| (hash, size, bytes))
             }
-            Ok(_) => Err(Refusal::new(RefusalKind::NotFound, format!("`{path}` is not a file on the server"))),
+            Ok(_) => Err(Refusal::new(
+                RefusalKind::NotFound,
+                format!("`{path}` is not a file on the server"),
+            )),
             Err(r) => Err(r),
         };
         match r {
-            Err(r) => self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?,
+            Err(r) => {
+                self.wr
+                    .send(&ServerMsg::Resp { id, result: Err(r) })
+                    .await?
+            }
             Ok((hash, size, bytes)) => {
-                self.wr.feed(&ServerMsg::Resp { id, result: Ok(Reply::Signature { hash, size }) }).await?;
+                self.wr
+                    .feed(&ServerMsg::Resp {
+                        id,
+                        result: Ok(Reply::Signature { hash, size }),
+                    })
+                    .await?;
                 for c in bytes.chunks(1 << 20) {
-                    self.wr.feed(&ServerMsg::Data { id, block: Block { zstd: false, bytes: c.to_vec() } }).await?;
+                    self.wr
+                        .feed(&ServerMsg::Data {
+                            id,
+                            block: Block {
+                                zstd: false,
+                                bytes: c.to_vec(),
+                            },
+                        })
+                        .await?;
                 }
                 self.wr.send(&ServerMsg::End { id }).await?;
             }
@@ -481,8 +710,13 @@ impl Session {
     }
 }
 
-async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, Refusal> {
-    tokio::task::spawn_blocking(f).await.map_err(server_err)?.map_err(Into::into)
+async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(server_err)?
+        .map_err(Into::into)
 }
 
 /// The optimistic-concurrency rule: a change names the revision it was made from.
@@ -491,18 +725,29 @@ fn check_base(path: &RelPath, cur: &Option<Entry>, base_rev: u64) -> Result<(), 
     if rev != base_rev {
         return Err(Refusal::new(
             RefusalKind::Stale,
-            format!("`{path}` changed on the server (now rev {rev}, your change was made on rev {base_rev}); pull first"),
+            format!(
+                "`{path}` changed on the server (now rev {rev}, your change was made on rev {base_rev}); pull first"
+            ),
         ));
     }
     Ok(())
 }
 
 /// Rebuilds an uploaded file in a temp file from its blocks and verifies it.
-fn reconstruct(store: &AccountStore, base: Option<std::path::PathBuf>, mut rx: mpsc::Receiver<Block>, size: u64, hash: ContentHash) -> Result<TempGuard, Refusal> {
+fn reconstruct(
+    store: &AccountStore,
+    base: Option<std::path::PathBuf>,
+    mut rx: mpsc::Receiver<Block>,
+    size: u64,
+    hash: ContentHash,
+) -> Result<TempGuard, Refusal> {
     let base_map = match base {
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;
-            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)?;
             fsutil::map(&f)?
         }
         None => fsutil::Mapped::Empty,
@@ -511,11 +756,15 @@ fn reconstruct(store: &AccountStore, base: Option<std::path::PathBuf>, mut rx: m
     let guard = TempGuard::new(t);
     let mut ap = Applier::new(&base_map, BufWriter::with_capacity(1 << 20, file), size);
     while let Some(b) = rx.blocking_recv() {
-        ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
+        ap.block(&b)
+            .map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
     }
     let (h, n, _, w) = ap.finish().map_err(|e| server_err(e))?;
     if h != hash || n != size {
-        return Err(Refusal::new(RefusalKind::Corrupt, "uploaded content does not match its announced hash; send it whole"));
+        return Err(Refusal::new(
+            RefusalKind::Corrupt,
+            "uploaded content does not match its announced hash; send it whole",
+        ));
     }
     let f = w.into_inner().map_err(|e| server_err(e.error()))?;
     f.sync_all()?;

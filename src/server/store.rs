@@ -43,7 +43,11 @@ impl Store {
         let tmp = base.join("tmp");
         fs::create_dir_all(&files)?;
         fs::create_dir_all(&tmp)?;
-        Ok(AccountStore { files, tmp, sigs: SigCache::new(base.join("sigs"))? })
+        Ok(AccountStore {
+            files,
+            tmp,
+            sigs: SigCache::new(base.join("sigs"))?,
+        })
     }
 
     /// Removes temp files left by interrupted uploads; returns how many.
@@ -148,11 +152,13 @@ impl AccountStore {
     pub fn open(&self, rel: &RelPath) -> io::Result<fs::File> {
         use std::os::unix::fs::OpenOptionsExt;
         let p = self.resolve(rel)?;
-        fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
     }
 }
 
 fn remove_tree(p: &Path) -> io::Result<()> {
     fs::remove_dir_all(p)
 }
-

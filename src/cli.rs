@@ -1,0 +1,85 @@
+//! The command line (clap is used only here). See README.md for the contract scripts rely on.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "deltasync",
+    version,
+    about = "Self-hosted file sync that sends rsync-style deltas"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve {
+        /// Address to listen on (port 0 picks a free port; the real one is printed).
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// Folder for the database and the accounts' files.
+        #[arg(long, default_value = "./deltasync-data")]
+        data: PathBuf,
+        /// Let a client without a token create a new account.
+        #[arg(long)]
+        open_registration: bool,
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Manage accounts (works while the server runs).
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Upload local changes in one round, then exit.
+    Push(SyncArgs),
+    /// Download remote changes in one round, then exit.
+    Pull(SyncArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountCommand {
+    /// Create an account; its token is the last line printed.
+    Add {
+        name: String,
+        #[arg(long, default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+    /// List accounts.
+    List {
+        #[arg(long, default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SyncArgs {
+    /// The synced folder.
+    pub dir: PathBuf,
+    /// Server address (remembered in DIR/.deltasync after the first successful run).
+    #[arg(long, env = "DELTASYNC_SERVER")]
+    pub server: Option<String>,
+    /// Account token (remembered after the first successful run).
+    #[arg(long, env = "DELTASYNC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Name of this computer in conflict copies and the journal (default: host name).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print rsync-style transfer statistics.
+    #[arg(long)]
+    pub stats: bool,
+    /// No progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// One line per file.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Show what would be done, change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+}

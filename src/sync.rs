@@ -1,0 +1,316 @@
+//! The sync engine shared by `push`, `pull` (and `watch`): one round brings a folder and the
+//! server into agreement.
+//!
+//! A round: lock the folder, connect, scan (re-hashing only changed files), fetch the journal
+//! since the last round, plan (pure), execute (pipelined), save the index.
+//!
+//! # Layout
+//! - [`index`]: the client's SQLite index in `.deltasync/`.
+//! - [`scan`]: folder → nodes, with the stat cache.
+//! - [`plan`]: the pure decision table.
+//! - [`exec`]: carries a plan out.
+//! - [`conflict`]: conflict-copy names.
+//! - [`report`]: what a round did.
+
+pub mod conflict;
+pub mod exec;
+pub mod index;
+pub mod plan;
+pub mod report;
+pub mod scan;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::client::{Client, ClientError};
+use crate::delta::SigCache;
+use crate::path::STATE_DIR;
+use crate::progress::Progress;
+use crate::protocol::Node;
+use index::{Batch, Index, IndexError};
+use plan::Action;
+use report::Report;
+
+/// The address `deltasync serve` listens on by default.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7700";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error(
+        "{0} is used by another deltasync process (push, pull or watch); wait for it to finish"
+    )]
+    Locked(PathBuf),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub upload: bool,
+    pub download: bool,
+    pub dry_run: bool,
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub device: Option<String>,
+}
+
+/// Where a folder's settings came from, after resolving flags, environment and `.deltasync/`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: String,
+    pub token: Option<String>,
+    pub device: String,
+}
+
+pub fn state_dir(root: &Path) -> PathBuf {
+    root.join(STATE_DIR)
+}
+
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// An open folder: its index, held under an exclusive lock so two runs never interleave.
+pub struct Folder {
+    pub root: PathBuf,
+    pub index: Index,
+    pub sigs: SigCache,
+    _lock: std::fs::File,
+}
+
+impl Folder {
+    pub fn open(root: &Path, create: bool) -> Result<Folder, SyncError> {
+        let io = |err| SyncError::Io {
+            path: root.to_path_buf(),
+            err,
+        };
+        if create {
+            std::fs::create_dir_all(root).map_err(io)?;
+        }
+        let md = std::fs::metadata(root).map_err(io)?;
+        if !md.is_dir() {
+            return Err(SyncError::Other(format!(
+                "{} is not a folder",
+                root.display()
+            )));
+        }
+        let root = root.canonicalize().map_err(io)?;
+        let sd = state_dir(&root);
+        std::fs::create_dir_all(&sd).map_err(|err| SyncError::Io {
+            path: sd.clone(),
+            err,
+        })?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(sd.join("lock"))
+            .map_err(|err| SyncError::Io {
+                path: sd.clone(),
+                err,
+            })?;
+        if lock.try_lock().is_err() {
+            return Err(SyncError::Locked(root));
+        }
+        let index = Index::open(&sd)?;
+        let sigs = SigCache::new(sd.join("sigs")).map_err(|err| SyncError::Io {
+            path: sd.clone(),
+            err,
+        })?;
+        Ok(Folder {
+            root,
+            index,
+            sigs,
+            _lock: lock,
+        })
+    }
+
+    /// Flags and environment win over what `.deltasync/` remembers.
+    pub fn settings(&self, opts: &Options) -> Result<Settings, SyncError> {
+        let server = match &opts.server {
+            Some(s) => s.clone(),
+            None => self
+                .index
+                .setting("server")?
+                .unwrap_or_else(|| DEFAULT_SERVER.to_string()),
+        };
+        let token = match &opts.token {
+            Some(t) => Some(t.clone()),
+            None => self.index.setting("token")?,
+        };
+        let device = match &opts.device {
+            Some(d) => d.clone(),
+            None => self.index.setting("device")?.unwrap_or_else(hostname),
+        };
+        Ok(Settings {
+            server,
+            token,
+            device,
+        })
+    }
+
+    /// Connects and, only once the server accepted, remembers server, token and account.
+    pub async fn connect(
+        &mut self,
+        s: &Settings,
+        progress: &Progress,
+    ) -> Result<Client, SyncError> {
+        let client = Client::connect(&s.server, s.token.as_deref(), &s.device).await?;
+        let token = client.new_token.clone().or_else(|| s.token.clone());
+        if let Some(t) = &client.new_token {
+            progress.say(&format!(
+                "Created a new account `{}` on {}.",
+                client.account, s.server
+            ));
+            println!(
+                "To use this folder's account on another computer, run there:\n  deltasync pull DIR --server {} --token {t}\nToken:\n{t}",
+                s.server
+            );
+        }
+        if self.index.setting("account")?.as_deref() != Some(client.account.as_str()) {
+            self.index.forget_server_state()?;
+        }
+        self.index.set_setting("server", &s.server)?;
+        if let Some(t) = token {
+            self.index.set_setting("token", &t)?;
+        }
+        self.index.set_setting("account", &client.account)?;
+        self.index.set_setting("device", &s.device)?;
+        Ok(client)
+    }
+
+    /// One round over an open connection.
+    pub async fn round(
+        &mut self,
+        client: &mut Client,
+        opts: &Options,
+        device: &str,
+        progress: Arc<Progress>,
+    ) -> Result<Report, SyncError> {
+        let root = self.root.clone();
+        let old_cache = self.index.stat_cache()?;
+        let scan = tokio::task::spawn_blocking(move || scan::scan(&root, &old_cache))
+            .await
+            .map_err(|e| SyncError::Other(e.to_string()))?
+            .map_err(|err| SyncError::Io {
+                path: self.root.clone(),
+                err,
+            })?;
+        for s in &scan.skipped {
+            progress.say(&format!("skipped {s}"));
+        }
+
+        let since = self.index.last_seq()?;
+        let (changes, seq) = client.changes(since).await?;
+        let mut remote = self.index.remote()?;
+        for e in &changes {
+            remote.insert(e.path.clone(), e.clone());
+        }
+        let synced = self.index.synced()?;
+        let all = plan::plan(&scan.nodes, &remote, &synced);
+        let mut report = Report::default();
+        let actions: Vec<Action> = all
+            .into_iter()
+            .filter(|a| {
+                let keep = (opts.upload || !a.is_upload()) && (opts.download || !a.is_download());
+                if !keep {
+                    report.pending_other_way += 1;
+                }
+                keep
+            })
+            .collect();
+        if opts.dry_run {
+            for a in &actions {
+                println!("would {}", describe(a));
+            }
+            return Ok(report);
+        }
+        self.index.apply(&Batch {
+            remote: changes,
+            synced: vec![],
+            last_seq: Some(seq),
+        })?;
+
+        let mut planned_bytes = 0;
+        for a in &actions {
+            if let Action::Put { size, .. } = a {
+                planned_bytes += size;
+            }
+        }
+        let files = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Put { .. } | Action::Fetch { .. }))
+            .count() as u64;
+        let progress = {
+            let mut p = Arc::try_unwrap(progress).unwrap_or_else(|_| Progress::quiet());
+            let fetch_bytes: u64 = actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Fetch { entry } => match &entry.node {
+                        Some(Node::File { size, .. }) => Some(*size),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .sum();
+            p.start(files, planned_bytes + fetch_bytes);
+            Arc::new(p)
+        };
+        let mut exec = exec::Exec {
+            root: self.root.clone(),
+            sigs: self.sigs.clone(),
+            progress: progress.clone(),
+            device: device.to_string(),
+            upload: opts.upload,
+            local: scan.nodes,
+            cache: scan.cache,
+            batch: Batch::default(),
+            report,
+        };
+        let r = exec.run(client, actions).await;
+        // Whatever happened, keep what was done.
+        self.index.apply(&exec.batch)?;
+        self.index.save_stat_cache(&exec.cache)?;
+        progress.finish();
+        r?;
+        let mut report = exec.report;
+        report.bytes_sent = client.counters.sent();
+        report.bytes_received = client.counters.received();
+        for n in exec.local.values() {
+            if let Node::File { size, .. } = n {
+                report.total_files += 1;
+                report.total_size += size;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Mkdir { path, .. } => format!("create directory {path} on the server"),
+        Action::Symlink { path, target, .. } => format!("upload link {path} -> {target}"),
+        Action::Put {
+            path,
+            delta_base: Some(_),
+            ..
+        } => format!("upload {path} (delta)"),
+        Action::Put { path, .. } => format!("upload {path}"),
+        Action::Copy { path, .. } => format!("copy {path} from content the server has"),
+        Action::Move { from, to, .. } => format!("move {from} -> {to} on the server"),
+        Action::SetMeta { path, .. } => format!("update mode/mtime of {path} on the server"),
+        Action::DeleteRemote { path, .. } => format!("delete {path} on the server"),
+        Action::Fetch { entry } => format!("download {}", entry.path),
+        Action::DeleteLocal { path, .. } => format!("delete {path} here"),
+        Action::Record { entry } => format!("record {} as in sync", entry.path),
+        Action::Conflict { remote, .. } => {
+            format!("keep both versions of {} (conflict)", remote.path)
+        }
+    }
+}

@@ -1,0 +1,987 @@
+//! Carries out a plan: local steps directly, server steps pipelined over one connection.
+//!
+//! The pipeline runs a writer and a reader side by side: the writer sends every request (and
+//! streams each upload's blocks) without waiting; the reader takes the replies, which the server
+//! sends in request order, and commits each result. So many small files cost one round trip,
+//! not one each. A delta that fails verification is retried whole, once.
+
+use std::collections::BTreeMap;
+use std::io::BufWriter;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::SyncError;
+use super::index::{Batch, Stat, Synced};
+use super::plan::Action;
+use super::report::Report;
+use super::scan::StatCache;
+use crate::client::{Client, ClientError, recv_reply};
+use crate::delta::{self, Applier, Block, DeltaStats, SigCache};
+use crate::fsutil::{self, TempGuard};
+use crate::hash::ContentHash;
+use crate::path::RelPath;
+use crate::progress::Progress;
+use crate::protocol::*;
+
+/// One server step.
+#[derive(Debug, Clone)]
+enum Job {
+    Up(Action),
+    Get {
+        entry: Entry,
+        have: Option<(ContentHash, u64)>,
+    },
+}
+
+pub struct Exec {
+    pub root: PathBuf,
+    pub sigs: SigCache,
+    pub progress: Arc<Progress>,
+    pub device: String,
+    pub upload: bool,
+    /// Local nodes as the round goes (updated by each step).
+    pub local: BTreeMap<RelPath, Node>,
+    pub cache: StatCache,
+    pub batch: Batch,
+    pub report: Report,
+}
+
+impl Exec {
+    pub async fn run(
+        &mut self,
+        client: &mut Client,
+        actions: Vec<Action>,
+    ) -> Result<(), SyncError> {
+        let mut jobs = Vec::new();
+        let mut local_deletes = Vec::new();
+        for a in actions {
+            match a {
+                Action::Conflict { local, remote } => self.conflict(local, remote, &mut jobs)?,
+                Action::Fetch { entry } => self.fetch(entry, &mut jobs)?,
+                Action::Record { entry } => self.record(&entry),
+                a @ Action::DeleteLocal { .. } => local_deletes.push(a),
+                a => jobs.push(Job::Up(a)),
+            }
+        }
+        self.prefetch_signatures(client, &jobs).await?;
+        let retry = self.pipeline(client, jobs).await?;
+        if !retry.is_empty() {
+            let failed = self.pipeline(client, retry).await?;
+            for j in failed {
+                self.report.errors.push(format!(
+                    "{}: failed twice; will retry on the next run",
+                    job_path(&j)
+                ));
+            }
+        }
+        for a in local_deletes {
+            if let Action::DeleteLocal { path, rev, expect } = a {
+                self.delete_local(path, rev, expect);
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, entry: &Entry) {
+        self.batch.synced.push((
+            entry.path.clone(),
+            Synced {
+                rev: entry.rev,
+                node: entry.node.clone(),
+            },
+        ));
+        self.batch.remote.push(entry.clone());
+    }
+
+    fn full(&self, p: &RelPath) -> PathBuf {
+        p.under(&self.root)
+    }
+
+    fn io_err(&self, p: &RelPath, err: std::io::Error) -> SyncError {
+        SyncError::Io {
+            path: self.full(p),
+            err,
+        }
+    }
+
+    /// Keeps both versions: ours moves to a conflict name (and is uploaded there), theirs comes here.
+    fn conflict(
+        &mut self,
+        local: Node,
+        remote: Entry,
+        jobs: &mut Vec<Job>,
+    ) -> Result<(), SyncError> {
+        let path = remote.path.clone();
+        let now = std::time::SystemTime::now();
+        let mut n = 1;
+        let cpath = loop {
+            let c = super::conflict::conflict_path(&path, &self.device, now, n)
+                .map_err(|e| SyncError::Other(e.to_string()))?;
+            if !self.local.contains_key(&c) && std::fs::symlink_metadata(self.full(&c)).is_err() {
+                break c;
+            }
+            n += 1;
+        };
+        std::fs::rename(self.full(&path), self.full(&cpath)).map_err(|e| self.io_err(&path, e))?;
+        // Everything below a renamed directory moved too.
+        let moved: Vec<RelPath> = self
+            .local
+            .range(path.clone()..)
+            .map(|(k, _)| k.clone())
+            .take_while(|k| k == &path || k.as_str().starts_with(&format!("{path}/")))
+            .collect();
+        for k in moved {
+            if let Some(node) = self.local.remove(&k) {
+                let suffix = &k.as_str()[path.as_str().len()..];
+                if let Ok(nk) = RelPath::new(format!("{cpath}{suffix}")) {
+                    self.local.insert(nk, node);
+                }
+            }
+            self.cache.remove(&k);
+        }
+        self.report.conflicts.push(format!(
+            "conflict: `{path}` changed on both sides; kept the server's version as `{path}` and this computer's as `{cpath}`"
+        ));
+        self.progress
+            .say(self.report.conflicts.last().map_or("", |s| s.as_str()));
+        if self.upload {
+            match &local {
+                Node::File { hash, size, meta } => jobs.push(Job::Up(Action::Put {
+                    path: cpath.clone(),
+                    base_rev: 0,
+                    hash: *hash,
+                    size: *size,
+                    meta: *meta,
+                    delta_base: None,
+                })),
+                Node::Symlink { target } => jobs.push(Job::Up(Action::Symlink {
+                    path: cpath.clone(),
+                    base_rev: 0,
+                    target: target.clone(),
+                })),
+                Node::Dir { .. } => {} // its contents go up on the next round
+            }
+        }
+        self.fetch(remote, jobs)
+    }
+
+    /// Brings a server entry here: directories and links directly, files by local copy when the
+    /// content is already here, else by download (a delta against the version we hold).
+    fn fetch(&mut self, entry: Entry, jobs: &mut Vec<Job>) -> Result<(), SyncError> {
+        let path = entry.path.clone();
+        let full = self.full(&path);
+        let Some(node) = entry.node.clone() else {
+            return Ok(());
+        };
+        match &node {
+            Node::Dir { mode } => {
+                fsutil::ensure_dirs(&self.root, &path).map_err(|e| self.io_err(&path, e))?;
+                match std::fs::symlink_metadata(&full) {
+                    Ok(md) if md.is_dir() => {}
+                    Ok(_) => {
+                        return Ok(self
+                            .report
+                            .errors
+                            .push(format!("{path}: a file is in the way of a directory")));
+                    }
+                    Err(_) => std::fs::create_dir(&full).map_err(|e| self.io_err(&path, e))?,
+                }
+                let _ = fsutil::set_mode(&full, mode | 0o700);
+                self.local.insert(path.clone(), node);
+                self.record(&entry);
+                self.progress.file_done(path.as_str(), "mkdir");
+            }
+            Node::Symlink { target } => {
+                fsutil::ensure_dirs(&self.root, &path).map_err(|e| self.io_err(&path, e))?;
+                let tmp = fsutil::temp_path(full.parent().unwrap_or(&self.root));
+                std::os::unix::fs::symlink(target, &tmp).map_err(|e| self.io_err(&path, e))?;
+                std::fs::rename(&tmp, &full).map_err(|e| self.io_err(&path, e))?;
+                self.local.insert(path.clone(), node);
+                self.record(&entry);
+                self.progress.file_done(path.as_str(), "link");
+            }
+            Node::File { hash, size, meta } => {
+                let here = self.local.get(&path).cloned();
+                if let Some(Node::File { hash: h, .. }) = &here {
+                    if h == hash {
+                        // Same bytes: only the metadata moves.
+                        let _ = fsutil::set_mode(&full, meta.mode);
+                        let _ = fsutil::set_mtime(&full, meta.mtime_ns);
+                        self.after_local_write(&path, node);
+                        self.record(&entry);
+                        return Ok(());
+                    }
+                }
+                if let Some(src) = self.local_with_hash(hash, &path) {
+                    if self.copy_local(&src, &path, *hash, *meta).is_ok() {
+                        self.after_local_write(&path, node);
+                        self.record(&entry);
+                        self.report.files_copied_locally += 1;
+                        self.progress.file_done(path.as_str(), "copied");
+                        return Ok(());
+                    }
+                }
+                let have = match here {
+                    Some(Node::File { hash, size, .. }) => Some((hash, size)),
+                    _ => None,
+                };
+                self.report.planned_bytes += size;
+                jobs.push(Job::Get { entry, have });
+            }
+        }
+        Ok(())
+    }
+
+    fn local_with_hash(&self, hash: &ContentHash, not: &RelPath) -> Option<RelPath> {
+        self.local.iter().find_map(|(p, n)| match n {
+            Node::File { hash: h, .. } if h == hash && p != not => Some(p.clone()),
+            _ => None,
+        })
+    }
+
+    fn copy_local(
+        &self,
+        src: &RelPath,
+        dst: &RelPath,
+        hash: ContentHash,
+        meta: Meta,
+    ) -> std::io::Result<()> {
+        fsutil::ensure_dirs(&self.root, dst)?;
+        let full = self.full(dst);
+        let tmp = TempGuard::new(fsutil::temp_path(full.parent().unwrap_or(&self.root)));
+        std::fs::copy(self.full(src), tmp.path())?;
+        if ContentHash::of_file(tmp.path())?.0 != hash {
+            return Err(std::io::Error::other("source changed"));
+        }
+        fsutil::set_mode(tmp.path(), meta.mode)?;
+        fsutil::set_mtime(tmp.path(), meta.mtime_ns)?;
+        fsutil::commit_temp(tmp.path(), &full)?;
+        tmp.keep();
+        Ok(())
+    }
+
+    /// Records what a local write left on disk, so the next scan need not re-hash it.
+    fn after_local_write(&mut self, path: &RelPath, node: Node) {
+        if let (Node::File { hash, .. }, Ok(md)) =
+            (&node, std::fs::symlink_metadata(self.full(path)))
+        {
+            let stat = Stat {
+                size: md.len(),
+                mtime_ns: fsutil::mtime_ns(&md),
+                inode: md.ino(),
+                mode: md.mode() & 0o7777,
+            };
+            self.cache.insert(path.clone(), (stat, *hash));
+        }
+        self.local.insert(path.clone(), node);
+    }
+
+    fn delete_local(&mut self, path: RelPath, rev: u64, expect: Node) {
+        let full = self.full(&path);
+        if fsutil::check_no_symlink_ancestors(&self.root, &path).is_err() {
+            return;
+        }
+        let r = match (&expect, std::fs::symlink_metadata(&full)) {
+            (_, Err(_)) => Ok(()),
+            (Node::Dir { .. }, Ok(md)) if md.is_dir() => match std::fs::remove_dir(&full) {
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                    // New files inside: they survive, and the directory with them.
+                    self.report.notes.push(format!(
+                        "{path}: deleted on the server but has new files here; kept"
+                    ));
+                    return;
+                }
+                r => r,
+            },
+            (Node::File { size, meta, .. }, Ok(md)) => {
+                if md.len() != *size || fsutil::mtime_ns(&md) != meta.mtime_ns {
+                    self.report.notes.push(format!(
+                        "{path}: deleted on the server but changed here; kept"
+                    ));
+                    return;
+                }
+                std::fs::remove_file(&full)
+            }
+            (Node::Symlink { .. }, Ok(_)) => std::fs::remove_file(&full),
+            (_, Ok(_)) => return,
+        };
+        match r {
+            Ok(()) => {
+                self.local.remove(&path);
+                self.cache.remove(&path);
+                self.batch
+                    .synced
+                    .push((path.clone(), Synced { rev, node: None }));
+                self.report.deleted_local += 1;
+                self.progress.file_done(path.as_str(), "deleted");
+            }
+            Err(e) => self
+                .report
+                .errors
+                .push(format!("{}: cannot delete: {e}", full.display())),
+        }
+    }
+
+    /// Before the pipeline: a delta upload needs the signature of the base; if this computer's
+    /// cache lost it, ask the server (rsync's way).
+    async fn prefetch_signatures(
+        &mut self,
+        client: &mut Client,
+        jobs: &[Job],
+    ) -> Result<(), SyncError> {
+        for j in jobs {
+            if let Job::Up(Action::Put {
+                path,
+                delta_base: Some((bh, bs)),
+                ..
+            }) = j
+            {
+                if self.sigs.contains(bh, *bs) {
+                    continue;
+                }
+                match client.signature(path).await {
+                    Ok((h, _, bytes)) if h == *bh => {
+                        if let Ok(sig) = fast_rsync::Signature::deserialize(bytes) {
+                            let _ = self.sigs.put(bh, *bs, &sig);
+                        }
+                    }
+                    Ok(_) | Err(ClientError::Refused(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends all jobs without waiting and handles replies as they come; returns jobs to retry.
+    async fn pipeline(
+        &mut self,
+        client: &mut Client,
+        jobs: Vec<Job>,
+    ) -> Result<Vec<Job>, SyncError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<u64> = jobs.iter().map(|_| client.next_id()).collect();
+        let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job)>();
+        let sender = Sender {
+            root: self.root.clone(),
+            sigs: self.sigs.clone(),
+            progress: self.progress.clone(),
+        };
+        let wr = &mut client.wr;
+        let rd = &mut client.rd;
+        let writer = async move {
+            let mut stats = DeltaStats::default();
+            let mut skipped = Vec::new();
+            for (id, job) in ids.into_iter().zip(jobs) {
+                match sender.send(wr, id, &job, &mut stats).await? {
+                    true => {
+                        let _ = ptx.send((id, job));
+                    }
+                    false => skipped.push(job),
+                }
+            }
+            wr.flush().await?;
+            drop(ptx);
+            Ok::<_, ClientError>((stats, skipped))
+        };
+        let reader = async {
+            let mut retry = Vec::new();
+            while let Some((id, job)) = prx.recv().await {
+                if let Some(j) = self.receive(rd, id, job).await? {
+                    retry.push(j);
+                }
+            }
+            Ok::<_, SyncError>(retry)
+        };
+        let (w, r) = tokio::join!(writer, reader);
+        let (stats, skipped) = w?;
+        let retry = r?;
+        self.report.delta.add(stats);
+        for j in skipped {
+            self.report.notes.push(format!(
+                "{}: changed while syncing; will sync on the next run",
+                job_path(&j)
+            ));
+        }
+        Ok(retry)
+    }
+
+    /// Handles the reply to one job. Returns the job again if it should be retried whole.
+    async fn receive(
+        &mut self,
+        rd: &mut FrameReader,
+        id: u64,
+        job: Job,
+    ) -> Result<Option<Job>, SyncError> {
+        let result = match recv_reply(rd).await? {
+            ServerMsg::Resp { id: i, result } if i == id => result,
+            other => {
+                return Err(ClientError::Unexpected(format!(
+                    "{other:?} while waiting for reply {id}"
+                ))
+                .into());
+            }
+        };
+        match job {
+            Job::Up(action) => Ok(self.uploaded(action, result)),
+            Job::Get { entry, have } => match result {
+                Ok(Reply::File { entry: got, base }) => {
+                    self.download(rd, id, entry, got, base, have).await
+                }
+                Ok(other) => Err(ClientError::Unexpected(format!("{other:?}")).into()),
+                Err(r) => {
+                    self.report
+                        .notes
+                        .push(format!("{}: {}", entry.path, r.message));
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn uploaded(&mut self, action: Action, result: Result<Reply, Refusal>) -> Option<Job> {
+        let rev = match result {
+            Ok(Reply::Committed { rev }) => rev,
+            Ok(other) => {
+                self.report
+                    .errors
+                    .push(format!("unexpected reply {other:?}"));
+                return None;
+            }
+            Err(r) => return self.refused(action, r),
+        };
+        let device = self.device.clone();
+        let entry = |path: &RelPath, node: Option<Node>| Entry {
+            path: path.clone(),
+            rev,
+            node,
+            device: device.clone(),
+        };
+        let (path, node, what) = match &action {
+            Action::Mkdir { path, mode, .. } => (path, Some(Node::Dir { mode: *mode }), "mkdir"),
+            Action::Symlink { path, target, .. } => (
+                path,
+                Some(Node::Symlink {
+                    target: target.clone(),
+                }),
+                "link",
+            ),
+            Action::Put {
+                path,
+                hash,
+                size,
+                meta,
+                ..
+            } => {
+                self.report.files_sent += 1;
+                (
+                    path,
+                    Some(Node::File {
+                        hash: *hash,
+                        size: *size,
+                        meta: *meta,
+                    }),
+                    "uploaded",
+                )
+            }
+            Action::Copy {
+                path,
+                hash,
+                size,
+                meta,
+                ..
+            } => (
+                path,
+                Some(Node::File {
+                    hash: *hash,
+                    size: *size,
+                    meta: *meta,
+                }),
+                "copied",
+            ),
+            Action::Move {
+                from,
+                to,
+                hash,
+                size,
+                meta,
+                ..
+            } => {
+                let e = entry(from, None);
+                self.record(&e);
+                self.report.moved += 1;
+                (
+                    to,
+                    Some(Node::File {
+                        hash: *hash,
+                        size: *size,
+                        meta: *meta,
+                    }),
+                    "moved",
+                )
+            }
+            Action::SetMeta { path, meta, .. } => match self.local.get(path) {
+                Some(Node::File { hash, size, .. }) => (
+                    path,
+                    Some(Node::File {
+                        hash: *hash,
+                        size: *size,
+                        meta: *meta,
+                    }),
+                    "meta",
+                ),
+                other => (path, other.cloned(), "meta"),
+            },
+            Action::DeleteRemote { path, .. } => {
+                self.report.deleted_remote += 1;
+                (path, None, "deleted")
+            }
+            _ => return None,
+        };
+        let e = entry(path, node);
+        self.record(&e);
+        self.progress.file_done(path.as_str(), what);
+        None
+    }
+
+    fn refused(&mut self, action: Action, r: Refusal) -> Option<Job> {
+        match (r.kind, action) {
+            (
+                RefusalKind::Corrupt | RefusalKind::NotFound,
+                Action::Put {
+                    path,
+                    base_rev,
+                    hash,
+                    size,
+                    meta,
+                    delta_base: Some(_),
+                },
+            ) => Some(Job::Up(Action::Put {
+                path,
+                base_rev,
+                hash,
+                size,
+                meta,
+                delta_base: None,
+            })),
+            (
+                RefusalKind::NotFound,
+                Action::Copy {
+                    path,
+                    base_rev,
+                    hash,
+                    size,
+                    meta,
+                },
+            ) => Some(Job::Up(Action::Put {
+                path,
+                base_rev,
+                hash,
+                size,
+                meta,
+                delta_base: None,
+            })),
+            (
+                RefusalKind::NotFound,
+                Action::Move {
+                    from,
+                    from_rev,
+                    to,
+                    to_base_rev,
+                    hash,
+                    size,
+                    meta,
+                },
+            ) => {
+                let _ = (from, from_rev);
+                Some(Job::Up(Action::Put {
+                    path: to,
+                    base_rev: to_base_rev,
+                    hash,
+                    size,
+                    meta,
+                    delta_base: None,
+                }))
+            }
+            (RefusalKind::Stale, a) => {
+                self.report
+                    .unresolved
+                    .push(format!("{}: {}", action_path(&a), r.message));
+                None
+            }
+            (_, a) => {
+                self.report
+                    .errors
+                    .push(format!("{}: {}", action_path(&a), r.message));
+                None
+            }
+        }
+    }
+
+    /// Receives a file's blocks into a temp file beside it, verifies, and moves it into place.
+    async fn download(
+        &mut self,
+        rd: &mut FrameReader,
+        id: u64,
+        want: Entry,
+        got: Entry,
+        base: Option<ContentHash>,
+        have: Option<(ContentHash, u64)>,
+    ) -> Result<Option<Job>, SyncError> {
+        let path = got.path.clone();
+        let Some(Node::File { hash, size, meta }) = got.node.clone() else {
+            return Err(ClientError::Unexpected("file reply without a file".into()).into());
+        };
+        self.progress.file_started(path.as_str(), size);
+        let (tx, rx) = mpsc::channel::<Block>(4);
+        let root = self.root.clone();
+        let sigs = self.sigs.clone();
+        let p = path.clone();
+        let use_base = base.is_some() && have.map(|h| Some(h.0) == base).unwrap_or(false);
+        let worker = tokio::task::spawn_blocking(move || {
+            receive_file(&root, &p, use_base, rx, size, hash, meta, &sigs)
+        });
+        let mut bad_base = base.is_some() && !use_base;
+        loop {
+            match recv_reply(rd).await? {
+                ServerMsg::Data { id: i, block } if i == id => {
+                    self.progress
+                        .advance(path.as_str(), block.bytes.len() as u64);
+                    if tx.send(block).await.is_err() {
+                        bad_base = true; // the worker gave up; keep draining
+                    }
+                }
+                ServerMsg::End { id: i } if i == id => break,
+                other => {
+                    return Err(
+                        ClientError::Unexpected(format!("{other:?} inside download {id}")).into(),
+                    );
+                }
+            }
+        }
+        drop(tx);
+        let outcome = worker.await.map_err(|e| SyncError::Other(e.to_string()))?;
+        let (tmp, stats) = match outcome {
+            Ok(x) if !bad_base => x,
+            _ => {
+                // Wrong base or failed verification: fetch it whole.
+                return Ok(if have.is_some() {
+                    Some(Job::Get {
+                        entry: want,
+                        have: None,
+                    })
+                } else {
+                    self.report
+                        .errors
+                        .push(format!("{path}: download did not verify"));
+                    None
+                });
+            }
+        };
+        // Do not overwrite a local change made while we were downloading.
+        let full = self.full(&path);
+        let now = std::fs::symlink_metadata(&full).ok();
+        let expected = self.cache.get(&path).map(|(s, _)| *s);
+        let unchanged = match (&now, expected) {
+            (None, _) => true,
+            (Some(md), Some(s)) => {
+                md.len() == s.size && fsutil::mtime_ns(md) == s.mtime_ns && md.ino() == s.inode
+            }
+            (Some(_), None) => false, // something appeared here meanwhile
+        };
+        if !unchanged {
+            self.report.notes.push(format!(
+                "{path}: changed here while downloading; will sync on the next run"
+            ));
+            return Ok(None);
+        }
+        fsutil::commit_temp(tmp.path(), &full).map_err(|e| self.io_err(&path, e))?;
+        tmp.keep();
+        self.report.delta.add(stats);
+        self.report.files_received += 1;
+        self.after_local_write(&path, got.node.clone().expect("file"));
+        self.record(&got);
+        self.progress.file_done(path.as_str(), "downloaded");
+        Ok(None)
+    }
+}
+
+/// Writer-side state, owned so the writer can run beside the reader.
+struct Sender {
+    root: PathBuf,
+    sigs: SigCache,
+    progress: Arc<Progress>,
+}
+
+enum Item {
+    /// The file still is what was planned; the blocks are a delta against this base, if any.
+    Start(Option<ContentHash>),
+    Block(Block, u64),
+    Skip,
+}
+
+impl Sender {
+    /// Sends one job's request (and content). `false` if it was skipped (file changed since scan).
+    async fn send(
+        &self,
+        wr: &mut FrameWriter,
+        id: u64,
+        job: &Job,
+        stats: &mut DeltaStats,
+    ) -> Result<bool, ClientError> {
+        let req = match job {
+            Job::Get { entry, have } => Request::Get {
+                path: entry.path.clone(),
+                have: *have,
+            },
+            Job::Up(a) => match a.clone() {
+                Action::Mkdir {
+                    path,
+                    base_rev,
+                    mode,
+                } => Request::Mkdir {
+                    path,
+                    base_rev,
+                    mode,
+                },
+                Action::Symlink {
+                    path,
+                    base_rev,
+                    target,
+                } => Request::Symlink {
+                    path,
+                    base_rev,
+                    target,
+                },
+                Action::Copy {
+                    path,
+                    base_rev,
+                    hash,
+                    size,
+                    meta,
+                } => Request::Copy {
+                    hash,
+                    size,
+                    to: path,
+                    to_base_rev: base_rev,
+                    meta,
+                },
+                Action::Move {
+                    from,
+                    from_rev,
+                    to,
+                    to_base_rev,
+                    meta,
+                    ..
+                } => Request::Move {
+                    from,
+                    from_rev,
+                    to,
+                    to_base_rev,
+                    meta,
+                },
+                Action::SetMeta {
+                    path,
+                    base_rev,
+                    meta,
+                } => Request::SetMeta {
+                    path,
+                    base_rev,
+                    meta,
+                },
+                Action::DeleteRemote { path, base_rev } => Request::Delete { path, base_rev },
+                Action::Put {
+                    path,
+                    base_rev,
+                    hash,
+                    size,
+                    meta,
+                    delta_base,
+                } => {
+                    return self
+                        .put(wr, id, path, base_rev, hash, size, meta, delta_base, stats)
+                        .await;
+                }
+                other => {
+                    return Err(ClientError::Unexpected(format!(
+                        "not a server step: {other:?}"
+                    )));
+                }
+            },
+        };
+        wr.feed(&ClientMsg::Req { id, req }).await?;
+        Ok(true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put(
+        &self,
+        wr: &mut FrameWriter,
+        id: u64,
+        path: RelPath,
+        base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+        delta_base: Option<(ContentHash, u64)>,
+        stats: &mut DeltaStats,
+    ) -> Result<bool, ClientError> {
+        let (tx, mut rx) = mpsc::channel::<Item>(4);
+        let full = path.under(&self.root);
+        let sigs = self.sigs.clone();
+        self.progress.file_started(path.as_str(), size);
+        let producer =
+            tokio::task::spawn_blocking(move || produce(&full, hash, size, delta_base, &sigs, tx));
+        let base = match rx.recv().await {
+            Some(Item::Start(base)) => base,
+            _ => {
+                let _ = producer.await;
+                return Ok(false);
+            }
+        };
+        wr.feed(&ClientMsg::Req {
+            id,
+            req: Request::Put {
+                path: path.clone(),
+                base_rev,
+                hash,
+                size,
+                meta,
+                base,
+            },
+        })
+        .await?;
+        let mut next = rx.recv().await;
+        while let Some(Item::Block(block, covered)) = next {
+            wr.feed(&ClientMsg::Data { id, block }).await?;
+            self.progress.advance(path.as_str(), covered);
+            next = rx.recv().await;
+        }
+        wr.feed(&ClientMsg::End { id }).await?;
+        if let Ok(Ok(s)) = producer.await {
+            stats.add(s);
+        }
+        Ok(true)
+    }
+}
+
+/// Encodes a local file for upload on the blocking pool: re-checks that it is still the content
+/// that was planned, then streams blocks (a delta against the base's cached signature when there
+/// is one), and caches the new version's signature for the next upload.
+fn produce(
+    full: &Path,
+    hash: ContentHash,
+    size: u64,
+    delta_base: Option<(ContentHash, u64)>,
+    sigs: &SigCache,
+    tx: mpsc::Sender<Item>,
+) -> Result<DeltaStats, String> {
+    let skip = |tx: &mpsc::Sender<Item>, why: String| {
+        let _ = tx.blocking_send(Item::Skip);
+        Err(why)
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(full)
+    {
+        Ok(f) => f,
+        Err(e) => return skip(&tx, e.to_string()),
+    };
+    let map = match fsutil::map(&file) {
+        Ok(m) => m,
+        Err(e) => return skip(&tx, e.to_string()),
+    };
+    if map.len() as u64 != size || ContentHash::of(&map) != hash {
+        return skip(&tx, "changed since scan".into());
+    }
+    let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
+    if tx
+        .blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h)))
+        .is_err()
+    {
+        return Err("connection gone".into());
+    }
+    let emit = |b, covered| {
+        tx.blocking_send(Item::Block(b, covered))
+            .map_err(|_| std::io::Error::other("connection gone"))
+    };
+    let stats = match sig {
+        Some((_, sig)) => delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?,
+        None => delta::encode_whole(&map, emit).map_err(|e| e.to_string())?,
+    };
+    let _ = sigs.ensure(&hash, &map);
+    Ok(stats)
+}
+
+/// Applies a download's blocks into a temp file beside the destination and verifies it.
+#[allow(clippy::too_many_arguments)]
+fn receive_file(
+    root: &Path,
+    path: &RelPath,
+    use_base: bool,
+    mut rx: mpsc::Receiver<Block>,
+    size: u64,
+    hash: ContentHash,
+    meta: Meta,
+    sigs: &SigCache,
+) -> Result<(TempGuard, DeltaStats), String> {
+    let full = path.under(root);
+    fsutil::ensure_dirs(root, path).map_err(|e| e.to_string())?;
+    let base = if use_base {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&full)
+            .map_err(|e| e.to_string())?;
+        fsutil::map(&f).map_err(|e| e.to_string())?
+    } else {
+        fsutil::Mapped::Empty
+    };
+    let (file, t) =
+        fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
+    let guard = TempGuard::new(t);
+    let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, file), size);
+    while let Some(b) = rx.blocking_recv() {
+        ap.block(&b).map_err(|e| e.to_string())?;
+    }
+    let (h, n, stats, w) = ap.finish().map_err(|e| e.to_string())?;
+    if h != hash || n != size {
+        return Err("content hash mismatch".into());
+    }
+    let f = w.into_inner().map_err(|e| e.error().to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    drop(f);
+    fsutil::set_mode(guard.path(), meta.mode).map_err(|e| e.to_string())?;
+    fsutil::set_mtime(guard.path(), meta.mtime_ns).map_err(|e| e.to_string())?;
+    let _ = sigs.ensure_file(&hash, guard.path());
+    Ok((guard, stats))
+}
+
+fn action_path(a: &Action) -> String {
+    match a {
+        Action::Mkdir { path, .. }
+        | Action::Symlink { path, .. }
+        | Action::Put { path, .. }
+        | Action::Copy { path, .. }
+        | Action::SetMeta { path, .. }
+        | Action::DeleteRemote { path, .. }
+        | Action::DeleteLocal { path, .. } => path.to_string(),
+        Action::Move { to, .. } => to.to_string(),
+        Action::Fetch { entry }
+        | Action::Record { entry }
+        | Action::Conflict { remote: entry, .. } => entry.path.to_string(),
+    }
+}
+
+fn job_path(j: &Job) -> String {
+    match j {
+        Job::Up(a) => action_path(a),
+        Job::Get { entry, .. } => entry.path.to_string(),
+    }
+}

@@ -1,0 +1,579 @@
+//! The sync decision, pure: (local state, server state, last agreed base) → actions.
+//!
+//! Per path, with L = local now, R = the server's entry, B = the base last agreed:
+//! - L equals R: record R as the new base (nothing moves).
+//! - only L moved away from B: upload L (a delete, a rename when its content is being deleted
+//!   elsewhere, a server-side copy when the server holds the content, a meta change, or a put,
+//!   as a delta against B when B is a file the server still holds at that path);
+//! - only R moved: download R (or delete locally);
+//! - both moved: a delete loses to a change; equal content only merges metadata; otherwise a
+//!   conflict, which keeps both versions.
+//! The executor does the I/O; everything here is testable with plain maps.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::index::Synced;
+use crate::delta::WHOLE_FILE_BELOW;
+use crate::hash::ContentHash;
+use crate::path::RelPath;
+use crate::protocol::{Entry, Meta, Node};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Mkdir {
+        path: RelPath,
+        base_rev: u64,
+        mode: u32,
+    },
+    Symlink {
+        path: RelPath,
+        base_rev: u64,
+        target: String,
+    },
+    /// Upload content; `delta_base` is the (hash, size) of the version the server holds.
+    Put {
+        path: RelPath,
+        base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+        delta_base: Option<(ContentHash, u64)>,
+    },
+    Copy {
+        path: RelPath,
+        base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+    },
+    Move {
+        from: RelPath,
+        from_rev: u64,
+        to: RelPath,
+        to_base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+    },
+    SetMeta {
+        path: RelPath,
+        base_rev: u64,
+        meta: Meta,
+    },
+    DeleteRemote {
+        path: RelPath,
+        base_rev: u64,
+    },
+    /// Bring the server's entry here (file, directory or link).
+    Fetch {
+        entry: Entry,
+    },
+    /// Remove a local path, if it still is `expect`; the server deleted it at `rev`.
+    DeleteLocal {
+        path: RelPath,
+        rev: u64,
+        expect: Node,
+    },
+    /// Local and server agree: make `entry` the base.
+    Record {
+        entry: Entry,
+    },
+    /// Both sides changed differently: keep both.
+    Conflict {
+        local: Node,
+        remote: Entry,
+    },
+}
+
+impl Action {
+    pub fn is_upload(&self) -> bool {
+        matches!(
+            self,
+            Action::Mkdir { .. }
+                | Action::Symlink { .. }
+                | Action::Put { .. }
+                | Action::Copy { .. }
+                | Action::Move { .. }
+                | Action::SetMeta { .. }
+                | Action::DeleteRemote { .. }
+        )
+    }
+    pub fn is_download(&self) -> bool {
+        matches!(self, Action::Fetch { .. } | Action::DeleteLocal { .. })
+    }
+}
+
+/// Same content: same kind, same bytes or target. Directory modes are not compared.
+pub fn same_content(a: &Node, b: &Node) -> bool {
+    match (a, b) {
+        (Node::File { hash: x, .. }, Node::File { hash: y, .. }) => x == y,
+        (Node::Dir { .. }, Node::Dir { .. }) => true,
+        (Node::Symlink { target: x }, Node::Symlink { target: y }) => x == y,
+        _ => false,
+    }
+}
+
+/// Same content and same file metadata (mtime and permission bits).
+pub fn same(a: Option<&Node>, b: Option<&Node>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(Node::File { meta: m1, .. }), Some(y @ Node::File { meta: m2, .. })) => {
+            same_content(a.expect("some"), y)
+                && m1.mtime_ns == m2.mtime_ns
+                && m1.mode & 0o777 == m2.mode & 0o777
+        }
+        (Some(x), Some(y)) => same_content(x, y),
+        _ => false,
+    }
+}
+
+enum Decision {
+    Nothing,
+    Record,
+    Upload,
+    Download,
+    Conflict,
+}
+
+fn decide(l: Option<&Node>, r: Option<&Entry>, b: Option<&Synced>) -> Decision {
+    let r_node = r.and_then(|e| e.node.as_ref());
+    let r_rev = r.map_or(0, |e| e.rev);
+    let b_node = b.and_then(|s| s.node.as_ref());
+    let b_rev = b.map_or(0, |s| s.rev);
+    if same(l, r_node) {
+        return if r_rev != b_rev || !same(b_node, r_node) {
+            Decision::Record
+        } else {
+            Decision::Nothing
+        };
+    }
+    let local_changed = !same(l, b_node);
+    let remote_changed = r_rev != b_rev;
+    match (local_changed, remote_changed) {
+        (false, _) => Decision::Download,
+        (true, false) => Decision::Upload,
+        (true, true) => match (l, r_node) {
+            (None, _) => Decision::Download, // a change beats a delete
+            (_, None) => Decision::Upload,
+            (Some(x), Some(y)) if same_content(x, y) => Decision::Download, // metadata only
+            _ => Decision::Conflict,
+        },
+    }
+}
+
+pub fn plan(
+    local: &BTreeMap<RelPath, Node>,
+    remote: &BTreeMap<RelPath, Entry>,
+    synced: &BTreeMap<RelPath, Synced>,
+) -> Vec<Action> {
+    let mut paths: Vec<&RelPath> = local
+        .keys()
+        .chain(remote.keys())
+        .chain(synced.keys())
+        .collect();
+    paths.sort();
+    paths.dedup();
+
+    let mut uploads = Vec::new();
+    let mut out_records = Vec::new();
+    let mut fetches = Vec::new();
+    let mut local_deletes = Vec::new();
+    let mut conflicts = Vec::new();
+    for p in paths {
+        let (l, r, b) = (local.get(p), remote.get(p), synced.get(p));
+        match decide(l, r, b) {
+            Decision::Nothing => {}
+            Decision::Record => out_records.push(Action::Record {
+                entry: r.cloned().expect("record needs an entry"),
+            }),
+            Decision::Upload => uploads.push((p, l, r, b)),
+            Decision::Download => match r.and_then(|e| e.node.as_ref()) {
+                Some(_) => fetches.push(Action::Fetch {
+                    entry: r.cloned().expect("checked"),
+                }),
+                None => {
+                    if let Some(l) = l {
+                        let rev = r.map_or(0, |e| e.rev);
+                        local_deletes.push(Action::DeleteLocal {
+                            path: p.clone(),
+                            rev,
+                            expect: l.clone(),
+                        })
+                    }
+                }
+            },
+            Decision::Conflict => conflicts.push(Action::Conflict {
+                local: l.cloned().expect("conflict has a local node"),
+                remote: r.cloned().expect("conflict has a remote entry"),
+            }),
+        }
+    }
+
+    // Files being deleted from the server in this round, by content: a new path with the same
+    // content is their rename.
+    let mut deleted_by_hash: HashMap<ContentHash, (RelPath, u64)> = HashMap::new();
+    for (p, l, r, _) in &uploads {
+        if let (
+            None,
+            Some(Entry {
+                node: Some(Node::File { hash, .. }),
+                rev,
+                ..
+            }),
+        ) = (l, r)
+        {
+            deleted_by_hash.entry(*hash).or_insert(((*p).clone(), *rev));
+        }
+    }
+    let remote_hashes: HashMap<ContentHash, ()> = remote
+        .values()
+        .filter_map(|e| match &e.node {
+            Some(Node::File { hash, .. }) => Some((*hash, ())),
+            _ => None,
+        })
+        .collect();
+
+    let (mut mkdirs, mut links, mut moves, mut copies, mut metas, mut puts, mut deletes) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut moved_from: Vec<RelPath> = Vec::new();
+    for (p, l, r, _b) in &uploads {
+        let base_rev = r.map_or(0, |e| e.rev);
+        let r_node = r.and_then(|e| e.node.as_ref());
+        match l {
+            None => deletes.push((
+                p.depth(),
+                Action::DeleteRemote {
+                    path: (*p).clone(),
+                    base_rev,
+                },
+            )),
+            Some(Node::Dir { mode }) => mkdirs.push((
+                p.depth(),
+                Action::Mkdir {
+                    path: (*p).clone(),
+                    base_rev,
+                    mode: *mode,
+                },
+            )),
+            Some(Node::Symlink { target }) => links.push(Action::Symlink {
+                path: (*p).clone(),
+                base_rev,
+                target: target.clone(),
+            }),
+            Some(Node::File { hash, size, meta }) => {
+                let (path, hash, size, meta) = ((*p).clone(), *hash, *size, *meta);
+                match r_node {
+                    Some(Node::File { hash: rh, .. }) if *rh == hash => {
+                        metas.push(Action::SetMeta {
+                            path,
+                            base_rev,
+                            meta,
+                        })
+                    }
+                    _ => {
+                        if let Some((from, from_rev)) = deleted_by_hash.remove(&hash) {
+                            moved_from.push(from.clone());
+                            moves.push(Action::Move {
+                                from,
+                                from_rev,
+                                to: path,
+                                to_base_rev: base_rev,
+                                hash,
+                                size,
+                                meta,
+                            });
+                        } else if remote_hashes.contains_key(&hash) {
+                            copies.push(Action::Copy {
+                                path,
+                                base_rev,
+                                hash,
+                                size,
+                                meta,
+                            });
+                        } else {
+                            let delta_base = match r_node {
+                                Some(Node::File {
+                                    hash: bh, size: bs, ..
+                                }) if *bs >= WHOLE_FILE_BELOW && size >= WHOLE_FILE_BELOW => {
+                                    Some((*bh, *bs))
+                                }
+                                _ => None,
+                            };
+                            puts.push(Action::Put {
+                                path,
+                                base_rev,
+                                hash,
+                                size,
+                                meta,
+                                delta_base,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    deletes.retain(
+        |(_, a)| !matches!(a, Action::DeleteRemote { path, .. } if moved_from.contains(path)),
+    );
+    mkdirs.sort_by_key(|(d, _)| *d);
+    deletes.sort_by_key(|(d, _)| std::cmp::Reverse(*d));
+    let mut fetch_dirs: Vec<Action> = Vec::new();
+    let mut fetch_rest: Vec<Action> = Vec::new();
+    for f in fetches {
+        match &f {
+            Action::Fetch {
+                entry:
+                    Entry {
+                        node: Some(Node::Dir { .. }),
+                        ..
+                    },
+            } => fetch_dirs.push(f),
+            _ => fetch_rest.push(f),
+        }
+    }
+    local_deletes.sort_by_key(|a| match a {
+        Action::DeleteLocal { path, .. } => std::cmp::Reverse(path.depth()),
+        _ => std::cmp::Reverse(0),
+    });
+
+    // Order matters and the server keeps it: parents first, renames and copies before the deletes
+    // that could remove their source, deletes deepest first.
+    let mut out = conflicts;
+    out.extend(mkdirs.into_iter().map(|(_, a)| a));
+    out.extend(links);
+    out.extend(moves);
+    out.extend(copies);
+    out.extend(metas);
+    out.extend(puts);
+    out.extend(deletes.into_iter().map(|(_, a)| a));
+    out.extend(fetch_dirs);
+    out.extend(fetch_rest);
+    out.extend(out_records);
+    out.extend(local_deletes);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+    fn file(c: &str) -> Node {
+        Node::File {
+            hash: ContentHash::of(c.as_bytes()),
+            size: 20_000,
+            meta: Meta {
+                mtime_ns: 1,
+                mode: 0o644,
+            },
+        }
+    }
+    fn entry(path: &str, rev: u64, node: Option<Node>) -> Entry {
+        Entry {
+            path: p(path),
+            rev,
+            node,
+            device: "d".into(),
+        }
+    }
+    fn kind(a: &Action) -> &'static str {
+        match a {
+            Action::Mkdir { .. } => "mkdir",
+            Action::Symlink { .. } => "symlink",
+            Action::Put {
+                delta_base: Some(_),
+                ..
+            } => "put-delta",
+            Action::Put { .. } => "put",
+            Action::Copy { .. } => "copy",
+            Action::Move { .. } => "move",
+            Action::SetMeta { .. } => "setmeta",
+            Action::DeleteRemote { .. } => "delete-remote",
+            Action::Fetch { .. } => "fetch",
+            Action::DeleteLocal { .. } => "delete-local",
+            Action::Record { .. } => "record",
+            Action::Conflict { .. } => "conflict",
+        }
+    }
+
+    /// One path, every combination that matters: (local, remote (rev, node), base (rev, node)) → action.
+    #[test]
+    fn decision_table() {
+        let a = || Some(file("a"));
+        let b = || Some(file("b"));
+        let c = || Some(file("c"));
+        type Case = (
+            &'static str,
+            Option<Node>,
+            Option<(u64, Option<Node>)>,
+            Option<(u64, Option<Node>)>,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            ("in sync", a(), Some((1, a())), Some((1, a())), ""),
+            ("new local file", a(), None, None, "put"),
+            (
+                "local edit",
+                b(),
+                Some((1, a())),
+                Some((1, a())),
+                "put-delta",
+            ),
+            (
+                "local delete",
+                None,
+                Some((1, a())),
+                Some((1, a())),
+                "delete-remote",
+            ),
+            ("new remote file", None, Some((1, a())), None, "fetch"),
+            ("remote edit", a(), Some((2, b())), Some((1, a())), "fetch"),
+            (
+                "remote delete",
+                a(),
+                Some((2, None)),
+                Some((1, a())),
+                "delete-local",
+            ),
+            (
+                "both deleted",
+                None,
+                Some((2, None)),
+                Some((1, a())),
+                "record",
+            ),
+            (
+                "same edit both sides",
+                b(),
+                Some((2, b())),
+                Some((1, a())),
+                "record",
+            ),
+            (
+                "different edits",
+                b(),
+                Some((2, c())),
+                Some((1, a())),
+                "conflict",
+            ),
+            (
+                "both created differently",
+                a(),
+                Some((1, b())),
+                None,
+                "conflict",
+            ),
+            (
+                "local edit beats remote delete",
+                b(),
+                Some((2, None)),
+                Some((1, a())),
+                "put-delta",
+            ),
+            (
+                "remote edit beats local delete",
+                None,
+                Some((2, b())),
+                Some((1, a())),
+                "fetch",
+            ),
+            (
+                "already agreed, new rev only",
+                a(),
+                Some((3, a())),
+                Some((1, a())),
+                "record",
+            ),
+        ];
+        for (name, l, r, base, want) in cases {
+            let local: BTreeMap<_, _> = l.into_iter().map(|n| (p("f"), n)).collect();
+            let remote: BTreeMap<_, _> = r
+                .into_iter()
+                .map(|(rev, n)| (p("f"), entry("f", rev, n)))
+                .collect();
+            let synced: BTreeMap<_, _> = base
+                .into_iter()
+                .map(|(rev, node)| (p("f"), Synced { rev, node }))
+                .collect();
+            let got: Vec<_> = plan(&local, &remote, &synced).iter().map(kind).collect();
+            let want: Vec<&str> = if want.is_empty() { vec![] } else { vec![want] };
+            assert_eq!(got, want, "case: {name}");
+        }
+    }
+
+    #[test]
+    fn rename_is_a_move_and_copy_reuses_server_content() {
+        let a = file("a");
+        let local = BTreeMap::from([(p("new/name"), a.clone()), (p("copy"), file("x"))]);
+        let remote = BTreeMap::from([
+            (p("old"), entry("old", 1, Some(a.clone()))),
+            (p("x"), entry("x", 2, Some(file("x")))),
+        ]);
+        let mut synced = BTreeMap::from([(
+            p("old"),
+            Synced {
+                rev: 1,
+                node: Some(a),
+            },
+        )]);
+        synced.insert(
+            p("x"),
+            Synced {
+                rev: 2,
+                node: Some(file("x")),
+            },
+        );
+        let mut local = local;
+        local.insert(p("x"), file("x"));
+        let got: Vec<_> = plan(&local, &remote, &synced).iter().map(kind).collect();
+        assert_eq!(got, vec!["move", "copy"]);
+    }
+
+    #[test]
+    fn parents_first_deletes_deepest_first() {
+        let d = Node::Dir { mode: 0o755 };
+        let local = BTreeMap::from([(p("a"), d.clone()), (p("a/b"), d.clone())]);
+        let remote = BTreeMap::from([
+            (p("x"), entry("x", 1, Some(d.clone()))),
+            (p("x/y"), entry("x/y", 1, Some(d.clone()))),
+        ]);
+        let synced = BTreeMap::from([
+            (
+                p("x"),
+                Synced {
+                    rev: 1,
+                    node: Some(d.clone()),
+                },
+            ),
+            (
+                p("x/y"),
+                Synced {
+                    rev: 1,
+                    node: Some(d),
+                },
+            ),
+        ]);
+        let acts = plan(&local, &remote, &synced);
+        let names: Vec<String> = acts
+            .iter()
+            .map(|a| match a {
+                Action::Mkdir { path, .. } | Action::DeleteRemote { path, .. } => {
+                    format!("{} {path}", kind(a))
+                }
+                _ => kind(a).to_string(),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "mkdir a",
+                "mkdir a/b",
+                "delete-remote x/y",
+                "delete-remote x"
+            ]
+        );
+    }
+}

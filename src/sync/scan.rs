@@ -1,0 +1,136 @@
+//! Walks a synced folder into a map of path → node, re-hashing only files whose size, mtime or
+//! inode changed since the last scan.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use super::index::Stat;
+use crate::fsutil::{self, TEMP_PREFIX};
+use crate::hash::ContentHash;
+use crate::path::{RelPath, STATE_DIR};
+use crate::protocol::{Meta, Node};
+
+pub type StatCache = BTreeMap<RelPath, (Stat, ContentHash)>;
+
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub nodes: BTreeMap<RelPath, Node>,
+    /// The stat cache to save for the next scan.
+    pub cache: StatCache,
+    /// Paths skipped, with why (unreadable, not UTF-8, special files).
+    pub skipped: Vec<String>,
+    pub hashed_bytes: u64,
+}
+
+/// Is this a name deltasync never syncs?
+pub fn is_ignored_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+pub fn scan(root: &Path, old: &StatCache) -> std::io::Result<Scan> {
+    let mut s = Scan::default();
+    walk(root, root, old, &mut s)?;
+    Ok(s)
+}
+
+fn walk(root: &Path, dir: &Path, old: &StatCache, s: &mut Scan) -> std::io::Result<()> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if dir != root => {
+            s.skipped.push(format!("{}: {e}", dir.display()));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    for entry in rd {
+        let entry = entry?;
+        let full = entry.path();
+        let name = entry.file_name();
+        let name_str = name.to_string_lossy();
+        if is_ignored_name(&name_str) || (dir == root && name_str == STATE_DIR) {
+            continue;
+        }
+        let rel = match RelPath::from_local(root, &full) {
+            Ok(r) => r,
+            Err(e) => {
+                s.skipped.push(format!("{}: {e}", full.display()));
+                continue;
+            }
+        };
+        let md = match fs::symlink_metadata(&full) {
+            Ok(m) => m,
+            Err(e) => {
+                s.skipped.push(format!("{}: {e}", full.display()));
+                continue;
+            }
+        };
+        let ft = md.file_type();
+        if ft.is_dir() {
+            s.nodes.insert(
+                rel,
+                Node::Dir {
+                    mode: md.permissions().mode() & 0o7777,
+                },
+            );
+            walk(root, &full, old, s)?;
+        } else if ft.is_symlink() {
+            match fs::read_link(&full)
+                .ok()
+                .and_then(|t| t.to_str().map(String::from))
+            {
+                Some(target) => {
+                    s.nodes.insert(rel, Node::Symlink { target });
+                }
+                None => s
+                    .skipped
+                    .push(format!("{}: symlink target is not UTF-8", full.display())),
+            }
+        } else if ft.is_file() {
+            let stat = Stat {
+                size: md.len(),
+                mtime_ns: fsutil::mtime_ns(&md),
+                inode: md.ino(),
+                mode: md.mode() & 0o7777,
+            };
+            let hash = match old.get(&rel) {
+                Some((st, h))
+                    if st.size == stat.size
+                        && st.mtime_ns == stat.mtime_ns
+                        && st.inode == stat.inode =>
+                {
+                    *h
+                }
+                _ => match ContentHash::of_file(&full) {
+                    Ok((h, _)) => {
+                        s.hashed_bytes += stat.size;
+                        h
+                    }
+                    Err(e) => {
+                        s.skipped.push(format!("{}: {e}", full.display()));
+                        continue;
+                    }
+                },
+            };
+            s.cache.insert(rel.clone(), (stat, hash));
+            s.nodes.insert(
+                rel,
+                Node::File {
+                    hash,
+                    size: stat.size,
+                    meta: Meta {
+                        mtime_ns: stat.mtime_ns,
+                        mode: stat.mode,
+                    },
+                },
+            );
+        } else {
+            s.skipped.push(format!(
+                "{}: not a regular file, directory or symlink",
+                full.display()
+            ));
+        }
+    }
+    Ok(())
+}
