@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "deltasync",
-    version,
-    about = "Self-hosted file sync that sends rsync-style deltas"
-)]
+#[command(name = "deltasync", version, about = "Self-hosted file sync that sends rsync-style deltas")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -40,6 +36,19 @@ pub enum Command {
     Push(SyncArgs),
     /// Download remote changes in one round, then exit.
     Pull(SyncArgs),
+    /// Sync continuously: upload every change at once, download what other computers change.
+    Watch {
+        #[command(flatten)]
+        args: SyncArgs,
+        /// Seconds between full rescans that catch anything the file watcher missed.
+        #[arg(long, default_value_t = 300)]
+        rescan: u64,
+    },
+    /// Show the folder's server, account, device, last sync, pending changes and conflicts.
+    Status {
+        /// The synced folder.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,6 +2,7 @@
 //! Pipelined transfers use the reader and writer halves directly (see `sync::exec`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -40,19 +41,14 @@ pub struct Client {
     pub account: String,
     /// Set when the server just registered a new account for this client.
     pub new_token: Option<String>,
+    /// The highest journal sequence the server announced (after `Subscribe`).
+    pub notified: Arc<AtomicU64>,
     next_id: u64,
 }
 
 impl Client {
-    pub async fn connect(
-        addr: &str,
-        token: Option<&str>,
-        device: &str,
-    ) -> Result<Client, ClientError> {
-        let unreachable = |err: String| ClientError::Unreachable {
-            addr: addr.to_string(),
-            err,
-        };
+    pub async fn connect(addr: &str, token: Option<&str>, device: &str) -> Result<Client, ClientError> {
+        let unreachable = |err: String| ClientError::Unreachable { addr: addr.to_string(), err };
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Err(_) => return Err(unreachable("timed out".into())),
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
@@ -68,24 +64,15 @@ impl Client {
         wr.send(&hello).await?;
         match rd.recv::<Welcome>().await? {
             None => Err(ClientError::Rejected("closed during the handshake".into())),
-            Some(Welcome::Accepted { account, new_token }) => Ok(Client {
-                rd,
-                wr,
-                counters,
-                account,
-                new_token,
-                next_id: 1,
-            }),
-            Some(Welcome::Rejected {
-                reason: Rejection::Auth,
-                message,
-                ..
-            }) => Err(ClientError::Auth(message)),
-            Some(Welcome::Rejected {
-                reason: Rejection::Version,
-                message,
-                ..
-            }) => Err(ClientError::Version(message)),
+            Some(Welcome::Accepted { account, new_token }) => {
+                Ok(Client { rd, wr, counters, account, new_token, notified: Arc::default(), next_id: 1 })
+            }
+            Some(Welcome::Rejected { reason: Rejection::Auth, message, .. }) => {
+                Err(ClientError::Auth(message))
+            }
+            Some(Welcome::Rejected { reason: Rejection::Version, message, .. }) => {
+                Err(ClientError::Version(message))
+            }
             Some(Welcome::Rejected { message, .. }) => Err(ClientError::Rejected(message)),
         }
     }
@@ -98,7 +85,7 @@ impl Client {
 
     /// Reads the next message that is not a change notice.
     pub async fn recv(&mut self) -> Result<ServerMsg, ClientError> {
-        recv_reply(&mut self.rd).await
+        recv_reply(&mut self.rd, &self.notified).await
     }
 
     /// One request, one reply, for requests without content.
@@ -114,19 +101,11 @@ impl Client {
     /// Every entry changed after `since`, and the journal sequence they bring the client to.
     pub async fn changes(&mut self, since: u64) -> Result<(Vec<Entry>, u64), ClientError> {
         let id = self.next_id();
-        self.wr
-            .send(&ClientMsg::Req {
-                id,
-                req: Request::Changes { since },
-            })
-            .await?;
+        self.wr.send(&ClientMsg::Req { id, req: Request::Changes { since } }).await?;
         let mut all = Vec::new();
         loop {
             match self.recv().await? {
-                ServerMsg::Resp {
-                    id: i,
-                    result: Ok(Reply::Changes { entries, seq, more }),
-                } if i == id => {
+                ServerMsg::Resp { id: i, result: Ok(Reply::Changes { entries, seq, more }) } if i == id => {
                     all.extend(entries);
                     if !more {
                         return Ok((all, seq));
@@ -145,17 +124,9 @@ impl Client {
         path: &crate::path::RelPath,
     ) -> Result<(crate::hash::ContentHash, u64, Vec<u8>), ClientError> {
         let id = self.next_id();
-        self.wr
-            .send(&ClientMsg::Req {
-                id,
-                req: Request::Signature { path: path.clone() },
-            })
-            .await?;
+        self.wr.send(&ClientMsg::Req { id, req: Request::Signature { path: path.clone() } }).await?;
         let (hash, size) = match self.recv().await? {
-            ServerMsg::Resp {
-                result: Ok(Reply::Signature { hash, size }),
-                ..
-            } => (hash, size),
+            ServerMsg::Resp { result: Ok(Reply::Signature { hash, size }), .. } => (hash, size),
             ServerMsg::Resp { result: Err(r), .. } => return Err(ClientError::Refused(r)),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
@@ -171,11 +142,13 @@ impl Client {
 }
 
 /// Reads the next message that is not a change notice (those only matter to `watch`).
-pub async fn recv_reply(rd: &mut FrameReader) -> Result<ServerMsg, ClientError> {
+pub async fn recv_reply(rd: &mut FrameReader, notified: &AtomicU64) -> Result<ServerMsg, ClientError> {
     loop {
         match rd.recv::<ServerMsg>().await? {
             None => return Err(ClientError::Protocol(ProtocolError::Closed)),
-            Some(ServerMsg::Notify { .. }) => continue,
+            Some(ServerMsg::Notify { seq }) => {
+                notified.fetch_max(seq, Ordering::Relaxed);
+            }
             Some(ServerMsg::Fatal { message }) => return Err(ClientError::Fatal(message)),
             Some(m) => return Ok(m),
         }

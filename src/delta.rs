@@ -39,11 +39,7 @@ pub enum DeltaError {
     #[error("corrupt delta: {0}")]
     Corrupt(&'static str),
     #[error("delta copies {len} bytes at offset {offset} but the base has only {base_len}")]
-    CopyOutOfBounds {
-        offset: u64,
-        len: u64,
-        base_len: u64,
-    },
+    CopyOutOfBounds { offset: u64, len: u64, base_len: u64 },
     #[error("delta produces more than the announced {limit} bytes")]
     TooLong { limit: u64 },
     #[error("decompressing a delta block failed: {0}")]

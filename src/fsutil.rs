@@ -47,11 +47,7 @@ pub fn temp_path(dir: &Path) -> PathBuf {
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut r = [0u8; 6];
     let _ = getrandom::fill(&mut r);
-    dir.join(format!(
-        "{TEMP_PREFIX}{}-{n}-{}",
-        std::process::id(),
-        hex::encode(r)
-    ))
+    dir.join(format!("{TEMP_PREFIX}{}-{n}-{}", std::process::id(), hex::encode(r)))
 }
 
 pub fn create_temp(dir: &Path) -> io::Result<(File, PathBuf)> {
@@ -103,10 +99,7 @@ pub fn ensure_dirs(root: &Path, rel: &crate::path::RelPath) -> io::Result<()> {
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} is not a directory (symlinks are never followed)",
-                        p.display()
-                    ),
+                    format!("{} is not a directory (symlinks are never followed)", p.display()),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&p)?,
@@ -125,10 +118,7 @@ pub fn check_no_symlink_ancestors(root: &Path, rel: &crate::path::RelPath) -> io
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!(
-                        "{} is not a directory (symlinks are never followed)",
-                        p.display()
-                    ),
+                    format!("{} is not a directory (symlinks are never followed)", p.display()),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

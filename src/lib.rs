@@ -9,7 +9,9 @@
 //! - [`protocol`]: frames, messages and the counted connection.
 //! - [`server`]: `deltasync serve`: accounts, metadata (SQLite), content store (plain folders).
 //! - [`sync`]: the client's engine: index, scan, plan (pure decisions), execute.
-//! - [`progress`]: progress bars and `--stats`.
+//! - [`progress`]: progress bars.
+//! - [`status`]: `deltasync status`.
+//! - [`watch`]: continuous sync: file-system events and server notices start rounds.
 
 pub mod client;
 pub mod delta;
@@ -19,4 +21,6 @@ pub mod path;
 pub mod progress;
 pub mod protocol;
 pub mod server;
+pub mod status;
 pub mod sync;
+pub mod watch;

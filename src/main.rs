@@ -11,6 +11,7 @@ use deltasync::client::ClientError;
 use deltasync::progress::Progress;
 use deltasync::server::{self, ServerConfig};
 use deltasync::sync::{Folder, Options, SyncError};
+use deltasync::watch::WatchOptions;
 
 use cli::{AccountCommand, Cli, Command, SyncArgs};
 
@@ -29,11 +30,7 @@ fn main() -> ExitCode {
     let verbose = matches!(&cli.command, Command::Serve { verbose: true, .. });
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(if verbose {
-            tracing::Level::DEBUG
-        } else {
-            tracing::Level::INFO
-        })
+        .with_max_level(if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO })
         .with_target(false)
         .init();
     let rt = match tokio::runtime::Runtime::new() {
@@ -80,22 +77,12 @@ fn client_code(c: &ClientError) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve {
-            listen,
-            data,
-            open_registration,
-            ..
-        } => {
+        Command::Serve { listen, data, open_registration, .. } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
-                .with_context(|| {
-                    format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)")
-                })?;
+                .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
             let addr = listener.local_addr()?;
-            let config = ServerConfig {
-                data_dir: data.clone(),
-                open_registration,
-            };
+            let config = ServerConfig { data_dir: data.clone(), open_registration };
             println!("deltasync: data in {}, listening on {addr}", data.display());
             server::run(listener, config, async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -104,22 +91,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("deltasync: stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account {
-            command: AccountCommand::Add { name, data },
-        } => {
+        Command::Account { command: AccountCommand::Add { name, data } } => {
             let meta = server::open_metadata(&data)?;
-            let (acct, token) = server::add_account(&meta, &name)
-                .with_context(|| format!("cannot add account `{name}`"))?;
-            println!(
-                "Created account `{}`. Its token (shown only now; only a hash is stored):",
-                acct.name
-            );
+            let (acct, token) =
+                server::add_account(&meta, &name).with_context(|| format!("cannot add account `{name}`"))?;
+            println!("Created account `{}`. Its token (shown only now; only a hash is stored):", acct.name);
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account {
-            command: AccountCommand::List { data },
-        } => {
+        Command::Account { command: AccountCommand::List { data } } => {
             let meta = server::open_metadata(&data)?;
             for (a, seq) in meta.list_accounts()? {
                 println!("{}\t{} changes", a.name, seq);
@@ -128,15 +108,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Push(args) => sync(args, true, false).await,
         Command::Pull(args) => sync(args, false, true).await,
+        Command::Watch { args, rescan } => {
+            let opts = Options {
+                upload: true,
+                download: true,
+                dry_run: false,
+                server: args.server.clone(),
+                token: args.token.clone(),
+                device: args.device.clone(),
+            };
+            let progress = Arc::new(Progress::new(!args.no_progress, args.verbose));
+            let wopts = WatchOptions { rescan: std::time::Duration::from_secs(rescan.max(1)) };
+            eprintln!("deltasync: watching {} (Ctrl-C to stop)", args.dir.display());
+            deltasync::watch::watch(&args.dir, opts, wopts, progress, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            eprintln!("deltasync: stopped watching");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { dir } => {
+            print!("{}", deltasync::status::status(&dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<ExitCode> {
     if upload && !args.dir.exists() {
-        anyhow::bail!(
-            "{} does not exist; push uploads an existing folder",
-            args.dir.display()
-        );
+        anyhow::bail!("{} does not exist; push uploads an existing folder", args.dir.display());
     }
     let opts = Options {
         upload,
@@ -150,9 +150,7 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     let settings = folder.settings(&opts)?;
     let progress = Progress::new(!args.no_progress, args.verbose);
     let mut client = folder.connect(&settings, &progress).await?;
-    let report = folder
-        .round(&mut client, &opts, &settings.device, Arc::new(progress))
-        .await?;
+    let report = folder.round(&mut client, &opts, &settings.device, &Arc::new(progress)).await?;
     if args.verbose {
         for n in &report.notes {
             eprintln!("note: {n}");
@@ -169,10 +167,7 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     }
     if report.pending_other_way > 0 && !args.dry_run {
         let other = if upload { "pull" } else { "push" };
-        eprintln!(
-            "note: {} changes wait for `deltasync {other}`",
-            report.pending_other_way
-        );
+        eprintln!("note: {} changes wait for `deltasync {other}`", report.pending_other_way);
     }
     if !report.unresolved.is_empty() {
         eprintln!(
@@ -183,10 +178,7 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
         return Ok(ExitCode::from(code::UNRESOLVED));
     }
     if !report.errors.is_empty() {
-        eprintln!(
-            "deltasync: {} paths failed (see above)",
-            report.errors.len()
-        );
+        eprintln!("deltasync: {} paths failed (see above)", report.errors.len());
         return Ok(ExitCode::from(code::FAILED));
     }
     Ok(ExitCode::SUCCESS)

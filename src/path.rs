@@ -71,12 +71,8 @@ impl RelPath {
 
     /// The path of `full` relative to `root`, for files found by a local scan.
     pub fn from_local(root: &Path, full: &Path) -> Result<Self, PathError> {
-        let rel = full
-            .strip_prefix(root)
-            .map_err(|_| PathError::Absolute(full.display().to_string()))?;
-        let s = rel
-            .to_str()
-            .ok_or_else(|| PathError::NotUtf8(rel.display().to_string()))?;
+        let rel = full.strip_prefix(root).map_err(|_| PathError::Absolute(full.display().to_string()))?;
+        let s = rel.to_str().ok_or_else(|| PathError::NotUtf8(rel.display().to_string()))?;
         RelPath::new(s)
     }
 
@@ -104,9 +100,7 @@ impl RelPath {
 
     /// All proper ancestors, shallowest first.
     pub fn ancestors(&self) -> impl Iterator<Item = RelPath> + '_ {
-        self.0
-            .match_indices('/')
-            .map(|(i, _)| RelPath(self.0[..i].to_string()))
+        self.0.match_indices('/').map(|(i, _)| RelPath(self.0[..i].to_string()))
     }
 
     pub fn with_file_name(&self, name: &str) -> Result<RelPath, PathError> {
@@ -148,13 +142,7 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_paths() {
-        for p in [
-            "a",
-            "a/b.txt",
-            "with space/été 日本.md",
-            ".hidden",
-            "a/.deltasync",
-        ] {
+        for p in ["a", "a/b.txt", "with space/été 日本.md", ".hidden", "a/.deltasync"] {
             assert!(RelPath::new(p).is_ok(), "{p}");
         }
     }

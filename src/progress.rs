@@ -18,7 +18,7 @@ pub enum Mode {
 pub struct Progress {
     mode: Mode,
     multi: Option<MultiProgress>,
-    overall: Option<ProgressBar>,
+    overall: Mutex<Option<ProgressBar>>,
     files: Mutex<HashMap<String, ProgressBar>>,
     done: std::sync::atomic::AtomicU64,
     total_files: std::sync::atomic::AtomicU64,
@@ -35,12 +35,12 @@ impl Progress {
         } else {
             Mode::Quiet
         };
-        let multi = matches!(mode, Mode::Bars)
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let multi =
+            matches!(mode, Mode::Bars).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         Progress {
             mode,
             multi,
-            overall: None,
+            overall: Mutex::default(),
             files: Mutex::default(),
             done: Default::default(),
             total_files: Default::default(),
@@ -52,9 +52,9 @@ impl Progress {
     }
 
     /// Sets the size of the whole transfer; shows the overall bar.
-    pub fn start(&mut self, files: u64, bytes: u64) {
-        self.total_files
-            .store(files, std::sync::atomic::Ordering::Relaxed);
+    pub fn start(&self, files: u64, bytes: u64) {
+        self.done.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.total_files.store(files, std::sync::atomic::Ordering::Relaxed);
         if let Some(m) = &self.multi {
             if bytes == 0 {
                 return;
@@ -67,7 +67,7 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             pb.set_message(format!("0/{files} files"));
-            self.overall = Some(pb);
+            *self.overall.lock().unwrap_or_else(|p| p.into_inner()) = Some(pb);
         }
     }
 
@@ -79,24 +79,16 @@ impl Progress {
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             pb.set_message(path.to_string());
-            self.files
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(path.to_string(), pb);
+            self.files.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_string(), pb);
         }
     }
 
     /// `bytes` more of `path` were processed.
     pub fn advance(&self, path: &str, bytes: u64) {
-        if let Some(o) = &self.overall {
+        if let Some(o) = &*self.overall.lock().unwrap_or_else(|p| p.into_inner()) {
             o.inc(bytes);
         }
-        if let Some(pb) = self
-            .files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(path)
-        {
+        if let Some(pb) = self.files.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
             pb.inc(bytes);
         }
     }
@@ -107,15 +99,10 @@ impl Progress {
         match self.mode {
             Mode::Log => eprintln!("{what} {path}"),
             Mode::Bars => {
-                if let Some(pb) = self
-                    .files
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(path)
-                {
+                if let Some(pb) = self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(path) {
                     pb.finish_and_clear();
                 }
-                if let Some(o) = &self.overall {
+                if let Some(o) = &*self.overall.lock().unwrap_or_else(|p| p.into_inner()) {
                     let t = self.total_files.load(std::sync::atomic::Ordering::Relaxed);
                     o.set_message(format!("{n}/{t} files"));
                 }
@@ -135,7 +122,7 @@ impl Progress {
     }
 
     pub fn finish(&self) {
-        if let Some(o) = &self.overall {
+        if let Some(o) = self.overall.lock().unwrap_or_else(|p| p.into_inner()).take() {
             o.finish_and_clear();
         }
     }

@@ -51,15 +51,13 @@ pub struct Shared {
     pub store: Store,
     pub open_registration: bool,
     locks: Mutex<HashMap<AccountId, Arc<tokio::sync::Mutex<()>>>>,
-    hub: Mutex<HashMap<AccountId, broadcast::Sender<u64>>>,
+    hub: Mutex<HashMap<AccountId, broadcast::Sender<(u64, u64)>>>,
+    next_session: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
     pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
-        let dd = |err| ServerError::DataDir {
-            path: config.data_dir.clone(),
-            err,
-        };
+        let dd = |err| ServerError::DataDir { path: config.data_dir.clone(), err };
         std::fs::create_dir_all(&config.data_dir).map_err(dd)?;
         let store = Store::open(&config.data_dir).map_err(dd)?;
         let cleaned = store.clean_temps().map_err(dd)?;
@@ -72,6 +70,7 @@ impl Shared {
             open_registration: config.open_registration,
             locks: Mutex::default(),
             hub: Mutex::default(),
+            next_session: Default::default(),
         })
     }
 
@@ -81,27 +80,28 @@ impl Shared {
         m.entry(account).or_default().clone()
     }
 
-    pub fn subscribe(&self, account: AccountId) -> broadcast::Receiver<u64> {
+    pub fn session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notices are `(seq, session that made the change)`, so a device is not told of its own commits.
+    pub fn subscribe(&self, account: AccountId) -> broadcast::Receiver<(u64, u64)> {
         let mut m = self.hub.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(account)
-            .or_insert_with(|| broadcast::channel(16).0)
-            .subscribe()
+        m.entry(account).or_insert_with(|| broadcast::channel(16).0).subscribe()
     }
 
     /// Tells every subscribed device of the account that its journal reached `seq`.
-    pub fn notify(&self, account: AccountId, seq: u64) {
+    pub fn notify(&self, account: AccountId, seq: u64, origin: u64) {
         let m = self.hub.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = m.get(&account) {
-            let _ = tx.send(seq);
+            let _ = tx.send((seq, origin));
         }
     }
 }
 
 pub fn open_metadata(data_dir: &Path) -> Result<Metadata, ServerError> {
-    std::fs::create_dir_all(data_dir).map_err(|err| ServerError::DataDir {
-        path: data_dir.to_path_buf(),
-        err,
-    })?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|err| ServerError::DataDir { path: data_dir.to_path_buf(), err })?;
     Ok(Metadata::open(&data_dir.join("deltasync.db"))?)
 }
 
@@ -167,11 +167,7 @@ pub async fn run(
 pub async fn spawn(
     addr: &str,
     config: ServerConfig,
-) -> std::io::Result<(
-    SocketAddr,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), ServerError>>,
-)> {
+) -> std::io::Result<(SocketAddr, CancellationToken, tokio::task::JoinHandle<Result<(), ServerError>>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let stop = CancellationToken::new();

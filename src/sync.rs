@@ -11,12 +11,14 @@
 //! - [`exec`]: carries a plan out.
 //! - [`conflict`]: conflict-copy names.
 //! - [`report`]: what a round did.
+//! - [`rules`]: the `.deltasyncignore` rules.
 
 pub mod conflict;
 pub mod exec;
 pub mod index;
 pub mod plan;
 pub mod report;
+pub mod rules;
 pub mod scan;
 
 use std::path::{Path, PathBuf};
@@ -42,9 +44,7 @@ pub enum SyncError {
     Index(#[from] IndexError),
     #[error("{}: {err}", path.display())]
     Io { path: PathBuf, err: std::io::Error },
-    #[error(
-        "{0} is used by another deltasync process (push, pull or watch); wait for it to finish"
-    )]
+    #[error("{0} is used by another deltasync process (push, pull or watch); wait for it to finish")]
     Locked(PathBuf),
     #[error("{0}")]
     Other(String),
@@ -86,59 +86,36 @@ pub struct Folder {
 
 impl Folder {
     pub fn open(root: &Path, create: bool) -> Result<Folder, SyncError> {
-        let io = |err| SyncError::Io {
-            path: root.to_path_buf(),
-            err,
-        };
+        let io = |err| SyncError::Io { path: root.to_path_buf(), err };
         if create {
             std::fs::create_dir_all(root).map_err(io)?;
         }
         let md = std::fs::metadata(root).map_err(io)?;
         if !md.is_dir() {
-            return Err(SyncError::Other(format!(
-                "{} is not a folder",
-                root.display()
-            )));
+            return Err(SyncError::Other(format!("{} is not a folder", root.display())));
         }
         let root = root.canonicalize().map_err(io)?;
         let sd = state_dir(&root);
-        std::fs::create_dir_all(&sd).map_err(|err| SyncError::Io {
-            path: sd.clone(),
-            err,
-        })?;
+        std::fs::create_dir_all(&sd).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(sd.join("lock"))
-            .map_err(|err| SyncError::Io {
-                path: sd.clone(),
-                err,
-            })?;
+            .map_err(|err| SyncError::Io { path: sd.clone(), err })?;
         if lock.try_lock().is_err() {
             return Err(SyncError::Locked(root));
         }
         let index = Index::open(&sd)?;
-        let sigs = SigCache::new(sd.join("sigs")).map_err(|err| SyncError::Io {
-            path: sd.clone(),
-            err,
-        })?;
-        Ok(Folder {
-            root,
-            index,
-            sigs,
-            _lock: lock,
-        })
+        let sigs = SigCache::new(sd.join("sigs")).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
+        Ok(Folder { root, index, sigs, _lock: lock })
     }
 
     /// Flags and environment win over what `.deltasync/` remembers.
     pub fn settings(&self, opts: &Options) -> Result<Settings, SyncError> {
         let server = match &opts.server {
             Some(s) => s.clone(),
-            None => self
-                .index
-                .setting("server")?
-                .unwrap_or_else(|| DEFAULT_SERVER.to_string()),
+            None => self.index.setting("server")?.unwrap_or_else(|| DEFAULT_SERVER.to_string()),
         };
         let token = match &opts.token {
             Some(t) => Some(t.clone()),
@@ -148,26 +125,15 @@ impl Folder {
             Some(d) => d.clone(),
             None => self.index.setting("device")?.unwrap_or_else(hostname),
         };
-        Ok(Settings {
-            server,
-            token,
-            device,
-        })
+        Ok(Settings { server, token, device })
     }
 
     /// Connects and, only once the server accepted, remembers server, token and account.
-    pub async fn connect(
-        &mut self,
-        s: &Settings,
-        progress: &Progress,
-    ) -> Result<Client, SyncError> {
+    pub async fn connect(&mut self, s: &Settings, progress: &Progress) -> Result<Client, SyncError> {
         let client = Client::connect(&s.server, s.token.as_deref(), &s.device).await?;
         let token = client.new_token.clone().or_else(|| s.token.clone());
         if let Some(t) = &client.new_token {
-            progress.say(&format!(
-                "Created a new account `{}` on {}.",
-                client.account, s.server
-            ));
+            progress.say(&format!("Created a new account `{}` on {}.", client.account, s.server));
             println!(
                 "To use this folder's account on another computer, run there:\n  deltasync pull DIR --server {} --token {t}\nToken:\n{t}",
                 s.server
@@ -191,17 +157,20 @@ impl Folder {
         client: &mut Client,
         opts: &Options,
         device: &str,
-        progress: Arc<Progress>,
+        progress: &Arc<Progress>,
     ) -> Result<Report, SyncError> {
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
-        let scan = tokio::task::spawn_blocking(move || scan::scan(&root, &old_cache))
+        let (rules, warning) = rules::IgnoreRules::load(&self.root);
+        if let Some(w) = warning {
+            progress.say(&format!("warning: {w}"));
+        }
+        let rules = Arc::new(rules);
+        let scan_rules = rules.clone();
+        let scan = tokio::task::spawn_blocking(move || scan::scan(&root, &old_cache, &scan_rules))
             .await
             .map_err(|e| SyncError::Other(e.to_string()))?
-            .map_err(|err| SyncError::Io {
-                path: self.root.clone(),
-                err,
-            })?;
+            .map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
         for s in &scan.skipped {
             progress.say(&format!("skipped {s}"));
         }
@@ -212,7 +181,10 @@ impl Folder {
         for e in &changes {
             remote.insert(e.path.clone(), e.clone());
         }
-        let synced = self.index.synced()?;
+        let mut synced = self.index.synced()?;
+        // Ignored paths are not synced either way.
+        remote.retain(|p, e| !rules.is_ignored(p, matches!(e.node, Some(Node::Dir { .. }))));
+        synced.retain(|p, s| !rules.is_ignored(p, matches!(s.node, Some(Node::Dir { .. }))));
         let all = plan::plan(&scan.nodes, &remote, &synced);
         let mut report = Report::default();
         let actions: Vec<Action> = all
@@ -231,11 +203,7 @@ impl Folder {
             }
             return Ok(report);
         }
-        self.index.apply(&Batch {
-            remote: changes,
-            synced: vec![],
-            last_seq: Some(seq),
-        })?;
+        self.index.apply(&Batch { remote: changes, synced: vec![], last_seq: Some(seq) })?;
 
         let mut planned_bytes = 0;
         for a in &actions {
@@ -243,12 +211,9 @@ impl Folder {
                 planned_bytes += size;
             }
         }
-        let files = actions
-            .iter()
-            .filter(|a| matches!(a, Action::Put { .. } | Action::Fetch { .. }))
-            .count() as u64;
-        let progress = {
-            let mut p = Arc::try_unwrap(progress).unwrap_or_else(|_| Progress::quiet());
+        let files =
+            actions.iter().filter(|a| matches!(a, Action::Put { .. } | Action::Fetch { .. })).count() as u64;
+        {
             let fetch_bytes: u64 = actions
                 .iter()
                 .filter_map(|a| match a {
@@ -259,9 +224,8 @@ impl Folder {
                     _ => None,
                 })
                 .sum();
-            p.start(files, planned_bytes + fetch_bytes);
-            Arc::new(p)
-        };
+            progress.start(files, planned_bytes + fetch_bytes);
+        }
         let mut exec = exec::Exec {
             root: self.root.clone(),
             sigs: self.sigs.clone(),
@@ -280,6 +244,9 @@ impl Folder {
         progress.finish();
         r?;
         let mut report = exec.report;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.index.set_setting("last_sync", &now.to_string())?;
         report.bytes_sent = client.counters.sent();
         report.bytes_received = client.counters.received();
         for n in exec.local.values() {
@@ -296,11 +263,7 @@ fn describe(a: &Action) -> String {
     match a {
         Action::Mkdir { path, .. } => format!("create directory {path} on the server"),
         Action::Symlink { path, target, .. } => format!("upload link {path} -> {target}"),
-        Action::Put {
-            path,
-            delta_base: Some(_),
-            ..
-        } => format!("upload {path} (delta)"),
+        Action::Put { path, delta_base: Some(_), .. } => format!("upload {path} (delta)"),
         Action::Put { path, .. } => format!("upload {path}"),
         Action::Copy { path, .. } => format!("copy {path} from content the server has"),
         Action::Move { from, to, .. } => format!("move {from} -> {to} on the server"),

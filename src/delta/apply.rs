@@ -19,14 +19,7 @@ pub struct Applier<'a, W: Write> {
 impl<'a, W: Write> Applier<'a, W> {
     /// `limit` is the size the sender announced: a delta that would write more is refused.
     pub fn new(base: &'a [u8], out: W, limit: u64) -> Self {
-        Applier {
-            base,
-            out,
-            hasher: Hasher::new(),
-            written: 0,
-            limit,
-            stats: DeltaStats::default(),
-        }
+        Applier { base, out, hasher: Hasher::new(), written: 0, limit, stats: DeltaStats::default() }
     }
 
     pub fn block(&mut self, b: &Block) -> Result<(), DeltaError> {
@@ -39,13 +32,10 @@ impl<'a, W: Write> Applier<'a, W> {
                 }
                 Op::Copy { offset, len } => {
                     let base_len = self.base.len() as u64;
-                    let end = offset.checked_add(len).filter(|&e| e <= base_len).ok_or(
-                        DeltaError::CopyOutOfBounds {
-                            offset,
-                            len,
-                            base_len,
-                        },
-                    )?;
+                    let end = offset
+                        .checked_add(len)
+                        .filter(|&e| e <= base_len)
+                        .ok_or(DeltaError::CopyOutOfBounds { offset, len, base_len })?;
                     self.stats.matched += len;
                     &self.base[offset as usize..end as usize]
                 }
@@ -113,11 +103,7 @@ mod tests {
         let at = 9 << 20;
         new.splice(at..at, pseudo_random(1024, 9));
         let s = roundtrip(&base, &new);
-        assert!(
-            s.literal < 8 * 1024,
-            "literal {} for a 1 KiB insert",
-            s.literal
-        );
+        assert!(s.literal < 8 * 1024, "literal {} for a 1 KiB insert", s.literal);
     }
 
     #[test]
@@ -141,25 +127,13 @@ mod tests {
         let base = vec![1u8; 100];
         let mut a = Applier::new(&base, Vec::new(), 1000);
         // copy past the end of the base
-        let bad = Block {
-            zstd: false,
-            bytes: vec![0, 90, 20],
-        };
-        assert!(matches!(
-            a.block(&bad),
-            Err(DeltaError::CopyOutOfBounds { .. })
-        ));
+        let bad = Block { zstd: false, bytes: vec![0, 90, 20] };
+        assert!(matches!(a.block(&bad), Err(DeltaError::CopyOutOfBounds { .. })));
         let mut a = Applier::new(&base, Vec::new(), 10);
-        let long = Block {
-            zstd: false,
-            bytes: vec![0, 0, 50],
-        };
+        let long = Block { zstd: false, bytes: vec![0, 0, 50] };
         assert!(matches!(a.block(&long), Err(DeltaError::TooLong { .. })));
         let mut a = Applier::new(&base, Vec::new(), 10);
-        let junk = Block {
-            zstd: true,
-            bytes: vec![1, 2, 3],
-        };
+        let junk = Block { zstd: true, bytes: vec![1, 2, 3] };
         assert!(a.block(&junk).is_err());
     }
 

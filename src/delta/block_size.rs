@@ -20,11 +20,7 @@ const MAX_BLOCK: u32 = 64 << 10;
 
 pub fn block_size(file_len: u64) -> u32 {
     let target = ((file_len as f64).sqrt() / 4.0) as u64;
-    let pow2 = if target == 0 {
-        1
-    } else {
-        1u64 << (63 - target.leading_zeros())
-    };
+    let pow2 = if target == 0 { 1 } else { 1u64 << (63 - target.leading_zeros()) };
     pow2.clamp(MIN_BLOCK as u64, MAX_BLOCK as u64) as u32
 }
 

@@ -64,9 +64,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 fn get_varint(buf: &mut &[u8]) -> Result<u64, DeltaError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let (&b, rest) = buf
-            .split_first()
-            .ok_or(DeltaError::Corrupt("truncated varint"))?;
+        let (&b, rest) = buf.split_first().ok_or(DeltaError::Corrupt("truncated varint"))?;
         *buf = rest;
         v |= ((b & 0x7f) as u64) << shift;
         if b & 0x80 == 0 {
@@ -124,28 +122,19 @@ pub(crate) fn parse_ops(mut buf: &[u8]) -> impl Iterator<Item = Result<Op<'_>, D
 
 /// Compresses a block of ops when that helps.
 fn seal(raw: Vec<u8>) -> Block {
-    if raw.len() > 64 {
-        if let Ok(c) = zstd::bulk::compress(&raw, ZSTD_LEVEL) {
-            if c.len() < raw.len() {
-                return Block {
-                    zstd: true,
-                    bytes: c,
-                };
-            }
-        }
+    if raw.len() > 64
+        && let Ok(c) = zstd::bulk::compress(&raw, ZSTD_LEVEL)
+        && c.len() < raw.len()
+    {
+        return Block { zstd: true, bytes: c };
     }
-    Block {
-        zstd: false,
-        bytes: raw,
-    }
+    Block { zstd: false, bytes: raw }
 }
 
 /// Decompresses a received block, refusing anything larger than [`MAX_BLOCK`].
 pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
     if b.zstd {
-        zstd::bulk::decompress(&b.bytes, MAX_BLOCK)
-            .map(Into::into)
-            .map_err(DeltaError::Decompress)
+        zstd::bulk::decompress(&b.bytes, MAX_BLOCK).map(Into::into).map_err(DeltaError::Decompress)
     } else if b.bytes.len() > MAX_BLOCK {
         Err(DeltaError::Corrupt("block too large"))
     } else {

@@ -41,8 +41,7 @@ impl SigCache {
     }
 
     fn path(&self, hash: &ContentHash, len: u64) -> PathBuf {
-        self.dir
-            .join(format!("{}-{}.sig", hash.to_hex(), super::block_size(len)))
+        self.dir.join(format!("{}-{}.sig", hash.to_hex(), super::block_size(len)))
     }
 
     /// The cached signature of the version with `hash` and length `len`, if any.

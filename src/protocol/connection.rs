@@ -71,9 +71,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 }
 
 fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
+    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
 }
 
 pub struct FrameReader {
@@ -89,25 +87,9 @@ pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
     let _ = stream.set_nodelay(true);
     let counters = Arc::new(Counters::default());
     let (r, w) = stream.into_split();
-    let reader = FramedRead::new(
-        Counted {
-            inner: r,
-            counters: counters.clone(),
-        },
-        codec(),
-    );
-    let writer = FramedWrite::new(
-        Counted {
-            inner: w,
-            counters: counters.clone(),
-        },
-        codec(),
-    );
-    (
-        FrameReader { inner: reader },
-        FrameWriter { inner: writer },
-        counters,
-    )
+    let reader = FramedRead::new(Counted { inner: r, counters: counters.clone() }, codec());
+    let writer = FramedWrite::new(Counted { inner: w, counters: counters.clone() }, codec());
+    (FrameReader { inner: reader }, FrameWriter { inner: writer }, counters)
 }
 
 impl FrameReader {
@@ -116,9 +98,7 @@ impl FrameReader {
         match self.inner.next().await {
             None => Ok(None),
             Some(Err(e)) => Err(ProtocolError::Io(e)),
-            Some(Ok(frame)) => postcard::from_bytes(&frame)
-                .map(Some)
-                .map_err(ProtocolError::Decode),
+            Some(Ok(frame)) => postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode),
         }
     }
 }

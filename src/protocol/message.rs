@@ -23,15 +23,8 @@ pub struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Welcome {
-    Accepted {
-        account: String,
-        new_token: Option<String>,
-    },
-    Rejected {
-        reason: Rejection,
-        message: String,
-        server_version: u32,
-    },
+    Accepted { account: String, new_token: Option<String> },
+    Rejected { reason: Rejection, message: String, server_version: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,17 +44,9 @@ pub struct Meta {
 /// What is at a path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Node {
-    File {
-        hash: ContentHash,
-        size: u64,
-        meta: Meta,
-    },
-    Dir {
-        mode: u32,
-    },
-    Symlink {
-        target: String,
-    },
+    File { hash: ContentHash, size: u64, meta: Meta },
+    Dir { mode: u32 },
+    Symlink { target: String },
 }
 
 /// A path's state on the server; `node: None` is a tombstone (deleted at `rev`).
@@ -220,9 +205,6 @@ pub enum RefusalKind {
 
 impl Refusal {
     pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
-        Refusal {
-            kind,
-            message: message.into(),
-        }
+        Refusal { kind, message: message.into() }
     }
 }

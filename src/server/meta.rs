@@ -97,9 +97,7 @@ impl Metadata {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Metadata {
-            conn: Mutex::new(conn),
-        })
+        Ok(Metadata { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -114,10 +112,7 @@ impl Metadata {
             params![name, token_hash(token), now_secs()],
         );
         match r {
-            Ok(_) => Ok(Account {
-                id: c.last_insert_rowid(),
-                name: name.to_string(),
-            }),
+            Ok(_) => Ok(Account { id: c.last_insert_rowid(), name: name.to_string() }),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -131,13 +126,7 @@ impl Metadata {
         let c = self.conn();
         let mut st = c.prepare("SELECT id, name, seq FROM accounts ORDER BY name")?;
         let rows = st.query_map([], |r| {
-            Ok((
-                Account {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                },
-                r.get::<_, i64>(2)? as u64,
-            ))
+            Ok((Account { id: r.get(0)?, name: r.get(1)? }, r.get::<_, i64>(2)? as u64))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -147,12 +136,7 @@ impl Metadata {
         Ok(c.query_row(
             "SELECT id, name FROM accounts WHERE token_hash = ?1",
             params![token_hash(token)],
-            |r| {
-                Ok(Account {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                })
-            },
+            |r| Ok(Account { id: r.get(0)?, name: r.get(1)? }),
         )
         .optional()?)
     }
@@ -163,18 +147,12 @@ impl Metadata {
         let mut st = c.prepare_cached(
             "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
         )?;
-        let row = st
-            .query_row(params![account, path.as_str()], row_to_entry)
-            .optional()?;
+        let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
         row.transpose()
     }
 
     /// A live file in the account with this content, for server-side copies.
-    pub fn find_by_hash(
-        &self,
-        account: AccountId,
-        hash: &ContentHash,
-    ) -> Result<Option<RelPath>, MetaError> {
+    pub fn find_by_hash(&self, account: AccountId, hash: &ContentHash) -> Result<Option<RelPath>, MetaError> {
         let c = self.conn();
         let p: Option<String> = c
             .query_row(
@@ -183,32 +161,20 @@ impl Metadata {
                 |r| r.get(0),
             )
             .optional()?;
-        p.map(|p| RelPath::new(p.clone()).map_err(|_| MetaError::CorruptRow(p)))
-            .transpose()
+        p.map(|p| RelPath::new(p.clone()).map_err(|_| MetaError::CorruptRow(p))).transpose()
     }
 
     /// One page of entries changed after `since`, the account's current sequence, and whether
     /// more pages follow.
-    pub fn changes(
-        &self,
-        account: AccountId,
-        since: u64,
-    ) -> Result<(Vec<Entry>, u64, bool), MetaError> {
+    pub fn changes(&self, account: AccountId, since: u64) -> Result<(Vec<Entry>, u64, bool), MetaError> {
         let c = self.conn();
-        let seq: i64 = c.query_row(
-            "SELECT seq FROM accounts WHERE id=?1",
-            params![account],
-            |r| r.get(0),
-        )?;
+        let seq: i64 = c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get(0))?;
         let mut st = c.prepare_cached(
             "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
              WHERE account=?1 AND rev>?2 ORDER BY rev LIMIT ?3",
         )?;
         let mut entries = st
-            .query_map(
-                params![account, since as i64, PAGE as i64 + 1],
-                row_to_entry,
-            )?
+            .query_map(params![account, since as i64, PAGE as i64 + 1], row_to_entry)?
             .collect::<Result<Result<Vec<_>, _>, _>>()??;
         let more = entries.len() > PAGE;
         entries.truncate(PAGE);
@@ -217,11 +183,8 @@ impl Metadata {
 
     pub fn seq(&self, account: AccountId) -> Result<u64, MetaError> {
         let c = self.conn();
-        Ok(c.query_row(
-            "SELECT seq FROM accounts WHERE id=?1",
-            params![account],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        Ok(c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get::<_, i64>(0))?
+            as u64)
     }
 
     /// Records a set of path changes as one journal step; returns the new sequence number.
@@ -241,47 +204,15 @@ impl Metadata {
             |r| r.get(0),
         )?;
         for (path, node) in changes {
-            let (kind, hash, size, meta, target): (
-                i64,
-                Option<Vec<u8>>,
-                u64,
-                NodeMeta,
-                Option<&str>,
-            ) = match node {
-                None => (
-                    0,
-                    None,
-                    0,
-                    NodeMeta {
-                        mtime_ns: 0,
-                        mode: 0,
-                    },
-                    None,
-                ),
-                Some(Node::File { hash, size, meta }) => {
-                    (1, Some(hash.0.to_vec()), *size, *meta, None)
-                }
-                Some(Node::Dir { mode }) => (
-                    2,
-                    None,
-                    0,
-                    NodeMeta {
-                        mtime_ns: 0,
-                        mode: *mode,
-                    },
-                    None,
-                ),
-                Some(Node::Symlink { target }) => (
-                    3,
-                    None,
-                    0,
-                    NodeMeta {
-                        mtime_ns: 0,
-                        mode: 0,
-                    },
-                    Some(target),
-                ),
-            };
+            let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) =
+                match node {
+                    None => (0, None, 0, NodeMeta { mtime_ns: 0, mode: 0 }, None),
+                    Some(Node::File { hash, size, meta }) => (1, Some(hash.0.to_vec()), *size, *meta, None),
+                    Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
+                    Some(Node::Symlink { target }) => {
+                        (3, None, 0, NodeMeta { mtime_ns: 0, mode: 0 }, Some(target))
+                    }
+                };
             tx.execute(
                 "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -318,21 +249,14 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
     let kind: i64 = r.get(2)?;
     let hash: Option<Vec<u8>> = r.get(3)?;
     let size: i64 = r.get(4)?;
-    let meta = NodeMeta {
-        mtime_ns: r.get(5)?,
-        mode: r.get(6)?,
-    };
+    let meta = NodeMeta { mtime_ns: r.get(5)?, mode: r.get(6)? };
     let target: Option<String> = r.get(7)?;
     let device: String = r.get(8)?;
     let bad = || MetaError::CorruptRow(path.clone());
     let node = match kind {
         0 => None,
         1 => match hash.as_deref().and_then(ContentHash::from_slice) {
-            Some(hash) => Some(Node::File {
-                hash,
-                size: size as u64,
-                meta,
-            }),
+            Some(hash) => Some(Node::File { hash, size: size as u64, meta }),
             None => return Ok(Err(bad())),
         },
         2 => Some(Node::Dir { mode: meta.mode }),
@@ -345,10 +269,5 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
     let Ok(rel) = RelPath::new(path.clone()) else {
         return Ok(Err(bad()));
     };
-    Ok(Ok(Entry {
-        path: rel,
-        rev: rev as u64,
-        node,
-        device,
-    }))
+    Ok(Ok(Entry { path: rel, rev: rev as u64, node, device }))
 }

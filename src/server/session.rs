@@ -39,10 +39,7 @@ type Handled = Result<Result<Reply, Refusal>, SessionError>;
 
 fn server_err(e: impl std::fmt::Display) -> Refusal {
     tracing::warn!("request failed: {e}");
-    Refusal::new(
-        RefusalKind::Server,
-        format!("server could not complete the request: {e}"),
-    )
+    Refusal::new(RefusalKind::Server, format!("server could not complete the request: {e}"))
 }
 
 impl From<MetaError> for Refusal {
@@ -58,6 +55,7 @@ impl From<std::io::Error> for Refusal {
 }
 
 struct Session {
+    id: u64,
     shared: Arc<Shared>,
     account: Account,
     device: String,
@@ -87,17 +85,10 @@ pub async fn serve(
             return Err(e.into());
         }
     };
-    let reject = |reason, message: String| Welcome::Rejected {
-        reason,
-        message,
-        server_version: PROTOCOL_VERSION,
-    };
+    let reject =
+        |reason, message: String| Welcome::Rejected { reason, message, server_version: PROTOCOL_VERSION };
     if hello.magic != MAGIC {
-        wr.send(&reject(
-            Rejection::BadMagic,
-            "not a deltasync client".into(),
-        ))
-        .await?;
+        wr.send(&reject(Rejection::BadMagic, "not a deltasync client".into())).await?;
         return Err(SessionError::Handshake("bad magic".into()));
     }
     if hello.version != PROTOCOL_VERSION {
@@ -112,28 +103,24 @@ pub async fn serve(
     let token = hello.token.clone();
     let device = hello.device.chars().take(64).collect::<String>();
     let dev = device.clone();
-    let auth = tokio::task::spawn_blocking(
-        move || -> Result<Option<(Account, Option<String>)>, MetaError> {
+    let auth =
+        tokio::task::spawn_blocking(move || -> Result<Option<(Account, Option<String>)>, MetaError> {
             match token {
                 Some(t) => Ok(sh.meta.authenticate(&t)?.map(|a| (a, None))),
                 None if sh.open_registration => {
                     let mut suffix = [0u8; 3];
                     let _ = getrandom::fill(&mut suffix);
-                    let name = format!(
-                        "{}-{}",
-                        if dev.is_empty() { "device" } else { &dev },
-                        hex::encode(suffix)
-                    );
+                    let name =
+                        format!("{}-{}", if dev.is_empty() { "device" } else { &dev }, hex::encode(suffix));
                     let (a, t) = super::add_account(&sh.meta, &name)?;
                     Ok(Some((a, Some(t))))
                 }
                 None => Ok(None),
             }
-        },
-    )
-    .await
-    .map_err(|e| SessionError::Internal(e.to_string()))?
-    .map_err(|e| SessionError::Internal(e.to_string()))?;
+        })
+        .await
+        .map_err(|e| SessionError::Internal(e.to_string()))?
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
     let Some((account, new_token)) = auth else {
         let msg = if hello.token.is_none() {
             "authentication failed: no token given and this server does not have open registration; create an account with `deltasync account add NAME` on the server"
@@ -143,43 +130,26 @@ pub async fn serve(
         wr.send(&reject(Rejection::Auth, msg.into())).await?;
         return Err(SessionError::Handshake("authentication failed".into()));
     };
-    let store = shared
-        .store
-        .account(account.id)
-        .map_err(|e| SessionError::Internal(e.to_string()))?;
-    wr.send(&Welcome::Accepted {
-        account: account.name.clone(),
-        new_token,
-    })
-    .await?;
-    let mut s = Session {
-        shared,
-        account,
-        device,
-        store,
-        rd,
-        wr,
-    };
+    let store = shared.store.account(account.id).map_err(|e| SessionError::Internal(e.to_string()))?;
+    wr.send(&Welcome::Accepted { account: account.name.clone(), new_token }).await?;
+    let mut s = Session { id: shared.session_id(), shared, account, device, store, rd, wr };
     let r = s.requests(cancel).await;
     if let Err(SessionError::Protocol(ProtocolError::Decode(e))) = &r {
-        let _ =
-            s.wr.send(&ServerMsg::Fatal {
-                message: format!("malformed message ({e}): closing"),
-            })
-            .await;
+        let _ = s.wr.send(&ServerMsg::Fatal { message: format!("malformed message ({e}): closing") }).await;
     }
     r
 }
 
 impl Session {
     async fn requests(&mut self, cancel: CancellationToken) -> Result<(), SessionError> {
-        let mut notices: Option<tokio::sync::broadcast::Receiver<u64>> = None;
+        let mut notices: Option<tokio::sync::broadcast::Receiver<(u64, u64)>> = None;
         loop {
             let msg = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 seq = async { match notices.as_mut() { Some(n) => n.recv().await, None => std::future::pending().await } } => {
                     match seq {
-                        Ok(seq) => self.wr.send(&ServerMsg::Notify { seq }).await?,
+                        Ok((_, origin)) if origin == self.id => {}
+                        Ok((seq, _)) => self.wr.send(&ServerMsg::Notify { seq }).await?,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                             let seq = self.db(|m, a| m.seq(a)).await.map_err(|e| SessionError::Internal(e.message))?;
                             self.wr.send(&ServerMsg::Notify { seq }).await?;
@@ -194,9 +164,7 @@ impl Session {
             let (id, req) = match msg {
                 ClientMsg::Req { id, req } => (id, req),
                 other => {
-                    return Err(SessionError::Violation(format!(
-                        "unexpected {other:?} outside an upload"
-                    )));
+                    return Err(SessionError::Violation(format!("unexpected {other:?} outside an upload")));
                 }
             };
             let result = match req {
@@ -212,14 +180,9 @@ impl Session {
                     self.signature(id, path).await?;
                     continue;
                 }
-                Request::Put {
-                    path,
-                    base_rev,
-                    hash,
-                    size,
-                    meta,
-                    base,
-                } => self.put(id, path, base_rev, hash, size, meta, base).await?,
+                Request::Put { path, base_rev, hash, size, meta, base } => {
+                    self.put(id, path, base_rev, hash, size, meta, base).await?
+                }
                 Request::Subscribe => {
                     notices = Some(self.shared.subscribe(self.account.id));
                     Ok(Reply::Ok)
@@ -234,16 +197,11 @@ impl Session {
     /// Runs a metadata call on the blocking pool.
     async fn db<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&super::meta::Metadata, super::meta::AccountId) -> Result<T, MetaError>
-        + Send
-        + 'static,
+        f: impl FnOnce(&super::meta::Metadata, super::meta::AccountId) -> Result<T, MetaError> + Send + 'static,
     ) -> Result<T, Refusal> {
         let sh = self.shared.clone();
         let a = self.account.id;
-        tokio::task::spawn_blocking(move || f(&sh.meta, a))
-            .await
-            .map_err(server_err)?
-            .map_err(Refusal::from)
+        tokio::task::spawn_blocking(move || f(&sh.meta, a)).await.map_err(server_err)?.map_err(Refusal::from)
     }
 
     async fn current(&self, path: &RelPath) -> Result<Option<Entry>, Refusal> {
@@ -251,11 +209,7 @@ impl Session {
         self.db(move |m, a| m.get(a, &p)).await
     }
 
-    async fn commit(
-        &self,
-        op: &'static str,
-        changes: Vec<(RelPath, Option<Node>)>,
-    ) -> Result<u64, Refusal> {
+    async fn commit(&self, op: &'static str, changes: Vec<(RelPath, Option<Node>)>) -> Result<u64, Refusal> {
         let device = self.device.clone();
         let seq = self
             .db(move |m, a| {
@@ -263,7 +217,7 @@ impl Session {
                 m.commit(a, op, &device, &refs)
             })
             .await?;
-        self.shared.notify(self.account.id, seq);
+        self.shared.notify(self.account.id, seq, self.id);
         Ok(seq)
     }
 
@@ -305,9 +259,7 @@ impl Session {
             Ok(base_file) => {
                 let store = self.store.clone();
                 let base_file = base_file.clone();
-                Some(tokio::task::spawn_blocking(move || {
-                    reconstruct(&store, base_file, rx, size, hash)
-                }))
+                Some(tokio::task::spawn_blocking(move || reconstruct(&store, base_file, rx, size, hash)))
             }
             Err(_) => None,
         };
@@ -335,15 +287,7 @@ impl Session {
             Ok(Err(r)) => return Ok(Err(r)),
             Err(e) => return Ok(Err(server_err(e))),
         };
-        Ok(self
-            .install(
-                path,
-                base_rev,
-                tmp,
-                Node::File { hash, size, meta },
-                "write",
-            )
-            .await)
+        Ok(self.install(path, base_rev, tmp, Node::File { hash, size, meta }, "write").await)
     }
 
     /// Checks an upload's base before its data arrives; returns the base file to apply a delta to.
@@ -402,13 +346,7 @@ impl Session {
     /// copy, set-meta.
     async fn simple(&self, req: Request) -> Result<Reply, Refusal> {
         match req {
-            Request::Copy {
-                hash,
-                size,
-                to,
-                to_base_rev,
-                meta,
-            } => {
+            Request::Copy { hash, size, to, to_base_rev, meta } => {
                 let src = self.db(move |m, a| m.find_by_hash(a, &hash)).await?;
                 let Some(src) = src else {
                     return Err(Refusal::new(
@@ -433,14 +371,7 @@ impl Session {
                 })
                 .await
                 .map_err(server_err)??;
-                self.install(
-                    to,
-                    to_base_rev,
-                    tmp,
-                    Node::File { hash, size, meta },
-                    "copy",
-                )
-                .await
+                self.install(to, to_base_rev, tmp, Node::File { hash, size, meta }, "copy").await
             }
             other => {
                 let lock = self.shared.commit_lock(self.account.id);
@@ -453,33 +384,18 @@ impl Session {
     async fn simple_locked(&self, req: Request) -> Result<Reply, Refusal> {
         let store = self.store.clone();
         match req {
-            Request::Mkdir {
-                path,
-                base_rev,
-                mode,
-            } => {
+            Request::Mkdir { path, base_rev, mode } => {
                 let cur = self.current(&path).await?;
-                if let Some(Entry {
-                    node: Some(Node::Dir { .. }),
-                    rev,
-                    ..
-                }) = cur
-                {
+                if let Some(Entry { node: Some(Node::Dir { .. }), rev, .. }) = cur {
                     return Ok(Reply::Committed { rev });
                 }
                 check_base(&path, &cur, base_rev)?;
                 let p = path.clone();
                 blocking(move || store.mkdir(&p, mode)).await?;
-                let rev = self
-                    .commit("mkdir", vec![(path, Some(Node::Dir { mode }))])
-                    .await?;
+                let rev = self.commit("mkdir", vec![(path, Some(Node::Dir { mode }))]).await?;
                 Ok(Reply::Committed { rev })
             }
-            Request::Symlink {
-                path,
-                base_rev,
-                target,
-            } => {
+            Request::Symlink { path, base_rev, target } => {
                 if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains('\0') {
                     return Err(Refusal::new(
                         RefusalKind::Invalid,
@@ -490,20 +406,13 @@ impl Session {
                 check_base(&path, &cur, base_rev)?;
                 let (p, t) = (path.clone(), target.clone());
                 blocking(move || store.symlink(&p, &t)).await?;
-                let rev = self
-                    .commit("symlink", vec![(path, Some(Node::Symlink { target }))])
-                    .await?;
+                let rev = self.commit("symlink", vec![(path, Some(Node::Symlink { target }))]).await?;
                 Ok(Reply::Committed { rev })
             }
             Request::Delete { path, base_rev } => {
                 let cur = self.current(&path).await?;
-                let Some(Entry {
-                    node: Some(node), ..
-                }) = &cur
-                else {
-                    return Ok(Reply::Committed {
-                        rev: cur.map_or(0, |e| e.rev),
-                    });
+                let Some(Entry { node: Some(node), .. }) = &cur else {
+                    return Ok(Reply::Committed { rev: cur.map_or(0, |e| e.rev) });
                 };
                 check_base(&path, &cur, base_rev)?;
                 if matches!(node, Node::Dir { .. }) {
@@ -520,13 +429,7 @@ impl Session {
                 let rev = self.commit("delete", vec![(path, None)]).await?;
                 Ok(Reply::Committed { rev })
             }
-            Request::Move {
-                from,
-                from_rev,
-                to,
-                to_base_rev,
-                meta,
-            } => {
+            Request::Move { from, from_rev, to, to_base_rev, meta } => {
                 let src = self.current(&from).await?;
                 check_base(&from, &src, from_rev)?;
                 let node = match src.and_then(|e| e.node) {
@@ -542,16 +445,10 @@ impl Session {
                 check_base(&to, &dst, to_base_rev)?;
                 let (f, t) = (from.clone(), to.clone());
                 blocking(move || store.rename(&f, &t, meta)).await?;
-                let rev = self
-                    .commit("move", vec![(from, None), (to, Some(node))])
-                    .await?;
+                let rev = self.commit("move", vec![(from, None), (to, Some(node))]).await?;
                 Ok(Reply::Committed { rev })
             }
-            Request::SetMeta {
-                path,
-                base_rev,
-                meta,
-            } => {
+            Request::SetMeta { path, base_rev, meta } => {
                 let cur = self.current(&path).await?;
                 check_base(&path, &cur, base_rev)?;
                 let node = match cur.and_then(|e| e.node) {
@@ -584,13 +481,7 @@ impl Session {
             let lock = self.shared.commit_lock(self.account.id);
             let _held = lock.lock().await;
             let cur = self.current(&path).await?;
-            let Some(
-                entry @ Entry {
-                    node: Some(Node::File { .. }),
-                    ..
-                },
-            ) = cur
-            else {
+            let Some(entry @ Entry { node: Some(Node::File { .. }), .. }) = cur else {
                 return Err(Refusal::new(
                     RefusalKind::NotFound,
                     format!("`{path}` is not a file on the server"),
@@ -603,33 +494,20 @@ impl Session {
         let (entry, file) = match opened {
             Ok(x) => x,
             Err(r) => {
-                self.wr
-                    .send(&ServerMsg::Resp { id, result: Err(r) })
-                    .await?;
+                self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?;
                 return Ok(());
             }
         };
-        let Some(Node::File { hash, .. }) = entry.node else {
-            unreachable!("checked above")
-        };
+        let Some(Node::File { hash, .. }) = entry.node else { unreachable!("checked above") };
         let sigs = self.store.sigs.clone();
         let base = have.filter(|(h, len)| *h != hash && sigs.contains(h, *len));
         self.wr
-            .feed(&ServerMsg::Resp {
-                id,
-                result: Ok(Reply::File {
-                    entry,
-                    base: base.map(|b| b.0),
-                }),
-            })
+            .feed(&ServerMsg::Resp { id, result: Ok(Reply::File { entry, base: base.map(|b| b.0) }) })
             .await?;
         let (tx, mut rx) = mpsc::channel::<Block>(4);
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let map = fsutil::map(&file).map_err(|e| e.to_string())?;
-            let emit = |b, _| {
-                tx.blocking_send(b)
-                    .map_err(|_| std::io::Error::other("receiver gone"))
-            };
+            let emit = |b, _| tx.blocking_send(b).map_err(|_| std::io::Error::other("receiver gone"));
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
                 Some(sig) => {
                     delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?;
@@ -654,53 +532,30 @@ impl Session {
     async fn signature(&mut self, id: u64, path: RelPath) -> Result<(), SessionError> {
         let cur = self.current(&path).await;
         let r = match cur {
-            Ok(Some(Entry {
-                node: Some(Node::File { hash, size, .. }),
-                ..
-            })) => {
+            Ok(Some(Entry { node: Some(Node::File { hash, size, .. }), .. })) => {
                 let store = self.store.clone();
                 let p = path.clone();
                 blocking(move || -> std::io::Result<Vec<u8>> {
                     let f = store.open(&p)?;
                     let map = fsutil::map(&f)?;
                     store.sigs.ensure(&hash, &map)?;
-                    Ok(store
-                        .sigs
-                        .get(&hash, size)
-                        .map(|s| s.into_serialized())
-                        .unwrap_or_default())
+                    Ok(store.sigs.get(&hash, size).map(|s| s.into_serialized()).unwrap_or_default())
                 })
                 .await
                 .map(|bytes| (hash, size, bytes))
             }
-            Ok(_) => Err(Refusal::new(
-                RefusalKind::NotFound,
-                format!("`{path}` is not a file on the server"),
-            )),
+            Ok(_) => {
+                Err(Refusal::new(RefusalKind::NotFound, format!("`{path}` is not a file on the server")))
+            }
             Err(r) => Err(r),
         };
         match r {
-            Err(r) => {
-                self.wr
-                    .send(&ServerMsg::Resp { id, result: Err(r) })
-                    .await?
-            }
+            Err(r) => self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?,
             Ok((hash, size, bytes)) => {
-                self.wr
-                    .feed(&ServerMsg::Resp {
-                        id,
-                        result: Ok(Reply::Signature { hash, size }),
-                    })
-                    .await?;
+                self.wr.feed(&ServerMsg::Resp { id, result: Ok(Reply::Signature { hash, size }) }).await?;
                 for c in bytes.chunks(1 << 20) {
                     self.wr
-                        .feed(&ServerMsg::Data {
-                            id,
-                            block: Block {
-                                zstd: false,
-                                bytes: c.to_vec(),
-                            },
-                        })
+                        .feed(&ServerMsg::Data { id, block: Block { zstd: false, bytes: c.to_vec() } })
                         .await?;
                 }
                 self.wr.send(&ServerMsg::End { id }).await?;
@@ -713,10 +568,7 @@ impl Session {
 async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Refusal> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(server_err)?
-        .map_err(Into::into)
+    tokio::task::spawn_blocking(f).await.map_err(server_err)?.map_err(Into::into)
 }
 
 /// The optimistic-concurrency rule: a change names the revision it was made from.
@@ -744,10 +596,7 @@ fn reconstruct(
     let base_map = match base {
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(p)?;
+            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)?;
             fsutil::map(&f)?
         }
         None => fsutil::Mapped::Empty,
@@ -756,10 +605,9 @@ fn reconstruct(
     let guard = TempGuard::new(t);
     let mut ap = Applier::new(&base_map, BufWriter::with_capacity(1 << 20, file), size);
     while let Some(b) = rx.blocking_recv() {
-        ap.block(&b)
-            .map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
+        ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
     }
-    let (h, n, _, w) = ap.finish().map_err(|e| server_err(e))?;
+    let (h, n, _, w) = ap.finish().map_err(server_err)?;
     if h != hash || n != size {
         return Err(Refusal::new(
             RefusalKind::Corrupt,

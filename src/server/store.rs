@@ -43,11 +43,7 @@ impl Store {
         let tmp = base.join("tmp");
         fs::create_dir_all(&files)?;
         fs::create_dir_all(&tmp)?;
-        Ok(AccountStore {
-            files,
-            tmp,
-            sigs: SigCache::new(base.join("sigs"))?,
-        })
+        Ok(AccountStore { files, tmp, sigs: SigCache::new(base.join("sigs"))? })
     }
 
     /// Removes temp files left by interrupted uploads; returns how many.
@@ -77,10 +73,10 @@ impl AccountStore {
         fsutil::set_mtime(tmp, meta.mtime_ns)?;
         fsutil::ensure_dirs(&self.files, rel)?;
         let dest = rel.under(&self.files);
-        if let Ok(md) = fs::symlink_metadata(&dest) {
-            if md.is_dir() {
-                remove_tree(&dest)?;
-            }
+        if let Ok(md) = fs::symlink_metadata(&dest)
+            && md.is_dir()
+        {
+            remove_tree(&dest)?;
         }
         fsutil::commit_temp(tmp, &dest)
     }
@@ -107,10 +103,10 @@ impl AccountStore {
         let tmp = fsutil::temp_path(&self.tmp);
         symlink(target, &tmp)?;
         let dest = rel.under(&self.files);
-        if let Ok(md) = fs::symlink_metadata(&dest) {
-            if md.is_dir() {
-                remove_tree(&dest)?;
-            }
+        if let Ok(md) = fs::symlink_metadata(&dest)
+            && md.is_dir()
+        {
+            remove_tree(&dest)?;
         }
         fs::rename(&tmp, &dest)?;
         fsutil::sync_dir(dest.parent().unwrap_or(&self.files))
@@ -152,10 +148,7 @@ impl AccountStore {
     pub fn open(&self, rel: &RelPath) -> io::Result<fs::File> {
         use std::os::unix::fs::OpenOptionsExt;
         let p = self.resolve(rel)?;
-        fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(p)
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
     }
 }
 

@@ -8,38 +8,22 @@ use crate::path::{PathError, RelPath};
 
 /// The conflict copy's path for `path`, made on `device` at `now`; `n > 1` adds a counter for
 /// the rare second conflict within one second.
-pub fn conflict_path(
-    path: &RelPath,
-    device: &str,
-    now: SystemTime,
-    n: u32,
-) -> Result<RelPath, PathError> {
+pub fn conflict_path(path: &RelPath, device: &str, now: SystemTime, n: u32) -> Result<RelPath, PathError> {
     let name = path.file_name();
     // The extension is what follows the last dot, unless the dot starts the name (".bashrc").
     let (stem, ext) = match name.rfind('.') {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    let device: String = device
-        .chars()
-        .filter(|c| *c != '/' && *c != '\0')
-        .take(40)
-        .collect();
-    let counter = if n > 1 {
-        format!(" {n}")
-    } else {
-        String::new()
-    };
+    let device: String = device.chars().filter(|c| *c != '/' && *c != '\0').take(40).collect();
+    let counter = if n > 1 { format!(" {n}") } else { String::new() };
     let stamp = utc_stamp(now);
     path.with_file_name(&format!("{stem} (conflict {device} {stamp}{counter}){ext}"))
 }
 
 /// `YYYY-MM-DD HHMMSS` in UTC (civil-from-days, after Howard Hinnant's algorithm).
 fn utc_stamp(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -50,12 +34,7 @@ fn utc_stamp(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

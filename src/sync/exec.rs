@@ -10,6 +10,7 @@ use std::io::BufWriter;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio::sync::mpsc;
 
@@ -30,10 +31,7 @@ use crate::protocol::*;
 #[derive(Debug, Clone)]
 enum Job {
     Up(Action),
-    Get {
-        entry: Entry,
-        have: Option<(ContentHash, u64)>,
-    },
+    Get { entry: Entry, have: Option<(ContentHash, u64)> },
 }
 
 pub struct Exec {
@@ -50,11 +48,7 @@ pub struct Exec {
 }
 
 impl Exec {
-    pub async fn run(
-        &mut self,
-        client: &mut Client,
-        actions: Vec<Action>,
-    ) -> Result<(), SyncError> {
+    pub async fn run(&mut self, client: &mut Client, actions: Vec<Action>) -> Result<(), SyncError> {
         let mut jobs = Vec::new();
         let mut local_deletes = Vec::new();
         for a in actions {
@@ -71,10 +65,9 @@ impl Exec {
         if !retry.is_empty() {
             let failed = self.pipeline(client, retry).await?;
             for j in failed {
-                self.report.errors.push(format!(
-                    "{}: failed twice; will retry on the next run",
-                    job_path(&j)
-                ));
+                self.report
+                    .errors
+                    .push(format!("{}: failed twice; will retry on the next run", job_path(&j)));
             }
         }
         for a in local_deletes {
@@ -86,13 +79,7 @@ impl Exec {
     }
 
     fn record(&mut self, entry: &Entry) {
-        self.batch.synced.push((
-            entry.path.clone(),
-            Synced {
-                rev: entry.rev,
-                node: entry.node.clone(),
-            },
-        ));
+        self.batch.synced.push((entry.path.clone(), Synced { rev: entry.rev, node: entry.node.clone() }));
         self.batch.remote.push(entry.clone());
     }
 
@@ -101,19 +88,11 @@ impl Exec {
     }
 
     fn io_err(&self, p: &RelPath, err: std::io::Error) -> SyncError {
-        SyncError::Io {
-            path: self.full(p),
-            err,
-        }
+        SyncError::Io { path: self.full(p), err }
     }
 
     /// Keeps both versions: ours moves to a conflict name (and is uploaded there), theirs comes here.
-    fn conflict(
-        &mut self,
-        local: Node,
-        remote: Entry,
-        jobs: &mut Vec<Job>,
-    ) -> Result<(), SyncError> {
+    fn conflict(&mut self, local: Node, remote: Entry, jobs: &mut Vec<Job>) -> Result<(), SyncError> {
         let path = remote.path.clone();
         let now = std::time::SystemTime::now();
         let mut n = 1;
@@ -145,8 +124,7 @@ impl Exec {
         self.report.conflicts.push(format!(
             "conflict: `{path}` changed on both sides; kept the server's version as `{path}` and this computer's as `{cpath}`"
         ));
-        self.progress
-            .say(self.report.conflicts.last().map_or("", |s| s.as_str()));
+        self.progress.say(self.report.conflicts.last().map_or("", |s| s.as_str()));
         if self.upload {
             match &local {
                 Node::File { hash, size, meta } => jobs.push(Job::Up(Action::Put {
@@ -182,10 +160,10 @@ impl Exec {
                 match std::fs::symlink_metadata(&full) {
                     Ok(md) if md.is_dir() => {}
                     Ok(_) => {
-                        return Ok(self
-                            .report
-                            .errors
-                            .push(format!("{path}: a file is in the way of a directory")));
+                        return {
+                            self.report.errors.push(format!("{path}: a file is in the way of a directory"));
+                            Ok(())
+                        };
                     }
                     Err(_) => std::fs::create_dir(&full).map_err(|e| self.io_err(&path, e))?,
                 }
@@ -205,24 +183,24 @@ impl Exec {
             }
             Node::File { hash, size, meta } => {
                 let here = self.local.get(&path).cloned();
-                if let Some(Node::File { hash: h, .. }) = &here {
-                    if h == hash {
-                        // Same bytes: only the metadata moves.
-                        let _ = fsutil::set_mode(&full, meta.mode);
-                        let _ = fsutil::set_mtime(&full, meta.mtime_ns);
-                        self.after_local_write(&path, node);
-                        self.record(&entry);
-                        return Ok(());
-                    }
+                if let Some(Node::File { hash: h, .. }) = &here
+                    && h == hash
+                {
+                    // Same bytes: only the metadata moves.
+                    let _ = fsutil::set_mode(&full, meta.mode);
+                    let _ = fsutil::set_mtime(&full, meta.mtime_ns);
+                    self.after_local_write(&path, node);
+                    self.record(&entry);
+                    return Ok(());
                 }
-                if let Some(src) = self.local_with_hash(hash, &path) {
-                    if self.copy_local(&src, &path, *hash, *meta).is_ok() {
-                        self.after_local_write(&path, node);
-                        self.record(&entry);
-                        self.report.files_copied_locally += 1;
-                        self.progress.file_done(path.as_str(), "copied");
-                        return Ok(());
-                    }
+                if let Some(src) = self.local_with_hash(hash, &path)
+                    && self.copy_local(&src, &path, *hash, *meta).is_ok()
+                {
+                    self.after_local_write(&path, node);
+                    self.record(&entry);
+                    self.report.files_copied_locally += 1;
+                    self.progress.file_done(path.as_str(), "copied");
+                    return Ok(());
                 }
                 let have = match here {
                     Some(Node::File { hash, size, .. }) => Some((hash, size)),
@@ -242,13 +220,7 @@ impl Exec {
         })
     }
 
-    fn copy_local(
-        &self,
-        src: &RelPath,
-        dst: &RelPath,
-        hash: ContentHash,
-        meta: Meta,
-    ) -> std::io::Result<()> {
+    fn copy_local(&self, src: &RelPath, dst: &RelPath, hash: ContentHash, meta: Meta) -> std::io::Result<()> {
         fsutil::ensure_dirs(&self.root, dst)?;
         let full = self.full(dst);
         let tmp = TempGuard::new(fsutil::temp_path(full.parent().unwrap_or(&self.root)));
@@ -265,9 +237,7 @@ impl Exec {
 
     /// Records what a local write left on disk, so the next scan need not re-hash it.
     fn after_local_write(&mut self, path: &RelPath, node: Node) {
-        if let (Node::File { hash, .. }, Ok(md)) =
-            (&node, std::fs::symlink_metadata(self.full(path)))
-        {
+        if let (Node::File { hash, .. }, Ok(md)) = (&node, std::fs::symlink_metadata(self.full(path))) {
             let stat = Stat {
                 size: md.len(),
                 mtime_ns: fsutil::mtime_ns(&md),
@@ -289,18 +259,16 @@ impl Exec {
             (Node::Dir { .. }, Ok(md)) if md.is_dir() => match std::fs::remove_dir(&full) {
                 Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
                     // New files inside: they survive, and the directory with them.
-                    self.report.notes.push(format!(
-                        "{path}: deleted on the server but has new files here; kept"
-                    ));
+                    self.report
+                        .notes
+                        .push(format!("{path}: deleted on the server but has new files here; kept"));
                     return;
                 }
                 r => r,
             },
             (Node::File { size, meta, .. }, Ok(md)) => {
                 if md.len() != *size || fsutil::mtime_ns(&md) != meta.mtime_ns {
-                    self.report.notes.push(format!(
-                        "{path}: deleted on the server but changed here; kept"
-                    ));
+                    self.report.notes.push(format!("{path}: deleted on the server but changed here; kept"));
                     return;
                 }
                 std::fs::remove_file(&full)
@@ -312,33 +280,19 @@ impl Exec {
             Ok(()) => {
                 self.local.remove(&path);
                 self.cache.remove(&path);
-                self.batch
-                    .synced
-                    .push((path.clone(), Synced { rev, node: None }));
+                self.batch.synced.push((path.clone(), Synced { rev, node: None }));
                 self.report.deleted_local += 1;
                 self.progress.file_done(path.as_str(), "deleted");
             }
-            Err(e) => self
-                .report
-                .errors
-                .push(format!("{}: cannot delete: {e}", full.display())),
+            Err(e) => self.report.errors.push(format!("{}: cannot delete: {e}", full.display())),
         }
     }
 
     /// Before the pipeline: a delta upload needs the signature of the base; if this computer's
     /// cache lost it, ask the server (rsync's way).
-    async fn prefetch_signatures(
-        &mut self,
-        client: &mut Client,
-        jobs: &[Job],
-    ) -> Result<(), SyncError> {
+    async fn prefetch_signatures(&mut self, client: &mut Client, jobs: &[Job]) -> Result<(), SyncError> {
         for j in jobs {
-            if let Job::Up(Action::Put {
-                path,
-                delta_base: Some((bh, bs)),
-                ..
-            }) = j
-            {
+            if let Job::Up(Action::Put { path, delta_base: Some((bh, bs)), .. }) = j {
                 if self.sigs.contains(bh, *bs) {
                     continue;
                 }
@@ -357,23 +311,17 @@ impl Exec {
     }
 
     /// Sends all jobs without waiting and handles replies as they come; returns jobs to retry.
-    async fn pipeline(
-        &mut self,
-        client: &mut Client,
-        jobs: Vec<Job>,
-    ) -> Result<Vec<Job>, SyncError> {
+    async fn pipeline(&mut self, client: &mut Client, jobs: Vec<Job>) -> Result<Vec<Job>, SyncError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<u64> = jobs.iter().map(|_| client.next_id()).collect();
         let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job)>();
-        let sender = Sender {
-            root: self.root.clone(),
-            sigs: self.sigs.clone(),
-            progress: self.progress.clone(),
-        };
+        let sender =
+            Sender { root: self.root.clone(), sigs: self.sigs.clone(), progress: self.progress.clone() };
         let wr = &mut client.wr;
         let rd = &mut client.rd;
+        let notified = client.notified.clone();
         let writer = async move {
             let mut stats = DeltaStats::default();
             let mut skipped = Vec::new();
@@ -392,7 +340,7 @@ impl Exec {
         let reader = async {
             let mut retry = Vec::new();
             while let Some((id, job)) = prx.recv().await {
-                if let Some(j) = self.receive(rd, id, job).await? {
+                if let Some(j) = self.receive(rd, &notified, id, job).await? {
                     retry.push(j);
                 }
             }
@@ -403,10 +351,9 @@ impl Exec {
         let retry = r?;
         self.report.delta.add(stats);
         for j in skipped {
-            self.report.notes.push(format!(
-                "{}: changed while syncing; will sync on the next run",
-                job_path(&j)
-            ));
+            self.report
+                .notes
+                .push(format!("{}: changed while syncing; will sync on the next run", job_path(&j)));
         }
         Ok(retry)
     }
@@ -415,29 +362,25 @@ impl Exec {
     async fn receive(
         &mut self,
         rd: &mut FrameReader,
+        notified: &AtomicU64,
         id: u64,
         job: Job,
     ) -> Result<Option<Job>, SyncError> {
-        let result = match recv_reply(rd).await? {
+        let result = match recv_reply(rd, notified).await? {
             ServerMsg::Resp { id: i, result } if i == id => result,
             other => {
-                return Err(ClientError::Unexpected(format!(
-                    "{other:?} while waiting for reply {id}"
-                ))
-                .into());
+                return Err(ClientError::Unexpected(format!("{other:?} while waiting for reply {id}")).into());
             }
         };
         match job {
             Job::Up(action) => Ok(self.uploaded(action, result)),
             Job::Get { entry, have } => match result {
                 Ok(Reply::File { entry: got, base }) => {
-                    self.download(rd, id, entry, got, base, have).await
+                    self.download(rd, notified, id, entry, got, base, have).await
                 }
                 Ok(other) => Err(ClientError::Unexpected(format!("{other:?}")).into()),
                 Err(r) => {
-                    self.report
-                        .notes
-                        .push(format!("{}: {}", entry.path, r.message));
+                    self.report.notes.push(format!("{}: {}", entry.path, r.message));
                     Ok(None)
                 }
             },
@@ -448,9 +391,7 @@ impl Exec {
         let rev = match result {
             Ok(Reply::Committed { rev }) => rev,
             Ok(other) => {
-                self.report
-                    .errors
-                    .push(format!("unexpected reply {other:?}"));
+                self.report.errors.push(format!("unexpected reply {other:?}"));
                 return None;
             }
             Err(r) => return self.refused(action, r),
@@ -464,77 +405,26 @@ impl Exec {
         };
         let (path, node, what) = match &action {
             Action::Mkdir { path, mode, .. } => (path, Some(Node::Dir { mode: *mode }), "mkdir"),
-            Action::Symlink { path, target, .. } => (
-                path,
-                Some(Node::Symlink {
-                    target: target.clone(),
-                }),
-                "link",
-            ),
-            Action::Put {
-                path,
-                hash,
-                size,
-                meta,
-                ..
-            } => {
-                self.report.files_sent += 1;
-                (
-                    path,
-                    Some(Node::File {
-                        hash: *hash,
-                        size: *size,
-                        meta: *meta,
-                    }),
-                    "uploaded",
-                )
+            Action::Symlink { path, target, .. } => {
+                (path, Some(Node::Symlink { target: target.clone() }), "link")
             }
-            Action::Copy {
-                path,
-                hash,
-                size,
-                meta,
-                ..
-            } => (
-                path,
-                Some(Node::File {
-                    hash: *hash,
-                    size: *size,
-                    meta: *meta,
-                }),
-                "copied",
-            ),
-            Action::Move {
-                from,
-                to,
-                hash,
-                size,
-                meta,
-                ..
-            } => {
+            Action::Put { path, hash, size, meta, .. } => {
+                self.report.files_sent += 1;
+                (path, Some(Node::File { hash: *hash, size: *size, meta: *meta }), "uploaded")
+            }
+            Action::Copy { path, hash, size, meta, .. } => {
+                (path, Some(Node::File { hash: *hash, size: *size, meta: *meta }), "copied")
+            }
+            Action::Move { from, to, hash, size, meta, .. } => {
                 let e = entry(from, None);
                 self.record(&e);
                 self.report.moved += 1;
-                (
-                    to,
-                    Some(Node::File {
-                        hash: *hash,
-                        size: *size,
-                        meta: *meta,
-                    }),
-                    "moved",
-                )
+                (to, Some(Node::File { hash: *hash, size: *size, meta: *meta }), "moved")
             }
             Action::SetMeta { path, meta, .. } => match self.local.get(path) {
-                Some(Node::File { hash, size, .. }) => (
-                    path,
-                    Some(Node::File {
-                        hash: *hash,
-                        size: *size,
-                        meta: *meta,
-                    }),
-                    "meta",
-                ),
+                Some(Node::File { hash, size, .. }) => {
+                    (path, Some(Node::File { hash: *hash, size: *size, meta: *meta }), "meta")
+                }
                 other => (path, other.cloned(), "meta"),
             },
             Action::DeleteRemote { path, .. } => {
@@ -553,51 +443,12 @@ impl Exec {
         match (r.kind, action) {
             (
                 RefusalKind::Corrupt | RefusalKind::NotFound,
-                Action::Put {
-                    path,
-                    base_rev,
-                    hash,
-                    size,
-                    meta,
-                    delta_base: Some(_),
-                },
-            ) => Some(Job::Up(Action::Put {
-                path,
-                base_rev,
-                hash,
-                size,
-                meta,
-                delta_base: None,
-            })),
-            (
-                RefusalKind::NotFound,
-                Action::Copy {
-                    path,
-                    base_rev,
-                    hash,
-                    size,
-                    meta,
-                },
-            ) => Some(Job::Up(Action::Put {
-                path,
-                base_rev,
-                hash,
-                size,
-                meta,
-                delta_base: None,
-            })),
-            (
-                RefusalKind::NotFound,
-                Action::Move {
-                    from,
-                    from_rev,
-                    to,
-                    to_base_rev,
-                    hash,
-                    size,
-                    meta,
-                },
-            ) => {
+                Action::Put { path, base_rev, hash, size, meta, delta_base: Some(_) },
+            ) => Some(Job::Up(Action::Put { path, base_rev, hash, size, meta, delta_base: None })),
+            (RefusalKind::NotFound, Action::Copy { path, base_rev, hash, size, meta }) => {
+                Some(Job::Up(Action::Put { path, base_rev, hash, size, meta, delta_base: None }))
+            }
+            (RefusalKind::NotFound, Action::Move { from, from_rev, to, to_base_rev, hash, size, meta }) => {
                 let _ = (from, from_rev);
                 Some(Job::Up(Action::Put {
                     path: to,
@@ -609,24 +460,22 @@ impl Exec {
                 }))
             }
             (RefusalKind::Stale, a) => {
-                self.report
-                    .unresolved
-                    .push(format!("{}: {}", action_path(&a), r.message));
+                self.report.unresolved.push(format!("{}: {}", action_path(&a), r.message));
                 None
             }
             (_, a) => {
-                self.report
-                    .errors
-                    .push(format!("{}: {}", action_path(&a), r.message));
+                self.report.errors.push(format!("{}: {}", action_path(&a), r.message));
                 None
             }
         }
     }
 
     /// Receives a file's blocks into a temp file beside it, verifies, and moves it into place.
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &mut self,
         rd: &mut FrameReader,
+        notified: &AtomicU64,
         id: u64,
         want: Entry,
         got: Entry,
@@ -648,19 +497,16 @@ impl Exec {
         });
         let mut bad_base = base.is_some() && !use_base;
         loop {
-            match recv_reply(rd).await? {
+            match recv_reply(rd, notified).await? {
                 ServerMsg::Data { id: i, block } if i == id => {
-                    self.progress
-                        .advance(path.as_str(), block.bytes.len() as u64);
+                    self.progress.advance(path.as_str(), block.bytes.len() as u64);
                     if tx.send(block).await.is_err() {
                         bad_base = true; // the worker gave up; keep draining
                     }
                 }
                 ServerMsg::End { id: i } if i == id => break,
                 other => {
-                    return Err(
-                        ClientError::Unexpected(format!("{other:?} inside download {id}")).into(),
-                    );
+                    return Err(ClientError::Unexpected(format!("{other:?} inside download {id}")).into());
                 }
             }
         }
@@ -671,14 +517,9 @@ impl Exec {
             _ => {
                 // Wrong base or failed verification: fetch it whole.
                 return Ok(if have.is_some() {
-                    Some(Job::Get {
-                        entry: want,
-                        have: None,
-                    })
+                    Some(Job::Get { entry: want, have: None })
                 } else {
-                    self.report
-                        .errors
-                        .push(format!("{path}: download did not verify"));
+                    self.report.errors.push(format!("{path}: download did not verify"));
                     None
                 });
             }
@@ -695,9 +536,9 @@ impl Exec {
             (Some(_), None) => false, // something appeared here meanwhile
         };
         if !unchanged {
-            self.report.notes.push(format!(
-                "{path}: changed here while downloading; will sync on the next run"
-            ));
+            self.report
+                .notes
+                .push(format!("{path}: changed here while downloading; will sync on the next run"));
             return Ok(None);
         }
         fsutil::commit_temp(tmp.path(), &full).map_err(|e| self.io_err(&path, e))?;
@@ -735,82 +576,23 @@ impl Sender {
         stats: &mut DeltaStats,
     ) -> Result<bool, ClientError> {
         let req = match job {
-            Job::Get { entry, have } => Request::Get {
-                path: entry.path.clone(),
-                have: *have,
-            },
+            Job::Get { entry, have } => Request::Get { path: entry.path.clone(), have: *have },
             Job::Up(a) => match a.clone() {
-                Action::Mkdir {
-                    path,
-                    base_rev,
-                    mode,
-                } => Request::Mkdir {
-                    path,
-                    base_rev,
-                    mode,
-                },
-                Action::Symlink {
-                    path,
-                    base_rev,
-                    target,
-                } => Request::Symlink {
-                    path,
-                    base_rev,
-                    target,
-                },
-                Action::Copy {
-                    path,
-                    base_rev,
-                    hash,
-                    size,
-                    meta,
-                } => Request::Copy {
-                    hash,
-                    size,
-                    to: path,
-                    to_base_rev: base_rev,
-                    meta,
-                },
-                Action::Move {
-                    from,
-                    from_rev,
-                    to,
-                    to_base_rev,
-                    meta,
-                    ..
-                } => Request::Move {
-                    from,
-                    from_rev,
-                    to,
-                    to_base_rev,
-                    meta,
-                },
-                Action::SetMeta {
-                    path,
-                    base_rev,
-                    meta,
-                } => Request::SetMeta {
-                    path,
-                    base_rev,
-                    meta,
-                },
+                Action::Mkdir { path, base_rev, mode } => Request::Mkdir { path, base_rev, mode },
+                Action::Symlink { path, base_rev, target } => Request::Symlink { path, base_rev, target },
+                Action::Copy { path, base_rev, hash, size, meta } => {
+                    Request::Copy { hash, size, to: path, to_base_rev: base_rev, meta }
+                }
+                Action::Move { from, from_rev, to, to_base_rev, meta, .. } => {
+                    Request::Move { from, from_rev, to, to_base_rev, meta }
+                }
+                Action::SetMeta { path, base_rev, meta } => Request::SetMeta { path, base_rev, meta },
                 Action::DeleteRemote { path, base_rev } => Request::Delete { path, base_rev },
-                Action::Put {
-                    path,
-                    base_rev,
-                    hash,
-                    size,
-                    meta,
-                    delta_base,
-                } => {
-                    return self
-                        .put(wr, id, path, base_rev, hash, size, meta, delta_base, stats)
-                        .await;
+                Action::Put { path, base_rev, hash, size, meta, delta_base } => {
+                    return self.put(wr, id, path, base_rev, hash, size, meta, delta_base, stats).await;
                 }
                 other => {
-                    return Err(ClientError::Unexpected(format!(
-                        "not a server step: {other:?}"
-                    )));
+                    return Err(ClientError::Unexpected(format!("not a server step: {other:?}")));
                 }
             },
         };
@@ -835,8 +617,7 @@ impl Sender {
         let full = path.under(&self.root);
         let sigs = self.sigs.clone();
         self.progress.file_started(path.as_str(), size);
-        let producer =
-            tokio::task::spawn_blocking(move || produce(&full, hash, size, delta_base, &sigs, tx));
+        let producer = tokio::task::spawn_blocking(move || produce(&full, hash, size, delta_base, &sigs, tx));
         let base = match rx.recv().await {
             Some(Item::Start(base)) => base,
             _ => {
@@ -846,14 +627,7 @@ impl Sender {
         };
         wr.feed(&ClientMsg::Req {
             id,
-            req: Request::Put {
-                path: path.clone(),
-                base_rev,
-                hash,
-                size,
-                meta,
-                base,
-            },
+            req: Request::Put { path: path.clone(), base_rev, hash, size, meta, base },
         })
         .await?;
         let mut next = rx.recv().await;
@@ -885,11 +659,7 @@ fn produce(
         let _ = tx.blocking_send(Item::Skip);
         Err(why)
     };
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(full)
-    {
+    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(full) {
         Ok(f) => f,
         Err(e) => return skip(&tx, e.to_string()),
     };
@@ -901,15 +671,11 @@ fn produce(
         return skip(&tx, "changed since scan".into());
     }
     let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
-    if tx
-        .blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h)))
-        .is_err()
-    {
+    if tx.blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h))).is_err() {
         return Err("connection gone".into());
     }
     let emit = |b, covered| {
-        tx.blocking_send(Item::Block(b, covered))
-            .map_err(|_| std::io::Error::other("connection gone"))
+        tx.blocking_send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"))
     };
     let stats = match sig {
         Some((_, sig)) => delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?,
@@ -943,8 +709,7 @@ fn receive_file(
     } else {
         fsutil::Mapped::Empty
     };
-    let (file, t) =
-        fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
+    let (file, t) = fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
     let guard = TempGuard::new(t);
     let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, file), size);
     while let Some(b) = rx.blocking_recv() {
@@ -973,9 +738,9 @@ fn action_path(a: &Action) -> String {
         | Action::DeleteRemote { path, .. }
         | Action::DeleteLocal { path, .. } => path.to_string(),
         Action::Move { to, .. } => to.to_string(),
-        Action::Fetch { entry }
-        | Action::Record { entry }
-        | Action::Conflict { remote: entry, .. } => entry.path.to_string(),
+        Action::Fetch { entry } | Action::Record { entry } | Action::Conflict { remote: entry, .. } => {
+            entry.path.to_string()
+        }
     }
 }
 

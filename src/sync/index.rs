@@ -47,10 +47,8 @@ CREATE TABLE IF NOT EXISTS synced (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, 
 
 impl Index {
     pub fn open(state_dir: &Path) -> Result<Self, IndexError> {
-        std::fs::create_dir_all(state_dir).map_err(|err| IndexError::Create {
-            path: state_dir.display().to_string(),
-            err,
-        })?;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|err| IndexError::Create { path: state_dir.display().to_string(), err })?;
         let conn = Connection::open(state_dir.join("index.db"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // The index can always be rebuilt from the folder and the server, so NORMAL (no fsync per
@@ -64,27 +62,18 @@ impl Index {
     pub fn setting(&self, key: &str) -> Result<Option<String>, IndexError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT value FROM settings WHERE key=?1",
-                params![key],
-                |r| r.get(0),
-            )
+            .query_row("SELECT value FROM settings WHERE key=?1", params![key], |r| r.get(0))
             .optional()?)
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> Result<(), IndexError> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
-            params![key, value],
-        )?;
+        self.conn
+            .execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
         Ok(())
     }
 
     pub fn last_seq(&self) -> Result<u64, IndexError> {
-        Ok(self
-            .setting("last_seq")?
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0))
+        Ok(self.setting("last_seq")?.and_then(|s| s.parse().ok()).unwrap_or(0))
     }
 
     /// Forgets everything learned from a server (used when the folder is pointed at another account).
@@ -95,12 +84,8 @@ impl Index {
         Ok(())
     }
 
-    pub fn stat_cache(
-        &self,
-    ) -> Result<BTreeMap<RelPath, (Stat, crate::hash::ContentHash)>, IndexError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT path, size, mtime_ns, inode, mode, hash FROM stat_cache")?;
+    pub fn stat_cache(&self) -> Result<BTreeMap<RelPath, (Stat, crate::hash::ContentHash)>, IndexError> {
+        let mut st = self.conn.prepare("SELECT path, size, mtime_ns, inode, mode, hash FROM stat_cache")?;
         let rows = st.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -133,14 +118,7 @@ impl Index {
         {
             let mut st = tx.prepare("INSERT INTO stat_cache (path, size, mtime_ns, inode, mode, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
             for (p, (s, h)) in cache {
-                st.execute(params![
-                    p.as_str(),
-                    s.size as i64,
-                    s.mtime_ns,
-                    s.inode as i64,
-                    s.mode,
-                    &h.0[..]
-                ])?;
+                st.execute(params![p.as_str(), s.size as i64, s.mtime_ns, s.inode as i64, s.mode, &h.0[..]])?;
             }
         }
         tx.commit()?;
@@ -162,24 +140,14 @@ impl Index {
     pub fn synced(&self) -> Result<BTreeMap<RelPath, Synced>, IndexError> {
         let mut st = self.conn.prepare("SELECT path, rev, node FROM synced")?;
         let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Option<Vec<u8>>>(2)?,
-            ))
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?))
         })?;
         let mut out = BTreeMap::new();
         for row in rows {
             let (p, rev, node) = row?;
             let Ok(p) = RelPath::new(p) else { continue };
             let node = node.and_then(|b| postcard::from_bytes::<Node>(&b).ok());
-            out.insert(
-                p,
-                Synced {
-                    rev: rev as u64,
-                    node,
-                },
-            );
+            out.insert(p, Synced { rev: rev as u64, node });
         }
         Ok(out)
     }
@@ -194,14 +162,10 @@ impl Index {
                 let bytes = postcard::to_allocvec(e).unwrap_or_default();
                 put_remote.execute(params![e.path.as_str(), bytes])?;
             }
-            let mut put_synced = tx.prepare_cached(
-                "INSERT OR REPLACE INTO synced (path, rev, node) VALUES (?1, ?2, ?3)",
-            )?;
+            let mut put_synced =
+                tx.prepare_cached("INSERT OR REPLACE INTO synced (path, rev, node) VALUES (?1, ?2, ?3)")?;
             for (p, s) in &batch.synced {
-                let node = s
-                    .node
-                    .as_ref()
-                    .map(|n| postcard::to_allocvec(n).unwrap_or_default());
+                let node = s.node.as_ref().map(|n| postcard::to_allocvec(n).unwrap_or_default());
                 put_synced.execute(params![p.as_str(), s.rev as i64, node])?;
             }
             if let Some(seq) = batch.last_seq {

@@ -8,6 +8,7 @@
 //! - only R moved: download R (or delete locally);
 //! - both moved: a delete loses to a change; equal content only merges metadata; otherwise a
 //!   conflict, which keeps both versions.
+//!
 //! The executor does the I/O; everything here is testable with plain maps.
 
 use std::collections::{BTreeMap, HashMap};
@@ -141,11 +142,7 @@ fn decide(l: Option<&Node>, r: Option<&Entry>, b: Option<&Synced>) -> Decision {
     let b_node = b.and_then(|s| s.node.as_ref());
     let b_rev = b.map_or(0, |s| s.rev);
     if same(l, r_node) {
-        return if r_rev != b_rev || !same(b_node, r_node) {
-            Decision::Record
-        } else {
-            Decision::Nothing
-        };
+        return if r_rev != b_rev || !same(b_node, r_node) { Decision::Record } else { Decision::Nothing };
     }
     let local_changed = !same(l, b_node);
     let remote_changed = r_rev != b_rev;
@@ -166,11 +163,7 @@ pub fn plan(
     remote: &BTreeMap<RelPath, Entry>,
     synced: &BTreeMap<RelPath, Synced>,
 ) -> Vec<Action> {
-    let mut paths: Vec<&RelPath> = local
-        .keys()
-        .chain(remote.keys())
-        .chain(synced.keys())
-        .collect();
+    let mut paths: Vec<&RelPath> = local.keys().chain(remote.keys()).chain(synced.keys()).collect();
     paths.sort();
     paths.dedup();
 
@@ -183,22 +176,16 @@ pub fn plan(
         let (l, r, b) = (local.get(p), remote.get(p), synced.get(p));
         match decide(l, r, b) {
             Decision::Nothing => {}
-            Decision::Record => out_records.push(Action::Record {
-                entry: r.cloned().expect("record needs an entry"),
-            }),
+            Decision::Record => {
+                out_records.push(Action::Record { entry: r.cloned().expect("record needs an entry") })
+            }
             Decision::Upload => uploads.push((p, l, r, b)),
             Decision::Download => match r.and_then(|e| e.node.as_ref()) {
-                Some(_) => fetches.push(Action::Fetch {
-                    entry: r.cloned().expect("checked"),
-                }),
+                Some(_) => fetches.push(Action::Fetch { entry: r.cloned().expect("checked") }),
                 None => {
                     if let Some(l) = l {
                         let rev = r.map_or(0, |e| e.rev);
-                        local_deletes.push(Action::DeleteLocal {
-                            path: p.clone(),
-                            rev,
-                            expect: l.clone(),
-                        })
+                        local_deletes.push(Action::DeleteLocal { path: p.clone(), rev, expect: l.clone() })
                     }
                 }
             },
@@ -213,15 +200,7 @@ pub fn plan(
     // content is their rename.
     let mut deleted_by_hash: HashMap<ContentHash, (RelPath, u64)> = HashMap::new();
     for (p, l, r, _) in &uploads {
-        if let (
-            None,
-            Some(Entry {
-                node: Some(Node::File { hash, .. }),
-                rev,
-                ..
-            }),
-        ) = (l, r)
-        {
+        if let (None, Some(Entry { node: Some(Node::File { hash, .. }), rev, .. })) = (l, r) {
             deleted_by_hash.entry(*hash).or_insert(((*p).clone(), *rev));
         }
     }
@@ -240,35 +219,18 @@ pub fn plan(
         let base_rev = r.map_or(0, |e| e.rev);
         let r_node = r.and_then(|e| e.node.as_ref());
         match l {
-            None => deletes.push((
-                p.depth(),
-                Action::DeleteRemote {
-                    path: (*p).clone(),
-                    base_rev,
-                },
-            )),
-            Some(Node::Dir { mode }) => mkdirs.push((
-                p.depth(),
-                Action::Mkdir {
-                    path: (*p).clone(),
-                    base_rev,
-                    mode: *mode,
-                },
-            )),
-            Some(Node::Symlink { target }) => links.push(Action::Symlink {
-                path: (*p).clone(),
-                base_rev,
-                target: target.clone(),
-            }),
+            None => deletes.push((p.depth(), Action::DeleteRemote { path: (*p).clone(), base_rev })),
+            Some(Node::Dir { mode }) => {
+                mkdirs.push((p.depth(), Action::Mkdir { path: (*p).clone(), base_rev, mode: *mode }))
+            }
+            Some(Node::Symlink { target }) => {
+                links.push(Action::Symlink { path: (*p).clone(), base_rev, target: target.clone() })
+            }
             Some(Node::File { hash, size, meta }) => {
                 let (path, hash, size, meta) = ((*p).clone(), *hash, *size, *meta);
                 match r_node {
                     Some(Node::File { hash: rh, .. }) if *rh == hash => {
-                        metas.push(Action::SetMeta {
-                            path,
-                            base_rev,
-                            meta,
-                        })
+                        metas.push(Action::SetMeta { path, base_rev, meta })
                     }
                     _ => {
                         if let Some((from, from_rev)) = deleted_by_hash.remove(&hash) {
@@ -283,52 +245,31 @@ pub fn plan(
                                 meta,
                             });
                         } else if remote_hashes.contains_key(&hash) {
-                            copies.push(Action::Copy {
-                                path,
-                                base_rev,
-                                hash,
-                                size,
-                                meta,
-                            });
+                            copies.push(Action::Copy { path, base_rev, hash, size, meta });
                         } else {
                             let delta_base = match r_node {
-                                Some(Node::File {
-                                    hash: bh, size: bs, ..
-                                }) if *bs >= WHOLE_FILE_BELOW && size >= WHOLE_FILE_BELOW => {
+                                Some(Node::File { hash: bh, size: bs, .. })
+                                    if *bs >= WHOLE_FILE_BELOW && size >= WHOLE_FILE_BELOW =>
+                                {
                                     Some((*bh, *bs))
                                 }
                                 _ => None,
                             };
-                            puts.push(Action::Put {
-                                path,
-                                base_rev,
-                                hash,
-                                size,
-                                meta,
-                                delta_base,
-                            });
+                            puts.push(Action::Put { path, base_rev, hash, size, meta, delta_base });
                         }
                     }
                 }
             }
         }
     }
-    deletes.retain(
-        |(_, a)| !matches!(a, Action::DeleteRemote { path, .. } if moved_from.contains(path)),
-    );
+    deletes.retain(|(_, a)| !matches!(a, Action::DeleteRemote { path, .. } if moved_from.contains(path)));
     mkdirs.sort_by_key(|(d, _)| *d);
     deletes.sort_by_key(|(d, _)| std::cmp::Reverse(*d));
     let mut fetch_dirs: Vec<Action> = Vec::new();
     let mut fetch_rest: Vec<Action> = Vec::new();
     for f in fetches {
         match &f {
-            Action::Fetch {
-                entry:
-                    Entry {
-                        node: Some(Node::Dir { .. }),
-                        ..
-                    },
-            } => fetch_dirs.push(f),
+            Action::Fetch { entry: Entry { node: Some(Node::Dir { .. }), .. } } => fetch_dirs.push(f),
             _ => fetch_rest.push(f),
         }
     }
@@ -365,28 +306,17 @@ mod tests {
         Node::File {
             hash: ContentHash::of(c.as_bytes()),
             size: 20_000,
-            meta: Meta {
-                mtime_ns: 1,
-                mode: 0o644,
-            },
+            meta: Meta { mtime_ns: 1, mode: 0o644 },
         }
     }
     fn entry(path: &str, rev: u64, node: Option<Node>) -> Entry {
-        Entry {
-            path: p(path),
-            rev,
-            node,
-            device: "d".into(),
-        }
+        Entry { path: p(path), rev, node, device: "d".into() }
     }
     fn kind(a: &Action) -> &'static str {
         match a {
             Action::Mkdir { .. } => "mkdir",
             Action::Symlink { .. } => "symlink",
-            Action::Put {
-                delta_base: Some(_),
-                ..
-            } => "put-delta",
+            Action::Put { delta_base: Some(_), .. } => "put-delta",
             Action::Put { .. } => "put",
             Action::Copy { .. } => "copy",
             Action::Move { .. } => "move",
@@ -415,89 +345,24 @@ mod tests {
         let cases: Vec<Case> = vec![
             ("in sync", a(), Some((1, a())), Some((1, a())), ""),
             ("new local file", a(), None, None, "put"),
-            (
-                "local edit",
-                b(),
-                Some((1, a())),
-                Some((1, a())),
-                "put-delta",
-            ),
-            (
-                "local delete",
-                None,
-                Some((1, a())),
-                Some((1, a())),
-                "delete-remote",
-            ),
+            ("local edit", b(), Some((1, a())), Some((1, a())), "put-delta"),
+            ("local delete", None, Some((1, a())), Some((1, a())), "delete-remote"),
             ("new remote file", None, Some((1, a())), None, "fetch"),
             ("remote edit", a(), Some((2, b())), Some((1, a())), "fetch"),
-            (
-                "remote delete",
-                a(),
-                Some((2, None)),
-                Some((1, a())),
-                "delete-local",
-            ),
-            (
-                "both deleted",
-                None,
-                Some((2, None)),
-                Some((1, a())),
-                "record",
-            ),
-            (
-                "same edit both sides",
-                b(),
-                Some((2, b())),
-                Some((1, a())),
-                "record",
-            ),
-            (
-                "different edits",
-                b(),
-                Some((2, c())),
-                Some((1, a())),
-                "conflict",
-            ),
-            (
-                "both created differently",
-                a(),
-                Some((1, b())),
-                None,
-                "conflict",
-            ),
-            (
-                "local edit beats remote delete",
-                b(),
-                Some((2, None)),
-                Some((1, a())),
-                "put-delta",
-            ),
-            (
-                "remote edit beats local delete",
-                None,
-                Some((2, b())),
-                Some((1, a())),
-                "fetch",
-            ),
-            (
-                "already agreed, new rev only",
-                a(),
-                Some((3, a())),
-                Some((1, a())),
-                "record",
-            ),
+            ("remote delete", a(), Some((2, None)), Some((1, a())), "delete-local"),
+            ("both deleted", None, Some((2, None)), Some((1, a())), "record"),
+            ("same edit both sides", b(), Some((2, b())), Some((1, a())), "record"),
+            ("different edits", b(), Some((2, c())), Some((1, a())), "conflict"),
+            ("both created differently", a(), Some((1, b())), None, "conflict"),
+            ("local edit beats remote delete", b(), Some((2, None)), Some((1, a())), "put-delta"),
+            ("remote edit beats local delete", None, Some((2, b())), Some((1, a())), "fetch"),
+            ("already agreed, new rev only", a(), Some((3, a())), Some((1, a())), "record"),
         ];
         for (name, l, r, base, want) in cases {
             let local: BTreeMap<_, _> = l.into_iter().map(|n| (p("f"), n)).collect();
-            let remote: BTreeMap<_, _> = r
-                .into_iter()
-                .map(|(rev, n)| (p("f"), entry("f", rev, n)))
-                .collect();
-            let synced: BTreeMap<_, _> = base
-                .into_iter()
-                .map(|(rev, node)| (p("f"), Synced { rev, node }))
-                .collect();
+            let remote: BTreeMap<_, _> = r.into_iter().map(|(rev, n)| (p("f"), entry("f", rev, n))).collect();
+            let synced: BTreeMap<_, _> =
+                base.into_iter().map(|(rev, node)| (p("f"), Synced { rev, node })).collect();
             let got: Vec<_> = plan(&local, &remote, &synced).iter().map(kind).collect();
             let want: Vec<&str> = if want.is_empty() { vec![] } else { vec![want] };
             assert_eq!(got, want, "case: {name}");
@@ -512,20 +377,8 @@ mod tests {
             (p("old"), entry("old", 1, Some(a.clone()))),
             (p("x"), entry("x", 2, Some(file("x")))),
         ]);
-        let mut synced = BTreeMap::from([(
-            p("old"),
-            Synced {
-                rev: 1,
-                node: Some(a),
-            },
-        )]);
-        synced.insert(
-            p("x"),
-            Synced {
-                rev: 2,
-                node: Some(file("x")),
-            },
-        );
+        let mut synced = BTreeMap::from([(p("old"), Synced { rev: 1, node: Some(a) })]);
+        synced.insert(p("x"), Synced { rev: 2, node: Some(file("x")) });
         let mut local = local;
         local.insert(p("x"), file("x"));
         let got: Vec<_> = plan(&local, &remote, &synced).iter().map(kind).collect();
@@ -541,20 +394,8 @@ mod tests {
             (p("x/y"), entry("x/y", 1, Some(d.clone()))),
         ]);
         let synced = BTreeMap::from([
-            (
-                p("x"),
-                Synced {
-                    rev: 1,
-                    node: Some(d.clone()),
-                },
-            ),
-            (
-                p("x/y"),
-                Synced {
-                    rev: 1,
-                    node: Some(d),
-                },
-            ),
+            (p("x"), Synced { rev: 1, node: Some(d.clone()) }),
+            (p("x/y"), Synced { rev: 1, node: Some(d) }),
         ]);
         let acts = plan(&local, &remote, &synced);
         let names: Vec<String> = acts
@@ -566,14 +407,6 @@ mod tests {
                 _ => kind(a).to_string(),
             })
             .collect();
-        assert_eq!(
-            names,
-            [
-                "mkdir a",
-                "mkdir a/b",
-                "delete-remote x/y",
-                "delete-remote x"
-            ]
-        );
+        assert_eq!(names, ["mkdir a", "mkdir a/b", "delete-remote x/y", "delete-remote x"]);
     }
 }

@@ -35,19 +35,13 @@ impl Report {
             parts.push(format!("{} uploaded", self.files_sent));
         }
         if self.files_received + self.files_copied_locally > 0 {
-            parts.push(format!(
-                "{} downloaded",
-                self.files_received + self.files_copied_locally
-            ));
+            parts.push(format!("{} downloaded", self.files_received + self.files_copied_locally));
         }
         if self.moved > 0 {
             parts.push(format!("{} moved", self.moved));
         }
         if self.deleted_remote + self.deleted_local > 0 {
-            parts.push(format!(
-                "{} deleted",
-                self.deleted_remote + self.deleted_local
-            ));
+            parts.push(format!("{} deleted", self.deleted_remote + self.deleted_local));
         }
         if !self.conflicts.is_empty() {
             parts.push(format!("{} conflicts kept as copies", self.conflicts.len()));
@@ -67,11 +61,7 @@ impl Report {
     pub fn stats(&self) -> String {
         let wire = self.bytes_sent + self.bytes_received;
         let transferred = self.delta.literal + self.delta.matched;
-        let speedup = if wire == 0 {
-            0.0
-        } else {
-            self.total_size as f64 / wire as f64
-        };
+        let speedup = if wire == 0 { 0.0 } else { self.total_size as f64 / wire as f64 };
         let saved = transferred.saturating_sub(self.delta.literal);
         format!(
             "Number of files: {}\n\
@@ -115,9 +105,5 @@ pub fn human(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

@@ -7,6 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use super::index::Stat;
+use super::rules::IgnoreRules;
 use crate::fsutil::{self, TEMP_PREFIX};
 use crate::hash::ContentHash;
 use crate::path::{RelPath, STATE_DIR};
@@ -29,13 +30,13 @@ pub fn is_ignored_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
-pub fn scan(root: &Path, old: &StatCache) -> std::io::Result<Scan> {
+pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules) -> std::io::Result<Scan> {
     let mut s = Scan::default();
-    walk(root, root, old, &mut s)?;
+    walk(root, root, old, rules, &mut s)?;
     Ok(s)
 }
 
-fn walk(root: &Path, dir: &Path, old: &StatCache, s: &mut Scan) -> std::io::Result<()> {
+fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut Scan) -> std::io::Result<()> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if dir != root => {
@@ -67,25 +68,18 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, s: &mut Scan) -> std::io::Resu
             }
         };
         let ft = md.file_type();
+        if rules.is_ignored(&rel, ft.is_dir()) {
+            continue;
+        }
         if ft.is_dir() {
-            s.nodes.insert(
-                rel,
-                Node::Dir {
-                    mode: md.permissions().mode() & 0o7777,
-                },
-            );
-            walk(root, &full, old, s)?;
+            s.nodes.insert(rel, Node::Dir { mode: md.permissions().mode() & 0o7777 });
+            walk(root, &full, old, rules, s)?;
         } else if ft.is_symlink() {
-            match fs::read_link(&full)
-                .ok()
-                .and_then(|t| t.to_str().map(String::from))
-            {
+            match fs::read_link(&full).ok().and_then(|t| t.to_str().map(String::from)) {
                 Some(target) => {
                     s.nodes.insert(rel, Node::Symlink { target });
                 }
-                None => s
-                    .skipped
-                    .push(format!("{}: symlink target is not UTF-8", full.display())),
+                None => s.skipped.push(format!("{}: symlink target is not UTF-8", full.display())),
             }
         } else if ft.is_file() {
             let stat = Stat {
@@ -96,9 +90,7 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, s: &mut Scan) -> std::io::Resu
             };
             let hash = match old.get(&rel) {
                 Some((st, h))
-                    if st.size == stat.size
-                        && st.mtime_ns == stat.mtime_ns
-                        && st.inode == stat.inode =>
+                    if st.size == stat.size && st.mtime_ns == stat.mtime_ns && st.inode == stat.inode =>
                 {
                     *h
                 }
@@ -116,20 +108,10 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, s: &mut Scan) -> std::io::Resu
             s.cache.insert(rel.clone(), (stat, hash));
             s.nodes.insert(
                 rel,
-                Node::File {
-                    hash,
-                    size: stat.size,
-                    meta: Meta {
-                        mtime_ns: stat.mtime_ns,
-                        mode: stat.mode,
-                    },
-                },
+                Node::File { hash, size: stat.size, meta: Meta { mtime_ns: stat.mtime_ns, mode: stat.mode } },
             );
         } else {
-            s.skipped.push(format!(
-                "{}: not a regular file, directory or symlink",
-                full.display()
-            ));
+            s.skipped.push(format!("{}: not a regular file, directory or symlink", full.display()));
         }
     }
     Ok(())

@@ -1,0 +1,76 @@
+//! `deltasync status DIR`: what a folder is synced with and what is waiting, read from the
+//! index without taking the folder's lock (a running `watch` holds it; SQLite's WAL lets us read).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::path::RelPath;
+use crate::protocol::Node;
+use crate::sync::index::Index;
+use crate::sync::rules::IgnoreRules;
+use crate::sync::{SyncError, plan, scan, state_dir};
+
+/// How many recent changes and pending paths to list.
+const LIST: usize = 10;
+
+pub fn status(root: &Path) -> Result<String, SyncError> {
+    let sd = state_dir(root);
+    if !sd.join("index.db").exists() {
+        return Err(SyncError::Other(format!(
+            "{} has never been synced (no .deltasync/ there); run `deltasync push` or `watch` on it first",
+            root.display()
+        )));
+    }
+    let index = Index::open(&sd)?;
+    let get = |k: &str| index.setting(k).map(|v| v.unwrap_or_else(|| "-".into()));
+    let mut out = String::new();
+    let _ = writeln!(out, "Folder:   {}", root.display());
+    let _ = writeln!(out, "Server:   {}", get("server")?);
+    let _ = writeln!(out, "Account:  {}", get("account")?);
+    let _ = writeln!(out, "Device:   {}", get("device")?);
+    let last = index.setting("last_sync")?.and_then(|s| s.parse::<u64>().ok());
+    let _ = writeln!(
+        out,
+        "Last sync: {}",
+        match last {
+            Some(t) => {
+                let ago = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(t);
+                format!("{ago} s ago")
+            }
+            None => "never".into(),
+        }
+    );
+    let (rules, _) = IgnoreRules::load(root);
+    let s = scan::scan(root, &index.stat_cache()?, &rules)
+        .map_err(|err| SyncError::Io { path: root.to_path_buf(), err })?;
+    let remote = index.remote()?;
+    let synced = index.synced()?;
+    let actions = plan::plan(&s.nodes, &remote, &synced);
+    let pending: Vec<_> =
+        actions.iter().filter(|a| a.is_upload() || matches!(a, plan::Action::Conflict { .. })).collect();
+    let _ = writeln!(out, "Pending local changes: {}", pending.len());
+    for a in pending.iter().take(LIST) {
+        let _ = writeln!(out, "  {a:?}").map(|_| ());
+    }
+    let conflicts: Vec<&RelPath> = s.nodes.keys().filter(|p| p.file_name().contains(" (conflict ")).collect();
+    let _ = writeln!(out, "Conflict copies: {}", conflicts.len());
+    for c in conflicts.iter().take(LIST) {
+        let _ = writeln!(out, "  {c}");
+    }
+    let mut recent: Vec<_> = remote.values().collect();
+    recent.sort_by_key(|e| std::cmp::Reverse(e.rev));
+    let _ = writeln!(out, "Recent changes on the server (as last seen):");
+    for e in recent.iter().take(LIST) {
+        let what = match &e.node {
+            None => "deleted",
+            Some(Node::File { .. }) => "file",
+            Some(Node::Dir { .. }) => "dir",
+            Some(Node::Symlink { .. }) => "link",
+        };
+        let _ = writeln!(out, "  rev {:>6}  {what:<7} {}  by {}", e.rev, e.path, e.device);
+    }
+    Ok(out)
+}
