@@ -236,8 +236,12 @@ impl Folder {
             cache: scan.cache,
             batch: Batch::default(),
             report,
+            own_revs: Default::default(),
+            renamed_away: Default::default(),
+            renamed_here: Default::default(),
         };
         let r = exec.run(client, actions).await;
+        exec.batch.last_seq = Some(exec.advanced_seq(seq));
         // Whatever happened, keep what was done.
         self.index.apply(&exec.batch)?;
         self.index.save_stat_cache(&exec.cache)?;

@@ -45,18 +45,30 @@ pub struct Exec {
     pub cache: StatCache,
     pub batch: Batch,
     pub report: Report,
+    /// Journal sequences of the commits this round made, to skip our own changes next time.
+    pub own_revs: std::collections::BTreeSet<u64>,
+    /// Local files the server deleted, by content, that a fetch may rename instead of copy.
+    pub renamed_away: std::collections::HashMap<ContentHash, (RelPath, u64, u64, Meta)>,
+    pub renamed_here: std::collections::HashSet<RelPath>,
 }
 
 impl Exec {
     pub async fn run(&mut self, client: &mut Client, actions: Vec<Action>) -> Result<(), SyncError> {
         let mut jobs = Vec::new();
-        let mut local_deletes = Vec::new();
+        let (local_deletes, actions): (Vec<Action>, Vec<Action>) =
+            actions.into_iter().partition(|a| matches!(a, Action::DeleteLocal { .. }));
+        // A file deleted by the server whose content arrives under another name was renamed there:
+        // rename it here too instead of copying it.
+        for a in &local_deletes {
+            if let Action::DeleteLocal { path, rev, expect: Node::File { hash, size, meta } } = a {
+                self.renamed_away.entry(*hash).or_insert((path.clone(), *rev, *size, *meta));
+            }
+        }
         for a in actions {
             match a {
                 Action::Conflict { local, remote } => self.conflict(local, remote, &mut jobs)?,
                 Action::Fetch { entry } => self.fetch(entry, &mut jobs)?,
                 Action::Record { entry } => self.record(&entry),
-                a @ Action::DeleteLocal { .. } => local_deletes.push(a),
                 a => jobs.push(Job::Up(a)),
             }
         }
@@ -71,11 +83,23 @@ impl Exec {
             }
         }
         for a in local_deletes {
-            if let Action::DeleteLocal { path, rev, expect } = a {
+            if let Action::DeleteLocal { path, rev, expect } = a
+                && !self.renamed_here.contains(&path)
+            {
                 self.delete_local(path, rev, expect);
             }
         }
         Ok(())
+    }
+
+    /// The journal position after this round: `since` advanced over every sequence number that is
+    /// one of our own commits. A gap may be another device's change, so it stops there.
+    pub fn advanced_seq(&self, since: u64) -> u64 {
+        let mut s = since;
+        while self.own_revs.contains(&(s + 1)) {
+            s += 1;
+        }
+        s
     }
 
     fn record(&mut self, entry: &Entry) {
@@ -193,6 +217,19 @@ impl Exec {
                     self.record(&entry);
                     return Ok(());
                 }
+                if let Some((src, src_rev, src_size, src_meta)) = self.renamed_away.remove(hash)
+                    && self.rename_local(&src, src_size, src_meta, &path, *meta).is_ok()
+                {
+                    self.local.remove(&src);
+                    self.cache.remove(&src);
+                    self.batch.synced.push((src.clone(), Synced { rev: src_rev, node: None }));
+                    self.renamed_here.insert(src);
+                    self.after_local_write(&path, node);
+                    self.record(&entry);
+                    self.report.moved += 1;
+                    self.progress.file_done(path.as_str(), "moved");
+                    return Ok(());
+                }
                 if let Some(src) = self.local_with_hash(hash, &path)
                     && self.copy_local(&src, &path, *hash, *meta).is_ok()
                 {
@@ -218,6 +255,32 @@ impl Exec {
             Node::File { hash: h, .. } if h == hash && p != not => Some(p.clone()),
             _ => None,
         })
+    }
+
+    /// Renames `src` to `dst` if `src` is still the version the plan saw.
+    fn rename_local(
+        &self,
+        src: &RelPath,
+        size: u64,
+        meta: Meta,
+        dst: &RelPath,
+        new_meta: Meta,
+    ) -> std::io::Result<()> {
+        fsutil::check_no_symlink_ancestors(&self.root, src)?;
+        let from = self.full(src);
+        let md = std::fs::symlink_metadata(&from)?;
+        if !md.is_file() || md.len() != size || fsutil::mtime_ns(&md) != meta.mtime_ns {
+            return Err(std::io::Error::other("changed here"));
+        }
+        fsutil::ensure_dirs(&self.root, dst)?;
+        let to = self.full(dst);
+        if std::fs::symlink_metadata(&to).is_ok() && !self.local.contains_key(dst) {
+            return Err(std::io::Error::other("something appeared at the destination"));
+        }
+        std::fs::rename(&from, &to)?;
+        fsutil::set_mode(&to, new_meta.mode)?;
+        fsutil::set_mtime(&to, new_meta.mtime_ns)?;
+        Ok(())
     }
 
     fn copy_local(&self, src: &RelPath, dst: &RelPath, hash: ContentHash, meta: Meta) -> std::io::Result<()> {
@@ -396,6 +459,7 @@ impl Exec {
             }
             Err(r) => return self.refused(action, r),
         };
+        self.own_revs.insert(rev);
         let device = self.device.clone();
         let entry = |path: &RelPath, node: Option<Node>| Entry {
             path: path.clone(),
