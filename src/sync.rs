@@ -239,6 +239,7 @@ impl Folder {
             own_revs: Default::default(),
             renamed_away: Default::default(),
             renamed_here: Default::default(),
+            pending_deletes: Vec::new(),
         };
         let r = exec.run(client, actions).await;
         exec.batch.last_seq = Some(exec.advanced_seq(seq));

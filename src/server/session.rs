@@ -299,6 +299,7 @@ impl Session {
     ) -> Result<Option<std::path::PathBuf>, Refusal> {
         let cur = self.current(path).await?;
         check_base(path, &cur, base_rev)?;
+        self.check_replaceable(path, &cur).await?;
         match base {
             None => Ok(None),
             Some(h) => match cur.and_then(|e| e.node) {
@@ -309,6 +310,21 @@ impl Session {
                 )),
             },
         }
+    }
+
+    /// A directory may be replaced by a file or link only once it is empty: its children must be
+    /// deleted first (the client orders deletes first), so no entry is orphaned.
+    async fn check_replaceable(&self, path: &RelPath, cur: &Option<Entry>) -> Result<(), Refusal> {
+        if let Some(Entry { node: Some(Node::Dir { .. }), .. }) = cur {
+            let p = path.clone();
+            if self.db(move |m, a| m.has_children(a, &p)).await? {
+                return Err(Refusal::new(
+                    RefusalKind::Stale,
+                    format!("`{path}` is a non-empty directory on the server; delete its contents first"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Under the account's commit lock: re-check the base, move the file into place, record it.
@@ -404,6 +420,7 @@ impl Session {
                 }
                 let cur = self.current(&path).await?;
                 check_base(&path, &cur, base_rev)?;
+                self.check_replaceable(&path, &cur).await?;
                 let (p, t) = (path.clone(), target.clone());
                 blocking(move || store.symlink(&p, &t)).await?;
                 let rev = self.commit("symlink", vec![(path, Some(Node::Symlink { target }))]).await?;

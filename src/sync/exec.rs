@@ -50,6 +50,8 @@ pub struct Exec {
     /// Local files the server deleted, by content, that a fetch may rename instead of copy.
     pub renamed_away: std::collections::HashMap<ContentHash, (RelPath, u64, u64, Meta)>,
     pub renamed_here: std::collections::HashSet<RelPath>,
+    /// Local deletes, run after the downloads (or earlier, to empty a directory a file replaces).
+    pub pending_deletes: Vec<Action>,
 }
 
 impl Exec {
@@ -64,6 +66,7 @@ impl Exec {
                 self.renamed_away.entry(*hash).or_insert((path.clone(), *rev, *size, *meta));
             }
         }
+        self.pending_deletes = local_deletes;
         for a in actions {
             match a {
                 Action::Conflict { local, remote } => self.conflict(local, remote, &mut jobs)?,
@@ -82,7 +85,7 @@ impl Exec {
                     .push(format!("{}: failed twice; will retry on the next run", job_path(&j)));
             }
         }
-        for a in local_deletes {
+        for a in std::mem::take(&mut self.pending_deletes) {
             if let Action::DeleteLocal { path, rev, expect } = a
                 && !self.renamed_here.contains(&path)
             {
@@ -184,10 +187,11 @@ impl Exec {
                 match std::fs::symlink_metadata(&full) {
                     Ok(md) if md.is_dir() => {}
                     Ok(_) => {
-                        return {
-                            self.report.errors.push(format!("{path}: a file is in the way of a directory"));
-                            Ok(())
-                        };
+                        // The plan only fetches over an unchanged local version, so the file or
+                        // link in the way is one the server replaced by this directory.
+                        std::fs::remove_file(&full).map_err(|e| self.io_err(&path, e))?;
+                        self.cache.remove(&path);
+                        std::fs::create_dir(&full).map_err(|e| self.io_err(&path, e))?;
                     }
                     Err(_) => std::fs::create_dir(&full).map_err(|e| self.io_err(&path, e))?,
                 }
@@ -198,6 +202,9 @@ impl Exec {
             }
             Node::Symlink { target } => {
                 fsutil::ensure_dirs(&self.root, &path).map_err(|e| self.io_err(&path, e))?;
+                if !self.make_way(&path) {
+                    return Ok(());
+                }
                 let tmp = fsutil::temp_path(full.parent().unwrap_or(&self.root));
                 std::os::unix::fs::symlink(target, &tmp).map_err(|e| self.io_err(&path, e))?;
                 std::fs::rename(&tmp, &full).map_err(|e| self.io_err(&path, e))?;
@@ -310,6 +317,42 @@ impl Exec {
             self.cache.insert(path.clone(), (stat, *hash));
         }
         self.local.insert(path.clone(), node);
+    }
+
+    /// The server replaced a directory by a file or link: empties and removes the local
+    /// directory (its contents were deleted on the server too). False if it has new files here,
+    /// which then survive.
+    fn make_way(&mut self, path: &RelPath) -> bool {
+        let full = self.full(path);
+        let is_dir = std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir());
+        if !is_dir || !matches!(self.local.get(path), Some(Node::Dir { .. })) {
+            return true;
+        }
+        self.delete_pending_under(path);
+        if std::fs::remove_dir(&full).is_err() {
+            self.report.notes.push(format!("{path}: replaced on the server but has new files here; kept"));
+            return false;
+        }
+        self.local.remove(path);
+        true
+    }
+
+    fn delete_pending_under(&mut self, dir: &RelPath) {
+        let prefix = format!("{dir}/");
+        let (mut under, rest): (Vec<Action>, Vec<Action>) =
+            std::mem::take(&mut self.pending_deletes).into_iter().partition(
+                |a| matches!(a, Action::DeleteLocal { path, .. } if path.as_str().starts_with(&prefix)),
+            );
+        self.pending_deletes = rest;
+        under.sort_by_key(|a| match a {
+            Action::DeleteLocal { path, .. } => std::cmp::Reverse(path.depth()),
+            _ => std::cmp::Reverse(0),
+        });
+        for a in under {
+            if let Action::DeleteLocal { path, rev, expect } = a {
+                self.delete_local(path, rev, expect);
+            }
+        }
     }
 
     fn delete_local(&mut self, path: RelPath, rev: u64, expect: Node) {
@@ -590,8 +633,11 @@ impl Exec {
         };
         // Do not overwrite a local change made while we were downloading.
         let full = self.full(&path);
-        let now = std::fs::symlink_metadata(&full).ok();
         let expected = self.cache.get(&path).map(|(s, _)| *s);
+        if !self.make_way(&path) {
+            return Ok(None);
+        }
+        let now = std::fs::symlink_metadata(&full).ok();
         let unchanged = match (&now, expected) {
             (None, _) => true,
             (Some(md), Some(s)) => {

@@ -278,16 +278,17 @@ pub fn plan(
         _ => std::cmp::Reverse(0),
     });
 
-    // Order matters and the server keeps it: parents first, renames and copies before the deletes
-    // that could remove their source, deletes deepest first.
+    // Order matters and the server keeps it: renames and copies before the deletes that could
+    // remove their source; deletes (deepest first) before new entries, so a directory replaced by
+    // a file is emptied first; parents before children.
     let mut out = conflicts;
-    out.extend(mkdirs.into_iter().map(|(_, a)| a));
-    out.extend(links);
     out.extend(moves);
     out.extend(copies);
+    out.extend(deletes.into_iter().map(|(_, a)| a));
+    out.extend(mkdirs.into_iter().map(|(_, a)| a));
+    out.extend(links);
     out.extend(metas);
     out.extend(puts);
-    out.extend(deletes.into_iter().map(|(_, a)| a));
     out.extend(fetch_dirs);
     out.extend(fetch_rest);
     out.extend(out_records);
@@ -386,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn parents_first_deletes_deepest_first() {
+    fn deletes_deepest_first_then_parents_first() {
         let d = Node::Dir { mode: 0o755 };
         let local = BTreeMap::from([(p("a"), d.clone()), (p("a/b"), d.clone())]);
         let remote = BTreeMap::from([
@@ -407,6 +408,6 @@ mod tests {
                 _ => kind(a).to_string(),
             })
             .collect();
-        assert_eq!(names, ["mkdir a", "mkdir a/b", "delete-remote x/y", "delete-remote x"]);
+        assert_eq!(names, ["delete-remote x/y", "delete-remote x", "mkdir a", "mkdir a/b"]);
     }
 }

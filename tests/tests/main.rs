@@ -1,0 +1,13 @@
+//! Integration tests for deltasync, driven the way users drive it: the built `deltasync` binary
+//! (`serve`, `account add`, `push`, `pull`) plus raw sockets for the security tests.
+//!
+//! One test binary (ripgrep style), so the crate and the binary are linked once. It lives in
+//! `tests/tests/` (Cargo builds `tests/NAME/main.rs` as the test target `NAME` and leaves the
+//! modules beside it alone); plain `tests/util.rs` etc. would each become a test binary too,
+//! unless Cargo.toml set `autotests = false`.
+//!
+//! Run with `cargo test --release --test tests` (the big-file tests are much faster in release).
+
+mod push_pull;
+mod security;
+mod util;

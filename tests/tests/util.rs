@@ -1,0 +1,609 @@
+//! Shared helpers: a `deltasync serve` child process, accounts, running push/pull, comparing
+//! folders, parsing `--stats`, and deterministic pseudo-random bytes.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_deltasync");
+
+/// A `deltasync` command that does not inherit settings from the environment.
+pub fn command() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("DELTASYNC_SERVER").env_remove("DELTASYNC_TOKEN").env("NO_COLOR", "1");
+    c
+}
+
+/// Longest any single `deltasync` invocation may run before the test calls it hung.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+/// A `deltasync serve` child process on a port chosen by the OS. Killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    /// The `--data` folder.
+    pub data: PathBuf,
+    /// The temp folder holding `data/` and `server.log`; nothing else is written here.
+    pub root: PathBuf,
+    tmp: Option<TempDir>,
+}
+
+/// Starts a server on a fresh, empty data folder.
+pub fn start_server() -> Server {
+    let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
+    let root = tmp.path().to_path_buf();
+    let mut s = Server::spawn(&root, &root.join("data"));
+    s.tmp = Some(tmp);
+    s
+}
+
+impl Server {
+    fn spawn(root: &Path, data: &Path) -> Server {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("server.log"))
+            .expect("open server log");
+        let mut child = command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn deltasync serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Reads stdout to its end, so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some((_, rest)) = line.split_once("listening on ") {
+                    let _ = tx.send(rest.trim().to_string());
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(a) => break a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a:?}: {e}")),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        panic!("server exited early ({st}); log:\n{}", read_log(root));
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!("server did not print its address within 30 s; log:\n{}", read_log(root));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("server closed stdout without an address; log:\n{}", read_log(root));
+                }
+            }
+        };
+        Server { child: Some(child), addr, data: data.to_path_buf(), root: root.to_path_buf(), tmp: None }
+    }
+
+    /// `IP:PORT` for `--server`.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Kills this server and starts a new one on the same data folder (a new port).
+    pub fn restart(mut self) -> Server {
+        self.kill();
+        let mut s = Server::spawn(&self.root, &self.data);
+        s.tmp = self.tmp.take();
+        s
+    }
+
+    /// What the server wrote to stderr so far (for failure messages).
+    pub fn log(&self) -> String {
+        read_log(&self.root)
+    }
+
+    /// Each account's folder (`data/accounts/ID`).
+    pub fn account_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(self.data.join("accounts"))
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Files currently in the accounts' upload temp areas (`data/accounts/*/tmp`).
+    pub fn temp_files(&self) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        for a in self.account_dirs() {
+            if let Ok(rd) = fs::read_dir(a.join("tmp")) {
+                for e in rd.flatten() {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    out.push((e.path(), len));
+                }
+            }
+        }
+        out
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_log(root: &Path) -> String {
+    fs::read_to_string(root.join("server.log")).unwrap_or_default()
+}
+
+/// Creates an account with `deltasync account add NAME --data DIR` and returns its token.
+pub fn add_account(data_dir: &Path, name: &str) -> String {
+    let out = run(command().args(["account", "add", name, "--data"]).arg(data_dir)).ok("account add");
+    let token = out.stdout.lines().rev().find(|l| !l.trim().is_empty()).expect("token line").trim();
+    assert!(
+        token.len() >= 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
+        "unexpected token line {token:?} in:\n{}",
+        out.stdout
+    );
+    token.to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary
+
+/// What a finished `deltasync` run left.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    what: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics with everything the run printed unless it succeeded.
+    pub fn ok(self, context: &str) -> Output {
+        assert!(self.success(), "{context}: `{}` failed: {}\n{}", self.what, self.status, self.dump());
+        self
+    }
+
+    pub fn dump(&self) -> String {
+        format!("--- stdout ---\n{}--- stderr ---\n{}", self.stdout, self.stderr)
+    }
+
+    /// Transfer statistics printed by `--stats`.
+    pub fn stats(&self) -> (u64, u64) {
+        parse_stats(&self.stdout)
+    }
+
+    /// `sent + received`.
+    pub fn wire_bytes(&self) -> u64 {
+        let (s, r) = self.stats();
+        s + r
+    }
+
+    pub fn stat(&self, label: &str) -> u64 {
+        stat_line(&self.stdout, label).unwrap_or_else(|| {
+            panic!("no `{label}:` line in the output of `{}`:\n{}", self.what, self.dump())
+        })
+    }
+}
+
+/// Runs a command to completion, capturing its output. If it has not closed its output after
+/// [`RUN_DEADLINE`] it is killed, so a hung run fails the test instead of hanging the suite.
+pub fn run(cmd: &mut Command) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        let _ = t.send((true, b));
+    });
+    std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        let _ = tx.send((false, b));
+    });
+    let deadline = Instant::now() + RUN_DEADLINE;
+    let (mut out, mut err) = (None, None);
+    let mut timed_out = false;
+    while out.is_none() || err.is_none() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((true, b)) => out = Some(b),
+            Ok((false, b)) => err = Some(b),
+            Err(_) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().unwrap_or_else(|e| panic!("wait {what}: {e}"));
+    let o = Output {
+        status,
+        stdout: String::from_utf8_lossy(&out.unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err.unwrap_or_default()).into_owned(),
+        what,
+    };
+    assert!(!timed_out, "`{}` ran longer than {RUN_DEADLINE:?} and was killed\n{}", o.what, o.dump());
+    o
+}
+
+/// `deltasync push|pull DIR --server ADDR --token TOK --no-progress --stats EXTRA...`, not checked.
+pub fn sync_cmd(cmd: &str, dir: &Path, server: &Server, token: &str, extra: &[&str]) -> Output {
+    run(&mut sync_command(cmd, dir, &server.address(), token, extra))
+}
+
+/// The command [`sync_cmd`] runs, for tests that need to spawn it themselves.
+pub fn sync_command(cmd: &str, dir: &Path, addr: &str, token: &str, extra: &[&str]) -> Command {
+    let mut c = command();
+    c.arg(cmd)
+        .arg(dir)
+        .args(["--server", addr, "--token", token, "--no-progress", "--stats"])
+        .args(extra.iter().map(OsStr::new));
+    c
+}
+
+/// A push that must succeed; returns its output (with `--stats`).
+pub fn push(dir: &Path, server: &Server, token: &str) -> Output {
+    sync_cmd("push", dir, server, token, &[]).ok("push")
+}
+
+/// A pull that must succeed; returns its output (with `--stats`).
+pub fn pull(dir: &Path, server: &Server, token: &str) -> Output {
+    sync_cmd("pull", dir, server, token, &[]).ok("pull")
+}
+
+/// A push as a named device (the name appears in conflict copies).
+pub fn push_as(dir: &Path, server: &Server, token: &str, device: &str) -> Output {
+    sync_cmd("push", dir, server, token, &["--device", device]).ok("push")
+}
+
+/// A pull as a named device.
+pub fn pull_as(dir: &Path, server: &Server, token: &str, device: &str) -> Output {
+    sync_cmd("pull", dir, server, token, &["--device", device]).ok("pull")
+}
+
+// ---------------------------------------------------------------------------------------------
+// --stats
+
+/// `(Total bytes sent, Total bytes received)` from `--stats` output.
+pub fn parse_stats(stdout: &str) -> (u64, u64) {
+    let get = |label| {
+        stat_line(stdout, label).unwrap_or_else(|| panic!("no `{label}:` line in stats output:\n{stdout}"))
+    };
+    (get("Total bytes sent"), get("Total bytes received"))
+}
+
+/// The number on the line `LABEL: N` or `LABEL: N bytes`.
+pub fn stat_line(stdout: &str, label: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix(label)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Folders
+
+/// What a tree entry is, for comparisons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File { size: u64, mtime_ns: i64, exec: bool },
+    Symlink(PathBuf),
+}
+
+/// Every path under `root` except the root's `.deltasync/`, `/`-separated and relative.
+fn tree(root: &Path) -> BTreeMap<String, (Kind, PathBuf)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Kind, PathBuf)>) {
+        let rd = fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
+        for e in rd {
+            let e = e.expect("dir entry");
+            let full = e.path();
+            if dir == root && e.file_name() == ".deltasync" {
+                continue;
+            }
+            let rel = full.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+            let md = fs::symlink_metadata(&full).expect("stat");
+            let ft = md.file_type();
+            let kind = if ft.is_symlink() {
+                Kind::Symlink(fs::read_link(&full).expect("readlink"))
+            } else if ft.is_dir() {
+                Kind::Dir
+            } else {
+                Kind::File {
+                    size: md.len(),
+                    mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                    exec: md.permissions().mode() & 0o111 != 0,
+                }
+            };
+            let is_dir = kind == Kind::Dir;
+            out.insert(rel, (kind, full.clone()));
+            if is_dir {
+                walk(root, &full, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// Relative paths under `root` (without `.deltasync/`), sorted.
+pub fn list_tree(root: &Path) -> Vec<String> {
+    tree(root).into_keys().collect()
+}
+
+/// Asserts that two folders hold the same tree, ignoring each root's `.deltasync/`: the same
+/// relative paths, kinds, symlink targets, file contents, exec bits and file mtimes (to the
+/// nanosecond: deltasync preserves them). Panics with a list of every difference.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let ta = tree(a);
+    let tb = tree(b);
+    let mut diffs = Vec::new();
+    for p in ta.keys().filter(|p| !tb.contains_key(*p)) {
+        diffs.push(format!("only in A: {p}"));
+    }
+    for p in tb.keys().filter(|p| !ta.contains_key(*p)) {
+        diffs.push(format!("only in B: {p}"));
+    }
+    for (p, (ka, fa)) in &ta {
+        let Some((kb, fb)) = tb.get(p) else { continue };
+        match (ka, kb) {
+            (
+                Kind::File { size: sa, mtime_ns: ma, exec: ea },
+                Kind::File { size: sb, mtime_ns: mb, exec: eb },
+            ) => {
+                if sa != sb {
+                    diffs.push(format!("size differs: {p}: A {sa} bytes, B {sb} bytes"));
+                } else if fs::read(fa).expect("read") != fs::read(fb).expect("read") {
+                    diffs.push(format!("content differs: {p}"));
+                }
+                if ea != eb {
+                    diffs.push(format!("exec bit differs: {p}: A {ea}, B {eb}"));
+                }
+                if ma != mb {
+                    diffs.push(format!("mtime differs: {p}: A {ma} ns, B {mb} ns"));
+                }
+            }
+            (x, y) if x != y => diffs.push(format!("kind differs: {p}: A {x:?}, B {y:?}")),
+            _ => {}
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "trees differ\n  A = {}\n  B = {}\n{}\nA has: {:?}\nB has: {:?}",
+        a.display(),
+        b.display(),
+        diffs.join("\n"),
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>()
+    );
+}
+
+/// Writes a file, creating its parent folders.
+pub fn write(path: &Path, bytes: impl AsRef<[u8]>) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).expect("create parent");
+    }
+    fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+pub fn read_string(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A new temp folder for one "computer".
+pub fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().expect("temp dir")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic pseudo-random bytes
+
+/// xorshift64: deterministic, fast, no `rand` needed.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> Self {
+        // Spread small seeds and never start at zero (a fixed point of xorshift).
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        let last = self.next_u64().to_le_bytes();
+        rest.copy_from_slice(&last[..rest.len()]);
+    }
+}
+
+/// `len` pseudo-random bytes from `seed`.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    XorShift::new(seed).fill(&mut v);
+    v
+}
+
+/// Does any file under `dir` (recursively) contain `needle`?
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            match fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => stack.push(p),
+                Ok(md) if md.is_file() => {
+                    if let Ok(bytes) = fs::read(&p)
+                        && bytes.windows(needle.len()).any(|w| w == needle)
+                    {
+                        hits.push(p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    hits
+}
+
+/// Every path under `dir` (recursively, symlinks not followed) whose file name is in `names`.
+pub fn find_named(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if names.iter().any(|n| e.file_name() == **n) {
+                hits.push(p.clone());
+            }
+            if fs::symlink_metadata(&p).map(|m| m.is_dir()).unwrap_or(false) {
+                stack.push(p);
+            }
+        }
+    }
+    hits
+}
+
+/// The helpers themselves: a comparison that cannot fail would make every test above pass.
+mod self_tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn tree_diff(setup: impl Fn(&Path)) -> String {
+        let a = temp_dir("ds-self-a-");
+        let b = temp_dir("ds-self-b-");
+        for d in [a.path(), b.path()] {
+            write(&d.join("x/f.txt"), "same\n");
+            filetime::set_file_mtime(d.join("x/f.txt"), filetime::FileTime::from_unix_time(1_000, 5))
+                .unwrap();
+            symlink("x/f.txt", d.join("l")).unwrap();
+            write(&d.join(".deltasync/index.db"), d.to_string_lossy().as_bytes());
+        }
+        setup(b.path());
+        let r = std::panic::catch_unwind(|| assert_same_tree(a.path(), b.path()));
+        match r {
+            Ok(()) => String::new(),
+            Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn assert_same_tree_sees_every_difference() {
+        assert_eq!(tree_diff(|_| {}), "", "identical trees (apart from .deltasync/) must compare equal");
+        let f = |b: &Path| b.join("x/f.txt");
+        let keep_mtime = |p: &Path| {
+            filetime::set_file_mtime(p, filetime::FileTime::from_unix_time(1_000, 5)).unwrap();
+        };
+        type Case = (&'static str, Box<dyn Fn(&Path)>);
+        let cases: Vec<Case> = vec![
+            ("only in B: x/new", Box::new(|b| write(&b.join("x/new"), ""))),
+            ("only in A: l", Box::new(|b| fs::remove_file(b.join("l")).unwrap())),
+            (
+                "content differs: x/f.txt",
+                Box::new(move |b| {
+                    write(&f(b), "diff\n");
+                    keep_mtime(&f(b));
+                }),
+            ),
+            ("size differs: x/f.txt", Box::new(move |b| write(&f(b), "different size\n"))),
+            ("exec bit differs: x/f.txt", Box::new(move |b| set_mode(&f(b), 0o755))),
+            (
+                "mtime differs: x/f.txt",
+                Box::new(move |b| {
+                    filetime::set_file_mtime(f(b), filetime::FileTime::from_unix_time(1_000, 6)).unwrap()
+                }),
+            ),
+            (
+                "kind differs: l",
+                Box::new(|b| {
+                    fs::remove_file(b.join("l")).unwrap();
+                    symlink("elsewhere", b.join("l")).unwrap();
+                }),
+            ),
+        ];
+        for (want, setup) in cases {
+            let msg = tree_diff(setup);
+            assert!(msg.contains(want), "expected {want:?} in:\n{msg}");
+        }
+    }
+
+    #[test]
+    fn stats_are_parsed() {
+        let out = "1 uploaded; 1 KiB sent\nLiteral data: 17 bytes\nTotal bytes sent: 1234\nTotal bytes received: 56\n\nsent 1234 bytes  received 56 bytes\n";
+        assert_eq!(parse_stats(out), (1234, 56));
+        assert_eq!(stat_line(out, "Literal data"), Some(17));
+        assert_eq!(stat_line(out, "Matched data"), None);
+    }
+
+    #[test]
+    fn xorshift_is_deterministic_and_not_constant() {
+        assert_eq!(random_bytes(1, 1000), random_bytes(1, 1000));
+        assert_ne!(random_bytes(1, 1000), random_bytes(2, 1000));
+        let v = random_bytes(3, 1 << 16);
+        let zeros = v.iter().filter(|b| **b == 0).count();
+        assert!(zeros < 1000, "{zeros} zero bytes in 64 KiB");
+        assert_eq!(random_bytes(4, 13).len(), 13);
+    }
+}
