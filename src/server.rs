@@ -8,6 +8,7 @@
 //! Commits to one account are serialized by a per-account lock; accounts never wait on each other
 //! except for the short SQLite transaction.
 
+pub mod batch;
 pub mod meta;
 pub mod session;
 pub mod store;
@@ -41,6 +42,8 @@ pub enum ServerError {
     DataDir { path: PathBuf, err: std::io::Error },
     #[error(transparent)]
     Meta(#[from] meta::MetaError),
+    #[error("completing interrupted uploads failed: {0}")]
+    Recover(String),
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
 }
@@ -60,12 +63,18 @@ impl Shared {
         let dd = |err| ServerError::DataDir { path: config.data_dir.clone(), err };
         std::fs::create_dir_all(&config.data_dir).map_err(dd)?;
         let store = Store::open(&config.data_dir).map_err(dd)?;
+        let meta = open_metadata(&config.data_dir)?;
+        // Finish group commits a crash interrupted before temp files are swept away.
+        let recovered = batch::recover(&meta, &store).map_err(ServerError::Recover)?;
+        if recovered > 0 {
+            tracing::info!("completed {recovered} uploads interrupted by a crash");
+        }
         let cleaned = store.clean_temps().map_err(dd)?;
         if cleaned > 0 {
             tracing::info!("removed {cleaned} temp files left by interrupted uploads");
         }
         Ok(Shared {
-            meta: open_metadata(&config.data_dir)?,
+            meta,
             store,
             open_registration: config.open_registration,
             locks: Mutex::default(),

@@ -240,6 +240,8 @@ impl Folder {
             renamed_away: Default::default(),
             renamed_here: Default::default(),
             pending_deletes: Vec::new(),
+            ready: Vec::new(),
+            ready_bytes: 0,
         };
         let r = exec.run(client, actions).await;
         exec.batch.last_seq = Some(exec.advanced_seq(seq));

@@ -66,6 +66,17 @@ CREATE TABLE IF NOT EXISTS files (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_rev ON files(account, rev);
 CREATE INDEX IF NOT EXISTS files_hash ON files(account, hash);
+-- Uploads between rename-into-place and their commit: a redo log, so a crash in between
+-- is completed at start instead of leaving the mirror ahead of the metadata.
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY,
+    account INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    tmp TEXT NOT NULL,
+    node BLOB NOT NULL,
+    op TEXT NOT NULL,
+    device TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS journal (
     account INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -198,34 +209,91 @@ impl Metadata {
     ) -> Result<u64, MetaError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
-        let seq: i64 = tx.query_row(
-            "UPDATE accounts SET seq = seq + 1 WHERE id=?1 RETURNING seq",
-            params![account],
-            |r| r.get(0),
-        )?;
+        let seq = next_seq(&tx, account)?;
         for (path, node) in changes {
-            let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) =
-                match node {
-                    None => (0, None, 0, NodeMeta { mtime_ns: 0, mode: 0 }, None),
-                    Some(Node::File { hash, size, meta }) => (1, Some(hash.0.to_vec()), *size, *meta, None),
-                    Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
-                    Some(Node::Symlink { target }) => {
-                        (3, None, 0, NodeMeta { mtime_ns: 0, mode: 0 }, Some(target))
-                    }
-                };
-            tx.execute(
-                "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![account, path.as_str(), seq, kind, hash, size as i64, meta.mtime_ns, meta.mode, target, device],
-            )?;
-            tx.execute(
-                "INSERT INTO journal (account, seq, op, path, device, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT DO NOTHING",
-                params![account, seq, op, path.as_str(), device, now_secs()],
-            )?;
+            write_change(&tx, account, seq, path, *node, op, device)?;
         }
         tx.commit()?;
-        Ok(seq as u64)
+        Ok(seq)
+    }
+
+    /// Step one of a group commit: remembers the uploads about to be renamed into place.
+    pub fn stage(
+        &self,
+        account: AccountId,
+        device: &str,
+        items: &[(&RelPath, &Path, &Node, &str)],
+    ) -> Result<Vec<i64>, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let mut ids = Vec::with_capacity(items.len());
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO pending (account, path, tmp, node, op, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (path, tmp, node, op) in items {
+                let node = postcard::to_allocvec(node).unwrap_or_default();
+                st.execute(params![account, path.as_str(), tmp.to_string_lossy(), node, op, device])?;
+                ids.push(tx.last_insert_rowid());
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Step two: records the renamed uploads, one sequence number each, in one transaction.
+    pub fn commit_staged(
+        &self,
+        account: AccountId,
+        device: &str,
+        items: &[(i64, &RelPath, &Node, &str)],
+    ) -> Result<Vec<u64>, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let mut seqs = Vec::with_capacity(items.len());
+        for (id, path, node, op) in items {
+            let seq = next_seq(&tx, account)?;
+            write_change(&tx, account, seq, path, Some(node), op, device)?;
+            tx.execute("DELETE FROM pending WHERE id=?1", params![id])?;
+            seqs.push(seq);
+        }
+        tx.commit()?;
+        Ok(seqs)
+    }
+
+    pub fn drop_pending(&self, ids: &[i64]) -> Result<(), MetaError> {
+        let c = self.conn();
+        for id in ids {
+            c.execute("DELETE FROM pending WHERE id=?1", params![id])?;
+        }
+        Ok(())
+    }
+
+    /// Staged uploads left by a crash.
+    pub fn pending(&self) -> Result<Vec<Pending>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT id, account, path, tmp, node, op, device FROM pending ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, account, path, tmp, node, op, device) = row?;
+            let (Ok(path), Ok(node)) = (RelPath::new(path.clone()), postcard::from_bytes::<Node>(&node))
+            else {
+                return Err(MetaError::CorruptRow(path));
+            };
+            out.push(Pending { id, account, path, tmp: tmp.into(), node, op, device });
+        }
+        Ok(out)
     }
 
     /// Live entries under a directory (for refusing to delete a non-empty one).
@@ -239,6 +307,65 @@ impl Metadata {
         )?;
         Ok(n > 0)
     }
+}
+
+/// An upload staged for a group commit.
+#[derive(Debug)]
+pub struct Pending {
+    pub id: i64,
+    pub account: AccountId,
+    pub path: RelPath,
+    pub tmp: std::path::PathBuf,
+    pub node: Node,
+    pub op: String,
+    pub device: String,
+}
+
+fn next_seq(tx: &rusqlite::Transaction<'_>, account: AccountId) -> Result<u64, MetaError> {
+    let seq: i64 =
+        tx.query_row("UPDATE accounts SET seq = seq + 1 WHERE id=?1 RETURNING seq", params![account], |r| {
+            r.get(0)
+        })?;
+    Ok(seq as u64)
+}
+
+fn write_change(
+    tx: &rusqlite::Transaction<'_>,
+    account: AccountId,
+    seq: u64,
+    path: &RelPath,
+    node: Option<&Node>,
+    op: &str,
+    device: &str,
+) -> Result<(), MetaError> {
+    let zero = NodeMeta { mtime_ns: 0, mode: 0 };
+    let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) = match node {
+        None => (0, None, 0, zero, None),
+        Some(Node::File { hash, size, meta }) => (1, Some(hash.0.to_vec()), *size, *meta, None),
+        Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
+        Some(Node::Symlink { target }) => (3, None, 0, zero, Some(target)),
+    };
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        account,
+        path.as_str(),
+        seq as i64,
+        kind,
+        hash,
+        size as i64,
+        meta.mtime_ns,
+        meta.mode,
+        target,
+        device
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO journal (account, seq, op, path, device, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+    )?
+    .execute(params![account, seq as i64, op, path.as_str(), device, now_secs()])?;
+    Ok(())
 }
 
 type RowResult = Result<Entry, MetaError>;

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::batch::{self, Staged};
 use super::meta::{Account, MetaError};
 use super::store::AccountStore;
 use crate::delta::{self, Applier, Block};
@@ -17,6 +18,7 @@ use crate::fsutil::{self, TempGuard};
 use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::*;
+use futures_util::FutureExt;
 
 /// A silent peer is dropped after this long without completing the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,8 +37,6 @@ pub enum SessionError {
     Internal(String),
 }
 
-type Handled = Result<Result<Reply, Refusal>, SessionError>;
-
 fn server_err(e: impl std::fmt::Display) -> Refusal {
     tracing::warn!("request failed: {e}");
     Refusal::new(RefusalKind::Server, format!("server could not complete the request: {e}"))
@@ -54,7 +54,13 @@ impl From<std::io::Error> for Refusal {
     }
 }
 
+/// Uploads committed together at most: bounds the time a reply waits and the open temp files.
+const MAX_BATCH: usize = 256;
+const MAX_BATCH_BYTES: u64 = 64 << 20;
+
 struct Session {
+    staged: Vec<Staged>,
+    staged_bytes: u64,
     id: u64,
     shared: Arc<Shared>,
     account: Account,
@@ -132,7 +138,17 @@ pub async fn serve(
     };
     let store = shared.store.account(account.id).map_err(|e| SessionError::Internal(e.to_string()))?;
     wr.send(&Welcome::Accepted { account: account.name.clone(), new_token }).await?;
-    let mut s = Session { id: shared.session_id(), shared, account, device, store, rd, wr };
+    let mut s = Session {
+        staged: Vec::new(),
+        staged_bytes: 0,
+        id: shared.session_id(),
+        shared,
+        account,
+        device,
+        store,
+        rd,
+        wr,
+    };
     let r = s.requests(cancel).await;
     if let Err(SessionError::Protocol(ProtocolError::Decode(e))) = &r {
         let _ = s.wr.send(&ServerMsg::Fatal { message: format!("malformed message ({e}): closing") }).await;
@@ -142,23 +158,42 @@ pub async fn serve(
 
 impl Session {
     async fn requests(&mut self, cancel: CancellationToken) -> Result<(), SessionError> {
+        let r = self.serve_requests(cancel).await;
+        // Uploads that arrived whole are committed even if the client is gone: they were verified.
+        let _ = self.flush().await;
+        r
+    }
+
+    async fn serve_requests(&mut self, cancel: CancellationToken) -> Result<(), SessionError> {
         let mut notices: Option<tokio::sync::broadcast::Receiver<(u64, u64)>> = None;
         loop {
-            let msg = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                seq = async { match notices.as_mut() { Some(n) => n.recv().await, None => std::future::pending().await } } => {
-                    match seq {
-                        Ok((_, origin)) if origin == self.id => {}
-                        Ok((seq, _)) => self.wr.send(&ServerMsg::Notify { seq }).await?,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            let seq = self.db(|m, a| m.seq(a)).await.map_err(|e| SessionError::Internal(e.message))?;
-                            self.wr.send(&ServerMsg::Notify { seq }).await?;
+            let msg = if self.staged.is_empty() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    seq = async { match notices.as_mut() { Some(n) => n.recv().await, None => std::future::pending().await } } => {
+                        match seq {
+                            Ok((_, origin)) if origin == self.id => {}
+                            Ok((seq, _)) => self.wr.send(&ServerMsg::Notify { seq }).await?,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                let seq = self.db(|m, a| m.seq(a)).await.map_err(|e| SessionError::Internal(e.message))?;
+                                self.wr.send(&ServerMsg::Notify { seq }).await?;
+                            }
+                            Err(_) => notices = None,
                         }
-                        Err(_) => notices = None,
+                        continue;
                     }
-                    continue;
+                    m = self.rd.recv::<ClientMsg>() => m?,
                 }
-                m = self.rd.recv::<ClientMsg>() => m?,
+            } else {
+                // Uploads are waiting for their batch: keep batching while the client keeps
+                // sending; commit as soon as it pauses (it may be waiting for the replies).
+                match self.rd.recv::<ClientMsg>().now_or_never() {
+                    Some(m) => m?,
+                    None => {
+                        self.flush().await?;
+                        continue;
+                    }
+                }
             };
             let Some(msg) = msg else { return Ok(()) };
             let (id, req) = match msg {
@@ -168,30 +203,94 @@ impl Session {
                 }
             };
             let result = match req {
-                Request::Changes { since } => {
-                    self.changes(id, since).await?;
-                    continue;
-                }
-                Request::Get { path, have } => {
-                    self.get(id, path, have).await?;
-                    continue;
-                }
-                Request::Signature { path } => {
-                    self.signature(id, path).await?;
-                    continue;
-                }
                 Request::Put { path, base_rev, hash, size, meta, base } => {
-                    self.put(id, path, base_rev, hash, size, meta, base).await?
+                    if self.staged.iter().any(|s| s.path == path) {
+                        self.flush().await?;
+                    }
+                    match self.put(id, path.clone(), base_rev, hash, size, meta, base).await? {
+                        Ok(tmp) => {
+                            let node = Node::File { hash, size, meta };
+                            self.stage(Staged { id, path, base_rev, tmp, node, op: "write" }).await?;
+                            continue;
+                        }
+                        Err(r) => Err(r),
+                    }
                 }
-                Request::Subscribe => {
-                    notices = Some(self.shared.subscribe(self.account.id));
-                    Ok(Reply::Ok)
+                Request::Copy { hash, size, to, to_base_rev, meta } => {
+                    if self.staged.iter().any(|s| s.path == to) {
+                        self.flush().await?;
+                    }
+                    match self.copy(hash, size, meta).await {
+                        Ok(tmp) => {
+                            let node = Node::File { hash, size, meta };
+                            self.stage(Staged { id, path: to, base_rev: to_base_rev, tmp, node, op: "copy" })
+                                .await?;
+                            continue;
+                        }
+                        Err(r) => Err(r),
+                    }
                 }
-                Request::Ping => Ok(Reply::Ok),
-                other => self.simple(other).await,
+                other => {
+                    // Everything else must see the waiting uploads committed.
+                    self.flush().await?;
+                    match other {
+                        Request::Changes { since } => {
+                            self.changes(id, since).await?;
+                            continue;
+                        }
+                        Request::Get { path, have } => {
+                            self.get(id, path, have).await?;
+                            continue;
+                        }
+                        Request::Signature { path } => {
+                            self.signature(id, path).await?;
+                            continue;
+                        }
+                        Request::Subscribe => {
+                            notices = Some(self.shared.subscribe(self.account.id));
+                            Ok(Reply::Ok)
+                        }
+                        Request::Ping => Ok(Reply::Ok),
+                        other => self.simple(other).await,
+                    }
+                }
             };
+            self.flush().await?;
             self.wr.send(&ServerMsg::Resp { id, result }).await?;
         }
+    }
+
+    async fn stage(&mut self, s: Staged) -> Result<(), SessionError> {
+        if let Node::File { size, .. } = &s.node {
+            self.staged_bytes += size;
+        }
+        self.staged.push(s);
+        if self.staged.len() >= MAX_BATCH || self.staged_bytes >= MAX_BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the waiting uploads as one batch and sends their replies.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.staged_bytes = 0;
+        let target = batch::Target {
+            shared: &self.shared,
+            account: self.account.id,
+            session: self.id,
+            device: &self.device,
+            store: &self.store,
+        };
+        let results = batch::commit(target, staged).await;
+        for (id, result) in results {
+            self.wr.feed(&ServerMsg::Resp { id, result }).await?;
+        }
+        self.wr.flush().await?;
+        Ok(())
     }
 
     /// Runs a metadata call on the blocking pool.
@@ -252,14 +351,16 @@ impl Session {
         size: u64,
         meta: Meta,
         base: Option<ContentHash>,
-    ) -> Handled {
+    ) -> Result<Result<TempGuard, Refusal>, SessionError> {
         let early = self.check_put(&path, base_rev, base).await;
         let (tx, rx) = mpsc::channel::<Block>(4);
         let worker = match &early {
             Ok(base_file) => {
                 let store = self.store.clone();
                 let base_file = base_file.clone();
-                Some(tokio::task::spawn_blocking(move || reconstruct(&store, base_file, rx, size, hash)))
+                Some(tokio::task::spawn_blocking(move || {
+                    reconstruct(&store, base_file, rx, size, hash, meta)
+                }))
             }
             Err(_) => None,
         };
@@ -282,12 +383,10 @@ impl Session {
         if let Err(r) = early {
             return Ok(Err(r));
         }
-        let tmp = match worker.expect("worker exists when checks passed").await {
-            Ok(Ok(t)) => t,
-            Ok(Err(r)) => return Ok(Err(r)),
-            Err(e) => return Ok(Err(server_err(e))),
-        };
-        Ok(self.install(path, base_rev, tmp, Node::File { hash, size, meta }, "write").await)
+        Ok(match worker.expect("worker exists when checks passed").await {
+            Ok(r) => r,
+            Err(e) => Err(server_err(e)),
+        })
     }
 
     /// Checks an upload's base before its data arrives; returns the base file to apply a delta to.
@@ -327,68 +426,38 @@ impl Session {
         Ok(())
     }
 
-    /// Under the account's commit lock: re-check the base, move the file into place, record it.
-    async fn install(
-        &self,
-        path: RelPath,
-        base_rev: u64,
-        tmp: TempGuard,
-        node: Node,
-        op: &'static str,
-    ) -> Result<Reply, Refusal> {
-        let lock = self.shared.commit_lock(self.account.id);
-        let _held = lock.lock().await;
-        let cur = self.current(&path).await?;
-        check_base(&path, &cur, base_rev)?;
-        let meta = match &node {
-            Node::File { meta, .. } => *meta,
-            _ => return Err(server_err("install of a non-file")),
+    /// A server-side copy of content the account already holds, into a temp file.
+    async fn copy(&self, hash: ContentHash, size: u64, meta: Meta) -> Result<TempGuard, Refusal> {
+        let src = self.db(move |m, a| m.find_by_hash(a, &hash)).await?;
+        let Some(src) = src else {
+            return Err(Refusal::new(
+                RefusalKind::NotFound,
+                "no file with that content on the server; upload it",
+            ));
         };
         let store = self.store.clone();
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || {
-            let t = tmp.keep();
-            store.install_file(&t, &p, meta).inspect_err(|_| {
-                let _ = std::fs::remove_file(&t);
-            })
+        tokio::task::spawn_blocking(move || -> Result<TempGuard, Refusal> {
+            let mut from = store.open(&src)?;
+            let (mut f, t) = store.new_temp()?;
+            let g = TempGuard::new(t);
+            std::io::copy(&mut from, &mut f)?;
+            drop(f);
+            let (h, n) = ContentHash::of_file(g.path())?;
+            if h != hash || n != size {
+                return Err(Refusal::new(RefusalKind::NotFound, "the server's copy changed; upload it"));
+            }
+            fsutil::set_mode(g.path(), meta.mode)?;
+            fsutil::set_mtime(g.path(), meta.mtime_ns)?;
+            Ok(g)
         })
         .await
-        .map_err(server_err)??;
-        let rev = self.commit(op, vec![(path, Some(node))]).await?;
-        Ok(Reply::Committed { rev })
+        .map_err(server_err)?
     }
 
     /// Requests that change metadata or the tree without content: mkdir, symlink, delete, move,
     /// copy, set-meta.
     async fn simple(&self, req: Request) -> Result<Reply, Refusal> {
         match req {
-            Request::Copy { hash, size, to, to_base_rev, meta } => {
-                let src = self.db(move |m, a| m.find_by_hash(a, &hash)).await?;
-                let Some(src) = src else {
-                    return Err(Refusal::new(
-                        RefusalKind::NotFound,
-                        "no file with that content on the server; upload it",
-                    ));
-                };
-                let store = self.store.clone();
-                let tmp = tokio::task::spawn_blocking(move || -> Result<TempGuard, Refusal> {
-                    let mut from = store.open(&src)?;
-                    let (mut f, t) = store.new_temp()?;
-                    let g = TempGuard::new(t);
-                    std::io::copy(&mut from, &mut f)?;
-                    let (h, n) = ContentHash::of_file(g.path())?;
-                    if h != hash || n != size {
-                        return Err(Refusal::new(
-                            RefusalKind::NotFound,
-                            "the server's copy changed; upload it",
-                        ));
-                    }
-                    Ok(g)
-                })
-                .await
-                .map_err(server_err)??;
-                self.install(to, to_base_rev, tmp, Node::File { hash, size, meta }, "copy").await
-            }
             other => {
                 let lock = self.shared.commit_lock(self.account.id);
                 let _held = lock.lock().await;
@@ -609,6 +678,7 @@ fn reconstruct(
     mut rx: mpsc::Receiver<Block>,
     size: u64,
     hash: ContentHash,
+    meta: Meta,
 ) -> Result<TempGuard, Refusal> {
     let base_map = match base {
         Some(p) => {
@@ -631,9 +701,10 @@ fn reconstruct(
             "uploaded content does not match its announced hash; send it whole",
         ));
     }
-    let f = w.into_inner().map_err(|e| server_err(e.error()))?;
-    f.sync_all()?;
-    drop(f);
+    // Not fsynced here: the batch commit makes many files durable together.
+    drop(w.into_inner().map_err(|e| server_err(e.error()))?);
+    fsutil::set_mode(guard.path(), meta.mode)?;
+    fsutil::set_mtime(guard.path(), meta.mtime_ns)?;
     store.sigs.ensure_file(&hash, guard.path())?;
     Ok(guard)
 }

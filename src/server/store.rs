@@ -68,17 +68,19 @@ impl AccountStore {
     }
 
     /// Moves a verified temp file into place with its metadata, durably.
-    pub fn install_file(&self, tmp: &Path, rel: &RelPath, meta: Meta) -> io::Result<()> {
-        fsutil::set_mode(tmp, meta.mode)?;
-        fsutil::set_mtime(tmp, meta.mtime_ns)?;
+    /// Renames a verified, already durable temp file into place and returns the directory that
+    /// must be fsynced to make the rename durable. An empty directory in the way is replaced (the
+    /// session refuses to replace a non-empty one).
+    pub fn place(&self, tmp: &Path, rel: &RelPath) -> io::Result<PathBuf> {
         fsutil::ensure_dirs(&self.files, rel)?;
         let dest = rel.under(&self.files);
         if let Ok(md) = fs::symlink_metadata(&dest)
             && md.is_dir()
         {
-            remove_tree(&dest)?;
+            fs::remove_dir(&dest)?;
         }
-        fsutil::commit_temp(tmp, &dest)
+        fs::rename(tmp, &dest)?;
+        Ok(dest.parent().unwrap_or(&self.files).to_path_buf())
     }
 
     pub fn mkdir(&self, rel: &RelPath, mode: u32) -> io::Result<()> {
@@ -106,7 +108,7 @@ impl AccountStore {
         if let Ok(md) = fs::symlink_metadata(&dest)
             && md.is_dir()
         {
-            remove_tree(&dest)?;
+            fs::remove_dir(&dest)?;
         }
         fs::rename(&tmp, &dest)?;
         fsutil::sync_dir(dest.parent().unwrap_or(&self.files))
@@ -150,8 +152,4 @@ impl AccountStore {
         let p = self.resolve(rel)?;
         fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
     }
-}
-
-fn remove_tree(p: &Path) -> io::Result<()> {
-    fs::remove_dir_all(p)
 }

@@ -355,7 +355,7 @@ mod tests {
             ("same edit both sides", b(), Some((2, b())), Some((1, a())), "record"),
             ("different edits", b(), Some((2, c())), Some((1, a())), "conflict"),
             ("both created differently", a(), Some((1, b())), None, "conflict"),
-            ("local edit beats remote delete", b(), Some((2, None)), Some((1, a())), "put-delta"),
+            ("local edit beats remote delete", b(), Some((2, None)), Some((1, a())), "put"),
             ("remote edit beats local delete", None, Some((2, b())), Some((1, a())), "fetch"),
             ("already agreed, new rev only", a(), Some((3, a())), Some((1, a())), "record"),
         ];
