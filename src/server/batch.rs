@@ -50,18 +50,13 @@ async fn parallel<T: Send + Sync + 'static, R: Send + 'static>(items: Vec<T>, f:
     }
 }
 
-fn fsync_file(p: &PathBuf) -> std::io::Result<()> {
-    std::fs::File::open(p)?.sync_all()
-}
-
-fn fsync_dir(p: &PathBuf) -> std::io::Result<()> {
-    fsutil::sync_dir(p)
-}
-
 /// Commits a batch; returns each upload's reply, in order.
 pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Reply, Refusal>)> {
     let mut results: Vec<(u64, Result<Reply, Refusal>)> = Vec::with_capacity(staged.len());
-    let synced = parallel(staged.iter().map(|s| s.tmp.path().to_path_buf()).collect(), fsync_file).await;
+    let synced = parallel(staged.iter().map(|s| s.tmp.path().to_path_buf()).collect(), |p: &PathBuf| {
+        std::fs::File::open(p)?.sync_all()
+    })
+    .await;
 
     let lock = t.shared.commit_lock(t.account);
     let _held = lock.lock().await;
@@ -170,7 +165,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
             }
         }
     }
-    let _ = parallel(dirs.into_iter().collect(), fsync_dir).await;
+    let _ = parallel(dirs.into_iter().collect(), |d: &PathBuf| fsutil::sync_dir(d)).await;
     let sh = t.shared.clone();
     let device = t.device.to_string();
     let rows: Vec<(i64, RelPath, Node, &'static str)> =

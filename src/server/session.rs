@@ -454,19 +454,11 @@ impl Session {
         .map_err(server_err)?
     }
 
-    /// Requests that change metadata or the tree without content: mkdir, symlink, delete, move,
-    /// copy, set-meta.
+    /// Requests that change metadata or the tree without content (mkdir, symlink, delete, move,
+    /// set-meta), under the account's commit lock.
     async fn simple(&self, req: Request) -> Result<Reply, Refusal> {
-        match req {
-            other => {
-                let lock = self.shared.commit_lock(self.account.id);
-                let _held = lock.lock().await;
-                self.simple_locked(other).await
-            }
-        }
-    }
-
-    async fn simple_locked(&self, req: Request) -> Result<Reply, Refusal> {
+        let lock = self.shared.commit_lock(self.account.id);
+        let _held = lock.lock().await;
         let store = self.store.clone();
         match req {
             Request::Mkdir { path, base_rev, mode } => {
