@@ -31,6 +31,33 @@ pub enum Mapped {
     Map(Mmap),
 }
 
+impl Mapped {
+    /// Drops the pages of `[offset, offset + len)` from this process's resident set; they stay in
+    /// the page cache and fault back in if touched again. Streaming passes over huge files call it
+    /// behind them so resident memory stays flat instead of growing to the file's size.
+    pub fn release(&self, offset: usize, len: usize) {
+        const PAGE: usize = 4096;
+        if let Mapped::Map(m) = self {
+            let start = offset & !(PAGE - 1);
+            let end = offset.saturating_add(len).min(m.len());
+            if end <= start {
+                return;
+            }
+            // SAFETY: the map is a read-only shared file mapping (see `map`): MADV_DONTNEED only
+            // drops page-table entries, later reads fault the same file pages back in, and no
+            // write can be lost because there are none. Every slice into the map stays valid.
+            #[allow(unsafe_code)]
+            let _ =
+                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+
+    /// Releases the whole map.
+    pub fn release_all(&self) {
+        self.release(0, self.len());
+    }
+}
+
 impl std::ops::Deref for Mapped {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -9,8 +9,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3Default;
 
-/// Files at least this large are hashed through a memory map rather than read into buffers.
-const MMAP_THRESHOLD: u64 = 1 << 20;
+/// Read size for hashing: large enough that syscalls cost nothing next to hashing.
+const READ_BUF: usize = 1 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContentHash(pub [u8; 16]);
@@ -28,16 +28,11 @@ impl ContentHash {
         Some(ContentHash(b.try_into().ok()?))
     }
 
-    /// Hashes a file, streaming: memory stays bounded whatever the size.
+    /// Hashes a file, streaming through a buffer: memory stays bounded whatever the size.
     pub fn of_file(path: &Path) -> io::Result<(Self, u64)> {
         let mut f = File::open(path)?;
-        let len = f.metadata()?.len();
-        if len >= MMAP_THRESHOLD {
-            let map = crate::fsutil::map(&f)?;
-            return Ok((ContentHash::of(&map), len));
-        }
         let mut h = Hasher::new();
-        let mut buf = vec![0u8; 64 << 10];
+        let mut buf = vec![0u8; READ_BUF];
         let mut total = 0u64;
         loop {
             let n = f.read(&mut buf)?;
@@ -48,6 +43,16 @@ impl ContentHash {
             h.update(&buf[..n]);
         }
         Ok((h.finish(), total))
+    }
+
+    /// Hashes a memory-mapped file window by window, releasing each window behind it.
+    pub fn of_mapped(m: &crate::fsutil::Mapped) -> Self {
+        let mut h = Hasher::new();
+        for (i, w) in m.chunks(READ_BUF * 8).enumerate() {
+            h.update(w);
+            m.release(i * READ_BUF * 8, w.len());
+        }
+        h.finish()
     }
 }
 

@@ -585,7 +585,13 @@ impl Session {
         let (tx, mut rx) = mpsc::channel::<Block>(4);
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let map = fsutil::map(&file).map_err(|e| e.to_string())?;
-            let emit = |b, _| tx.blocking_send(b).map_err(|_| std::io::Error::other("receiver gone"));
+            let mut sent = 0usize;
+            let emit = |b, covered: u64| {
+                // Memory stays flat for huge files: drop the pages already encoded.
+                map.release(0, sent);
+                sent += covered as usize;
+                tx.blocking_send(b).map_err(|_| std::io::Error::other("receiver gone"))
+            };
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
                 Some(sig) => {
                     delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?;
@@ -614,9 +620,7 @@ impl Session {
                 let store = self.store.clone();
                 let p = path.clone();
                 blocking(move || -> std::io::Result<Vec<u8>> {
-                    let f = store.open(&p)?;
-                    let map = fsutil::map(&f)?;
-                    store.sigs.ensure(&hash, &map)?;
+                    store.sigs.ensure_file(&hash, &store.resolve(&p)?)?;
                     Ok(store.sigs.get(&hash, size).map(|s| s.into_serialized()).unwrap_or_default())
                 })
                 .await
@@ -685,6 +689,8 @@ fn reconstruct(
     let mut ap = Applier::new(&base_map, BufWriter::with_capacity(1 << 20, file), size);
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
+        // Copies read the base wherever they point; drop what they touched so memory stays flat.
+        base_map.release_all();
     }
     let (h, n, _, w) = ap.finish().map_err(server_err)?;
     if h != hash || n != size {

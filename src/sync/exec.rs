@@ -832,21 +832,26 @@ fn produce(
         Ok(m) => m,
         Err(e) => return skip(&tx, e.to_string()),
     };
-    if map.len() as u64 != size || ContentHash::of(&map) != hash {
+    if map.len() as u64 != size || ContentHash::of_mapped(&map) != hash {
         return skip(&tx, "changed since scan".into());
     }
     let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
     if tx.blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h))).is_err() {
         return Err("connection gone".into());
     }
+    let mut sent = 0usize;
     let emit = |b, covered| {
+        // Memory stays flat for huge files: drop the pages already encoded.
+        map.release(0, sent);
+        sent += covered as usize;
         tx.blocking_send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"))
     };
     let stats = match sig {
         Some((_, sig)) => delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?,
         None => delta::encode_whole(&map, emit).map_err(|e| e.to_string())?,
     };
-    let _ = sigs.ensure(&hash, &map);
+    drop(map);
+    let _ = sigs.ensure_file(&hash, full);
     Ok(stats)
 }
 
@@ -879,6 +884,7 @@ fn receive_file(
     let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, file), size);
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| e.to_string())?;
+        base.release_all();
     }
     let (h, n, stats, w) = ap.finish().map_err(|e| e.to_string())?;
     if h != hash || n != size {
