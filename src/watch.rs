@@ -207,7 +207,11 @@ fn start_watcher(
     let state: PathBuf = root.join(STATE_DIR);
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
         Ok(events) => {
-            let relevant = events.iter().any(|e| e.paths.iter().any(|p| !ours(p, &state)));
+            // Reads are not changes: our own scan opens every directory, and an access event would
+            // start the next round, forever.
+            let relevant = events.iter().any(|e| {
+                !matches!(e.kind, notify::EventKind::Access(_)) && e.paths.iter().any(|p| !ours(p, &state))
+            });
             if relevant {
                 let _ = tx.send(());
             }
