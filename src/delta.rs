@@ -16,15 +16,17 @@
 //! - [`signature`]: computing signatures and the on-disk signature cache (both ends keep one).
 //! - [`ops`]: the wire op stream, its encoder (diff) and zstd framing.
 //! - [`apply`]: the streaming decoder.
+//! - [`stream`]: the per-connection zstd stream for small files' blocks.
 
 pub mod apply;
 pub mod block_size;
 pub mod ops;
 pub mod signature;
+pub mod stream;
 
 pub use apply::Applier;
 pub use block_size::{WHOLE_FILE_BELOW, block_size};
-pub use ops::{Block, DeltaStats, encode_delta, encode_whole};
+pub use ops::{Block, Codec, DeltaStats, encode_delta, encode_whole};
 pub use signature::SigCache;
 
 /// Bytes of new data diffed per call of `fast_rsync::diff`: bounds the encoder's memory and the

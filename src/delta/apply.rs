@@ -59,7 +59,7 @@ impl<'a, W: Write> Applier<'a, W> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{encode_delta, encode_whole, signature};
+    use super::super::{Codec, encode_delta, encode_whole, signature};
     use super::*;
     use proptest::prelude::*;
 
@@ -127,13 +127,13 @@ mod tests {
         let base = vec![1u8; 100];
         let mut a = Applier::new(&base, Vec::new(), 1000);
         // copy past the end of the base
-        let bad = Block { zstd: false, bytes: vec![0, 90, 20] };
+        let bad = Block { codec: Codec::Raw, bytes: vec![0, 90, 20] };
         assert!(matches!(a.block(&bad), Err(DeltaError::CopyOutOfBounds { .. })));
         let mut a = Applier::new(&base, Vec::new(), 10);
-        let long = Block { zstd: false, bytes: vec![0, 0, 50] };
+        let long = Block { codec: Codec::Raw, bytes: vec![0, 0, 50] };
         assert!(matches!(a.block(&long), Err(DeltaError::TooLong { .. })));
         let mut a = Applier::new(&base, Vec::new(), 10);
-        let junk = Block { zstd: true, bytes: vec![1, 2, 3] };
+        let junk = Block { codec: Codec::Zstd, bytes: vec![1, 2, 3] };
         assert!(a.block(&junk).is_err());
     }
 

@@ -20,17 +20,27 @@ const WHOLE_CHUNK: usize = 1 << 20;
 const OP_COPY: u8 = 0;
 const OP_LITERAL: u8 = 1;
 
+/// How a block's bytes are packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    Raw,
+    /// A zstd frame of its own.
+    Zstd,
+    /// The next flushed piece of the connection's zstd stream ([`super::stream`]).
+    Stream,
+}
+
 /// One unit of file content on the wire.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Block {
-    pub zstd: bool,
+    pub codec: Codec,
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Block(zstd={}, {} bytes)", self.zstd, self.bytes.len())
+        write!(f, "Block({:?}, {} bytes)", self.codec, self.bytes.len())
     }
 }
 
@@ -126,19 +136,20 @@ fn seal(raw: Vec<u8>) -> Block {
         && let Ok(c) = zstd::bulk::compress(&raw, ZSTD_LEVEL)
         && c.len() < raw.len()
     {
-        return Block { zstd: true, bytes: c };
+        return Block { codec: Codec::Zstd, bytes: c };
     }
-    Block { zstd: false, bytes: raw }
+    Block { codec: Codec::Raw, bytes: raw }
 }
 
 /// Decompresses a received block, refusing anything larger than [`MAX_BLOCK`].
 pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
-    if b.zstd {
-        zstd::bulk::decompress(&b.bytes, MAX_BLOCK).map(Into::into).map_err(DeltaError::Decompress)
-    } else if b.bytes.len() > MAX_BLOCK {
-        Err(DeltaError::Corrupt("block too large"))
-    } else {
-        Ok(std::borrow::Cow::Borrowed(&b.bytes))
+    match b.codec {
+        Codec::Zstd => {
+            zstd::bulk::decompress(&b.bytes, MAX_BLOCK).map(Into::into).map_err(DeltaError::Decompress)
+        }
+        Codec::Raw if b.bytes.len() > MAX_BLOCK => Err(DeltaError::Corrupt("block too large")),
+        Codec::Raw => Ok(std::borrow::Cow::Borrowed(&b.bytes)),
+        Codec::Stream => Err(DeltaError::Corrupt("stream block not decoded by the connection")),
     }
 }
 
@@ -152,7 +163,13 @@ pub fn encode_whole(
     for chunk in data.chunks(WHOLE_CHUNK) {
         let mut raw = Vec::with_capacity(chunk.len() + 12);
         put_op(&mut raw, &Op::Literal(chunk), &mut stats);
-        emit(seal(raw), chunk.len() as u64)?;
+        // Small files stay raw here: the connection's stream compresses them better.
+        let block = if raw.len() <= super::stream::STREAM_MAX {
+            Block { codec: Codec::Raw, bytes: raw }
+        } else {
+            seal(raw)
+        };
+        emit(block, chunk.len() as u64)?;
     }
     Ok(stats)
 }

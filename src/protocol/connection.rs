@@ -15,6 +15,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::{MAX_FRAME, ProtocolError};
+use crate::delta::stream::{STREAM_MAX, StreamDecoder, StreamEncoder};
+use crate::delta::{Block, Codec, DeltaError};
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -76,10 +78,13 @@ fn codec() -> LengthDelimitedCodec {
 
 pub struct FrameReader {
     inner: FramedRead<Counted<OwnedReadHalf>, LengthDelimitedCodec>,
+    /// Made on first use: a zstd context costs about a megabyte, too much for idle connections.
+    stream: Option<StreamDecoder>,
 }
 
 pub struct FrameWriter {
     inner: FramedWrite<Counted<OwnedWriteHalf>, LengthDelimitedCodec>,
+    stream: Option<StreamEncoder>,
 }
 
 /// Splits a stream into a reader and a writer that can live in different tasks.
@@ -89,10 +94,22 @@ pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
     let (r, w) = stream.into_split();
     let reader = FramedRead::new(Counted { inner: r, counters: counters.clone() }, codec());
     let writer = FramedWrite::new(Counted { inner: w, counters: counters.clone() }, codec());
-    (FrameReader { inner: reader }, FrameWriter { inner: writer }, counters)
+    (FrameReader { inner: reader, stream: None }, FrameWriter { inner: writer, stream: None }, counters)
 }
 
 impl FrameReader {
+    /// Decodes a block of the peer's connection stream (other blocks pass unchanged). Blocks
+    /// must be opened in the order they arrived.
+    pub fn open(&mut self, b: Block) -> Result<Block, DeltaError> {
+        if b.codec != Codec::Stream {
+            return Ok(b);
+        }
+        if self.stream.is_none() {
+            self.stream = Some(StreamDecoder::new()?);
+        }
+        self.stream.as_mut().expect("set above").open(b)
+    }
+
     /// The next message, or `Ok(None)` when the peer closed cleanly between frames.
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtocolError> {
         match self.inner.next().await {
@@ -104,6 +121,18 @@ impl FrameReader {
 }
 
 impl FrameWriter {
+    /// Compresses a small raw block as the next piece of this connection's stream. Every block
+    /// passed here must then be sent, in order.
+    pub fn seal(&mut self, b: Block) -> std::io::Result<Block> {
+        if b.codec != Codec::Raw || b.bytes.len() > STREAM_MAX {
+            return Ok(b);
+        }
+        if self.stream.is_none() {
+            self.stream = Some(StreamEncoder::new()?);
+        }
+        self.stream.as_mut().expect("set above").seal(b)
+    }
+
     /// Queues a message; it goes out once the buffer fills or on [`flush`](Self::flush). Lets a
     /// pipelining sender put many small requests in one TCP segment.
     pub async fn feed<M: Serialize>(&mut self, msg: &M) -> Result<(), ProtocolError> {

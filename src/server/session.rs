@@ -368,6 +368,8 @@ impl Session {
         loop {
             match self.rd.recv::<ClientMsg>().await? {
                 Some(ClientMsg::Data { id: i, block }) if i == id => {
+                    // The connection's stream must be decoded in order, even for a refused upload.
+                    let block = self.rd.open(block).map_err(|e| SessionError::Violation(e.to_string()))?;
                     let _ = tx.send(block).await; // a failed worker stops receiving; keep draining
                 }
                 Some(ClientMsg::End { id: i }) if i == id => break,
@@ -603,6 +605,7 @@ impl Session {
             Ok(())
         });
         while let Some(block) = rx.recv().await {
+            let block = self.wr.seal(block).map_err(|e| SessionError::Internal(e.to_string()))?;
             self.wr.feed(&ServerMsg::Data { id, block }).await?;
         }
         if let Ok(Err(e)) = producer.await {
@@ -637,7 +640,10 @@ impl Session {
                 self.wr.feed(&ServerMsg::Resp { id, result: Ok(Reply::Signature { hash, size }) }).await?;
                 for c in bytes.chunks(1 << 20) {
                     self.wr
-                        .feed(&ServerMsg::Data { id, block: Block { zstd: false, bytes: c.to_vec() } })
+                        .feed(&ServerMsg::Data {
+                            id,
+                            block: Block { codec: delta::Codec::Raw, bytes: c.to_vec() },
+                        })
                         .await?;
                 }
                 self.wr.send(&ServerMsg::End { id }).await?;

@@ -610,6 +610,7 @@ impl Exec {
             match recv_reply(rd, notified).await? {
                 ServerMsg::Data { id: i, block } if i == id => {
                     self.progress.advance(path.as_str(), block.bytes.len() as u64);
+                    let block = rd.open(block).map_err(|e| ClientError::Unexpected(e.to_string()))?;
                     if tx.send(block).await.is_err() {
                         bad_base = true; // the worker gave up; keep draining
                     }
@@ -797,6 +798,7 @@ impl Sender {
         .await?;
         let mut next = rx.recv().await;
         while let Some(Item::Block(block, covered)) = next {
+            let block = wr.seal(block).map_err(ProtocolError::Io)?;
             wr.feed(&ClientMsg::Data { id, block }).await?;
             self.progress.advance(path.as_str(), covered);
             next = rx.recv().await;

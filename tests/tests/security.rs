@@ -233,7 +233,7 @@ fn literal_block(data: &[u8]) -> Block {
     assert!(data.len() < 128);
     let mut bytes = vec![1u8, data.len() as u8];
     bytes.extend_from_slice(data);
-    Block { zstd: false, bytes }
+    Block { codec: deltasync::delta::Codec::Raw, bytes }
 }
 
 /// Every request kind that names a path, aimed at `p`; a `Put` comes with its content.
