@@ -80,7 +80,6 @@ impl StreamDecoder {
             let mut o = OutBuffer::around_pos(&mut out, pos);
             self.0.run(&mut input, &mut o).map_err(DeltaError::Decompress)?;
             let room_left = o.pos() < o.capacity();
-            drop(o);
             if input.pos() == b.bytes.len() && room_left {
                 break;
             }
