@@ -60,9 +60,22 @@ pub struct Entry {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ClientMsg {
-    Req { id: u64, req: Request },
-    Data { id: u64, block: Block },
-    End { id: u64 },
+    Req {
+        id: u64,
+        req: Request,
+    },
+    Data {
+        id: u64,
+        block: Block,
+    },
+    End {
+        id: u64,
+    },
+    /// The last block of an upload: `Data` and `End` in one frame (saves a frame per small file).
+    Last {
+        id: u64,
+        block: Block,
+    },
 }
 
 /// Every mutating request carries `base_rev`, the revision the client last saw at the target

@@ -373,6 +373,11 @@ impl Session {
                     let _ = tx.send(block).await; // a failed worker stops receiving; keep draining
                 }
                 Some(ClientMsg::End { id: i }) if i == id => break,
+                Some(ClientMsg::Last { id: i, block }) if i == id => {
+                    let block = self.rd.open(block).map_err(|e| SessionError::Violation(e.to_string()))?;
+                    let _ = tx.send(block).await;
+                    break;
+                }
                 Some(other) => {
                     return Err(SessionError::Violation(format!(
                         "expected data for upload {id}, got {other:?}"

@@ -797,13 +797,22 @@ impl Sender {
         })
         .await?;
         let mut next = rx.recv().await;
+        let mut ended = false;
         while let Some(Item::Block(block, covered)) = next {
             let block = wr.seal(block).map_err(ProtocolError::Io)?;
-            wr.feed(&ClientMsg::Data { id, block }).await?;
-            self.progress.advance(path.as_str(), covered);
+            // One block of look-ahead: the last one carries the end of the upload.
             next = rx.recv().await;
+            if next.is_none() {
+                wr.feed(&ClientMsg::Last { id, block }).await?;
+                ended = true;
+            } else {
+                wr.feed(&ClientMsg::Data { id, block }).await?;
+            }
+            self.progress.advance(path.as_str(), covered);
         }
-        wr.feed(&ClientMsg::End { id }).await?;
+        if !ended {
+            wr.feed(&ClientMsg::End { id }).await?;
+        }
         if let Ok(Ok(s)) = producer.await {
             stats.add(s);
         }
