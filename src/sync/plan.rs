@@ -278,14 +278,15 @@ pub fn plan(
         _ => std::cmp::Reverse(0),
     });
 
-    // Order matters and the server keeps it: renames and copies before the deletes that could
-    // remove their source; deletes (deepest first) before new entries, so a directory replaced by
-    // a file is emptied first; parents before children.
+    // Order matters and the server keeps it: new directories first (parents first), so nothing
+    // lands in a directory the journal does not have yet; renames and copies before the deletes
+    // that could remove their source; deletes (deepest first) before links and files, so a
+    // directory replaced by a file is emptied first.
     let mut out = conflicts;
+    out.extend(mkdirs.into_iter().map(|(_, a)| a));
     out.extend(moves);
     out.extend(copies);
     out.extend(deletes.into_iter().map(|(_, a)| a));
-    out.extend(mkdirs.into_iter().map(|(_, a)| a));
     out.extend(links);
     out.extend(metas);
     out.extend(puts);
@@ -387,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn deletes_deepest_first_then_parents_first() {
+    fn parents_first_then_deletes_deepest_first() {
         let d = Node::Dir { mode: 0o755 };
         let local = BTreeMap::from([(p("a"), d.clone()), (p("a/b"), d.clone())]);
         let remote = BTreeMap::from([
@@ -408,6 +409,6 @@ mod tests {
                 _ => kind(a).to_string(),
             })
             .collect();
-        assert_eq!(names, ["delete-remote x/y", "delete-remote x", "mkdir a", "mkdir a/b"]);
+        assert_eq!(names, ["mkdir a", "mkdir a/b", "delete-remote x/y", "delete-remote x"]);
     }
 }
