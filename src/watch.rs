@@ -32,6 +32,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Keep-alive on an idle connection, so a dead server or NAT drop is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Immediate re-rounds after refused (stale) changes before waiting for the next event.
+const MAX_RETRIES: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -79,6 +81,7 @@ pub async fn watch(
     tokio::pin!(shutdown);
     let mut client: Option<Client> = None;
     let mut dirty = true;
+    let mut retries = 0;
     let mut backoff = Duration::from_millis(250);
     let mut down_since_said = false;
     let mut next_rescan = Instant::now() + rescan_every;
@@ -123,8 +126,13 @@ pub async fn watch(
                     for e in &report.errors {
                         progress.say(&format!("error: {e}"));
                     }
-                    if !report.unresolved.is_empty() {
-                        dirty = true; // the server moved on meanwhile: fetch and decide again
+                    // The server moved on meanwhile: fetch and decide again, a few times; a refusal
+                    // that persists waits for the next change instead of spinning.
+                    if report.unresolved.is_empty() {
+                        retries = 0;
+                    } else if retries < MAX_RETRIES {
+                        retries += 1;
+                        dirty = true;
                     }
                 }
                 Err(SyncError::Client(e)) => {

@@ -71,8 +71,17 @@ impl Exec {
         self.pending_deletes = local_deletes;
         for a in actions {
             match a {
-                Action::Conflict { local, remote } => self.conflict(local, remote, &mut jobs)?,
-                Action::Fetch { entry } => self.fetch(entry, &mut jobs)?,
+                // One path that cannot be carried out is reported; the others go on.
+                Action::Conflict { local, remote } => {
+                    if let Err(e) = self.conflict(local, remote, &mut jobs) {
+                        self.report.errors.push(e.to_string());
+                    }
+                }
+                Action::Fetch { entry } => {
+                    if let Err(e) = self.fetch(entry, &mut jobs) {
+                        self.report.errors.push(e.to_string());
+                    }
+                }
                 Action::Record { entry } => self.record(&entry),
                 a => jobs.push(Job::Up(a)),
             }

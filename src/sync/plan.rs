@@ -215,9 +215,31 @@ pub fn plan(
     let (mut mkdirs, mut links, mut moves, mut copies, mut metas, mut puts, mut deletes) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut moved_from: Vec<RelPath> = Vec::new();
+    // A directory removed or replaced here while something new arrived inside it on the server:
+    // the addition wins, as a change beats a delete.
+    let grown_on_server = |dir: &RelPath| {
+        let prefix = format!("{dir}/");
+        remote.values().any(|e| {
+            e.node.is_some()
+                && e.path.as_str().starts_with(&prefix)
+                && synced.get(&e.path).map(|s| s.rev) != Some(e.rev)
+        })
+    };
     for (p, l, r, _b) in &uploads {
         let base_rev = r.map_or(0, |e| e.rev);
         let r_node = r.and_then(|e| e.node.as_ref());
+        if let (Some(r), Some(Node::Dir { .. })) = (r, r_node)
+            && !matches!(l, Some(Node::Dir { .. }))
+            && grown_on_server(p)
+        {
+            match l {
+                None => fetches.push(Action::Fetch { entry: (*r).clone() }),
+                Some(local) => {
+                    conflicts.push(Action::Conflict { local: (*local).clone(), remote: (*r).clone() })
+                }
+            }
+            continue;
+        }
         match l {
             None => deletes.push((p.depth(), Action::DeleteRemote { path: (*p).clone(), base_rev })),
             Some(Node::Dir { mode }) => {
