@@ -11,3 +11,4 @@
 mod push_pull;
 mod security;
 mod util;
+mod watch;

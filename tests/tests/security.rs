@@ -620,23 +620,21 @@ async fn symlinks_in_the_account_are_never_followed() {
 
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn client_killed_mid_upload_leaves_old_version_intact() {
-    let mut srv = start_server();
-    let token = add_account(&srv.data, "alice");
-    let dir = temp_dir("ds-kill-");
-    let file = dir.path().join("big.bin");
-    let mut on_server = random_bytes(20, 64 << 20);
-    write(&file, &on_server);
-    push(dir.path(), &srv, &token);
-
-    // Kill a push of a new version once the server is writing it; if the push was too quick to
-    // catch, try again with a bigger file.
-    let mut killed_mid_way = false;
+/// Pushes bigger and bigger new versions of `dir/big.bin` until `interrupt` catches one in the
+/// middle of its upload (the server has started writing a temp file), then checks the server
+/// still serves `on_server` whole. Returns that version.
+fn interrupt_an_upload(
+    srv: &mut Server,
+    dir: &Path,
+    token: &str,
+    seed: u64,
+    mut on_server: Vec<u8>,
+    interrupt: impl Fn(&mut Server, &mut std::process::Child),
+) -> Vec<u8> {
     for (attempt, size) in [64usize << 20, 128 << 20, 256 << 20].into_iter().enumerate() {
-        let v2 = random_bytes(21 + attempt as u64, size);
-        write(&file, &v2);
-        let mut child = sync_command("push", dir.path(), &srv.address(), &token, &[])
+        let v2 = random_bytes(seed + attempt as u64, size);
+        write(&dir.join("big.bin"), &v2);
+        let mut child = sync_command("push", dir, &srv.address(), token, &[])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -648,8 +646,7 @@ fn client_killed_mid_upload_leaves_old_version_intact() {
                 break true;
             }
             if srv.temp_files().iter().any(|(_, len)| *len > 0) {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
+                interrupt(srv, &mut child);
                 break false;
             }
             if Instant::now() > deadline {
@@ -659,19 +656,36 @@ fn client_killed_mid_upload_leaves_old_version_intact() {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-
+        let status = child.wait().unwrap();
         let check = temp_dir("ds-check-");
-        pull(check.path(), &srv, &token);
+        pull(check.path(), srv, token);
         let got = read(&check.path().join("big.bin"));
-        if got == on_server {
-            assert!(!finished, "a push that finished left the old version on the server");
-            killed_mid_way = true;
-            break;
+        if !finished {
+            assert!(!status.success(), "an interrupted push reported success");
+            assert!(
+                got == on_server,
+                "after the interruption the server does not hold the old version whole"
+            );
+            return on_server;
         }
-        assert!(got == v2, "after the kill the server holds neither the old nor the new version");
+        assert!(got == v2, "a push that finished left the old version on the server");
         on_server = v2; // the push won the race; the server holds it now
     }
-    assert!(killed_mid_way, "could not kill a push in the middle of its upload");
+    panic!("could not interrupt an upload in the middle");
+}
+
+#[test]
+fn client_killed_mid_upload_leaves_old_version_intact() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let dir = temp_dir("ds-kill-");
+    let file = dir.path().join("big.bin");
+    let v1 = random_bytes(20, 64 << 20);
+    write(&file, &v1);
+    push(dir.path(), &srv, &token);
+    let on_server = interrupt_an_upload(&mut srv, dir.path(), &token, 21, v1, |_, child| {
+        child.kill().unwrap(); // SIGKILL
+    });
 
     // A restarted server has no leftover temp files.
     srv = srv.restart();
@@ -682,6 +696,34 @@ fn client_killed_mid_upload_leaves_old_version_intact() {
     assert!(read(&check.path().join("big.bin")) == on_server, "the old version is gone after the restart");
 
     // The killed client's folder recovers: pushing again brings the new version up.
+    push(dir.path(), &srv, &token);
+    let check = temp_dir("ds-check-");
+    pull(check.path(), &srv, &token);
+    assert!(
+        read(&check.path().join("big.bin")) == read(&file),
+        "the retried push did not upload the new version"
+    );
+}
+
+/// The server is killed (SIGKILL, like a power cut) while it receives a new version: after a
+/// restart it still serves the old version whole, has no temp leftovers, and the client's next
+/// push completes the change.
+#[test]
+fn server_killed_mid_upload_loses_nothing() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let dir = temp_dir("ds-srvkill-");
+    let file = dir.path().join("big.bin");
+    let v1 = random_bytes(30, 64 << 20);
+    write(&file, &v1);
+    push(dir.path(), &srv, &token);
+    interrupt_an_upload(&mut srv, dir.path(), &token, 31, v1, |srv, _| {
+        srv.kill_hard();
+        srv.start_again();
+    });
+    let left = srv.temp_files();
+    assert!(left.is_empty(), "temp files left after the restart: {left:?}\n{}", srv.log());
+
     push(dir.path(), &srv, &token);
     let check = temp_dir("ds-check-");
     pull(check.path(), &srv, &token);

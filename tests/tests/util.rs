@@ -52,15 +52,33 @@ pub fn start_server() -> Server {
     s
 }
 
+/// Starts a server on a fresh, empty data folder listening on `listen` (`IP:PORT`); `None` if it
+/// could not listen there (the port is taken).
+pub fn start_server_at(listen: &str) -> Option<Server> {
+    let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
+    let root = tmp.path().to_path_buf();
+    let mut s = Server::try_spawn(&root, &root.join("data"), listen).ok()?;
+    s.tmp = Some(tmp);
+    Some(s)
+}
+
 impl Server {
     fn spawn(root: &Path, data: &Path) -> Server {
+        Server::try_spawn(root, data, "127.0.0.1:0").unwrap_or_else(|st| {
+            panic!("server exited early ({st}); log:\n{}", read_log(root));
+        })
+    }
+
+    /// Starts `deltasync serve --listen LISTEN`; `Err` if it exited before printing its address
+    /// (e.g. the port is taken). Other failures panic.
+    fn try_spawn(root: &Path, data: &Path, listen: &str) -> Result<Server, ExitStatus> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(root.join("server.log"))
             .expect("open server log");
         let mut child = command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -84,7 +102,7 @@ impl Server {
                 Ok(a) => break a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a:?}: {e}")),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Ok(Some(st)) = child.try_wait() {
-                        panic!("server exited early ({st}); log:\n{}", read_log(root));
+                        return Err(st);
                     }
                     if Instant::now() > deadline {
                         let _ = child.kill();
@@ -99,7 +117,49 @@ impl Server {
                 }
             }
         };
-        Server { child: Some(child), addr, data: data.to_path_buf(), root: root.to_path_buf(), tmp: None }
+        Ok(Server { child: Some(child), addr, data: data.to_path_buf(), root: root.to_path_buf(), tmp: None })
+    }
+
+    /// Kills the server (SIGKILL, like a crash or a power cut) and leaves it down until
+    /// [`Server::start_again`].
+    pub fn kill_hard(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a server that was stopped with [`Server::kill_hard`] again, on the same data folder
+    /// and the SAME address, so clients that remember it find it. Retries for a few seconds while
+    /// the port is not free yet.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "start_again on a running server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listen = self.addr.to_string();
+        loop {
+            match Server::try_spawn(&self.root, &self.data, &listen) {
+                Ok(mut s) => {
+                    assert_eq!(s.addr, self.addr, "the server came back on another address");
+                    self.child = s.child.take();
+                    return;
+                }
+                Err(st) if Instant::now() < deadline => {
+                    let _ = st;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(st) => panic!(
+                    "server could not listen on {listen} again within 10 s ({st}); log:\n{}",
+                    read_log(&self.root)
+                ),
+            }
+        }
+    }
+
+    /// Panics with the server's log if its process has exited (it should be serving).
+    pub fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(st)) = c.try_wait()
+        {
+            self.child = None;
+            panic!("the server exited unexpectedly ({st}); log:\n{}", read_log(&self.root));
+        }
     }
 
     /// `IP:PORT` for `--server`.
@@ -171,6 +231,22 @@ pub fn add_account(data_dir: &Path, name: &str) -> String {
         out.stdout
     );
     token.to_string()
+}
+
+/// The account's journal position (its number of changes) from `deltasync account list --data DIR`,
+/// which prints `NAME\tN changes` per account.
+pub fn account_changes(data_dir: &Path, name: &str) -> u64 {
+    let out = run(command().args(["account", "list", "--data"]).arg(data_dir)).ok("account list");
+    out.stdout
+        .lines()
+        .find_map(|l| {
+            let (n, rest) = l.split_once('\t')?;
+            if n != name {
+                return None;
+            }
+            rest.strip_suffix(" changes")?.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no line for account `{name}` in `account list`:\n{}", out.dump()))
 }
 
 // ---------------------------------------------------------------------------------------------
