@@ -5,8 +5,16 @@
 //! fixed time, and compares the folders (and the server's plain mirror) with an independent model
 //! of what the test did, so a watcher that "converges" by losing a change still fails.
 //!
+//! - random operations on one computer (seeded), then three computers writing at once;
+//! - offline edits on two computers (conflict copy; an edit beats a delete);
+//! - a path that cannot be applied locally must not stall a watcher;
+//! - the server killed and restarted on the same port;
+//! - a directory is committed before what goes into it (the deterministic root of a divergence);
+//! - no echo: a downloaded file is never sent back;
+//! - `.deltasyncignore`.
+//!
 //! Seeds: `DELTASYNC_WATCH_SEEDS=7,8,9 cargo test --test tests watch::` runs the random tests with
-//! other seeds (a failing run prints its seed).
+//! other seeds (a failing run prints its seed, and keeps the watchers' logs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -1214,16 +1222,8 @@ fn a_new_directory_is_committed_before_what_moves_or_is_copied_into_it() {
     let token = add_account(&srv.data, "alice");
     let x = temp_dir("ds-wx-");
     let x = x.path();
-    write(
-        &x.join("moved.txt"),
-        "this file moves into a new directory
-",
-    );
-    write(
-        &x.join("copied.txt"),
-        "this content is copied into a new directory
-",
-    );
+    write(&x.join("moved.txt"), "this file moves into a new directory\n");
+    write(&x.join("copied.txt"), "this content is copied into a new directory\n");
     push(x, &srv, &token);
     fs::create_dir_all(x.join("new/deeper")).unwrap();
     fs::rename(x.join("moved.txt"), x.join("new/deeper/moved.txt")).unwrap();
