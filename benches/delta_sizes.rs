@@ -25,6 +25,7 @@
 #[path = "common/fixtures.rs"]
 mod fixtures;
 
+use deltasync::sync::report::human;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -472,17 +473,6 @@ fn rsync_push(src: &Path, url: &str) -> Res<Transfer> {
     let (out, secs) = timed(&mut cmd)?;
     ok_or_report("rsync", &out)?;
     parse_stats(&String::from_utf8_lossy(&out.stdout), secs)
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 fn commas(n: u64) -> String {
