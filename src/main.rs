@@ -82,6 +82,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
             let addr = listener.local_addr()?;
+            // The database exists (in WAL mode) before we say we listen, so a script may run
+            // `account add` the moment it reads the line.
+            drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
             let config = ServerConfig { data_dir: data.clone(), open_registration };
             println!("deltasync: data in {}, listening on {addr}", data.display());
             server::run(listener, config, async {

@@ -104,10 +104,28 @@ impl Metadata {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // WAL lets `account add` write while the server runs; synchronous=FULL makes each commit
-        // durable, matching the fsync of the file it records.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+        // durable, matching the fsync of the file it records. Switching a new database to WAL
+        // answers "locked" at once (no busy wait) while another process opens it too, as `serve`
+        // and `account add` do on a fresh data folder: retry for a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
+                .and_then(|_| conn.execute_batch(SCHEMA));
+            match r {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Metadata { conn: Mutex::new(conn) })
     }
 
