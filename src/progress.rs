@@ -47,10 +47,6 @@ impl Progress {
         }
     }
 
-    pub fn quiet() -> Self {
-        Progress::new(false, false)
-    }
-
     /// Sets the size of the whole transfer; shows the overall bar.
     pub fn start(&self, files: u64, bytes: u64) {
         self.done.store(0, std::sync::atomic::Ordering::Relaxed);

@@ -105,10 +105,6 @@ impl SigCache {
         }
         self.put(hash, len, &compute_file(path)?)
     }
-
-    pub fn remove(&self, hash: &ContentHash, len: u64) {
-        let _ = fs::remove_file(self.path(hash, len));
-    }
 }
 
 #[cfg(test)]

@@ -223,7 +223,7 @@ impl Exec {
                 self.record(&entry);
                 self.progress.file_done(path.as_str(), "link");
             }
-            Node::File { hash, size, meta } => {
+            Node::File { hash, meta, .. } => {
                 let here = self.local.get(&path).cloned();
                 if let Some(Node::File { hash: h, .. }) = &here
                     && h == hash
@@ -261,7 +261,6 @@ impl Exec {
                     Some(Node::File { hash, size, .. }) => Some((hash, size)),
                     _ => None,
                 };
-                self.report.planned_bytes += size;
                 jobs.push(Job::Get { entry, have });
             }
         }

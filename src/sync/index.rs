@@ -187,9 +187,3 @@ pub struct Batch {
     pub synced: Vec<(RelPath, Synced)>,
     pub last_seq: Option<u64>,
 }
-
-impl Batch {
-    pub fn is_empty(&self) -> bool {
-        self.remote.is_empty() && self.synced.is_empty() && self.last_seq.is_none()
-    }
-}

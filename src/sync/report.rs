@@ -10,8 +10,6 @@ pub struct Report {
     pub moved: u64,
     pub deleted_remote: u64,
     pub deleted_local: u64,
-    /// Bytes of the files this round planned to download.
-    pub planned_bytes: u64,
     pub delta: DeltaStats,
     pub bytes_sent: u64,
     pub bytes_received: u64,
