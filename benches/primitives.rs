@@ -42,7 +42,7 @@ fn input(len: usize) -> Input {
 fn delta_blocks(sig: &fast_rsync::Signature, data: &[u8]) -> (Vec<Block>, u64) {
     let mut blocks = Vec::new();
     let mut wire = 0u64;
-    encode_delta(sig, data, |b, _| {
+    encode_delta(sig, data, None, |b, _| {
         wire += b.bytes.len() as u64;
         blocks.push(b);
         Ok(())
@@ -78,7 +78,7 @@ fn primitives(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("diff", label), |b| {
             b.iter(|| {
-                encode_delta(&sig, black_box(&inp.edited), |blk, _| {
+                encode_delta(&sig, black_box(&inp.edited), None, |blk, _| {
                     black_box(blk);
                     Ok(())
                 })
@@ -87,7 +87,7 @@ fn primitives(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("diff-unrelated", label), |b| {
             b.iter(|| {
-                encode_delta(&sig, black_box(&inp.unrelated), |blk, _| {
+                encode_delta(&sig, black_box(&inp.unrelated), None, |blk, _| {
                     black_box(blk);
                     Ok(())
                 })
@@ -101,7 +101,7 @@ fn primitives(c: &mut Criterion) {
             for blk in &blocks {
                 a.block(blk).expect("apply");
             }
-            a.finish().expect("finish").0
+            a.finish().expect("finish").hash
         };
         assert_eq!(apply(&mut out), ContentHash::of(&inp.edited));
         assert!(out == inp.edited, "apply rebuilt the wrong bytes");

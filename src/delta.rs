@@ -20,13 +20,15 @@
 
 pub mod apply;
 pub mod block_size;
+pub mod diff;
 pub mod ops;
 pub mod signature;
 pub mod stream;
 
-pub use apply::Applier;
+pub use apply::{Applied, Applier};
 pub use block_size::{WHOLE_FILE_BELOW, block_size};
-pub use ops::{Block, Codec, DeltaStats, encode_delta, encode_whole};
+pub use diff::encode_delta;
+pub use ops::{Block, Codec, DeltaStats, encode_whole};
 pub use signature::SigCache;
 
 /// Bytes of new data diffed per call of `fast_rsync::diff`: bounds the encoder's memory and the
@@ -50,4 +52,18 @@ pub enum DeltaError {
     Diff(String),
     #[error("I/O error while applying a delta: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Deterministic incompressible test data (xorshift64).
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

@@ -1,25 +1,54 @@
 //! Streaming decoder: applies op blocks to a memory-mapped base, writing the result to any
 //! `Write` (a temp file) and hashing it on the way, so neither side ever holds a whole file.
+//! The new version's signature is built on the way too, so caching it costs no second read.
 
 use std::io::Write;
 
+use fast_rsync::Signature;
+
 use super::DeltaError;
 use super::ops::{Block, DeltaStats, Op, open_block, parse_ops};
+use super::signature::Builder;
 use crate::hash::{ContentHash, Hasher};
 
 pub struct Applier<'a, W: Write> {
     base: &'a [u8],
     out: W,
     hasher: Hasher,
+    sig: Option<Builder>,
     written: u64,
     limit: u64,
     stats: DeltaStats,
 }
 
+/// What an [`Applier`] wrote.
+pub struct Applied<W> {
+    pub hash: ContentHash,
+    pub len: u64,
+    pub stats: DeltaStats,
+    /// The signature of what was written, when a builder was given.
+    pub sig: Option<Signature>,
+    pub out: W,
+}
+
 impl<'a, W: Write> Applier<'a, W> {
     /// `limit` is the size the sender announced: a delta that would write more is refused.
     pub fn new(base: &'a [u8], out: W, limit: u64) -> Self {
-        Applier { base, out, hasher: Hasher::new(), written: 0, limit, stats: DeltaStats::default() }
+        Applier {
+            base,
+            out,
+            hasher: Hasher::new(),
+            sig: None,
+            written: 0,
+            limit,
+            stats: DeltaStats::default(),
+        }
+    }
+
+    /// Also builds the signature of the result (see [`super::SigCache::builder_for`]).
+    pub fn with_signature(mut self, sig: Option<Builder>) -> Self {
+        self.sig = sig;
+        self
     }
 
     pub fn block(&mut self, b: &Block) -> Result<(), DeltaError> {
@@ -45,54 +74,52 @@ impl<'a, W: Write> Applier<'a, W> {
                 return Err(DeltaError::TooLong { limit: self.limit });
             }
             self.hasher.update(bytes);
+            if let Some(sig) = &mut self.sig {
+                sig.update(bytes);
+            }
             self.out.write_all(bytes)?;
         }
         Ok(())
     }
 
-    /// Returns the hash and length of what was written, the stats, and the writer.
-    pub fn finish(mut self) -> Result<(ContentHash, u64, DeltaStats, W), DeltaError> {
+    pub fn finish(mut self) -> Result<Applied<W>, DeltaError> {
         self.out.flush()?;
-        Ok((self.hasher.finish(), self.written, self.stats, self.out))
+        Ok(Applied {
+            hash: self.hasher.finish(),
+            len: self.written,
+            stats: self.stats,
+            sig: self.sig.map(Builder::finish),
+            out: self.out,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Codec, encode_delta, encode_whole, signature};
+    use super::super::{Codec, encode_delta, encode_whole, pseudo_random, signature};
     use super::*;
     use proptest::prelude::*;
 
     fn roundtrip(base: &[u8], new: &[u8]) -> DeltaStats {
         let sig = signature::compute(base);
         let mut blocks = Vec::new();
-        let stats = encode_delta(&sig, new, |b, _| {
+        let stats = encode_delta(&sig, new, None, |b, _| {
             blocks.push(b);
             Ok(())
         })
         .unwrap();
-        let mut a = Applier::new(base, Vec::new(), new.len() as u64);
+        let mut a = Applier::new(base, Vec::new(), new.len() as u64)
+            .with_signature(Some(signature::Builder::new(new.len() as u64)));
         for b in &blocks {
             a.block(b).unwrap();
         }
-        let (h, n, applied, out) = a.finish().unwrap();
-        assert_eq!(out, new);
-        assert_eq!(n, new.len() as u64);
-        assert_eq!(h, ContentHash::of(new));
-        assert_eq!(applied, stats);
+        let done = a.finish().unwrap();
+        assert_eq!(done.out, new);
+        assert_eq!(done.len, new.len() as u64);
+        assert_eq!(done.hash, ContentHash::of(new));
+        assert_eq!(done.stats, stats);
+        assert_eq!(done.sig.map(|s| s.into_serialized()), Some(signature::compute(new).into_serialized()));
         stats
-    }
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[test]
@@ -110,7 +137,7 @@ mod tests {
     fn whole_is_a_delta_of_literals() {
         let data = pseudo_random(3 << 20, 3);
         let mut blocks = Vec::new();
-        encode_whole(&data, |b, _| {
+        encode_whole(&data, None, |b, _| {
             blocks.push(b);
             Ok(())
         })
@@ -119,7 +146,7 @@ mod tests {
         for b in &blocks {
             a.block(b).unwrap();
         }
-        assert_eq!(a.finish().unwrap().3, data);
+        assert_eq!(a.finish().unwrap().out, data);
     }
 
     #[test]

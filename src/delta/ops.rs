@@ -2,12 +2,12 @@
 //!
 //! A block is a sequence of ops, each `0 varint(offset) varint(len)` (copy from the base) or
 //! `1 varint(len) bytes` (literal), zstd-compressed when that makes it smaller. fast_rsync's own
-//! delta format is the same two ops; we re-encode it so a window's trailing literal can be cut off
-//! and carried into the next window.
+//! delta format is the same two ops; we re-encode it so the search ([`super::diff`]) can take a
+//! span's ops up to its last match and so blocks are cut where we choose.
 
-use fast_rsync::Signature;
 use serde::{Deserialize, Serialize};
 
+use super::signature::Builder;
 use super::{DeltaError, MAX_BLOCK, WINDOW};
 
 /// zstd level for literal data: 3 is zstd's default and compresses text well at hundreds of MB/s;
@@ -130,9 +130,24 @@ pub(crate) fn parse_ops(mut buf: &[u8]) -> impl Iterator<Item = Result<Op<'_>, D
     })
 }
 
+/// Bytes of a large block compressed first to see whether the rest is worth it.
+const PROBE: usize = 32 << 10;
+
+/// Whether a sample of `raw` shrinks by at least 1/32 under zstd: already-compressed or random
+/// data (media, archives) then skips a full compression attempt that would be thrown away, which
+/// otherwise costs more CPU than sending it.
+fn worth_compressing(raw: &[u8]) -> bool {
+    if raw.len() < 4 * PROBE {
+        return true;
+    }
+    let sample = &raw[raw.len() / 2 - PROBE / 2..][..PROBE];
+    zstd::bulk::compress(sample, 1).is_ok_and(|c| c.len() < PROBE - PROBE / 32)
+}
+
 /// Compresses a block of ops when that helps.
 fn seal(raw: Vec<u8>) -> Block {
     if raw.len() > 64
+        && worth_compressing(&raw)
         && let Ok(c) = zstd::bulk::compress(&raw, ZSTD_LEVEL)
         && c.len() < raw.len()
     {
@@ -154,13 +169,18 @@ pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
 }
 
 /// A whole file as literal blocks.
-/// `emit` gets each block and how many bytes of `data` it covers (for progress).
+/// `emit` gets each block and how many bytes of `data` it covers (for progress); `new_sig`, if
+/// given, is fed all of `data`.
 pub fn encode_whole(
     data: &[u8],
+    mut new_sig: Option<&mut Builder>,
     mut emit: impl FnMut(Block, u64) -> std::io::Result<()>,
 ) -> std::io::Result<DeltaStats> {
     let mut stats = DeltaStats::default();
     for chunk in data.chunks(WHOLE_CHUNK) {
+        if let Some(b) = new_sig.as_deref_mut() {
+            b.update(chunk);
+        }
         let mut raw = Vec::with_capacity(chunk.len() + 12);
         put_op(&mut raw, &Op::Literal(chunk), &mut stats);
         // Small files stay raw here: the connection's stream compresses them better.
@@ -174,63 +194,80 @@ pub fn encode_whole(
     Ok(stats)
 }
 
-/// Diffs `data` against the base whose signature is `sig`, one window at a time.
-pub fn encode_delta(
-    signature: &Signature,
-    data: &[u8],
-    mut emit: impl FnMut(Block, u64) -> std::io::Result<()>,
-) -> Result<DeltaStats, DeltaError> {
-    // The serialized header is magic, block size, hash size (big-endian u32s).
-    let header = signature.serialized();
-    let block_size = header
-        .get(4..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .filter(|&b| b > 0)
-        .ok_or(DeltaError::Corrupt("signature header"))?;
-    let sig = signature.index();
-    let sig = &sig;
-    let mut stats = DeltaStats::default();
-    let mut start = 0usize;
-    let mut fr = Vec::new();
-    while start < data.len() {
-        let end = (start + WINDOW).min(data.len());
-        let last = end == data.len();
-        let window = &data[start..end];
-        fr.clear();
-        fast_rsync::diff(sig, window, &mut fr).map_err(|e| DeltaError::Diff(e.to_string()))?;
-        let mut ops = parse_fast_rsync(&fr)?;
-        let mut consumed = window.len();
-        if !last {
-            // A match that starts in the last block_size-1 bytes of the window could not be seen:
-            // give those bytes back to the next window.
-            if let Some(Op::Literal(tail)) = ops.last() {
-                let give_back = tail.len().min(block_size as usize - 1);
-                consumed -= give_back;
-                let keep = tail.len() - give_back;
-                let tail: &[u8] = tail;
-                if keep == 0 {
-                    ops.pop();
-                } else {
-                    let kept = &tail[..keep];
-                    *ops.last_mut().expect("checked above") = Op::Literal(kept);
-                }
+/// Collects ops into blocks of about [`WHOLE_CHUNK`] bytes, merging adjacent copies, and hands
+/// each block to `emit` with how many bytes of the new data it covers.
+pub(crate) struct OpSink<F> {
+    emit: F,
+    raw: Vec<u8>,
+    covered: u64,
+    /// A copy that the next one may extend.
+    pending: Option<(u64, u64)>,
+    stats: DeltaStats,
+}
+
+impl<F: FnMut(Block, u64) -> std::io::Result<()>> OpSink<F> {
+    pub(crate) fn new(emit: F) -> Self {
+        OpSink { emit, raw: Vec::new(), covered: 0, pending: None, stats: DeltaStats::default() }
+    }
+
+    pub(crate) fn copy(&mut self, offset: u64, len: u64) {
+        match &mut self.pending {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => {
+                self.settle_copy();
+                self.pending = Some((offset, len));
             }
         }
-        let mut raw = Vec::with_capacity(64);
-        for op in &ops {
-            put_op(&mut raw, op, &mut stats);
-        }
-        if !raw.is_empty() {
-            emit(seal(raw), consumed as u64).map_err(DeltaError::Io)?;
-        }
-        start += consumed.max(1);
     }
-    Ok(stats)
+
+    fn settle_copy(&mut self) {
+        if let Some((offset, len)) = self.pending.take() {
+            put_op(&mut self.raw, &Op::Copy { offset, len }, &mut self.stats);
+            self.covered += len;
+        }
+    }
+
+    pub(crate) fn literal(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        self.settle_copy();
+        while !data.is_empty() {
+            let room = WHOLE_CHUNK.saturating_sub(self.raw.len()).max(1);
+            let (piece, rest) = data.split_at(room.min(data.len()));
+            put_op(&mut self.raw, &Op::Literal(piece), &mut self.stats);
+            self.covered += piece.len() as u64;
+            data = rest;
+            self.flushed()?;
+        }
+        Ok(())
+    }
+
+    /// Emits a block once enough has gathered: [`WHOLE_CHUNK`] bytes of ops, or [`WINDOW`] bytes
+    /// of data covered (so progress moves and the sender can release what is behind).
+    pub(crate) fn flushed(&mut self) -> std::io::Result<()> {
+        let pending = self.pending.map_or(0, |(_, l)| l);
+        if self.raw.len() >= WHOLE_CHUNK || self.covered + pending >= WINDOW as u64 {
+            self.settle_copy();
+            self.emit_block()?;
+        }
+        Ok(())
+    }
+
+    fn emit_block(&mut self) -> std::io::Result<()> {
+        if self.raw.is_empty() {
+            return Ok(());
+        }
+        let raw = std::mem::take(&mut self.raw);
+        (self.emit)(seal(raw), std::mem::take(&mut self.covered))
+    }
+
+    pub(crate) fn finish(mut self) -> Result<DeltaStats, DeltaError> {
+        self.settle_copy();
+        self.emit_block()?;
+        Ok(self.stats)
+    }
 }
 
 /// Reads fast_rsync's (librsync's) delta format: magic, then literal/copy commands, then end.
-fn parse_fast_rsync(mut d: &[u8]) -> Result<Vec<Op<'_>>, DeltaError> {
+pub(crate) fn parse_fast_rsync(mut d: &[u8]) -> Result<Vec<Op<'_>>, DeltaError> {
     const MAGIC: [u8; 4] = 0x72730236u32.to_be_bytes();
     fn take<'a>(d: &mut &'a [u8], n: usize) -> Result<&'a [u8], DeltaError> {
         if d.len() < n {
@@ -269,4 +306,23 @@ fn parse_fast_rsync(mut d: &[u8]) -> Result<Vec<Op<'_>>, DeltaError> {
     }
     // fast_rsync emits at most 2^64-sized literals in pieces; merge adjacent ones for one header.
     Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_blocks_are_compressed_only_when_a_sample_says_it_pays() {
+        let random = super::super::pseudo_random(1 << 20, 5);
+        assert_eq!(seal(random.clone()).codec, Codec::Raw);
+        let text: Vec<u8> = (0..1 << 20).map(|i| b"the quick brown fox "[i % 20]).collect();
+        let sealed = seal(text.clone());
+        assert_eq!(sealed.codec, Codec::Zstd);
+        assert_eq!(open_block(&sealed).unwrap().as_ref(), &text[..]);
+        // Random at the front, text in the middle where the sample is: still compressed.
+        let mut mixed = random[..1 << 19].to_vec();
+        mixed.extend_from_slice(&text[..1 << 19]);
+        assert!(seal(mixed.clone()).bytes.len() < mixed.len());
+    }
 }

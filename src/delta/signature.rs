@@ -25,40 +25,106 @@ pub fn compute(data: &[u8]) -> Signature {
 }
 
 /// Bytes of the serialized header (magic, block size, hash size) that starts every signature.
-const HEADER: usize = 12;
+pub(crate) const HEADER: usize = 12;
 
-/// The signature of a file, read window by window: the same bytes as [`compute`] over the whole
-/// file (windows are whole blocks), in bounded memory.
+/// Bytes gathered before hashing when data arrives in small pieces: enough blocks at once for
+/// fast_rsync's multi-lane MD4.
+const GATHER: usize = 256 << 10;
+
+/// Builds the signature of data that arrives in pieces of any size (an upload being encoded, a
+/// reconstruction being written), so caching the new version's signature costs no second read of
+/// the file. The result is the same bytes as [`compute`] over the whole data.
+pub struct Builder {
+    opts: SignatureOptions,
+    /// Serialized signature so far: header, then one entry per block.
+    out: Vec<u8>,
+    /// Data not yet hashed, always less than `gather` bytes.
+    pending: Vec<u8>,
+    /// Bytes fed so far.
+    fed: u64,
+    /// A whole number of blocks.
+    gather: usize,
+}
+
+impl Builder {
+    /// `len` is the final size of the data: it picks the block size.
+    pub fn new(len: u64) -> Self {
+        let opts = options(len);
+        let bs = opts.block_size as usize;
+        let mut out = Vec::with_capacity(HEADER + (len as usize).div_ceil(bs).min(1 << 20) * 12);
+        out.extend_from_slice(&Signature::calculate(&[], opts).serialized()[..HEADER]);
+        Builder { opts, out, pending: Vec::new(), fed: 0, gather: (GATHER / bs).max(1) * bs }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.fed += data.len() as u64;
+        while !data.is_empty() {
+            if self.pending.is_empty() && data.len() >= self.gather {
+                // Large pieces are hashed in place, whole blocks at a time.
+                let whole = data.len() - data.len() % self.opts.block_size as usize;
+                self.hash(&data[..whole]);
+                data = &data[whole..];
+                continue;
+            }
+            let take = (self.gather - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == self.gather {
+                self.hash_pending();
+            }
+        }
+    }
+
+    /// Whether entries computed with `opts` from the current position on can be taken as they are
+    /// ([`append_signed`](Self::append_signed)): same block and hash sizes, at a block boundary.
+    pub fn in_step_with(&self, opts: SignatureOptions) -> bool {
+        opts.block_size == self.opts.block_size
+            && opts.crypto_hash_size == self.opts.crypto_hash_size
+            && self.fed.is_multiple_of(self.opts.block_size as u64)
+    }
+
+    /// Takes the serialized entries of the next whole blocks, computed elsewhere (the diff's grid
+    /// already hashed them); only valid when [`in_step_with`](Self::in_step_with) says so.
+    pub fn append_signed(&mut self, entries: &[u8]) {
+        self.hash_pending();
+        let entry = 4 + self.opts.crypto_hash_size as usize;
+        self.fed += (entries.len() / entry) as u64 * self.opts.block_size as u64;
+        self.out.extend_from_slice(entries);
+    }
+
+    fn hash(&mut self, blocks: &[u8]) {
+        self.out.extend_from_slice(&Signature::calculate(blocks, self.opts).serialized()[HEADER..]);
+    }
+
+    fn hash_pending(&mut self) {
+        let p = std::mem::take(&mut self.pending);
+        if !p.is_empty() {
+            self.hash(&p);
+        }
+        self.pending = p;
+        self.pending.clear();
+    }
+
+    pub fn finish(mut self) -> Signature {
+        self.hash_pending();
+        Signature::deserialize(self.out).expect("a header and whole entries, as fast_rsync writes them")
+    }
+}
+
+/// The signature of a file, read piece by piece: the same bytes as [`compute`], in bounded memory.
 pub fn compute_file(path: &Path) -> io::Result<Signature> {
     use std::os::unix::fs::OpenOptionsExt;
     // Never through a symlink: a link swapped in for a file must not make us read elsewhere.
     let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
-    let len = f.metadata()?.len();
-    let opts = options(len);
-    // A whole number of blocks per window, so per-window signatures concatenate.
-    let window = (super::WINDOW / opts.block_size as usize).max(1) * opts.block_size as usize;
-    let mut buf = vec![0u8; window];
-    let mut out: Vec<u8> = Vec::new();
+    let mut b = Builder::new(f.metadata()?.len());
+    let mut buf = vec![0u8; 1 << 20];
     loop {
-        let mut filled = 0;
-        while filled < window {
-            let n = f.read(&mut buf[filled..])?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(b.finish());
         }
-        if filled == 0 && !out.is_empty() {
-            break;
-        }
-        let sig = Signature::calculate(&buf[..filled], opts);
-        let bytes = sig.serialized();
-        out.extend_from_slice(if out.is_empty() { bytes } else { &bytes[HEADER..] });
-        if filled < window {
-            break;
-        }
+        b.update(&buf[..n]);
     }
-    Signature::deserialize(out).map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// A folder of `<hash>-<block size>.sig` files. Losing it costs bandwidth, never data, so writes
@@ -96,11 +162,17 @@ impl SigCache {
         fs::rename(&tmp, self.path(hash, len))
     }
 
+    /// A builder for the signature of a version about to be sent or written, unless that version
+    /// is small enough to go whole or is cached already.
+    pub fn builder_for(&self, hash: &ContentHash, len: u64) -> Option<Builder> {
+        (len >= super::WHOLE_FILE_BELOW && !self.contains(hash, len)).then(|| Builder::new(len))
+    }
+
     /// Computes and stores the signature of a file unless it is small enough to go whole or is
     /// cached already.
     pub fn ensure_file(&self, hash: &ContentHash, path: &Path) -> io::Result<()> {
         let len = fs::symlink_metadata(path)?.len();
-        if len < super::WHOLE_FILE_BELOW || self.contains(hash, len) {
+        if self.builder_for(hash, len).is_none() {
             return Ok(());
         }
         self.put(hash, len, &compute_file(path)?)
@@ -121,5 +193,23 @@ mod tests {
         assert_eq!(compute_file(&p).unwrap().serialized(), compute(&data).serialized());
         fs::write(&p, b"").unwrap();
         assert_eq!(compute_file(&p).unwrap().serialized(), compute(b"").serialized());
+    }
+
+    #[test]
+    fn builder_equals_whole_whatever_the_pieces() {
+        let data: Vec<u8> = (0..3_000_017usize).map(|i| (i * 131 % 253) as u8).collect();
+        for pieces in [&[1usize, 7, 1023, 1024, 1025][..], &[300_000, 5], &[4 << 20]] {
+            let mut b = Builder::new(data.len() as u64);
+            let mut rest = &data[..];
+            for &n in pieces.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (a, r) = rest.split_at(n.min(rest.len()));
+                b.update(a);
+                rest = r;
+            }
+            assert_eq!(b.finish().serialized(), compute(&data).serialized(), "pieces {pieces:?}");
+        }
     }
 }

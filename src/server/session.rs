@@ -601,10 +601,10 @@ impl Session {
             };
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
                 Some(sig) => {
-                    delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?;
+                    delta::encode_delta(&sig, &map, None, emit).map_err(|e| e.to_string())?;
                 }
                 None => {
-                    delta::encode_whole(&map, emit).map_err(|e| e.to_string())?;
+                    delta::encode_whole(&map, None, emit).map_err(|e| e.to_string())?;
                 }
             }
             Ok(())
@@ -697,23 +697,26 @@ fn reconstruct(
     };
     let (file, t) = store.new_temp()?;
     let guard = TempGuard::new(t);
-    let mut ap = Applier::new(&base_map, BufWriter::with_capacity(1 << 20, file), size);
+    let mut ap = Applier::new(&base_map, BufWriter::with_capacity(1 << 20, file), size)
+        .with_signature(store.sigs.builder_for(&hash, size));
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
         // Copies read the base wherever they point; drop what they touched so memory stays flat.
         base_map.release_all();
     }
-    let (h, n, _, w) = ap.finish().map_err(server_err)?;
-    if h != hash || n != size {
+    let done = ap.finish().map_err(server_err)?;
+    if done.hash != hash || done.len != size {
         return Err(Refusal::new(
             RefusalKind::Corrupt,
             "uploaded content does not match its announced hash; send it whole",
         ));
     }
     // Not fsynced here: the batch commit makes many files durable together.
-    drop(w.into_inner().map_err(|e| server_err(e.error()))?);
+    drop(done.out.into_inner().map_err(|e| server_err(e.error()))?);
     fsutil::set_mode(guard.path(), meta.mode)?;
     fsutil::set_mtime(guard.path(), meta.mtime_ns)?;
-    store.sigs.ensure_file(&hash, guard.path())?;
+    if let Some(sig) = done.sig {
+        store.sigs.put(&hash, size, &sig)?;
+    }
     Ok(guard)
 }

@@ -22,7 +22,7 @@ use super::scan::StatCache;
 use crate::client::{Client, ClientError, recv_reply};
 use crate::delta::{self, Applier, Block, DeltaStats, SigCache};
 use crate::fsutil::{self, TempGuard};
-use crate::hash::ContentHash;
+use crate::hash::{ContentHash, Hasher};
 use crate::path::RelPath;
 use crate::progress::Progress;
 use crate::protocol::*;
@@ -432,7 +432,7 @@ impl Exec {
             return Ok(Vec::new());
         }
         let ids: Vec<u64> = jobs.iter().map(|_| client.next_id()).collect();
-        let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job)>();
+        let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job, Outcome)>();
         let sender =
             Sender { root: self.root.clone(), sigs: self.sigs.clone(), progress: self.progress.clone() };
         let wr = &mut client.wr;
@@ -443,10 +443,10 @@ impl Exec {
             let mut skipped = Vec::new();
             for (id, job) in ids.into_iter().zip(jobs) {
                 match sender.send(wr, id, &job, &mut stats).await? {
-                    true => {
-                        let _ = ptx.send((id, job));
+                    Outcome::Skipped => skipped.push(job),
+                    sent => {
+                        let _ = ptx.send((id, job, sent));
                     }
-                    false => skipped.push(job),
                 }
             }
             wr.flush().await?;
@@ -455,8 +455,8 @@ impl Exec {
         };
         let reader = async {
             let mut retry = Vec::new();
-            while let Some((id, job)) = prx.recv().await {
-                if let Some(j) = self.receive(rd, &notified, id, job).await? {
+            while let Some((id, job, sent)) = prx.recv().await {
+                if let Some(j) = self.receive(rd, &notified, id, job, sent).await? {
                     retry.push(j);
                 }
             }
@@ -482,6 +482,7 @@ impl Exec {
         notified: &AtomicU64,
         id: u64,
         job: Job,
+        sent: Outcome,
     ) -> Result<Option<Job>, SyncError> {
         let result = match recv_reply(rd, notified).await? {
             ServerMsg::Resp { id: i, result } if i == id => result,
@@ -489,6 +490,14 @@ impl Exec {
                 return Err(ClientError::Unexpected(format!("{other:?} while waiting for reply {id}")).into());
             }
         };
+        if sent == Outcome::Changed && result.is_err() {
+            // The server refused content that no longer matched its announced hash: not an error,
+            // the next round sends the file as it is then.
+            self.report
+                .notes
+                .push(format!("{}: changed while syncing; will sync on the next run", job_path(&job)));
+            return Ok(None);
+        }
         match job {
             Job::Up(action) => Ok(self.uploaded(action, result)),
             Job::Get { entry, have } => match result {
@@ -734,21 +743,38 @@ struct Sender {
 }
 
 enum Item {
-    /// The file still is what was planned; the blocks are a delta against this base, if any.
+    /// The file still has its planned size; the blocks are a delta against this base, if any.
     Start(Option<ContentHash>),
     Block(Block, u64),
     Skip,
 }
 
+/// What became of one job's request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    Sent,
+    /// Not sent: the file was gone or had another size.
+    Skipped,
+    /// Sent, but the bytes read did not hash to what the scan saw: the server will refuse them.
+    Changed,
+}
+
+/// How the encoder of one upload ended.
+enum Produced {
+    Done(DeltaStats),
+    Changed,
+    Failed(String),
+}
+
 impl Sender {
-    /// Sends one job's request (and content). `false` if it was skipped (file changed since scan).
+    /// Sends one job's request (and content).
     async fn send(
         &self,
         wr: &mut FrameWriter,
         id: u64,
         job: &Job,
         stats: &mut DeltaStats,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<Outcome, ClientError> {
         let req = match job {
             Job::Get { entry, have } => Request::Get { path: entry.path.clone(), have: *have },
             Job::Up(a) => match a.clone() {
@@ -771,7 +797,7 @@ impl Sender {
             },
         };
         wr.feed(&ClientMsg::Req { id, req }).await?;
-        Ok(true)
+        Ok(Outcome::Sent)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -786,7 +812,7 @@ impl Sender {
         meta: Meta,
         delta_base: Option<(ContentHash, u64)>,
         stats: &mut DeltaStats,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<Outcome, ClientError> {
         let (tx, mut rx) = mpsc::channel::<Item>(4);
         let full = path.under(&self.root);
         let sigs = self.sigs.clone();
@@ -796,7 +822,7 @@ impl Sender {
             Some(Item::Start(base)) => base,
             _ => {
                 let _ = producer.await;
-                return Ok(false);
+                return Ok(Outcome::Skipped);
             }
         };
         wr.feed(&ClientMsg::Req {
@@ -821,16 +847,20 @@ impl Sender {
         if !ended {
             wr.feed(&ClientMsg::End { id }).await?;
         }
-        if let Ok(Ok(s)) = producer.await {
-            stats.add(s);
+        match producer.await {
+            Ok(Produced::Done(s)) => stats.add(s),
+            Ok(Produced::Changed) => return Ok(Outcome::Changed),
+            // A short upload: the server refuses it, and a delta is retried whole.
+            Ok(Produced::Failed(e)) => tracing::debug!("encoding `{path}` stopped: {e}"),
+            Err(e) => tracing::debug!("encoding `{path}` stopped: {e}"),
         }
-        Ok(true)
+        Ok(Outcome::Sent)
     }
 }
 
-/// Encodes a local file for upload on the blocking pool: re-checks that it is still the content
-/// that was planned, then streams blocks (a delta against the base's cached signature when there
-/// is one), and caches the new version's signature for the next upload.
+/// Encodes a local file for upload on the blocking pool, in one pass over it: the blocks (a delta
+/// against the base's cached signature when there is one), the hash that proves the file is still
+/// what the scan saw, and the new version's signature for the next upload.
 fn produce(
     full: &Path,
     hash: ContentHash,
@@ -838,10 +868,10 @@ fn produce(
     delta_base: Option<(ContentHash, u64)>,
     sigs: &SigCache,
     tx: mpsc::Sender<Item>,
-) -> Result<DeltaStats, String> {
+) -> Produced {
     let skip = |tx: &mpsc::Sender<Item>, why: String| {
         let _ = tx.blocking_send(Item::Skip);
-        Err(why)
+        Produced::Failed(why)
     };
     let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(full) {
         Ok(f) => f,
@@ -851,27 +881,39 @@ fn produce(
         Ok(m) => m,
         Err(e) => return skip(&tx, e.to_string()),
     };
-    if map.len() as u64 != size || ContentHash::of_mapped(&map) != hash {
+    if map.len() as u64 != size {
         return skip(&tx, "changed since scan".into());
     }
     let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
     if tx.blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h))).is_err() {
-        return Err("connection gone".into());
+        return Produced::Failed("connection gone".into());
     }
+    let mut hasher = Hasher::new();
+    let mut new_sig = sigs.builder_for(&hash, size);
     let mut sent = 0usize;
-    let emit = |b, covered| {
+    let emit = |b, covered: u64| {
+        let piece = &map[sent..sent + covered as usize];
+        hasher.update(piece);
+        sent += piece.len();
         // Memory stays flat for huge files: drop the pages already encoded.
         map.release(0, sent);
-        sent += covered as usize;
         tx.blocking_send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"))
     };
     let stats = match sig {
-        Some((_, sig)) => delta::encode_delta(&sig, &map, emit).map_err(|e| e.to_string())?,
-        None => delta::encode_whole(&map, emit).map_err(|e| e.to_string())?,
+        Some((_, sig)) => delta::encode_delta(&sig, &map, new_sig.as_mut(), emit),
+        None => delta::encode_whole(&map, new_sig.as_mut(), emit).map_err(delta::DeltaError::Io),
     };
-    drop(map);
-    let _ = sigs.ensure_file(&hash, full);
-    Ok(stats)
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => return Produced::Failed(e.to_string()),
+    };
+    if hasher.finish() != hash {
+        return Produced::Changed;
+    }
+    if let Some(s) = new_sig {
+        let _ = sigs.put(&hash, size, &s.finish());
+    }
+    Produced::Done(stats)
 }
 
 /// Applies a download's blocks into a temp file beside the destination and verifies it.
@@ -900,20 +942,24 @@ fn receive_file(
     };
     let (file, t) = fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
     let guard = TempGuard::new(t);
-    let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, file), size);
+    let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, file), size)
+        .with_signature(sigs.builder_for(&hash, size));
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| e.to_string())?;
         base.release_all();
     }
-    let (h, n, stats, w) = ap.finish().map_err(|e| e.to_string())?;
-    if h != hash || n != size {
+    let done = ap.finish().map_err(|e| e.to_string())?;
+    if done.hash != hash || done.len != size {
         return Err("content hash mismatch".into());
     }
     // fsynced later, together with the other files of the batch (`flush_ready`).
-    drop(w.into_inner().map_err(|e| e.error().to_string())?);
+    drop(done.out.into_inner().map_err(|e| e.error().to_string())?);
     fsutil::set_mode(guard.path(), meta.mode).map_err(|e| e.to_string())?;
     fsutil::set_mtime(guard.path(), meta.mtime_ns).map_err(|e| e.to_string())?;
-    let _ = sigs.ensure_file(&hash, guard.path());
+    if let Some(sig) = done.sig {
+        let _ = sigs.put(&hash, size, &sig);
+    }
+    let stats = done.stats;
     Ok((guard, stats))
 }
 
@@ -937,5 +983,48 @@ fn job_path(j: &Job) -> String {
     match j {
         Job::Up(a) => action_path(a),
         Job::Get { entry, .. } => entry.path.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the encoder to its end, draining its blocks as the sender would.
+    fn run_produce(full: &Path, hash: ContentHash, size: u64, sigs: &SigCache) -> (Produced, usize) {
+        let (tx, mut rx) = mpsc::channel(4);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| produce(full, hash, size, None, sigs, tx));
+            let mut blocks = 0;
+            while let Some(item) = rx.blocking_recv() {
+                blocks += matches!(item, Item::Block(..)) as usize;
+            }
+            (h.join().expect("producer thread"), blocks)
+        })
+    }
+
+    #[test]
+    fn an_upload_that_no_longer_matches_the_scan_is_flagged_and_not_cached() {
+        let d = tempfile::tempdir().unwrap();
+        let sigs = SigCache::new(d.path().join("sigs")).unwrap();
+        let full = d.path().join("f");
+        let data = vec![7u8; 100_000];
+        std::fs::write(&full, &data).unwrap();
+        let planned = ContentHash::of(b"what the scan saw");
+        let (r, blocks) = run_produce(&full, planned, data.len() as u64, &sigs);
+        assert!(matches!(r, Produced::Changed));
+        assert!(blocks > 0, "the content was still sent; the server's check refuses it");
+        assert!(!sigs.contains(&planned, data.len() as u64), "a signature under the wrong hash");
+
+        let real = ContentHash::of(&data);
+        let (r, _) = run_produce(&full, real, data.len() as u64, &sigs);
+        assert!(matches!(r, Produced::Done(s) if s.literal == data.len() as u64));
+        let cached = sigs.get(&real, data.len() as u64).expect("signature cached in the same pass");
+        assert_eq!(cached.serialized(), delta::signature::compute(&data).serialized());
+
+        // Another size than planned: skipped before anything is sent.
+        let (r, blocks) = run_produce(&full, real, 5, &sigs);
+        assert!(matches!(r, Produced::Failed(_)));
+        assert_eq!(blocks, 0);
     }
 }
