@@ -8,7 +8,7 @@ use fast_rsync::Signature;
 
 use super::DeltaError;
 use super::ops::{Block, DeltaStats, Op, open_block, parse_ops};
-use super::signature::Builder;
+use super::signature::{self, Builder};
 use crate::hash::{ContentHash, Hasher};
 
 pub struct Applier<'a, W: Write> {
@@ -16,6 +16,9 @@ pub struct Applier<'a, W: Write> {
     out: W,
     hasher: Hasher,
     sig: Option<Builder>,
+    /// The base's signature: where a copy takes whole blocks of the base onto the new version's
+    /// block grid, their entries are taken from it instead of hashing the bytes again.
+    base_sig: Option<Signature>,
     written: u64,
     limit: u64,
     stats: DeltaStats,
@@ -39,25 +42,46 @@ impl<'a, W: Write> Applier<'a, W> {
             out,
             hasher: Hasher::new(),
             sig: None,
+            base_sig: None,
             written: 0,
             limit,
             stats: DeltaStats::default(),
         }
     }
 
-    /// Also builds the signature of the result (see [`super::SigCache::builder_for`]).
-    pub fn with_signature(mut self, sig: Option<Builder>) -> Self {
+    /// Also builds the signature of the result (see [`super::SigCache::builder_for`]), reusing
+    /// the base's signature, if known, for copied blocks.
+    pub fn with_signature(mut self, sig: Option<Builder>, base_sig: Option<Signature>) -> Self {
         self.sig = sig;
+        self.base_sig = base_sig;
         self
+    }
+
+    /// Feeds the signature builder with what an op wrote.
+    fn sign(&mut self, copy: Option<(u64, u64)>, bytes: &[u8]) {
+        let Some(b) = &mut self.sig else { return };
+        if let (Some((offset, len)), Some((opts, entry, entries))) =
+            (copy, self.base_sig.as_ref().and_then(signature::layout))
+        {
+            let bs = opts.block_size as u64;
+            if b.in_step_with(opts) && offset % bs == 0 && len % bs == 0 {
+                let from = (offset / bs) as usize * entry;
+                if let Some(e) = entries.get(from..from + (len / bs) as usize * entry) {
+                    b.append_signed(e);
+                    return;
+                }
+            }
+        }
+        b.update(bytes);
     }
 
     pub fn block(&mut self, b: &Block) -> Result<(), DeltaError> {
         let raw = open_block(b)?;
         for op in parse_ops(&raw) {
-            let bytes: &[u8] = match op? {
+            let (copy, bytes): (_, &[u8]) = match op? {
                 Op::Literal(l) => {
                     self.stats.literal += l.len() as u64;
-                    l
+                    (None, l)
                 }
                 Op::Copy { offset, len } => {
                     let base_len = self.base.len() as u64;
@@ -66,7 +90,7 @@ impl<'a, W: Write> Applier<'a, W> {
                         .filter(|&e| e <= base_len)
                         .ok_or(DeltaError::CopyOutOfBounds { offset, len, base_len })?;
                     self.stats.matched += len;
-                    &self.base[offset as usize..end as usize]
+                    (Some((offset, len)), &self.base[offset as usize..end as usize])
                 }
             };
             self.written += bytes.len() as u64;
@@ -74,9 +98,7 @@ impl<'a, W: Write> Applier<'a, W> {
                 return Err(DeltaError::TooLong { limit: self.limit });
             }
             self.hasher.update(bytes);
-            if let Some(sig) = &mut self.sig {
-                sig.update(bytes);
-            }
+            self.sign(copy, bytes);
             self.out.write_all(bytes)?;
         }
         Ok(())
@@ -109,7 +131,7 @@ mod tests {
         })
         .unwrap();
         let mut a = Applier::new(base, Vec::new(), new.len() as u64)
-            .with_signature(Some(signature::Builder::new(new.len() as u64)));
+            .with_signature(Some(signature::Builder::new(new.len() as u64)), Some(sig.clone()));
         for b in &blocks {
             a.block(b).unwrap();
         }

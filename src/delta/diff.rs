@@ -20,7 +20,7 @@ use fast_rsync::{IndexedSignature, Signature, SignatureOptions};
 
 use super::DeltaError;
 use super::ops::{Block, DeltaStats, Op, OpSink, parse_fast_rsync};
-use super::signature::{Builder, HEADER};
+use super::signature::{self, Builder, HEADER};
 
 /// Grid span after a miss; it doubles while every block matches, up to [`GRID_MAX`]. Small enough
 /// that signing blocks past a nearby change wastes little.
@@ -69,21 +69,12 @@ fn key(entry: &[u8]) -> u64 {
 
 impl<'s> Grid<'s> {
     fn new(sig: &'s Signature) -> Result<Self, DeltaError> {
-        let bytes = sig.serialized();
-        let be = |at: usize| bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
-        let (Some(block_size), Some(crypto_hash_size)) = (be(4), be(8)) else {
-            return Err(DeltaError::Corrupt("signature header"));
-        };
-        if block_size == 0 || crypto_hash_size > 16 {
-            return Err(DeltaError::Corrupt("signature header"));
-        }
-        let entry = 4 + crypto_hash_size as usize;
-        let entries = &bytes[HEADER..];
+        let (opts, entry, entries) = signature::layout(sig).ok_or(DeltaError::Corrupt("signature header"))?;
         let mut blocks = HashMap::with_capacity_and_hasher(entries.len() / entry, Default::default());
         for (i, e) in entries.chunks_exact(entry).enumerate() {
             blocks.entry(key(e)).or_insert(i as u32);
         }
-        Ok(Grid { opts: SignatureOptions { block_size, crypto_hash_size }, entry, entries, blocks })
+        Ok(Grid { opts, entry, entries, blocks })
     }
 
     fn block_size(&self) -> usize {

@@ -27,6 +27,18 @@ pub fn compute(data: &[u8]) -> Signature {
 /// Bytes of the serialized header (magic, block size, hash size) that starts every signature.
 pub(crate) const HEADER: usize = 12;
 
+/// A signature's options and its per-block entries (CRC, then the strong hash), read from its
+/// serialized form; `None` for a header no signature of ours has.
+pub fn layout(sig: &Signature) -> Option<(SignatureOptions, usize, &[u8])> {
+    let bytes = sig.serialized();
+    let be = |at: usize| bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+    let (block_size, crypto_hash_size) = (be(4)?, be(8)?);
+    if block_size == 0 || crypto_hash_size > 16 {
+        return None;
+    }
+    Some((SignatureOptions { block_size, crypto_hash_size }, 4 + crypto_hash_size as usize, &bytes[HEADER..]))
+}
+
 /// Bytes gathered before hashing when data arrives in small pieces: enough blocks at once for
 /// fast_rsync's multi-lane MD4.
 const GATHER: usize = 256 << 10;

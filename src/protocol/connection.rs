@@ -93,6 +93,9 @@ pub struct FrameWriter {
 /// Write buffer: many small pipelined requests share one segment.
 const WRITE_BUF: usize = 64 << 10;
 
+/// See [`FrameWriter::feed_content`]; small files' blocks stay batched.
+const FLUSH_COVERED: u64 = 1 << 20;
+
 /// Splits a stream into a reader and a writer that can live in different tasks.
 pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
     let _ = stream.set_nodelay(true);
@@ -151,6 +154,17 @@ impl FrameWriter {
         }
         self.inner.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
         self.inner.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Queues a message that carries `covered` bytes of a file, flushing once it stands for a
+    /// lot of the file: a delta of a big file is a few small frames, and the receiver should
+    /// apply each while the sender encodes the next, not find them all in one late segment.
+    pub async fn feed_content<M: Serialize>(&mut self, msg: &M, covered: u64) -> Result<(), ProtocolError> {
+        self.feed(msg).await?;
+        if covered >= FLUSH_COVERED {
+            self.flush().await?;
+        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::Shared;
 use super::meta::{AccountId, MetaError, Metadata};
-use super::store::{AccountStore, Store};
+use super::store::{AccountStore, Replaced, Store};
 use crate::fsutil::{self, TempGuard};
 use crate::path::RelPath;
 use crate::protocol::{Entry, Node, Refusal, RefusalKind, Reply};
@@ -143,6 +143,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
     })
     .await
     .unwrap_or_default();
+    let mut replaced = Vec::new();
     let mut dirs = BTreeSet::new();
     let mut done: Vec<(i64, Staged)> = Vec::new();
     let mut failed = Vec::new();
@@ -151,8 +152,9 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
         ok.into_iter().zip(ids).zip(placed.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
     {
         match r {
-            Some(Ok(dir)) => {
+            Some(Ok((dir, old))) => {
                 dirs.insert(dir);
+                replaced.extend(old);
                 done.push((id, s));
             }
             Some(Err(e)) => {
@@ -199,6 +201,10 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
             (s.id, Err(server_err(&e)))
         })),
     }
+    if !replaced.is_empty() {
+        // After the replies: nobody waits for the old blocks to be freed.
+        tokio::task::spawn_blocking(move || replaced.into_iter().for_each(|r| r.free()));
+    }
     out
 }
 
@@ -211,7 +217,12 @@ pub fn recover(meta: &Metadata, store: &Store) -> Result<usize, String> {
         let acct = store.account(p.account).map_err(|e| e.to_string())?;
         let dest = p.path.under(&acct.files);
         let placed = if p.tmp.exists() {
-            acct.place(&p.tmp, &p.path).and_then(|dir| fsutil::sync_dir(&dir)).is_ok()
+            acct.place(&p.tmp, &p.path)
+                .and_then(|(dir, old)| {
+                    old.into_iter().for_each(Replaced::free);
+                    fsutil::sync_dir(&dir)
+                })
+                .is_ok()
         } else {
             dest.exists()
         };

@@ -396,20 +396,23 @@ impl Session {
         })
     }
 
-    /// Checks an upload's base before its data arrives; returns the base file to apply a delta to.
+    /// Checks an upload's base before its data arrives; returns the base file to apply a delta to,
+    /// with its hash and size.
     async fn check_put(
         &self,
         path: &RelPath,
         base_rev: u64,
         base: Option<ContentHash>,
-    ) -> Result<Option<std::path::PathBuf>, Refusal> {
+    ) -> Result<Option<(std::path::PathBuf, ContentHash, u64)>, Refusal> {
         let cur = self.current(path).await?;
         check_base(path, &cur, base_rev)?;
         self.check_replaceable(path, &cur).await?;
         match base {
             None => Ok(None),
             Some(h) => match cur.and_then(|e| e.node) {
-                Some(Node::File { hash, .. }) if hash == h => Ok(Some(self.store.resolve(path)?)),
+                Some(Node::File { hash, size, .. }) if hash == h => {
+                    Ok(Some((self.store.resolve(path)?, hash, size)))
+                }
                 _ => Err(Refusal::new(
                     RefusalKind::NotFound,
                     format!("the server does not hold the base version of `{path}`; send it whole"),
@@ -589,7 +592,7 @@ impl Session {
         self.wr
             .feed(&ServerMsg::Resp { id, result: Ok(Reply::File { entry, base: base.map(|b| b.0) }) })
             .await?;
-        let (tx, mut rx) = mpsc::channel::<Block>(4);
+        let (tx, mut rx) = mpsc::channel::<(Block, u64)>(4);
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let map = fsutil::map(&file).map_err(|e| e.to_string())?;
             let mut sent = 0usize;
@@ -597,7 +600,7 @@ impl Session {
                 // Memory stays flat for huge files: drop the pages already encoded.
                 map.release(0, sent);
                 sent += covered as usize;
-                tx.blocking_send(b).map_err(|_| std::io::Error::other("receiver gone"))
+                tx.blocking_send((b, covered)).map_err(|_| std::io::Error::other("receiver gone"))
             };
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
                 Some(sig) => {
@@ -609,9 +612,9 @@ impl Session {
             }
             Ok(())
         });
-        while let Some(block) = rx.recv().await {
+        while let Some((block, covered)) = rx.recv().await {
             let block = self.wr.seal(block).map_err(|e| SessionError::Internal(e.to_string()))?;
-            self.wr.feed(&ServerMsg::Data { id, block }).await?;
+            self.wr.feed_content(&ServerMsg::Data { id, block }, covered).await?;
         }
         if let Ok(Err(e)) = producer.await {
             tracing::warn!("sending `{path}` failed: {e}");
@@ -681,14 +684,15 @@ fn check_base(path: &RelPath, cur: &Option<Entry>, base_rev: u64) -> Result<(), 
 /// Rebuilds an uploaded file in a temp file from its blocks and verifies it.
 fn reconstruct(
     store: &AccountStore,
-    base: Option<std::path::PathBuf>,
+    base: Option<(std::path::PathBuf, ContentHash, u64)>,
     mut rx: mpsc::Receiver<Block>,
     size: u64,
     hash: ContentHash,
     meta: Meta,
 ) -> Result<TempGuard, Refusal> {
+    let base_sig = base.as_ref().and_then(|(_, h, len)| store.sigs.get(h, *len));
     let base_map = match base {
-        Some(p) => {
+        Some((p, _, _)) => {
             use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)?;
             fsutil::map(&f)?
@@ -697,8 +701,9 @@ fn reconstruct(
     };
     let (file, t) = store.new_temp()?;
     let guard = TempGuard::new(t);
-    let mut ap = Applier::new(&base_map, BufWriter::with_capacity(1 << 20, file), size)
-        .with_signature(store.sigs.builder_for(&hash, size));
+    let mut ap =
+        Applier::new(&base_map, BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file)), size)
+            .with_signature(store.sigs.builder_for(&hash, size), base_sig);
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
         // Copies read the base wherever they point; drop what they touched so memory stays flat.

@@ -56,6 +56,23 @@ impl Store {
     }
 }
 
+/// Replaced files at least this big are kept aside by [`AccountStore::place`].
+const KEEP_ASIDE_FROM: u64 = 8 << 20;
+
+/// A replaced version, still linked in the temp area. Renaming over a big file frees its blocks
+/// inside the rename (about 60 ms for 256 MiB on ext4 here), on the path of the upload's reply;
+/// linked aside first, the rename is instant and the blocks are freed by [`Replaced::free`]
+/// after the reply. A crash in between leaves a temp file, removed at the next start.
+pub struct Replaced(PathBuf);
+
+impl Replaced {
+    pub fn free(self) {
+        if let Err(e) = fs::remove_file(&self.0) {
+            tracing::warn!("could not remove the replaced version {}: {e}", self.0.display());
+        }
+    }
+}
+
 impl AccountStore {
     /// The on-disk path of `rel`, after checking that no ancestor is a symlink or a file.
     pub fn resolve(&self, rel: &RelPath) -> io::Result<PathBuf> {
@@ -67,20 +84,25 @@ impl AccountStore {
         fsutil::create_temp(&self.tmp)
     }
 
-    /// Moves a verified temp file into place with its metadata, durably.
     /// Renames a verified, already durable temp file into place and returns the directory that
-    /// must be fsynced to make the rename durable. An empty directory in the way is replaced (the
-    /// session refuses to replace a non-empty one).
-    pub fn place(&self, tmp: &Path, rel: &RelPath) -> io::Result<PathBuf> {
+    /// must be fsynced to make the rename durable, and the replaced version if it was kept aside
+    /// (see [`Replaced`]). An empty directory in the way is replaced (the session refuses to
+    /// replace a non-empty one).
+    pub fn place(&self, tmp: &Path, rel: &RelPath) -> io::Result<(PathBuf, Option<Replaced>)> {
         fsutil::ensure_dirs(&self.files, rel)?;
         let dest = rel.under(&self.files);
-        if let Ok(md) = fs::symlink_metadata(&dest)
-            && md.is_dir()
-        {
-            fs::remove_dir(&dest)?;
+        let mut old = None;
+        match fs::symlink_metadata(&dest) {
+            Ok(md) if md.is_dir() => fs::remove_dir(&dest)?,
+            Ok(md) if md.is_file() && md.len() >= KEEP_ASIDE_FROM => {
+                let aside = fsutil::temp_path(&self.tmp);
+                fs::hard_link(&dest, &aside)?;
+                old = Some(Replaced(aside));
+            }
+            _ => {}
         }
         fs::rename(tmp, &dest)?;
-        Ok(dest.parent().unwrap_or(&self.files).to_path_buf())
+        Ok((dest.parent().unwrap_or(&self.files).to_path_buf(), old))
     }
 
     pub fn mkdir(&self, rel: &RelPath, mode: u32) -> io::Result<()> {

@@ -619,8 +619,9 @@ impl Exec {
         let sigs = self.sigs.clone();
         let p = path.clone();
         let use_base = base.is_some() && have.map(|h| Some(h.0) == base).unwrap_or(false);
+        let local_base = have.filter(|_| use_base);
         let worker = tokio::task::spawn_blocking(move || {
-            receive_file(&root, &p, use_base, rx, size, hash, meta, &sigs)
+            receive_file(&root, &p, local_base, rx, size, hash, meta, &sigs)
         });
         let mut bad_base = base.is_some() && !use_base;
         loop {
@@ -837,10 +838,10 @@ impl Sender {
             // One block of look-ahead: the last one carries the end of the upload.
             next = rx.recv().await;
             if next.is_none() {
-                wr.feed(&ClientMsg::Last { id, block }).await?;
+                wr.feed_content(&ClientMsg::Last { id, block }, covered).await?;
                 ended = true;
             } else {
-                wr.feed(&ClientMsg::Data { id, block }).await?;
+                wr.feed_content(&ClientMsg::Data { id, block }, covered).await?;
             }
             self.progress.advance(path.as_str(), covered);
         }
@@ -916,12 +917,13 @@ fn produce(
     Produced::Done(stats)
 }
 
-/// Applies a download's blocks into a temp file beside the destination and verifies it.
+/// Applies a download's blocks into a temp file beside the destination and verifies it; `base` is
+/// the local version (hash and size) the blocks are a delta against, if any.
 #[allow(clippy::too_many_arguments)]
 fn receive_file(
     root: &Path,
     path: &RelPath,
-    use_base: bool,
+    base: Option<(ContentHash, u64)>,
     mut rx: mpsc::Receiver<Block>,
     size: u64,
     hash: ContentHash,
@@ -930,7 +932,8 @@ fn receive_file(
 ) -> Result<(TempGuard, DeltaStats), String> {
     let full = path.under(root);
     fsutil::ensure_dirs(root, path).map_err(|e| e.to_string())?;
-    let base = if use_base {
+    let base_sig = base.and_then(|(h, len)| sigs.get(&h, len));
+    let base = if base.is_some() {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
@@ -942,8 +945,8 @@ fn receive_file(
     };
     let (file, t) = fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
     let guard = TempGuard::new(t);
-    let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, file), size)
-        .with_signature(sigs.builder_for(&hash, size));
+    let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file)), size)
+        .with_signature(sigs.builder_for(&hash, size), base_sig);
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| e.to_string())?;
         base.release_all();

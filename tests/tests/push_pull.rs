@@ -141,6 +141,17 @@ fn small_edit_in_big_file_sends_a_small_delta() {
         down.dump()
     );
     assert_same_tree(a.path(), b.path());
+
+    // The server kept the replaced 10 MiB version aside to free it after replying; it must go.
+    let mut left = srv.temp_files();
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        left = srv.temp_files();
+    }
+    assert!(left.is_empty(), "replaced versions never freed: {left:?}");
 }
 
 #[test]
