@@ -1,20 +1,23 @@
 //! Rsync-style deltas on top of `fast_rsync`, with what it lacks for huge files.
 //!
-//! `fast_rsync::diff` needs the whole new data and the whole signature index in memory, and
-//! `fast_rsync::apply` appends its whole result to one buffer. So:
-//! - the new file is memory-mapped and diffed one window ([`WINDOW`]) at a time against the full
-//!   base signature; each window's fast_rsync delta is re-encoded into our own op stream
-//!   ([`ops`]), and the unmatched tail of a window is carried into the next so a match that
-//!   straddles a window boundary is still found;
-//! - the receiver applies op blocks one by one, streaming into a file and hashing as it goes
-//!   ([`apply`]), copying from a memory-mapped base.
+//! `fast_rsync::diff` needs the whole new data and the whole signature index in memory, checks
+//! every offset with a one-block MD4 (~720 MiB/s), and `fast_rsync::apply` appends its whole
+//! result to one buffer. So:
+//! - the new file is memory-mapped and searched grid-first ([`diff`]): blocks that stayed put (or
+//!   all moved by one amount) are found by fast_rsync's multi-lane MD4 over a span, and
+//!   `fast_rsync::diff` runs only over short spans where that misses; its delta is re-encoded
+//!   into our own op stream ([`ops`]), cut into blocks of about 1 MiB;
+//! - the receiver applies op blocks one by one, streaming into a file and hashing and signing as
+//!   it goes ([`apply`]), copying from a memory-mapped base.
 //!
 //! A whole-file transfer is the same op stream with only literals, so there is one decoder.
 //!
 //! # Layout
 //! - [`block_size`]: the one rule that picks a block size from a file size.
-//! - [`signature`]: computing signatures and the on-disk signature cache (both ends keep one).
-//! - [`ops`]: the wire op stream, its encoder (diff) and zstd framing.
+//! - [`signature`]: computing signatures (whole, from a file, or piece by piece) and the on-disk
+//!   signature cache (both ends keep one).
+//! - [`diff`]: the encoder's search for matches.
+//! - [`ops`]: the wire op stream, how ops gather into blocks, and zstd framing.
 //! - [`apply`]: the streaming decoder.
 //! - [`stream`]: the per-connection zstd stream for small files' blocks.
 
@@ -31,11 +34,12 @@ pub use diff::encode_delta;
 pub use ops::{Block, Codec, DeltaStats, encode_whole};
 pub use signature::SigCache;
 
-/// Bytes of new data diffed per call of `fast_rsync::diff`: bounds the encoder's memory and the
-/// size of one block on the wire.
+/// Bytes of new data a block may stand for at most: progress moves and the sender releases the
+/// pages behind it at least this often.
 pub const WINDOW: usize = 8 << 20;
 
-/// Largest decoded block a receiver accepts: a window plus a carried tail, rounded up.
+/// Largest decoded block a receiver accepts (blocks are cut at about 1 MiB of ops; this leaves
+/// room for older senders that cut at a window).
 pub const MAX_BLOCK: usize = WINDOW + (1 << 20);
 
 #[derive(Debug, thiserror::Error)]

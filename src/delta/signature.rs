@@ -168,9 +168,11 @@ impl SigCache {
     }
 
     pub fn put(&self, hash: &ContentHash, len: u64, sig: &Signature) -> io::Result<()> {
+        use std::io::Write;
         let (f, tmp) = crate::fsutil::create_temp(&self.dir)?;
-        drop(f);
-        fs::write(&tmp, sig.serialized())?;
+        let mut w = crate::fsutil::WriteBehind::new(f);
+        w.write_all(sig.serialized())?;
+        drop(w);
         fs::rename(&tmp, self.path(hash, len))
     }
 
