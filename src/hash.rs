@@ -32,7 +32,10 @@ impl ContentHash {
     pub fn of_file(path: &Path) -> io::Result<(Self, u64)> {
         let mut f = File::open(path)?;
         let mut h = Hasher::new();
-        let mut buf = vec![0u8; READ_BUF];
+        // Sized to the file: a scan hashes thousands of small files, and zeroing a full buffer
+        // for each cost more than hashing them.
+        let len = f.metadata()?.len();
+        let mut buf = vec![0u8; (len as usize).saturating_add(1).clamp(1, READ_BUF)];
         let mut total = 0u64;
         loop {
             let n = f.read(&mut buf)?;

@@ -1,11 +1,11 @@
 //! Group commit of uploads: many small files become durable together, not one fsync and one
 //! transaction each.
 //!
-//! A batch: fsync every temp file in parallel (the file system merges the journal commits of
-//! concurrent fsyncs), then under the account's commit lock check each base revision, record the
-//! batch as pending (redo log, one transaction), rename each file into place, fsync the distinct
-//! parent directories in parallel, and commit all rows and journal lines in one transaction.
-//! A crash after the renames is completed at the next start by [`recover`].
+//! A batch: make every temp file durable ([`fsutil::make_durable`]: one syncfs for many files,
+//! parallel fsyncs for a few), then under the account's commit lock check each base revision,
+//! record the batch as pending (redo log, one transaction), rename each file into place, make the
+//! distinct parent directories durable the same way, and commit all rows and journal lines in
+//! one transaction. A crash after the renames is completed at the next start by [`recover`].
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -41,22 +41,15 @@ fn server_err(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(RefusalKind::Server, format!("server could not store the file: {e}"))
 }
 
-/// Runs `f` over `items` on the blocking pool, a few threads at a time; results in input order.
-async fn parallel<T: Send + Sync + 'static, R: Send + 'static>(items: Vec<T>, f: fn(&T) -> R) -> Vec<R> {
-    let n = items.len();
-    match tokio::task::spawn_blocking(move || fsutil::parallel(&items, f)).await {
-        Ok(r) => r,
-        Err(_) => Vec::with_capacity(n),
-    }
+/// [`fsutil::make_durable`] on the blocking pool.
+async fn durable(paths: Vec<PathBuf>) -> Vec<std::io::Result<()>> {
+    tokio::task::spawn_blocking(move || fsutil::make_durable(&paths)).await.unwrap_or_default()
 }
 
 /// Commits a batch; returns each upload's reply, in order.
 pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Reply, Refusal>)> {
     let mut results: Vec<(u64, Result<Reply, Refusal>)> = Vec::with_capacity(staged.len());
-    let synced = parallel(staged.iter().map(|s| s.tmp.path().to_path_buf()).collect(), |p: &PathBuf| {
-        std::fs::File::open(p)?.sync_all()
-    })
-    .await;
+    let synced = durable(staged.iter().map(|s| s.tmp.path().to_path_buf()).collect()).await;
 
     let lock = t.shared.commit_lock(t.account);
     let _held = lock.lock().await;
@@ -167,7 +160,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
             }
         }
     }
-    let _ = parallel(dirs.into_iter().collect(), |d: &PathBuf| fsutil::sync_dir(d)).await;
+    let _ = durable(dirs.into_iter().collect()).await;
     let sh = t.shared.clone();
     let device = t.device.to_string();
     let rows: Vec<(i64, RelPath, Node, &'static str)> =

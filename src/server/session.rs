@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::batch::{self, Staged};
-use super::meta::{Account, MetaError};
+use super::meta::{Account, AccountId, MetaError, Metadata};
 use super::store::AccountStore;
 use crate::delta::{self, Applier, Block};
 use crate::fsutil::{self, TempGuard};
@@ -56,6 +56,9 @@ impl From<std::io::Error> for Refusal {
 
 /// Uploads committed together at most: bounds the time a reply waits and the open temp files.
 const MAX_BATCH: usize = 256;
+/// Uploads up to this size (sent whole) are received before they are checked and written, so
+/// each costs one trip to the blocking pool.
+const SMALL_UPLOAD: u64 = 64 << 10;
 const MAX_BATCH_BYTES: u64 = 64 << 20;
 
 struct Session {
@@ -352,39 +355,48 @@ impl Session {
         meta: Meta,
         base: Option<ContentHash>,
     ) -> Result<Result<TempGuard, Refusal>, SessionError> {
-        let early = self.check_put(&path, base_rev, base).await;
-        let (tx, rx) = mpsc::channel::<Block>(4);
+        let (sh, account, store) = (self.shared.clone(), self.account.id, self.store.clone());
+        if base.is_none() && size <= SMALL_UPLOAD {
+            // A small file arrives in a block or two: take it whole, then check and write it in
+            // one trip to the blocking pool instead of one for the check and one for the write.
+            let (mut blocks, mut ended) = (Vec::new(), false);
+            while let Some(b) = self.upload_block(id, &mut ended).await? {
+                blocks.push(b);
+            }
+            let done = tokio::task::spawn_blocking(move || {
+                check_put(&sh.meta, account, &store, &path, base_rev, None)?;
+                reconstruct(&store, None, blocks.into_iter(), size, hash, meta)
+            })
+            .await;
+            return Ok(done.unwrap_or_else(|e| Err(server_err(e))));
+        }
+        let p = path.clone();
+        let early =
+            tokio::task::spawn_blocking(move || check_put(&sh.meta, account, &store, &p, base_rev, base))
+                .await
+                .unwrap_or_else(|e| Err(server_err(e)));
+        let (tx, mut rx) = mpsc::channel::<Block>(4);
         let worker = match &early {
             Ok(base_file) => {
                 let store = self.store.clone();
                 let base_file = base_file.clone();
                 Some(tokio::task::spawn_blocking(move || {
-                    reconstruct(&store, base_file, rx, size, hash, meta)
+                    reconstruct(
+                        &store,
+                        base_file,
+                        std::iter::from_fn(|| rx.blocking_recv()),
+                        size,
+                        hash,
+                        meta,
+                    )
                 }))
             }
             Err(_) => None,
         };
         // Always read the upload to its end, so the next request on this connection is in step.
-        loop {
-            match self.rd.recv::<ClientMsg>().await? {
-                Some(ClientMsg::Data { id: i, block }) if i == id => {
-                    // The connection's stream must be decoded in order, even for a refused upload.
-                    let block = self.rd.open(block).map_err(|e| SessionError::Violation(e.to_string()))?;
-                    let _ = tx.send(block).await; // a failed worker stops receiving; keep draining
-                }
-                Some(ClientMsg::End { id: i }) if i == id => break,
-                Some(ClientMsg::Last { id: i, block }) if i == id => {
-                    let block = self.rd.open(block).map_err(|e| SessionError::Violation(e.to_string()))?;
-                    let _ = tx.send(block).await;
-                    break;
-                }
-                Some(other) => {
-                    return Err(SessionError::Violation(format!(
-                        "expected data for upload {id}, got {other:?}"
-                    )));
-                }
-                None => return Err(SessionError::Protocol(ProtocolError::Closed)),
-            }
+        let mut ended = false;
+        while let Some(b) = self.upload_block(id, &mut ended).await? {
+            let _ = tx.send(b).await; // a failed worker stops receiving; keep draining
         }
         drop(tx);
         if let Err(r) = early {
@@ -396,44 +408,33 @@ impl Session {
         })
     }
 
-    /// Checks an upload's base before its data arrives; returns the base file to apply a delta to,
-    /// with its hash and size.
-    async fn check_put(
-        &self,
-        path: &RelPath,
-        base_rev: u64,
-        base: Option<ContentHash>,
-    ) -> Result<Option<(std::path::PathBuf, ContentHash, u64)>, Refusal> {
-        let cur = self.current(path).await?;
-        check_base(path, &cur, base_rev)?;
-        self.check_replaceable(path, &cur).await?;
-        match base {
-            None => Ok(None),
-            Some(h) => match cur.and_then(|e| e.node) {
-                Some(Node::File { hash, size, .. }) if hash == h => {
-                    Ok(Some((self.store.resolve(path)?, hash, size)))
-                }
-                _ => Err(Refusal::new(
-                    RefusalKind::NotFound,
-                    format!("the server does not hold the base version of `{path}`; send it whole"),
-                )),
-            },
+    /// The next block of upload `id`, decoded; `None` once the upload has ended (`ended` is set
+    /// when its last block is returned).
+    async fn upload_block(&mut self, id: u64, ended: &mut bool) -> Result<Option<Block>, SessionError> {
+        if *ended {
+            return Ok(None);
         }
+        let (block, last) = match self.rd.recv::<ClientMsg>().await? {
+            Some(ClientMsg::Data { id: i, block }) if i == id => (block, false),
+            Some(ClientMsg::Last { id: i, block }) if i == id => (block, true),
+            Some(ClientMsg::End { id: i }) if i == id => {
+                *ended = true;
+                return Ok(None);
+            }
+            Some(other) => {
+                return Err(SessionError::Violation(format!("expected data for upload {id}, got {other:?}")));
+            }
+            None => return Err(SessionError::Protocol(ProtocolError::Closed)),
+        };
+        *ended = last;
+        // The connection's stream must be decoded in order, even for a refused upload.
+        self.rd.open(block).map(Some).map_err(|e| SessionError::Violation(e.to_string()))
     }
 
-    /// A directory may be replaced by a file or link only once it is empty: its children must be
-    /// deleted first (the client orders deletes first), so no entry is orphaned.
+    /// [`replaceable`] on the blocking pool.
     async fn check_replaceable(&self, path: &RelPath, cur: &Option<Entry>) -> Result<(), Refusal> {
-        if let Some(Entry { node: Some(Node::Dir { .. }), .. }) = cur {
-            let p = path.clone();
-            if self.db(move |m, a| m.has_children(a, &p)).await? {
-                return Err(Refusal::new(
-                    RefusalKind::Stale,
-                    format!("`{path}` is a non-empty directory on the server; delete its contents first"),
-                ));
-            }
-        }
-        Ok(())
+        let (sh, account, p, c) = (self.shared.clone(), self.account.id, path.clone(), cur.clone());
+        blocking(move || replaceable(&sh.meta, account, &p, &c)).await
     }
 
     /// A server-side copy of content the account already holds, into a temp file.
@@ -667,6 +668,50 @@ async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(server_err)?.map_err(Into::into)
 }
 
+/// The checks of an upload that need the database (blocking): its base revision, no non-empty
+/// directory in the way, and for a delta the base version, whose file, hash and size it returns.
+fn check_put(
+    meta: &Metadata,
+    account: AccountId,
+    store: &AccountStore,
+    path: &RelPath,
+    base_rev: u64,
+    base: Option<ContentHash>,
+) -> Result<Option<(std::path::PathBuf, ContentHash, u64)>, Refusal> {
+    let cur = meta.get(account, path)?;
+    check_base(path, &cur, base_rev)?;
+    replaceable(meta, account, path, &cur)?;
+    match base {
+        None => Ok(None),
+        Some(h) => match cur.and_then(|e| e.node) {
+            Some(Node::File { hash, size, .. }) if hash == h => Ok(Some((store.resolve(path)?, hash, size))),
+            _ => Err(Refusal::new(
+                RefusalKind::NotFound,
+                format!("the server does not hold the base version of `{path}`; send it whole"),
+            )),
+        },
+    }
+}
+
+/// A directory may be replaced by a file or link only once it is empty: its children must be
+/// deleted first (the client orders deletes first), so no entry is orphaned. Blocking.
+fn replaceable(
+    meta: &Metadata,
+    account: AccountId,
+    path: &RelPath,
+    cur: &Option<Entry>,
+) -> Result<(), Refusal> {
+    if let Some(Entry { node: Some(Node::Dir { .. }), .. }) = cur
+        && meta.has_children(account, path)?
+    {
+        return Err(Refusal::new(
+            RefusalKind::Stale,
+            format!("`{path}` is a non-empty directory on the server; delete its contents first"),
+        ));
+    }
+    Ok(())
+}
+
 /// The optimistic-concurrency rule: a change names the revision it was made from.
 fn check_base(path: &RelPath, cur: &Option<Entry>, base_rev: u64) -> Result<(), Refusal> {
     let rev = cur.as_ref().map_or(0, |e| e.rev);
@@ -685,7 +730,7 @@ fn check_base(path: &RelPath, cur: &Option<Entry>, base_rev: u64) -> Result<(), 
 fn reconstruct(
     store: &AccountStore,
     base: Option<(std::path::PathBuf, ContentHash, u64)>,
-    mut rx: mpsc::Receiver<Block>,
+    blocks: impl Iterator<Item = Block>,
     size: u64,
     hash: ContentHash,
     meta: Meta,
@@ -704,7 +749,7 @@ fn reconstruct(
     let mut ap =
         Applier::new(&base_map, BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file)), size)
             .with_signature(store.sigs.builder_for(&hash, size), base_sig);
-    while let Some(b) = rx.blocking_recv() {
+    for b in blocks {
         ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
         // Copies read the base wherever they point; drop what they touched so memory stays flat.
         base_map.release_all();
@@ -717,9 +762,9 @@ fn reconstruct(
         ));
     }
     // Not fsynced here: the batch commit makes many files durable together.
-    drop(done.out.into_inner().map_err(|e| server_err(e.error()))?);
-    fsutil::set_mode(guard.path(), meta.mode)?;
-    fsutil::set_mtime(guard.path(), meta.mtime_ns)?;
+    let file = done.out.into_inner().map_err(|e| server_err(e.error()))?.into_inner();
+    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
+    drop(file);
     if let Some(sig) = done.sig {
         store.sigs.put(&hash, size, &sig)?;
     }

@@ -661,9 +661,9 @@ impl Exec {
         Ok(None)
     }
 
-    /// Makes received files durable together and moves them into place: parallel fsyncs of the
-    /// temp files, the renames, then parallel fsyncs of their directories. One fsync round for
-    /// many small files instead of three fsyncs each.
+    /// Makes received files durable together and moves them into place: the temp files made
+    /// durable at once ([`fsutil::make_durable`]), the renames, then their directories the same
+    /// way. Two rounds for many small files instead of three fsyncs each.
     async fn flush_ready(&mut self) {
         let ready = std::mem::take(&mut self.ready);
         self.ready_bytes = 0;
@@ -671,11 +671,8 @@ impl Exec {
             return;
         }
         let temps: Vec<PathBuf> = ready.iter().map(|r| r.tmp.path().to_path_buf()).collect();
-        let synced = tokio::task::spawn_blocking(move || {
-            fsutil::parallel(&temps, |p| std::fs::File::open(p)?.sync_all())
-        })
-        .await
-        .unwrap_or_default();
+        let synced =
+            tokio::task::spawn_blocking(move || fsutil::make_durable(&temps)).await.unwrap_or_default();
         let mut dirs = std::collections::BTreeSet::new();
         let mut placed = Vec::new();
         for (r, sync) in
@@ -714,7 +711,7 @@ impl Exec {
             placed.push((r.got, r.stats));
         }
         let dirs: Vec<PathBuf> = dirs.into_iter().collect();
-        let _ = tokio::task::spawn_blocking(move || fsutil::parallel(&dirs, |d| fsutil::sync_dir(d))).await;
+        let _ = tokio::task::spawn_blocking(move || fsutil::make_durable(&dirs)).await;
         for (got, stats) in placed {
             self.report.delta.add(stats);
             self.report.files_received += 1;
@@ -956,9 +953,9 @@ fn receive_file(
         return Err("content hash mismatch".into());
     }
     // fsynced later, together with the other files of the batch (`flush_ready`).
-    drop(done.out.into_inner().map_err(|e| e.error().to_string())?);
-    fsutil::set_mode(guard.path(), meta.mode).map_err(|e| e.to_string())?;
-    fsutil::set_mtime(guard.path(), meta.mtime_ns).map_err(|e| e.to_string())?;
+    let file = done.out.into_inner().map_err(|e| e.error().to_string())?.into_inner();
+    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns).map_err(|e| e.to_string())?;
+    drop(file);
     if let Some(sig) = done.sig {
         let _ = sigs.put(&hash, size, &sig);
     }
