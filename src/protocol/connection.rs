@@ -90,8 +90,9 @@ pub struct FrameWriter {
     stream: Option<StreamEncoder>,
 }
 
-/// Write buffer: many small pipelined requests share one segment.
-const WRITE_BUF: usize = 64 << 10;
+/// Write buffer: many small pipelined requests share one segment; small, because every idle
+/// connection holds one.
+const WRITE_BUF: usize = 16 << 10;
 
 /// See [`FrameWriter::feed_content`]; small files' blocks stay batched.
 const FLUSH_COVERED: u64 = 1 << 20;
