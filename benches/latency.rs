@@ -8,6 +8,9 @@
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
 
+#[path = "common/fixtures.rs"]
+mod fixtures;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,18 +97,6 @@ fn wait_for(what: &str, deadline: Duration, mut ok: impl FnMut() -> bool) -> Res
     Err(format!("timed out waiting for {what}"))
 }
 
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -123,7 +114,7 @@ fn run(files: usize) -> Res<()> {
 
     let mut lat = Vec::new();
     for i in 0..100u64 {
-        let content = bytes(1024, i + 1);
+        let content = fixtures::Rng::new(i + 1).bytes(1024);
         let name = format!("lat/{i}.bin");
         let t = Instant::now();
         std::fs::write(a.join(&name), &content).map_err(|e| e.to_string())?;
