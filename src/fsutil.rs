@@ -358,3 +358,38 @@ pub fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
     });
     out.into_iter().map(|r| r.expect("every item is handled by one worker")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn make_durable_answers_for_every_path_in_both_modes() {
+        let d = tempfile::tempdir().unwrap();
+        for n in [3, SYNCFS_FROM + 4] {
+            let mut paths: Vec<PathBuf> = (0..n).map(|i| d.path().join(format!("f{n}-{i}"))).collect();
+            for p in &paths {
+                fs::write(p, b"data").unwrap();
+            }
+            paths.insert(1, d.path().join("missing"));
+            let r = make_durable(&paths);
+            assert_eq!(r.len(), paths.len());
+            assert!(r[1].is_err(), "a missing path must not count as durable");
+            assert!(r.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn write_behind_writes_everything_in_bounded_pieces() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("big");
+        let data: Vec<u8> = (0..(3 * MAX_WRITE + 12_345)).map(|i| (i % 251) as u8).collect();
+        let mut w = WriteBehind::new(File::create(&p).unwrap());
+        // One call may write less than asked (at most MAX_WRITE); write_all loops.
+        assert_eq!(w.write(&data).unwrap(), MAX_WRITE);
+        w.write_all(&data[MAX_WRITE..]).unwrap();
+        drop(w.into_inner());
+        assert!(fs::read(&p).unwrap() == data);
+    }
+}
