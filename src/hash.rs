@@ -47,16 +47,6 @@ impl ContentHash {
         }
         Ok((h.finish(), total))
     }
-
-    /// Hashes a memory-mapped file window by window, releasing each window behind it.
-    pub fn of_mapped(m: &crate::fsutil::Mapped) -> Self {
-        let mut h = Hasher::new();
-        for (i, w) in m.chunks(READ_BUF * 8).enumerate() {
-            h.update(w);
-            m.release(i * READ_BUF * 8, w.len());
-        }
-        h.finish()
-    }
 }
 
 /// Incremental hashing, for data that arrives in pieces (downloads, reconstructions).
