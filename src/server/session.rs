@@ -359,9 +359,19 @@ impl Session {
         if base.is_none() && size <= SMALL_UPLOAD {
             // A small file arrives in a block or two: take it whole, then check and write it in
             // one trip to the blocking pool instead of one for the check and one for the write.
-            let (mut blocks, mut ended) = (Vec::new(), false);
+            let (mut blocks, mut ended, mut held) = (Vec::new(), false, 0usize);
             while let Some(b) = self.upload_block(id, &mut ended).await? {
-                blocks.push(b);
+                // Held in memory until the end of the upload: never more than a small file's worth.
+                held += b.bytes.len();
+                if held <= 2 * SMALL_UPLOAD as usize {
+                    blocks.push(b);
+                }
+            }
+            if held > 2 * SMALL_UPLOAD as usize {
+                return Ok(Err(Refusal::new(
+                    RefusalKind::Corrupt,
+                    format!("upload of `{path}` sent far more data than its announced {size} bytes"),
+                )));
             }
             let done = tokio::task::spawn_blocking(move || {
                 check_put(&sh.meta, account, &store, &path, base_rev, None)?;

@@ -732,3 +732,42 @@ fn server_killed_mid_upload_loses_nothing() {
         "the retried push did not upload the new version"
     );
 }
+
+/// A small upload is held in memory until its end, so one that announces a few bytes and then
+/// keeps sending must not be buffered: it is refused, nothing lands, the server's memory stays
+/// low and it keeps serving.
+#[tokio::test]
+async fn upload_far_larger_than_announced_is_refused_without_buffering_it() {
+    const BLOCK: usize = 8 << 20;
+    const BLOCKS: usize = 24;
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let path = RelPath::new("small.txt").unwrap();
+    let mut msgs = put_msgs(path, 0, PAYLOAD);
+    let end = msgs.pop().expect("put_msgs ends with End");
+    // 192 MiB of literal data after a Put that announced 6 bytes.
+    let mut op = vec![1u8];
+    let mut n = BLOCK as u64;
+    while n >= 0x80 {
+        op.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    op.push(n as u8);
+    op.resize(op.len() + BLOCK, 7);
+    let block = Block { codec: deltasync::delta::Codec::Raw, bytes: op };
+    for _ in 0..BLOCKS {
+        msgs.push(ClientMsg::Data { id: 1, block: block.clone() });
+    }
+    msgs.push(end);
+    match exchange(srv.addr, &token, &msgs).await {
+        Outcome::Answered(r) => assert!(r.is_err(), "an oversized upload was accepted: {r:?}"),
+        Outcome::Fatal(_) | Outcome::Closed => {}
+    }
+    drop(msgs);
+    let files = srv.account_dirs()[0].join("files");
+    assert!(list_tree(&files).is_empty(), "something landed: {:?}", list_tree(&files));
+    if let Some(peak) = srv.peak_rss_kib() {
+        assert!(peak < 96 << 10, "the server held {peak} KiB while refusing {} MiB", (BLOCK * BLOCKS) >> 20);
+    }
+    tokio::task::spawn_blocking(move || assert_server_still_serves(&srv, &token)).await.unwrap();
+}

@@ -189,6 +189,14 @@ impl Server {
         v
     }
 
+    /// The server process's peak resident memory so far (Linux `VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Files currently in the accounts' upload temp areas (`data/accounts/*/tmp`).
     pub fn temp_files(&self) -> Vec<(PathBuf, u64)> {
         let mut out = Vec::new();
