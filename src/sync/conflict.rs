@@ -21,10 +21,17 @@ pub fn conflict_path(path: &RelPath, device: &str, now: SystemTime, n: u32) -> R
     path.with_file_name(&format!("{stem} (conflict {device} {stamp}{counter}){ext}"))
 }
 
-/// `YYYY-MM-DD HHMMSS` in UTC (civil-from-days, after Howard Hinnant's algorithm).
+/// `YYYY-MM-DD HHMMSS` in UTC.
 fn utc_stamp(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02} {:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Year, month and day (proleptic Gregorian) of a day number counted from 1970-01-01, after
+/// Howard Hinnant's `civil_from_days`: no date crate for one conversion.
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -33,8 +40,7 @@ fn utc_stamp(t: SystemTime) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
