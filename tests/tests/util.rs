@@ -567,46 +567,44 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// Does any file under `dir` (recursively) contain `needle`?
-pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut hits = Vec::new();
+/// Visits every entry under `dir` (recursively, symlinks not followed) with its metadata.
+fn walk(dir: &Path, mut visit: impl FnMut(&Path, &fs::DirEntry, &fs::Metadata)) {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
             let p = e.path();
-            match fs::symlink_metadata(&p) {
-                Ok(md) if md.is_dir() => stack.push(p),
-                Ok(md) if md.is_file() => {
-                    if let Ok(bytes) = fs::read(&p)
-                        && bytes.windows(needle.len()).any(|w| w == needle)
-                    {
-                        hits.push(p);
-                    }
-                }
-                _ => {}
+            let Ok(md) = fs::symlink_metadata(&p) else { continue };
+            visit(&p, &e, &md);
+            if md.is_dir() {
+                stack.push(p);
             }
         }
     }
+}
+
+/// Does any file under `dir` (recursively) contain `needle`?
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    walk(dir, |p, _, md| {
+        if md.is_file()
+            && let Ok(bytes) = fs::read(p)
+            && bytes.windows(needle.len()).any(|w| w == needle)
+        {
+            hits.push(p.to_path_buf());
+        }
+    });
     hits
 }
 
 /// Every path under `dir` (recursively, symlinks not followed) whose file name is in `names`.
 pub fn find_named(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if names.iter().any(|n| e.file_name() == **n) {
-                hits.push(p.clone());
-            }
-            if fs::symlink_metadata(&p).map(|m| m.is_dir()).unwrap_or(false) {
-                stack.push(p);
-            }
+    walk(dir, |p, e, _| {
+        if names.iter().any(|n| e.file_name() == **n) {
+            hits.push(p.to_path_buf());
         }
-    }
+    });
     hits
 }
 
