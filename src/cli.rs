@@ -91,4 +91,12 @@ pub struct SyncArgs {
     /// Show what would be done, change nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Let a round delete this many files on the server (N, or N% of the folder) past the
+    /// mass-delete guard, which otherwise holds back deleting more than half of the folder.
+    #[arg(long, value_name = "N|N%")]
+    pub max_delete: Option<deltasync::sync::guard::Limit>,
+    /// pull: download the files deleted here that the server still has, instead of leaving
+    /// their deletes for the next push (the way back from a mass delete held by the guard).
+    #[arg(long)]
+    pub restore_deleted: bool,
 }

@@ -23,6 +23,7 @@ mod code {
     pub const VERSION: u8 = 5;
     pub const UNRESOLVED: u8 = 6;
     pub const DISK: u8 = 7;
+    pub const HELD: u8 = 8;
 }
 
 fn main() -> ExitCode {
@@ -119,6 +120,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 server: args.server.clone(),
                 token: args.token.clone(),
                 device: args.device.clone(),
+                max_delete: args.max_delete,
+                restore_deleted: false,
             };
             let progress = Arc::new(Progress::new(!args.no_progress, args.verbose));
             let wopts = WatchOptions { rescan: std::time::Duration::from_secs(rescan.max(1)) };
@@ -148,6 +151,8 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
         server: args.server.clone(),
         token: args.token.clone(),
         device: args.device.clone(),
+        max_delete: args.max_delete,
+        restore_deleted: args.restore_deleted && download,
     };
     let mut folder = Folder::open(&args.dir, download)?;
     let settings = folder.settings(&opts)?;
@@ -183,6 +188,10 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     if !report.errors.is_empty() {
         eprintln!("deltasync: {} paths failed (see above)", report.errors.len());
         return Ok(ExitCode::from(code::FAILED));
+    }
+    if let Some(h) = report.held {
+        eprintln!("deltasync: {}", h.message(&args.dir));
+        return Ok(ExitCode::from(code::HELD));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,9 +6,8 @@ use std::path::Path;
 
 use crate::path::RelPath;
 use crate::protocol::Node;
-use crate::sync::index::Index;
-use crate::sync::rules::IgnoreRules;
-use crate::sync::{SyncError, plan, scan, state_dir};
+use crate::sync::index::{Index, IndexError};
+use crate::sync::{SyncError, describe, guard, input, plan, state_dir};
 
 /// How many recent changes and pending paths to list.
 const LIST: usize = 10;
@@ -43,17 +42,31 @@ pub fn status(root: &Path) -> Result<String, SyncError> {
             None => "never".into(),
         }
     );
-    let (rules, _) = IgnoreRules::load(root);
-    let s = scan::scan(root, &index.stat_cache()?, &rules)
+    let (base, _) = match input::Base::load(&index, false) {
+        Ok(b) => b,
+        Err(e @ IndexError::Damaged { .. }) => {
+            let _ = writeln!(out, "Index: {e}; the next push, pull or watch rebuilds it (deleting nothing)");
+            return Ok(out);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (s, rules, _) = input::scan(root, &index.stat_cache()?)
         .map_err(|err| SyncError::Io { path: root.to_path_buf(), err })?;
-    let remote = index.remote()?;
-    let synced = index.synced()?;
-    let actions = plan::plan(&s.nodes, &remote, &synced);
+    let inputs = input::prepare(&s, &rules, base, &[]);
+    let remote = &inputs.remote;
+    let mut actions = plan::plan(&inputs.local, remote, &inputs.synced);
+    let held = guard::check(&mut actions, &inputs.synced, None);
     let pending: Vec<_> =
         actions.iter().filter(|a| a.is_upload() || matches!(a, plan::Action::Conflict { .. })).collect();
     let _ = writeln!(out, "Pending local changes: {}", pending.len());
     for a in pending.iter().take(LIST) {
-        let _ = writeln!(out, "  {a:?}").map(|_| ());
+        let _ = writeln!(out, "  {}", describe(a));
+    }
+    if let Some(h) = held {
+        let _ = writeln!(out, "Held back: {}", h.message(root));
+    }
+    for sk in s.skipped.iter().take(LIST) {
+        let _ = writeln!(out, "Skipped (not readable here; left as it is on both sides): {sk}");
     }
     let conflicts: Vec<&RelPath> = s.nodes.keys().filter(|p| p.file_name().contains(" (conflict ")).collect();
     let _ = writeln!(out, "Conflict copies: {}", conflicts.len());

@@ -12,21 +12,26 @@
 //! - [`conflict`]: conflict-copy names.
 //! - [`report`]: what a round did.
 //! - [`rules`]: the `.deltasyncignore` rules.
+//! - [`input`]: the prelude every command shares: index, rules and scan → the planner's inputs.
+//! - [`guard`]: the mass-delete guard.
 
 pub mod conflict;
 pub mod exec;
+pub mod guard;
 pub mod index;
+pub mod input;
 pub mod plan;
 pub mod report;
 pub mod rules;
 pub mod scan;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::client::{Client, ClientError};
 use crate::delta::SigCache;
-use crate::path::STATE_DIR;
+use crate::path::{RelPath, STATE_DIR};
 use crate::progress::Progress;
 use crate::protocol::Node;
 use index::{Batch, Index, IndexError};
@@ -58,6 +63,10 @@ pub struct Options {
     pub server: Option<String>,
     pub token: Option<String>,
     pub device: Option<String>,
+    /// `--max-delete`: let a round through the mass-delete guard.
+    pub max_delete: Option<guard::Limit>,
+    /// `pull --restore-deleted`: download files deleted here instead of deleting them there.
+    pub restore_deleted: bool,
 }
 
 /// Where a folder's settings came from, after resolving flags, environment and `.deltasync/`.
@@ -159,35 +168,36 @@ impl Folder {
         device: &str,
         progress: &Arc<Progress>,
     ) -> Result<Report, SyncError> {
+        let mut report = Report::default();
+        let (base, note) = input::Base::load(&self.index, true)?;
+        if let Some(n) = note {
+            progress.say(&format!("note: {n}"));
+            report.notes.push(n);
+        }
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
-        let (rules, warning) = rules::IgnoreRules::load(&self.root);
-        if let Some(w) = warning {
-            progress.say(&format!("warning: {w}"));
-        }
-        let rules = Arc::new(rules);
-        let scan_rules = rules.clone();
-        let scan = tokio::task::spawn_blocking(move || scan::scan(&root, &old_cache, &scan_rules))
+        let (scan, rules, warning) = tokio::task::spawn_blocking(move || input::scan(&root, &old_cache))
             .await
             .map_err(|e| SyncError::Other(e.to_string()))?
             .map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
+        if let Some(w) = warning {
+            progress.say(&format!("warning: {w}"));
+        }
         for s in &scan.skipped {
-            progress.say(&format!("skipped {s}"));
+            progress.say(&format!("skipped {s}; left as it is on both sides"));
         }
 
-        let since = self.index.last_seq()?;
-        let (changes, seq) = client.changes(since).await?;
-        let mut remote = self.index.remote()?;
-        for e in &changes {
-            remote.insert(e.path.clone(), e.clone());
+        let (changes, seq) = client.changes(base.last_seq).await?;
+        let mut inputs = input::prepare(&scan, &rules, base, &changes);
+        if !inputs.adopted.is_empty() {
+            // Our own uploads from a round that stopped early: they are the base now.
+            self.index.apply(&Batch { synced: inputs.adopted.clone(), ..Default::default() })?;
         }
-        let mut synced = self.index.synced()?;
-        // Ignored paths are not synced either way.
-        remote.retain(|p, e| !rules.is_ignored(p, matches!(e.node, Some(Node::Dir { .. }))));
-        synced.retain(|p, s| !rules.is_ignored(p, matches!(s.node, Some(Node::Dir { .. }))));
-        let all = plan::plan(&scan.nodes, &remote, &synced);
-        let mut report = Report::default();
-        let actions: Vec<Action> = all
+        if opts.restore_deleted {
+            restore_deleted(&mut inputs);
+        }
+        let all = plan::plan(&inputs.local, &inputs.remote, &inputs.synced);
+        let mut actions: Vec<Action> = all
             .into_iter()
             .filter(|a| {
                 let keep = (opts.upload || !a.is_upload()) && (opts.download || !a.is_download());
@@ -197,13 +207,17 @@ impl Folder {
                 keep
             })
             .collect();
+        report.held = guard::check(&mut actions, &inputs.synced, opts.max_delete);
         if opts.dry_run {
             for a in &actions {
                 println!("would {}", describe(a));
             }
             return Ok(report);
         }
-        self.index.apply(&Batch { remote: changes, synced: vec![], last_seq: Some(seq) })?;
+        self.index.apply(&Batch { remote: changes, last_seq: Some(seq), ..Default::default() })?;
+        // Written before anything is sent: if this round is cut off after the server committed
+        // some of them, the next round recognises them as its own instead of as conflicts.
+        self.index.set_intents(&intents(&actions, &inputs.local))?;
 
         let mut planned_bytes = 0;
         for a in &actions {
@@ -250,6 +264,7 @@ impl Folder {
         self.index.save_stat_cache(&exec.cache)?;
         progress.finish();
         r?;
+        self.index.set_intents(&[])?;
         let mut report = exec.report;
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -266,7 +281,55 @@ impl Folder {
     }
 }
 
-fn describe(a: &Action) -> String {
+/// What each upload will leave on the server, by path (`None`: deleted there).
+fn intents(actions: &[Action], local: &BTreeMap<RelPath, Node>) -> Vec<(RelPath, Option<Node>)> {
+    let file = |hash, size, meta| Some(Node::File { hash, size, meta });
+    let mut out = Vec::new();
+    for a in actions {
+        match a {
+            Action::Mkdir { path, mode, .. } => out.push((path.clone(), Some(Node::Dir { mode: *mode }))),
+            Action::Symlink { path, target, .. } => {
+                out.push((path.clone(), Some(Node::Symlink { target: target.clone() })))
+            }
+            Action::Put { path, hash, size, meta, .. } | Action::Copy { path, hash, size, meta, .. } => {
+                out.push((path.clone(), file(*hash, *size, *meta)))
+            }
+            Action::Move { from, to, hash, size, meta, .. } => {
+                out.push((from.clone(), None));
+                out.push((to.clone(), file(*hash, *size, *meta)));
+            }
+            Action::SetMeta { path, .. } => out.push((path.clone(), local.get(path).cloned())),
+            Action::DeleteRemote { path, .. } => out.push((path.clone(), None)),
+            Action::Fetch { .. }
+            | Action::DeleteLocal { .. }
+            | Action::Record { .. }
+            | Action::Forget { .. }
+            | Action::Conflict { .. } => {}
+        }
+    }
+    out
+}
+
+/// `pull --restore-deleted`: paths deleted here that the server still holds as agreed lose their
+/// base, so the plan downloads them instead of deleting them on the server.
+fn restore_deleted(inputs: &mut input::Inputs) {
+    let gone: Vec<RelPath> = inputs
+        .synced
+        .iter()
+        .filter(|(p, s)| {
+            !inputs.local.contains_key(*p)
+                && s.node.is_some()
+                && inputs.remote.get(*p).is_some_and(|e| e.rev == s.rev && e.node.is_some())
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in gone {
+        inputs.synced.remove(&p);
+    }
+}
+
+/// One line saying what an action does, for `--dry-run` and `status`.
+pub fn describe(a: &Action) -> String {
     match a {
         Action::Mkdir { path, .. } => format!("create directory {path} on the server"),
         Action::Symlink { path, target, .. } => format!("upload link {path} -> {target}"),
@@ -279,6 +342,7 @@ fn describe(a: &Action) -> String {
         Action::Fetch { entry } => format!("download {}", entry.path),
         Action::DeleteLocal { path, .. } => format!("delete {path} here"),
         Action::Record { entry } => format!("record {} as in sync", entry.path),
+        Action::Forget { path } => format!("forget {path} (gone on both sides)"),
         Action::Conflict { remote, .. } => {
             format!("keep both versions of {} (conflict)", remote.path)
         }

@@ -82,6 +82,7 @@ pub async fn watch(
     let mut client: Option<Client> = None;
     let mut dirty = true;
     let mut retries = 0;
+    let mut held_said = None;
     let mut backoff = Duration::from_millis(250);
     let mut down_since_said = false;
     let mut next_rescan = Instant::now() + rescan_every;
@@ -126,6 +127,13 @@ pub async fn watch(
                     for e in &report.errors {
                         progress.say(&format!("error: {e}"));
                     }
+                    // Held deletes wait while everything else syncs; said once, not every round.
+                    if let Some(h) = report.held
+                        && report.held != held_said
+                    {
+                        progress.say(&format!("deltasync: {}", h.message(&folder.root)));
+                    }
+                    held_said = report.held;
                     // The server moved on meanwhile: fetch and decide again, a few times; a refusal
                     // that persists waits for the next change instead of spinning.
                     if report.unresolved.is_empty() {

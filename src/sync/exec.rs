@@ -83,6 +83,7 @@ impl Exec {
                     }
                 }
                 Action::Record { entry } => self.record(&entry),
+                Action::Forget { path } => self.batch.forget.push(path),
                 a => jobs.push(Job::Up(a)),
             }
         }
@@ -976,6 +977,7 @@ fn action_path(a: &Action) -> String {
         Action::Fetch { entry } | Action::Record { entry } | Action::Conflict { remote: entry, .. } => {
             entry.path.to_string()
         }
+        Action::Forget { path } => path.to_string(),
     }
 }
 

@@ -1,14 +1,21 @@
 //! The client's index in `DIR/.deltasync/index.db` (SQLite, WAL): settings, the stat cache of the
-//! last scan, the server's state as last seen, and the version of each path last agreed with the
-//! server (the base of the next change).
+//! last scan, the server's state as last seen, the version of each path last agreed with the
+//! server (the base of the next change), and the uploads this computer has started (intents).
+//!
+//! Rows are the index's own columns, not wire structs, and the schema is versioned
+//! (`PRAGMA user_version`), so a protocol change cannot make rows unreadable. The index is never
+//! trusted to delete: a row that cannot be read is [`IndexError::Damaged`], and the caller then
+//! forgets the server state (`forget_server_state`) and rebuilds it from the folder and the
+//! server, a round in which no path has a base and so nothing is deleted on either side.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::hash::ContentHash;
 use crate::path::RelPath;
-use crate::protocol::{Entry, Node};
+use crate::protocol::{Entry, Meta, Node};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -16,6 +23,8 @@ pub enum IndexError {
     Sql(#[from] rusqlite::Error),
     #[error("cannot create {path}: {err}")]
     Create { path: String, err: std::io::Error },
+    #[error("index row for `{path}` in `{table}` cannot be read ({why})")]
+    Damaged { table: &'static str, path: String, why: String },
 }
 
 /// Stat fields that decide whether a file must be re-hashed.
@@ -36,16 +45,77 @@ pub struct Synced {
 
 pub struct Index {
     conn: Connection,
+    /// Set when opening found an index of an older layout (or none) and started a fresh one.
+    pub fresh: bool,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+/// The layout of the tables below; bump it when a column changes meaning.
+const SCHEMA_VERSION: i64 = 2;
+
+/// A node in columns: `kind` 0 absent, 1 file, 2 directory, 3 symlink.
+const NODE_COLUMNS: &str =
+    "kind INTEGER NOT NULL, hash BLOB, size INTEGER, mtime_ns INTEGER, mode INTEGER, target TEXT";
+
+fn schema() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, mode INTEGER, hash BLOB);
-CREATE TABLE IF NOT EXISTS remote (path TEXT PRIMARY KEY, entry BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS synced (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, node BLOB);
-";
+CREATE TABLE IF NOT EXISTS remote (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, device TEXT NOT NULL, {NODE_COLUMNS});
+CREATE TABLE IF NOT EXISTS synced (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, {NODE_COLUMNS});
+CREATE TABLE IF NOT EXISTS intents (path TEXT PRIMARY KEY, {NODE_COLUMNS});"
+    )
+}
+
+/// A node's columns, in `NODE_COLUMNS` order.
+type NodeCols = (i64, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>, Option<String>);
+
+fn node_cols(n: Option<&Node>) -> NodeCols {
+    match n {
+        None => (0, None, None, None, None, None),
+        Some(Node::File { hash, size, meta }) => {
+            (1, Some(hash.0.to_vec()), Some(*size as i64), Some(meta.mtime_ns), Some(meta.mode as i64), None)
+        }
+        Some(Node::Dir { mode }) => (2, None, None, None, Some(*mode as i64), None),
+        Some(Node::Symlink { target }) => (3, None, None, None, None, Some(target.clone())),
+    }
+}
+
+/// Reads the node columns starting at `at`; `Err` says why the row is not a node.
+fn read_node(r: &Row, at: usize) -> rusqlite::Result<Result<Option<Node>, String>> {
+    let kind: i64 = r.get(at)?;
+    let hash: Option<Vec<u8>> = r.get(at + 1)?;
+    let size: Option<i64> = r.get(at + 2)?;
+    let mtime_ns: Option<i64> = r.get(at + 3)?;
+    let mode: Option<i64> = r.get(at + 4)?;
+    let target: Option<String> = r.get(at + 5)?;
+    let mode = mode.map(|m| u32::try_from(m).map_err(|_| format!("mode {m}")));
+    Ok(match kind {
+        0 => Ok(None),
+        1 => match (hash.as_deref().and_then(ContentHash::from_slice), size, mtime_ns, mode) {
+            (Some(hash), Some(size), Some(mtime_ns), Some(Ok(mode))) if size >= 0 => {
+                Ok(Some(Node::File { hash, size: size as u64, meta: Meta { mtime_ns, mode } }))
+            }
+            _ => Err("incomplete file columns".into()),
+        },
+        2 => match mode {
+            Some(Ok(mode)) => Ok(Some(Node::Dir { mode })),
+            _ => Err("directory without a mode".into()),
+        },
+        3 => match target {
+            Some(target) => Ok(Some(Node::Symlink { target })),
+            None => Err("link without a target".into()),
+        },
+        k => Err(format!("unknown kind {k}")),
+    })
+}
+
+fn rev_of(v: i64) -> Result<u64, String> {
+    u64::try_from(v).map_err(|_| format!("revision {v}"))
+}
 
 impl Index {
+    /// Opens (or creates) the index. An index of an older layout is replaced by an empty one of
+    /// this layout, keeping only the settings: the next round rebuilds it (see the module doc).
     pub fn open(state_dir: &Path) -> Result<Self, IndexError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|err| IndexError::Create { path: state_dir.display().to_string(), err })?;
@@ -55,8 +125,28 @@ impl Index {
         // commit) is enough: a lost update only makes the next round re-check a path.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(Index { conn })
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let mut fresh = false;
+        if version != SCHEMA_VERSION {
+            let had_tables: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name IN ('remote', 'synced'))",
+                [],
+                |r| r.get(0),
+            )?;
+            fresh = had_tables;
+            // Not atomic, and need not be: a crash in between leaves the old version number, so
+            // the next open does this again.
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS remote; DROP TABLE IF EXISTS synced; DROP TABLE IF EXISTS intents;
+                 DROP TABLE IF EXISTS stat_cache;",
+            )?;
+        }
+        conn.execute_batch(&schema())?;
+        if version != SCHEMA_VERSION {
+            conn.execute_batch("DELETE FROM settings WHERE key='last_seq';")?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        Ok(Index { conn, fresh })
     }
 
     pub fn setting(&self, key: &str) -> Result<Option<String>, IndexError> {
@@ -72,19 +162,29 @@ impl Index {
         Ok(())
     }
 
+    /// The journal position of the last round; a value that does not parse is damage.
     pub fn last_seq(&self) -> Result<u64, IndexError> {
-        Ok(self.setting("last_seq")?.and_then(|s| s.parse().ok()).unwrap_or(0))
+        match self.setting("last_seq")? {
+            None => Ok(0),
+            Some(s) => s.parse().map_err(|_| IndexError::Damaged {
+                table: "settings",
+                path: "last_seq".into(),
+                why: format!("`{s}` is not a number"),
+            }),
+        }
     }
 
-    /// Forgets everything learned from a server (used when the folder is pointed at another account).
+    /// Forgets everything learned from a server: the next round has no base for any path, so it
+    /// deletes nothing and keeps differing content as conflict copies. Used when the folder is
+    /// pointed at another account, the index is damaged, or the server's history went backwards.
     pub fn forget_server_state(&self) -> Result<(), IndexError> {
         self.conn.execute_batch(
-            "DELETE FROM remote; DELETE FROM synced; DELETE FROM settings WHERE key='last_seq';",
+            "DELETE FROM remote; DELETE FROM synced; DELETE FROM intents; DELETE FROM settings WHERE key='last_seq';",
         )?;
         Ok(())
     }
 
-    pub fn stat_cache(&self) -> Result<BTreeMap<RelPath, (Stat, crate::hash::ContentHash)>, IndexError> {
+    pub fn stat_cache(&self) -> Result<BTreeMap<RelPath, (Stat, ContentHash)>, IndexError> {
         let mut st = self.conn.prepare("SELECT path, size, mtime_ns, inode, mode, hash FROM stat_cache")?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -100,9 +200,9 @@ impl Index {
         })?;
         let mut out = BTreeMap::new();
         for row in rows {
-            let (p, stat, h) = row?;
-            // A row that no longer parses is just a cache miss.
-            if let (Ok(p), Some(h)) = (RelPath::new(p), crate::hash::ContentHash::from_slice(&h)) {
+            // A row that no longer parses is just a cache miss: the file is hashed again.
+            let Ok((p, stat, h)) = row else { continue };
+            if let (Ok(p), Some(h)) = (RelPath::new(p), ContentHash::from_slice(&h)) {
                 out.insert(p, (stat, h));
             }
         }
@@ -111,7 +211,7 @@ impl Index {
 
     pub fn save_stat_cache(
         &mut self,
-        cache: &BTreeMap<RelPath, (Stat, crate::hash::ContentHash)>,
+        cache: &BTreeMap<RelPath, (Stat, ContentHash)>,
     ) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM stat_cache", [])?;
@@ -125,48 +225,112 @@ impl Index {
         Ok(())
     }
 
-    pub fn remote(&self) -> Result<BTreeMap<RelPath, Entry>, IndexError> {
-        let mut st = self.conn.prepare("SELECT entry FROM remote")?;
-        let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+    /// Reads `SELECT path, <extra columns>, <node columns>` rows, failing on the first damaged one.
+    fn rows<T>(
+        &self,
+        table: &'static str,
+        sql: &str,
+        extra: usize,
+        make: impl Fn(&Row, Option<Node>) -> rusqlite::Result<Result<T, String>>,
+    ) -> Result<BTreeMap<RelPath, T>, IndexError> {
+        let mut st = self.conn.prepare(sql)?;
+        let mut rows = st.query([])?;
         let mut out = BTreeMap::new();
-        for row in rows {
-            if let Ok(e) = postcard::from_bytes::<Entry>(&row?) {
-                out.insert(e.path.clone(), e);
-            }
+        while let Some(r) = rows.next()? {
+            let path: String = r.get(0).unwrap_or_default();
+            let damaged = |why: String| IndexError::Damaged { table, path: path.clone(), why };
+            let rel = RelPath::new(path.clone()).map_err(|e| damaged(e.to_string()))?;
+            let node = read_node(r, 1 + extra).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
+            let v = make(r, node).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
+            out.insert(rel, v);
         }
         Ok(out)
     }
 
+    pub fn remote(&self) -> Result<BTreeMap<RelPath, Entry>, IndexError> {
+        self.rows(
+            "remote",
+            "SELECT path, rev, device, kind, hash, size, mtime_ns, mode, target FROM remote",
+            2,
+            |r, node| {
+                let path = RelPath::new(r.get::<_, String>(0)?).map_err(|e| e.to_string());
+                let rev = rev_of(r.get(1)?);
+                let device: String = r.get(2)?;
+                Ok(path.and_then(|path| Ok(Entry { path, rev: rev?, node, device })))
+            },
+        )
+    }
+
     pub fn synced(&self) -> Result<BTreeMap<RelPath, Synced>, IndexError> {
-        let mut st = self.conn.prepare("SELECT path, rev, node FROM synced")?;
-        let rows = st.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?))
-        })?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let (p, rev, node) = row?;
-            let Ok(p) = RelPath::new(p) else { continue };
-            let node = node.and_then(|b| postcard::from_bytes::<Node>(&b).ok());
-            out.insert(p, Synced { rev: rev as u64, node });
+        self.rows(
+            "synced",
+            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target FROM synced",
+            1,
+            |r, node| Ok(rev_of(r.get(1)?).map(|rev| Synced { rev, node })),
+        )
+    }
+
+    /// The uploads started and not yet known to be committed: path → the node it uploads
+    /// (`None`: a delete). A server entry equal to one of them is this computer's own change.
+    pub fn intents(&self) -> Result<BTreeMap<RelPath, Option<Node>>, IndexError> {
+        self.rows(
+            "intents",
+            "SELECT path, kind, hash, size, mtime_ns, mode, target FROM intents",
+            0,
+            |_, node| Ok(Ok(node)),
+        )
+    }
+
+    /// Records the uploads a round is about to send, before it sends them.
+    pub fn set_intents(&mut self, intents: &[(RelPath, Option<Node>)]) -> Result<(), IndexError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM intents", [])?;
+        {
+            let mut st = tx.prepare(
+                "INSERT OR REPLACE INTO intents (path, kind, hash, size, mtime_ns, mode, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (p, n) in intents {
+                let c = node_cols(n.as_ref());
+                st.execute(params![p.as_str(), c.0, c.1, c.2, c.3, c.4, c.5])?;
+            }
         }
-        Ok(out)
+        tx.commit()?;
+        Ok(())
     }
 
     /// Applies a batch of changes in one transaction.
     pub fn apply(&mut self, batch: &Batch) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
         {
-            let mut put_remote =
-                tx.prepare_cached("INSERT OR REPLACE INTO remote (path, entry) VALUES (?1, ?2)")?;
+            let mut put_remote = tx.prepare_cached(
+                "INSERT OR REPLACE INTO remote (path, rev, device, kind, hash, size, mtime_ns, mode, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
             for e in &batch.remote {
-                let bytes = postcard::to_allocvec(e).unwrap_or_default();
-                put_remote.execute(params![e.path.as_str(), bytes])?;
+                let c = node_cols(e.node.as_ref());
+                put_remote.execute(params![
+                    e.path.as_str(),
+                    e.rev as i64,
+                    e.device,
+                    c.0,
+                    c.1,
+                    c.2,
+                    c.3,
+                    c.4,
+                    c.5
+                ])?;
             }
-            let mut put_synced =
-                tx.prepare_cached("INSERT OR REPLACE INTO synced (path, rev, node) VALUES (?1, ?2, ?3)")?;
+            let mut put_synced = tx.prepare_cached(
+                "INSERT OR REPLACE INTO synced (path, rev, kind, hash, size, mtime_ns, mode, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
             for (p, s) in &batch.synced {
-                let node = s.node.as_ref().map(|n| postcard::to_allocvec(n).unwrap_or_default());
-                put_synced.execute(params![p.as_str(), s.rev as i64, node])?;
+                let c = node_cols(s.node.as_ref());
+                put_synced.execute(params![p.as_str(), s.rev as i64, c.0, c.1, c.2, c.3, c.4, c.5])?;
+            }
+            let mut forget = tx.prepare_cached("DELETE FROM synced WHERE path=?1")?;
+            for p in &batch.forget {
+                forget.execute(params![p.as_str()])?;
             }
             if let Some(seq) = batch.last_seq {
                 tx.execute(
@@ -185,5 +349,97 @@ impl Index {
 pub struct Batch {
     pub remote: Vec<Entry>,
     pub synced: Vec<(RelPath, Synced)>,
+    /// Paths whose base is dropped (neither side has them any more).
+    pub forget: Vec<RelPath>,
     pub last_seq: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn rows_round_trip_every_kind() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = Index::open(d.path()).unwrap();
+        let nodes = [
+            None,
+            Some(Node::File {
+                hash: ContentHash::of(b"x"),
+                size: 7,
+                meta: Meta { mtime_ns: -5, mode: 0o755 },
+            }),
+            Some(Node::Dir { mode: 0o700 }),
+            Some(Node::Symlink { target: "../t".into() }),
+        ];
+        let mut batch = Batch::default();
+        for (i, n) in nodes.iter().enumerate() {
+            let path = p(&format!("p{i}"));
+            batch.remote.push(Entry {
+                path: path.clone(),
+                rev: i as u64 + 1,
+                node: n.clone(),
+                device: "d".into(),
+            });
+            batch.synced.push((path, Synced { rev: i as u64, node: n.clone() }));
+        }
+        batch.last_seq = Some(9);
+        ix.apply(&batch).unwrap();
+        let remote = ix.remote().unwrap();
+        let synced = ix.synced().unwrap();
+        for (i, n) in nodes.iter().enumerate() {
+            let path = p(&format!("p{i}"));
+            assert_eq!(remote[&path].node, *n);
+            assert_eq!(remote[&path].rev, i as u64 + 1);
+            assert_eq!(synced[&path], Synced { rev: i as u64, node: n.clone() });
+        }
+        assert_eq!(ix.last_seq().unwrap(), 9);
+    }
+
+    #[test]
+    fn a_damaged_row_is_an_error_never_an_absent_path() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = Index::open(d.path()).unwrap();
+        let f = Node::File { hash: ContentHash::of(b"x"), size: 1, meta: Meta { mtime_ns: 1, mode: 0o644 } };
+        let e = Entry { path: p("a"), rev: 3, node: Some(f.clone()), device: "d".into() };
+        ix.apply(&Batch {
+            remote: vec![e],
+            synced: vec![(p("a"), Synced { rev: 3, node: Some(f) })],
+            ..Default::default()
+        })
+        .unwrap();
+        ix.conn.execute("UPDATE remote SET hash = x'00'", []).unwrap();
+        ix.conn.execute("UPDATE synced SET kind = 9", []).unwrap();
+        assert!(matches!(ix.remote(), Err(IndexError::Damaged { table: "remote", .. })));
+        assert!(matches!(ix.synced(), Err(IndexError::Damaged { table: "synced", .. })));
+        ix.forget_server_state().unwrap();
+        assert!(ix.remote().unwrap().is_empty() && ix.synced().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_index_of_the_old_layout_is_replaced_and_keeps_its_settings() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(d.path().join("index.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 CREATE TABLE remote (path TEXT PRIMARY KEY, entry BLOB NOT NULL);
+                 CREATE TABLE synced (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, node BLOB);
+                 INSERT INTO settings VALUES ('server', 's:1'), ('last_seq', '40');
+                 INSERT INTO remote VALUES ('a', x'0102');",
+            )
+            .unwrap();
+        }
+        let ix = Index::open(d.path()).unwrap();
+        assert!(ix.fresh);
+        assert_eq!(ix.setting("server").unwrap().as_deref(), Some("s:1"));
+        assert_eq!(ix.last_seq().unwrap(), 0);
+        assert!(ix.remote().unwrap().is_empty());
+        drop(ix);
+        assert!(!Index::open(d.path()).unwrap().fresh);
+    }
 }

@@ -79,6 +79,10 @@ pub enum Action {
     Record {
         entry: Entry,
     },
+    /// Neither side has the path any more and the server holds no entry for it: drop its base.
+    Forget {
+        path: RelPath,
+    },
     /// Both sides changed differently: keep both.
     Conflict {
         local: Node,
@@ -118,10 +122,8 @@ pub fn same_content(a: &Node, b: &Node) -> bool {
 pub fn same(a: Option<&Node>, b: Option<&Node>) -> bool {
     match (a, b) {
         (None, None) => true,
-        (Some(Node::File { meta: m1, .. }), Some(y @ Node::File { meta: m2, .. })) => {
-            same_content(a.expect("some"), y)
-                && m1.mtime_ns == m2.mtime_ns
-                && m1.mode & 0o777 == m2.mode & 0o777
+        (Some(x @ Node::File { meta: m1, .. }), Some(y @ Node::File { meta: m2, .. })) => {
+            same_content(x, y) && m1.mtime_ns == m2.mtime_ns && m1.mode & 0o777 == m2.mode & 0o777
         }
         (Some(x), Some(y)) => same_content(x, y),
         _ => false,
@@ -145,9 +147,15 @@ fn decide(l: Option<&Node>, r: Option<&Entry>, b: Option<&Synced>) -> Decision {
         return if r_rev != b_rev || !same(b_node, r_node) { Decision::Record } else { Decision::Nothing };
     }
     let local_changed = !same(l, b_node);
-    let remote_changed = r_rev != b_rev;
+    // The server holding no entry at all for a path it once agreed on is not a change there: it
+    // lost it (restored from an older backup), so the local version goes up again.
+    let remote_changed = r.is_some() && r_rev != b_rev;
     match (local_changed, remote_changed) {
-        (false, _) => Decision::Download,
+        (false, true) => Decision::Download,
+        // Neither moved, yet they differ: the server has no entry or one that does not match its
+        // own revision. Nothing is deleted on such evidence: fetch what it has, else upload.
+        (false, false) if r_node.is_some() => Decision::Download,
+        (false, false) => Decision::Upload,
         (true, false) => Decision::Upload,
         (true, true) => match (l, r_node) {
             (None, _) => Decision::Download, // a change beats a delete
@@ -174,25 +182,27 @@ pub fn plan(
     let mut conflicts = Vec::new();
     for p in paths {
         let (l, r, b) = (local.get(p), remote.get(p), synced.get(p));
-        match decide(l, r, b) {
-            Decision::Nothing => {}
-            Decision::Record => {
-                out_records.push(Action::Record { entry: r.cloned().expect("record needs an entry") })
+        // Every combination has an action: no state from disk, network or index is assumed.
+        match (decide(l, r, b), l, r) {
+            (Decision::Nothing, ..) => {}
+            (Decision::Record, _, Some(entry)) => out_records.push(Action::Record { entry: entry.clone() }),
+            // Agreed absent, and the server has no entry (an ignore rule or a reset hid it).
+            (Decision::Record, _, None) => out_records.push(Action::Forget { path: p.clone() }),
+            (Decision::Upload, ..) => uploads.push((p, l, r, b)),
+            (Decision::Download, _, Some(entry)) if entry.node.is_some() => {
+                fetches.push(Action::Fetch { entry: entry.clone() })
             }
-            Decision::Upload => uploads.push((p, l, r, b)),
-            Decision::Download => match r.and_then(|e| e.node.as_ref()) {
-                Some(_) => fetches.push(Action::Fetch { entry: r.cloned().expect("checked") }),
-                None => {
-                    if let Some(l) = l {
-                        let rev = r.map_or(0, |e| e.rev);
-                        local_deletes.push(Action::DeleteLocal { path: p.clone(), rev, expect: l.clone() })
-                    }
-                }
-            },
-            Decision::Conflict => conflicts.push(Action::Conflict {
-                local: l.cloned().expect("conflict has a local node"),
-                remote: r.cloned().expect("conflict has a remote entry"),
-            }),
+            // A tombstone on the server, and the local version is the agreed base.
+            (Decision::Download, Some(l), Some(entry)) => {
+                local_deletes.push(Action::DeleteLocal { path: p.clone(), rev: entry.rev, expect: l.clone() })
+            }
+            (Decision::Download, ..) => {}
+            (Decision::Conflict, Some(local), Some(remote)) if remote.node.is_some() => {
+                conflicts.push(Action::Conflict { local: local.clone(), remote: remote.clone() })
+            }
+            // `decide` only finds a conflict where both sides have a node; should that ever not
+            // hold, keeping the local version is the choice that loses nothing.
+            (Decision::Conflict, ..) => uploads.push((p, l, r, b)),
         }
     }
 
@@ -349,7 +359,126 @@ mod tests {
             Action::Fetch { .. } => "fetch",
             Action::DeleteLocal { .. } => "delete-local",
             Action::Record { .. } => "record",
+            Action::Forget { .. } => "forget",
             Action::Conflict { .. } => "conflict",
+        }
+    }
+
+    fn dir() -> Option<Node> {
+        Some(Node::Dir { mode: 0o755 })
+    }
+    fn link(t: &str) -> Option<Node> {
+        Some(Node::Symlink { target: t.into() })
+    }
+
+    /// Runs one path through the planner: (local, remote (rev, node), base (rev, node)).
+    fn one(
+        l: Option<Node>,
+        r: Option<(u64, Option<Node>)>,
+        base: Option<(u64, Option<Node>)>,
+    ) -> Vec<Action> {
+        let local: BTreeMap<_, _> = l.into_iter().map(|n| (p("f"), n)).collect();
+        let remote: BTreeMap<_, _> = r.into_iter().map(|(rev, n)| (p("f"), entry("f", rev, n))).collect();
+        let synced: BTreeMap<_, _> =
+            base.into_iter().map(|(rev, node)| (p("f"), Synced { rev, node })).collect();
+        plan(&local, &remote, &synced)
+    }
+
+    /// Directories, links, tombstones and kind changes, and the states a damaged or reset index
+    /// or an ignore rule can leave (a base with no server entry).
+    #[test]
+    fn decision_table_kinds_and_tombstones() {
+        let a = || Some(file("a"));
+        type Case = (
+            &'static str,
+            Option<Node>,
+            Option<(u64, Option<Node>)>,
+            Option<(u64, Option<Node>)>,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            ("new local dir", dir(), None, None, "mkdir"),
+            ("new remote dir", None, Some((1, dir())), None, "fetch"),
+            ("dir in sync", dir(), Some((1, dir())), Some((1, dir())), ""),
+            ("local dir removed", None, Some((1, dir())), Some((1, dir())), "delete-remote"),
+            ("remote dir removed", dir(), Some((2, None)), Some((1, dir())), "delete-local"),
+            ("new local link", link("t"), None, None, "symlink"),
+            ("link retargeted here", link("u"), Some((1, link("t"))), Some((1, link("t"))), "symlink"),
+            ("link retargeted there", link("t"), Some((2, link("u"))), Some((1, link("t"))), "fetch"),
+            ("link retargeted both", link("u"), Some((2, link("v"))), Some((1, link("t"))), "conflict"),
+            ("file became link here", link("t"), Some((1, a())), Some((1, a())), "symlink"),
+            ("link became file here", a(), Some((1, link("t"))), Some((1, link("t"))), "put"),
+            ("file became dir here", dir(), Some((1, a())), Some((1, a())), "mkdir"),
+            ("dir became file there", dir(), Some((2, a())), Some((1, dir())), "fetch"),
+            ("dir became link there", dir(), Some((2, link("t"))), Some((1, dir())), "fetch"),
+            ("file vs dir created", a(), Some((1, dir())), None, "conflict"),
+            ("tombstone, never seen here", None, Some((3, None)), None, "record"),
+            ("tombstone, file created here", a(), Some((3, None)), None, "put"),
+            ("base but no server entry, unchanged", a(), None, Some((1, a())), "put"),
+            ("base but no server entry, gone here", None, None, Some((1, a())), "forget"),
+            ("agreed absent, nothing anywhere", None, None, Some((1, None)), "forget"),
+            ("server entry at base rev but other node", a(), Some((1, None)), Some((1, a())), "put"),
+        ];
+        for (name, l, r, base, want) in cases {
+            let got: Vec<_> = one(l, r, base).iter().map(kind).collect();
+            let want: Vec<&str> = if want.is_empty() { vec![] } else { vec![want] };
+            assert_eq!(got, want, "case: {name}");
+        }
+    }
+
+    fn any_node() -> impl proptest::strategy::Strategy<Value = Option<Node>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            (0u8..3, 0u8..2, prop_oneof![Just(0o644u32), Just(0o755u32)]).prop_map(|(c, t, mode)| {
+                Some(Node::File {
+                    hash: ContentHash::of(&[c]),
+                    size: 20_000,
+                    meta: Meta { mtime_ns: t as i64, mode },
+                })
+            }),
+            Just(dir()),
+            (0u8..2).prop_map(|t| link(&format!("t{t}"))),
+        ]
+    }
+
+    proptest::proptest! {
+        /// For every combination of local, server and base state of every kind, over a few
+        /// related paths: the planner never panics, never deletes a local path whose state
+        /// differs from the agreed base, and never deletes on the server what changed there.
+        #[test]
+        fn plan_is_total_and_never_deletes_a_changed_path(
+            states in proptest::collection::vec(
+                (any_node(), proptest::option::of((0u64..4, any_node())), proptest::option::of((0u64..4, any_node()))),
+                4,
+            )
+        ) {
+            let names = ["a", "a/b", "c", "a/b/d"];
+            let (mut local, mut remote, mut synced) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+            for (name, (l, r, b)) in names.iter().zip(states) {
+                if let Some(l) = l { local.insert(p(name), l); }
+                if let Some((rev, n)) = r { remote.insert(p(name), entry(name, rev, n)); }
+                if let Some((rev, node)) = b { synced.insert(p(name), Synced { rev, node }); }
+            }
+            for a in plan(&local, &remote, &synced) {
+                match &a {
+                    Action::DeleteLocal { path, expect, .. } => {
+                        let base = synced.get(path).and_then(|s| s.node.as_ref());
+                        proptest::prop_assert!(same(local.get(path), base), "deletes changed {path}: {a:?}");
+                        proptest::prop_assert_eq!(Some(expect), local.get(path));
+                        proptest::prop_assert!(
+                            matches!(remote.get(path), Some(Entry { node: None, .. })),
+                            "local delete without a server tombstone at {}", path
+                        );
+                    }
+                    Action::DeleteRemote { path, base_rev } => {
+                        proptest::prop_assert_eq!(remote.get(path).map(|e| e.rev), Some(*base_rev));
+                        let seen = synced.get(path).map(|s| s.rev);
+                        proptest::prop_assert_eq!(seen, Some(*base_rev), "server delete of a version not seen here");
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Report {
     pub unresolved: Vec<String>,
     pub notes: Vec<String>,
     pub errors: Vec<String>,
+    /// Server deletes held back by the mass-delete guard.
+    pub held: Option<super::guard::Held>,
 }
 
 impl Report {

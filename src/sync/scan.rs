@@ -13,6 +13,9 @@ use crate::hash::ContentHash;
 use crate::path::{RelPath, STATE_DIR};
 use crate::protocol::{Meta, Node};
 
+/// The mode bits that are synced: permissions only, never set-uid, set-gid or sticky.
+pub const PERMISSION_BITS: u32 = 0o777;
+
 pub type StatCache = BTreeMap<RelPath, (Stat, ContentHash)>;
 
 #[derive(Debug, Default)]
@@ -22,6 +25,10 @@ pub struct Scan {
     pub cache: StatCache,
     /// Paths skipped, with why (unreadable, not UTF-8, special files).
     pub skipped: Vec<String>,
+    /// Paths whose state here is unknown (unreadable files and folders, special files): they and
+    /// everything below them are left out of the round, so what could not be read is never
+    /// taken for deleted.
+    pub unknown: Vec<RelPath>,
     pub hashed_bytes: u64,
 }
 
@@ -37,16 +44,30 @@ pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules) -> std::io::Resul
 }
 
 fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut Scan) -> std::io::Result<()> {
+    let unreadable = |s: &mut Scan, e: std::io::Error| {
+        s.skipped.push(format!("{}: {e}", dir.display()));
+        if let Ok(rel) = RelPath::from_local(root, dir) {
+            s.nodes.remove(&rel);
+            s.unknown.push(rel);
+        }
+    };
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if dir != root => {
-            s.skipped.push(format!("{}: {e}", dir.display()));
+            unreadable(s, e);
             return Ok(());
         }
         Err(e) => return Err(e),
     };
     for entry in rd {
-        let entry = entry?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if dir != root => {
+                unreadable(s, e);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let full = entry.path();
         let name = entry.file_name();
         let name_str = name.to_string_lossy();
@@ -64,6 +85,7 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
             Ok(m) => m,
             Err(e) => {
                 s.skipped.push(format!("{}: {e}", full.display()));
+                s.unknown.push(rel);
                 continue;
             }
         };
@@ -72,21 +94,24 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
             continue;
         }
         if ft.is_dir() {
-            s.nodes.insert(rel, Node::Dir { mode: md.permissions().mode() & 0o7777 });
+            s.nodes.insert(rel, Node::Dir { mode: md.permissions().mode() & PERMISSION_BITS });
             walk(root, &full, old, rules, s)?;
         } else if ft.is_symlink() {
             match fs::read_link(&full).ok().and_then(|t| t.to_str().map(String::from)) {
                 Some(target) => {
                     s.nodes.insert(rel, Node::Symlink { target });
                 }
-                None => s.skipped.push(format!("{}: symlink target is not UTF-8", full.display())),
+                None => {
+                    s.skipped.push(format!("{}: symlink target is not UTF-8", full.display()));
+                    s.unknown.push(rel);
+                }
             }
         } else if ft.is_file() {
             let stat = Stat {
                 size: md.len(),
                 mtime_ns: fsutil::mtime_ns(&md),
                 inode: md.ino(),
-                mode: md.mode() & 0o7777,
+                mode: md.mode() & PERMISSION_BITS,
             };
             let hash = match old.get(&rel) {
                 Some((st, h))
@@ -101,6 +126,7 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
                     }
                     Err(e) => {
                         s.skipped.push(format!("{}: {e}", full.display()));
+                        s.unknown.push(rel);
                         continue;
                     }
                 },
@@ -112,6 +138,7 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
             );
         } else {
             s.skipped.push(format!("{}: not a regular file, directory or symlink", full.display()));
+            s.unknown.push(rel);
         }
     }
     Ok(())
