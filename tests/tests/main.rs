@@ -9,6 +9,7 @@
 //! Run with `cargo test --release --test tests` (the big-file tests are much faster in release).
 
 mod push_pull;
+mod regression;
 mod security;
 mod util;
 mod watch;

@@ -1,0 +1,281 @@
+//! One test per bug found while trying the engine as a new user would (issue 9), each named
+//! after the bug it keeps fixed. Real server, real folders, the real binary.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::util::*;
+
+fn conflict_copies(dir: &Path) -> Vec<String> {
+    list_tree(dir).into_iter().filter(|p| p.contains(" (conflict ")).collect()
+}
+
+fn status(dir: &Path) -> String {
+    run(command().arg("status").arg(dir)).ok("status").stdout
+}
+
+/// A pushes a file `build` and deletes it; B creates `build/x.o`; A adds `build/` to
+/// `.deltasyncignore` without pulling first. Every push and pull on A used to panic with
+/// "record needs an entry" (exit 101), so the rule could never be pushed.
+#[test]
+fn ignore_rule_over_a_path_deleted_here_and_made_a_folder_elsewhere_does_not_panic() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b) = (temp_dir("a"), temp_dir("b"));
+    write(&a.path().join("build"), b"an old build file");
+    write(&a.path().join("keep.txt"), b"keep");
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+    std::fs::remove_file(a.path().join("build")).unwrap();
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+    write(&b.path().join("build/x.o"), b"object");
+    push_as(b.path(), &srv, &token, "B");
+
+    write(&a.path().join(".deltasyncignore"), b"build/\n");
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(a.path(), &srv, &token, "A");
+    push_as(a.path(), &srv, &token, "A");
+    assert!(!a.path().join("build").exists(), "the ignored folder was not downloaded");
+    assert!(status(a.path()).contains("Pending local changes: 0"), "{}", status(a.path()));
+    pull_as(b.path(), &srv, &token, "B");
+    assert_eq!(read(&b.path().join("build/x.o")), b"object", "B's file stays");
+    assert_eq!(read(&b.path().join(".deltasyncignore")), b"build/\n", "the rule reached B");
+}
+
+/// After an ignore rule covered a synced file, `push` said up to date while `status` showed a
+/// pending server delete: status planned without the ignore filter.
+#[test]
+fn status_and_push_agree_once_an_ignore_rule_covers_a_synced_file() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("a");
+    write(&a.path().join("notes.tmp"), b"scratch");
+    write(&a.path().join("doc.txt"), b"doc");
+    push(a.path(), &srv, &token);
+    write(&a.path().join(".deltasyncignore"), b"*.tmp\n");
+    std::fs::remove_file(a.path().join("notes.tmp")).unwrap();
+    push(a.path(), &srv, &token);
+    let push_again = push(a.path(), &srv, &token);
+    assert!(push_again.stdout.contains("up to date"), "{}", push_again.dump());
+    let st = status(a.path());
+    assert!(st.contains("Pending local changes: 0"), "status disagrees with push:\n{st}");
+    // Ignored here means left alone on the server too.
+    let c = temp_dir("c");
+    pull(c.path(), &srv, &token);
+    assert_eq!(read(&c.path().join("notes.tmp")), b"scratch");
+}
+
+/// Index rows that failed to decode were read as "absent", and for an unchanged local file that
+/// planned a local delete. Now a damaged or missing index is rebuilt, deleting nothing, and
+/// differing content is kept as a conflict copy.
+#[test]
+fn a_damaged_or_missing_index_deletes_nothing() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b) = (temp_dir("a"), temp_dir("b"));
+    for i in 0..5 {
+        write(&a.path().join(format!("f{i}.txt")), format!("file {i}"));
+    }
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+
+    // Damage every row of B's view of the server.
+    let db = rusqlite::Connection::open(b.path().join(".deltasync/index.db")).unwrap();
+    db.execute_batch("UPDATE remote SET kind = 9; UPDATE synced SET hash = x'00' WHERE kind = 1;").unwrap();
+    drop(db);
+    let out = pull_as(b.path(), &srv, &token, "B");
+    assert!(
+        out.stderr.contains("rebuilding the index") || out.stdout.contains("rebuilding the index"),
+        "{}",
+        out.dump()
+    );
+    assert_same_tree(a.path(), b.path());
+
+    // No index at all, and meanwhile the server's version of f0 moved on: both versions stay.
+    std::fs::remove_file(b.path().join(".deltasync/index.db")).unwrap();
+    write(&a.path().join("f0.txt"), b"file 0, edited on A");
+    push_as(a.path(), &srv, &token, "A");
+    sync_cmd("push", b.path(), &srv, &token, &["--device", "B"]).ok("push");
+    pull_as(b.path(), &srv, &token, "B");
+    assert_eq!(read(&b.path().join("f0.txt")), b"file 0, edited on A");
+    let copies = conflict_copies(b.path());
+    assert_eq!(copies.len(), 1, "B's old version is kept as a conflict copy: {copies:?}");
+    assert_eq!(read(&b.path().join(&copies[0])), b"file 0");
+    for i in 1..5 {
+        assert_eq!(read_string(&b.path().join(format!("f{i}.txt"))), format!("file {i}"));
+    }
+    let c = temp_dir("c");
+    pull(c.path(), &srv, &token);
+    assert_eq!(list_tree(c.path()).len(), 6, "nothing was deleted on the server: {:?}", list_tree(c.path()));
+}
+
+/// An unreadable file or subfolder (another user's, mode 600) was reported as skipped, then
+/// deleted on the server and on every other computer. The client here runs as `nobody`.
+#[test]
+fn a_path_the_scan_cannot_read_is_not_deleted_anywhere() {
+    if unsafe_is_not_root() {
+        eprintln!("skipped: needs root to run the client as another user");
+        return;
+    }
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, c) = (temp_dir("a"), temp_dir("c"));
+    let root = a.path().join("synced");
+    write(&root.join("ok.txt"), b"readable");
+    write(&root.join("secret.txt"), b"root only");
+    write(&root.join("private/inner.txt"), b"root only, inside");
+    push(&root, &srv, &token);
+    // Everything but the two private paths belongs to `nobody` from now on.
+    std::fs::set_permissions(a.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let chown = |p: &Path| std::os::unix::fs::lchown(p, Some(65534), Some(65534)).unwrap();
+    chown(&root);
+    chown(&root.join("ok.txt"));
+    for e in std::fs::read_dir(root.join(".deltasync")).unwrap() {
+        chown(&e.unwrap().path());
+    }
+    chown(&root.join(".deltasync"));
+    // Changed since the last scan, so this scan must read it, and cannot.
+    write(&root.join("secret.txt"), b"root only, edited by root");
+    set_mode(&root.join("secret.txt"), 0o600);
+    set_mode(&root.join("private"), 0o700);
+    write(&root.join("ok.txt"), b"readable, edited");
+    chown(&root.join("ok.txt"));
+
+    let mut cmd = sync_command("push", &root, &srv.address(), &token, &[]);
+    cmd.uid(65534).gid(65534);
+    let out = run(&mut cmd).ok("push as nobody");
+    assert!(
+        out.stderr.contains("secret.txt") && out.stderr.contains("private"),
+        "says what it skipped:\n{}",
+        out.dump()
+    );
+    pull(c.path(), &srv, &token);
+    assert_eq!(read(&c.path().join("ok.txt")), b"readable, edited");
+    assert_eq!(read(&c.path().join("secret.txt")), b"root only", "the unreadable file stays on the server");
+    assert_eq!(read(&c.path().join("private/inner.txt")), b"root only, inside", "and the unreadable folder");
+    let mut cmd = command();
+    cmd.arg("status").arg(&root).uid(65534).gid(65534);
+    let st = run(&mut cmd).ok("status as nobody").stdout;
+    assert!(st.contains("Pending local changes: 0"), "{st}");
+}
+
+fn unsafe_is_not_root() -> bool {
+    // The uid of this process, read from /proc rather than through libc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) != Some("0"))
+        })
+        .unwrap_or(true)
+}
+
+/// `rm -rf DIR/*` followed by a push emptied the server and every other computer. The guard
+/// holds the deletes back, says how to proceed, `status` shows it, `pull --restore-deleted`
+/// brings the files back, and `--max-delete` lets a meant delete through.
+#[test]
+fn deleting_most_of_a_folder_is_held_back_until_allowed() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, c) = (temp_dir("a"), temp_dir("c"));
+    for i in 0..60 {
+        write(&a.path().join(format!("docs/f{i:02}.txt")), format!("doc {i}"));
+    }
+    push(a.path(), &srv, &token);
+    pull(c.path(), &srv, &token);
+    for i in 0..60 {
+        std::fs::remove_file(a.path().join(format!("docs/f{i:02}.txt"))).unwrap();
+    }
+    write(&a.path().join("new.txt"), b"a new file still goes up");
+    let held = sync_cmd("push", a.path(), &srv, &token, &[]);
+    assert_eq!(held.status.code(), Some(8), "{}", held.dump());
+    for needle in ["60 of the folder's 60 files", "--max-delete 60", "--restore-deleted"] {
+        assert!(held.stderr.contains(needle), "missing `{needle}`:\n{}", held.dump());
+    }
+    let st = status(a.path());
+    assert!(st.contains("Held back"), "{st}");
+    pull(c.path(), &srv, &token);
+    assert_eq!(list_tree(&c.path().join("docs")).len(), 60, "nothing deleted on the other computer");
+    assert_eq!(read(&c.path().join("new.txt")), b"a new file still goes up");
+
+    pull_as_with(a.path(), &srv, &token, &["--restore-deleted"]);
+    assert_eq!(read_string(&a.path().join("docs/f07.txt")), "doc 7", "restored from the server");
+    assert!(push(a.path(), &srv, &token).stdout.contains("up to date"));
+
+    for i in 0..60 {
+        std::fs::remove_file(a.path().join(format!("docs/f{i:02}.txt"))).unwrap();
+    }
+    assert_eq!(sync_cmd("push", a.path(), &srv, &token, &["--max-delete", "50"]).status.code(), Some(8));
+    sync_cmd("push", a.path(), &srv, &token, &["--max-delete", "99%"]).ok("push --max-delete 99%");
+    pull(c.path(), &srv, &token);
+    assert!(!c.path().join("docs/f07.txt").exists(), "a meant delete goes through");
+
+    // A few deletes in a big folder are never held.
+    for i in 0..10 {
+        write(&a.path().join(format!("g{i}.txt")), format!("g {i}"));
+    }
+    push(a.path(), &srv, &token);
+    std::fs::remove_file(a.path().join("g3.txt")).unwrap();
+    push(a.path(), &srv, &token);
+}
+
+fn pull_as_with(dir: &Path, srv: &Server, token: &str, extra: &[&str]) -> Output {
+    sync_cmd("pull", dir, srv, token, extra).ok("pull")
+}
+
+/// A push killed after the server committed part of it left the client out of step: it did
+/// not recognise its own uploads, and the next run made conflict copies of the user's own
+/// newer edits (46 to 54 in one run).
+#[test]
+fn a_push_cut_off_midway_makes_no_false_conflicts_of_its_own_uploads() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("a");
+    const N: usize = 1500;
+    let write_all = |v: &str| {
+        for i in 0..N {
+            write(&a.path().join(format!("d{}/f{i}.txt", i % 10)), format!("{v} {i} {}", "x".repeat(200)));
+        }
+    };
+    write_all("v0");
+    push(a.path(), &srv, &token);
+    let mut cut_midway = 0;
+    for round in 1..=3 {
+        write_all(&format!("v{round}"));
+        let before = account_changes(&srv.data, "alice");
+        let mut child = sync_command("push", a.path(), &srv.address(), &token, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            let now = account_changes(&srv.data, "alice");
+            if now > before && now < before + N as u64 {
+                let _ = child.kill();
+                let _ = child.wait();
+                cut_midway += 1;
+                break;
+            }
+            assert!(Instant::now() < deadline, "push hung");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The user edits again before the next run.
+        write_all(&format!("v{round}b"));
+        let out = push(a.path(), &srv, &token);
+        assert!(
+            conflict_copies(a.path()).is_empty(),
+            "false conflicts after a cut-off push:\n{}",
+            out.dump()
+        );
+    }
+    eprintln!("{cut_midway} of 3 pushes were cut off midway");
+    let c = temp_dir("c");
+    pull(c.path(), &srv, &token);
+    assert_same_tree(a.path(), c.path());
+}
