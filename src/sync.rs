@@ -200,7 +200,8 @@ impl Folder {
         let mut actions: Vec<Action> = all
             .into_iter()
             .filter(|a| {
-                let keep = (opts.upload || !a.is_upload()) && (opts.download || !a.is_download());
+                let keep = (opts.upload || !a.is_upload())
+                    && (opts.download || !a.is_download() || finishes_a_conflict(a, &inputs));
                 if !keep {
                     report.pending_other_way += 1;
                 }
@@ -278,6 +279,19 @@ impl Folder {
             }
         }
         Ok(report)
+    }
+}
+
+/// A download a push makes too: the server changed a path that is gone here but was agreed
+/// before. A change beats a delete, and this is also what a conflict cut off between moving the
+/// local version aside and fetching the server's leaves behind; a push resolves conflicts.
+fn finishes_a_conflict(a: &Action, inputs: &input::Inputs) -> bool {
+    match a {
+        Action::Fetch { entry } => {
+            !inputs.local.contains_key(&entry.path)
+                && inputs.synced.get(&entry.path).is_some_and(|s| s.node.is_some())
+        }
+        _ => false,
     }
 }
 
