@@ -279,3 +279,24 @@ fn a_push_cut_off_midway_makes_no_false_conflicts_of_its_own_uploads() {
     pull(c.path(), &srv, &token);
     assert_same_tree(a.path(), c.path());
 }
+
+/// A conflict cut off after moving the local version aside, before fetching the server's, left
+/// the file missing under its real name for every later push (a push did not download).
+#[test]
+fn a_conflict_cut_off_midway_is_finished_by_the_next_push() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b) = (temp_dir("a"), temp_dir("b"));
+    write(&a.path().join("f.txt"), b"v0");
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+    write(&b.path().join("f.txt"), b"v1 from B");
+    push_as(b.path(), &srv, &token, "B");
+    // A's state right after the cut-off: its edit moved to the conflict name, nothing fetched.
+    write(&a.path().join("f (conflict A 2026-01-01 000000).txt"), b"v1 from A");
+    std::fs::remove_file(a.path().join("f.txt")).unwrap();
+    push_as(a.path(), &srv, &token, "A");
+    assert_eq!(read(&a.path().join("f.txt")), b"v1 from B");
+    pull_as(b.path(), &srv, &token, "B");
+    assert_same_tree(a.path(), b.path());
+}
