@@ -187,9 +187,19 @@ pub fn mtime_ns(md: &fs::Metadata) -> i64 {
     md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
+/// The mode bits deltasync ever sets: read, write and execute for owner, group and others.
+/// Set-uid, set-gid and sticky never travel into a file system, whatever a peer sends, so a
+/// malicious server (or client) cannot make a set-uid program appear on the other end.
+pub const PERMISSION_BITS: u32 = 0o777;
+
+/// The part of a mode from the network that may be applied: [`PERMISSION_BITS`] only.
+pub fn permission_bits(mode: u32) -> u32 {
+    mode & PERMISSION_BITS
+}
+
 /// [`set_mode`] and [`set_mtime`] on an open file: no path lookups, for files just written.
 pub fn set_file_meta(f: &File, mode: u32, mtime_ns: i64) -> io::Result<()> {
-    f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+    f.set_permissions(fs::Permissions::from_mode(permission_bits(mode)))?;
     let t = filetime::FileTime::from_unix_time(
         mtime_ns.div_euclid(1_000_000_000),
         mtime_ns.rem_euclid(1_000_000_000) as u32,
@@ -197,9 +207,10 @@ pub fn set_file_meta(f: &File, mode: u32, mtime_ns: i64) -> io::Result<()> {
     filetime::set_file_handle_times(f, Some(t), Some(t))
 }
 
-/// Only permission bits travel; the executable bit is what users care about.
+/// Sets the permission bits ([`permission_bits`]; never set-uid, set-gid or sticky). Follows a
+/// symlink: callers pass files and directories they just made.
 pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+    fs::set_permissions(path, fs::Permissions::from_mode(permission_bits(mode)))
 }
 
 /// Creates `root/rel`'s parent directories, refusing to pass through a symlink (which could point
@@ -254,6 +265,51 @@ pub fn clean_temps(dir: &Path) -> io::Result<usize> {
             n += 1;
         }
     }
+    Ok(n)
+}
+
+/// Removes the temp files interrupted runs left anywhere in a synced folder (a pull killed
+/// mid-download leaves its `.deltasync-tmp-*` beside the file it was writing); returns how many.
+/// Only for a folder whose lock is held, so no other deltasync is writing there. Symlinks are never
+/// followed, the folder's own `.deltasync/` is not entered, nor any subfolder with a `.deltasync/`
+/// of its own (another synced folder, maybe busy). Unreadable directories are skipped.
+pub fn clean_folder_temps(root: &Path) -> io::Result<usize> {
+    fn walk(dir: &Path, top: bool, n: &mut usize) -> io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if !top => {
+                tracing::debug!("not cleaning temps in {}: {e}", dir.display());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<fs::DirEntry> = entries.filter_map(Result::ok).collect();
+        let state = |e: &fs::DirEntry| e.file_name() == crate::path::STATE_DIR;
+        if !top && entries.iter().any(state) {
+            // Another synced folder nested in this one: its temps are its own.
+            return Ok(());
+        }
+        let mut subdirs = Vec::new();
+        for e in entries.iter().filter(|e| !state(e)) {
+            let name = e.file_name();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                subdirs.push(e.path());
+            } else if name.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => *n += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => tracing::debug!("cannot remove {}: {err}", e.path().display()),
+                }
+            }
+        }
+        for d in subdirs {
+            walk(&d, false, n)?;
+        }
+        Ok(())
+    }
+    let mut n = 0;
+    walk(root, true, &mut n)?;
     Ok(n)
 }
 
@@ -377,6 +433,59 @@ mod tests {
             assert!(r[1].is_err(), "a missing path must not count as durable");
             assert!(r.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()), "{r:?}");
         }
+    }
+
+    #[test]
+    fn only_permission_bits_are_ever_set() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, b"x").unwrap();
+        set_mode(&f, 0o4755).unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o755);
+        set_file_meta(&File::open(&f).unwrap(), 0o6777, 0).unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o777);
+        let dir = d.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        set_mode(&dir, 0o3755).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn clean_folder_temps_removes_leftovers_but_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let temp = |dir: &Path| temp_path(dir);
+        fs::create_dir_all(r.join("a/b")).unwrap();
+        fs::create_dir_all(r.join(".deltasync/sigs")).unwrap();
+        fs::create_dir_all(r.join("nested/.deltasync")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let gone = [temp(r), temp(&r.join("a/b")), temp(&r.join("a"))];
+        for p in &gone {
+            fs::write(p, b"partial download").unwrap();
+        }
+        // A leftover temp symlink (a link download) goes too, without following it.
+        let link = temp(r);
+        std::os::unix::fs::symlink(outside.path().join("victim"), &link).unwrap();
+        let kept = [
+            r.join("a/.deltasync-tmp"),
+            r.join("a/b/notes.txt"),
+            temp(&r.join(".deltasync")),
+            temp(&r.join("nested")),
+            temp(outside.path()),
+        ];
+        for p in &kept {
+            fs::write(p, b"keep me").unwrap();
+        }
+        fs::write(outside.path().join("victim"), b"outside").unwrap();
+        // A symlinked directory is not entered.
+        std::os::unix::fs::symlink(outside.path(), r.join("a/linked-dir")).unwrap();
+        fs::create_dir(r.join(temp(r))).unwrap(); // a directory with the prefix is not ours
+
+        assert_eq!(clean_folder_temps(r).unwrap(), gone.len() + 1);
+        assert!(gone.iter().all(|p| !p.exists()) && fs::symlink_metadata(&link).is_err());
+        assert!(kept.iter().all(|p| p.exists()), "{kept:?}");
+        assert!(outside.path().join("victim").exists());
+        assert_eq!(clean_folder_temps(r).unwrap(), 0);
     }
 
     #[test]
