@@ -187,9 +187,19 @@ pub fn mtime_ns(md: &fs::Metadata) -> i64 {
     md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
+/// The mode bits deltasync ever sets: read, write and execute for owner, group and others.
+/// Set-uid, set-gid and sticky never travel into a file system, whatever a peer sends, so a
+/// malicious server (or client) cannot make a set-uid program appear on the other end.
+pub const PERMISSION_BITS: u32 = 0o777;
+
+/// The part of a mode from the network that may be applied: [`PERMISSION_BITS`] only.
+pub fn permission_bits(mode: u32) -> u32 {
+    mode & PERMISSION_BITS
+}
+
 /// [`set_mode`] and [`set_mtime`] on an open file: no path lookups, for files just written.
 pub fn set_file_meta(f: &File, mode: u32, mtime_ns: i64) -> io::Result<()> {
-    f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+    f.set_permissions(fs::Permissions::from_mode(permission_bits(mode)))?;
     let t = filetime::FileTime::from_unix_time(
         mtime_ns.div_euclid(1_000_000_000),
         mtime_ns.rem_euclid(1_000_000_000) as u32,
@@ -197,9 +207,10 @@ pub fn set_file_meta(f: &File, mode: u32, mtime_ns: i64) -> io::Result<()> {
     filetime::set_file_handle_times(f, Some(t), Some(t))
 }
 
-/// Only permission bits travel; the executable bit is what users care about.
+/// Sets the permission bits ([`permission_bits`]; never set-uid, set-gid or sticky). Follows a
+/// symlink: callers pass files and directories they just made.
 pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+    fs::set_permissions(path, fs::Permissions::from_mode(permission_bits(mode)))
 }
 
 /// Creates `root/rel`'s parent directories, refusing to pass through a symlink (which could point
@@ -377,6 +388,21 @@ mod tests {
             assert!(r[1].is_err(), "a missing path must not count as durable");
             assert!(r.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()), "{r:?}");
         }
+    }
+
+    #[test]
+    fn only_permission_bits_are_ever_set() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, b"x").unwrap();
+        set_mode(&f, 0o4755).unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o755);
+        set_file_meta(&File::open(&f).unwrap(), 0o6777, 0).unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o777);
+        let dir = d.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        set_mode(&dir, 0o3755).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub fn status(root: &Path) -> Result<String, SyncError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let (s, rules, _) = input::scan(root, &index.stat_cache()?)
+    let (s, rules, _) = input::scan(root, &index.stat_cache()?, false)
         .map_err(|err| SyncError::Io { path: root.to_path_buf(), err })?;
     let inputs = input::prepare(&s, &rules, base, &[]);
     let remote = &inputs.remote;

@@ -176,12 +176,16 @@ impl Folder {
         }
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
-        let (scan, rules, warning) = tokio::task::spawn_blocking(move || input::scan(&root, &old_cache))
-            .await
-            .map_err(|e| SyncError::Other(e.to_string()))?
-            .map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
+        let (scan, rules, warning) =
+            tokio::task::spawn_blocking(move || input::scan(&root, &old_cache, true))
+                .await
+                .map_err(|e| SyncError::Other(e.to_string()))?
+                .map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
         if let Some(w) = warning {
             progress.say(&format!("warning: {w}"));
+        }
+        if scan.temps_removed > 0 {
+            report.notes.push(format!("removed {} temp files left by interrupted runs", scan.temps_removed));
         }
         for s in &scan.skipped {
             progress.say(&format!("skipped {s}; left as it is on both sides"));

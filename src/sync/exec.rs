@@ -19,7 +19,7 @@ use super::index::{Batch, Stat, Synced};
 use super::plan::Action;
 use super::report::Report;
 use super::scan::StatCache;
-use crate::client::{Client, ClientError, recv_reply};
+use crate::client::{Client, ClientError, recv_reply, while_moving};
 use crate::delta::{self, Applier, Block, DeltaStats, SigCache};
 use crate::fsutil::{self, TempGuard};
 use crate::hash::{ContentHash, Hasher};
@@ -200,7 +200,12 @@ impl Exec {
                     Ok(md) if md.is_dir() => {}
                     Ok(_) => {
                         // The plan only fetches over an unchanged local version, so the file or
-                        // link in the way is one the server replaced by this directory.
+                        // link in the way is one the server replaced by this directory, unless
+                        // it changed here since the scan.
+                        if !self.as_seen(&path) {
+                            self.changed_meanwhile(&path);
+                            return Ok(());
+                        }
                         std::fs::remove_file(&full).map_err(|e| self.io_err(&path, e))?;
                         self.cache.remove(&path);
                         std::fs::create_dir(&full).map_err(|e| self.io_err(&path, e))?;
@@ -215,6 +220,10 @@ impl Exec {
             Node::Symlink { target } => {
                 fsutil::ensure_dirs(&self.root, &path).map_err(|e| self.io_err(&path, e))?;
                 if !self.make_way(&path) {
+                    return Ok(());
+                }
+                if !self.as_seen(&path) {
+                    self.changed_meanwhile(&path);
                     return Ok(());
                 }
                 let tmp = fsutil::temp_path(full.parent().unwrap_or(&self.root));
@@ -330,6 +339,40 @@ impl Exec {
         self.local.insert(path.clone(), node);
     }
 
+    /// Whether what is on disk at `path` now is what this round's local view says is there, so a
+    /// step may replace it: nothing where nothing was (or where the user deleted it meanwhile),
+    /// the file as scanned or last written (stat), the same link. A directory never is: the
+    /// server replaced it, so [`make_way`](Self::make_way) must have removed it first. Anything
+    /// else was changed here during the round, and the next round syncs it.
+    fn as_seen(&self, path: &RelPath) -> bool {
+        let full = self.full(path);
+        let md = match std::fs::symlink_metadata(&full) {
+            Ok(md) => md,
+            Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
+        };
+        match self.local.get(path) {
+            None => false, // something appeared here
+            Some(Node::File { size, meta, .. }) => {
+                md.is_file()
+                    && match self.cache.get(path) {
+                        Some((s, _)) => {
+                            md.len() == s.size && fsutil::mtime_ns(&md) == s.mtime_ns && md.ino() == s.inode
+                        }
+                        None => md.len() == *size && fsutil::mtime_ns(&md) == meta.mtime_ns,
+                    }
+            }
+            Some(Node::Symlink { target }) => {
+                md.file_type().is_symlink()
+                    && std::fs::read_link(&full).is_ok_and(|t| t.to_str() == Some(target.as_str()))
+            }
+            Some(Node::Dir { .. }) => false,
+        }
+    }
+
+    fn changed_meanwhile(&mut self, path: &RelPath) {
+        self.report.notes.push(format!("{path}: changed here while downloading; will sync on the next run"));
+    }
+
     /// The server replaced a directory by a file or link: empties and removes the local
     /// directory (its contents were deleted on the server too). False if it has new files here,
     /// which then survive.
@@ -439,6 +482,7 @@ impl Exec {
         let wr = &mut client.wr;
         let rd = &mut client.rd;
         let notified = client.notified.clone();
+        let counters = client.counters.clone();
         let writer = async move {
             let mut stats = DeltaStats::default();
             let mut skipped = Vec::new();
@@ -456,23 +500,47 @@ impl Exec {
         };
         let reader = async {
             let mut retry = Vec::new();
-            while let Some((id, job, sent)) = prx.recv().await {
-                if let Some(j) = self.receive(rd, &notified, id, job, sent).await? {
+            // The writer hands a job over once it is sent; a writer stuck on a server that reads
+            // nothing more shows as a connection where nothing moves.
+            while let Some((id, job, sent)) =
+                while_moving(&counters, "the server to take an upload", prx.recv()).await?
+            {
+                if let Some(j) = self.receive(rd, &notified, &counters, id, job, sent).await? {
                     retry.push(j);
                 }
             }
             Ok::<_, SyncError>(retry)
         };
-        let (w, r) = tokio::join!(writer, reader);
+        // Both run to their end, except when the reader fails: then the writer may be stuck on a
+        // server that stopped reading, and is dropped.
+        let (w, r) = {
+            tokio::pin!(writer);
+            tokio::pin!(reader);
+            let (mut w, mut r) = (None, None);
+            while r.is_none() || (w.is_none() && matches!(r, Some(Ok(_)))) {
+                tokio::select! {
+                    x = &mut writer, if w.is_none() => w = Some(x),
+                    x = &mut reader, if r.is_none() => r = Some(x),
+                }
+            }
+            (w, r)
+        };
         self.flush_ready().await;
-        let (stats, skipped) = w?;
-        let retry = r?;
-        self.report.delta.add(stats);
-        for j in skipped {
-            self.report
-                .notes
-                .push(format!("{}: changed while syncing; will sync on the next run", job_path(&j)));
-        }
+        let retry = match (w, r) {
+            (Some(w), Some(r)) => {
+                let (stats, skipped) = w?;
+                let retry = r?;
+                self.report.delta.add(stats);
+                for j in skipped {
+                    self.report
+                        .notes
+                        .push(format!("{}: changed while syncing; will sync on the next run", job_path(&j)));
+                }
+                retry
+            }
+            (_, Some(Err(e))) => return Err(e),
+            _ => return Err(SyncError::Other("the transfer stopped early".into())),
+        };
         Ok(retry)
     }
 
@@ -481,14 +549,19 @@ impl Exec {
         &mut self,
         rd: &mut FrameReader,
         notified: &AtomicU64,
+        counters: &Counters,
         id: u64,
         job: Job,
         sent: Outcome,
     ) -> Result<Option<Job>, SyncError> {
-        let result = match recv_reply(rd, notified).await? {
+        let result = match recv_reply(rd, notified, counters).await? {
             ServerMsg::Resp { id: i, result } if i == id => result,
             other => {
-                return Err(ClientError::Unexpected(format!("{other:?} while waiting for reply {id}")).into());
+                return Err(ClientError::Unexpected(format!(
+                    "{} while waiting for the answer to request {id}",
+                    crate::client::describe(&other)
+                ))
+                .into());
             }
         };
         if sent == Outcome::Changed && result.is_err() {
@@ -503,9 +576,15 @@ impl Exec {
             Job::Up(action) => Ok(self.uploaded(action, result)),
             Job::Get { entry, have } => match result {
                 Ok(Reply::File { entry: got, base }) => {
-                    self.download(rd, notified, id, entry, got, base, have).await
+                    check_file_reply(&entry, &got)?;
+                    self.download(rd, notified, counters, id, entry, got, base, have).await
                 }
-                Ok(other) => Err(ClientError::Unexpected(format!("{other:?}")).into()),
+                Ok(other) => Err(ClientError::Unexpected(format!(
+                    "{} to the download of `{}`",
+                    crate::client::describe(&ServerMsg::Resp { id, result: Ok(other) }),
+                    entry.path
+                ))
+                .into()),
                 Err(r) => {
                     self.report.notes.push(format!("{}: {}", entry.path, r.message));
                     Ok(None)
@@ -604,6 +683,7 @@ impl Exec {
         &mut self,
         rd: &mut FrameReader,
         notified: &AtomicU64,
+        counters: &Counters,
         id: u64,
         want: Entry,
         got: Entry,
@@ -626,7 +706,7 @@ impl Exec {
         });
         let mut bad_base = base.is_some() && !use_base;
         loop {
-            match recv_reply(rd, notified).await? {
+            match recv_reply(rd, notified, counters).await? {
                 ServerMsg::Data { id: i, block } if i == id => {
                     self.progress.advance(path.as_str(), block.bytes.len() as u64);
                     let block = rd.open(block).map_err(|e| ClientError::Unexpected(e.to_string()))?;
@@ -636,7 +716,11 @@ impl Exec {
                 }
                 ServerMsg::End { id: i } if i == id => break,
                 other => {
-                    return Err(ClientError::Unexpected(format!("{other:?} inside download {id}")).into());
+                    return Err(ClientError::Unexpected(format!(
+                        "{} inside the download of `{path}`",
+                        crate::client::describe(&other)
+                    ))
+                    .into());
                 }
             }
         }
@@ -686,21 +770,11 @@ impl Exec {
             }
             // Do not overwrite a local change made while we were downloading.
             let full = self.full(&path);
-            let expected = self.cache.get(&path).map(|(s, _)| *s);
             if !self.make_way(&path) {
                 continue;
             }
-            let unchanged = match (std::fs::symlink_metadata(&full).ok(), expected) {
-                (None, _) => true,
-                (Some(md), Some(s)) => {
-                    md.len() == s.size && fsutil::mtime_ns(&md) == s.mtime_ns && md.ino() == s.inode
-                }
-                (Some(_), None) => false, // something appeared here meanwhile
-            };
-            if !unchanged {
-                self.report
-                    .notes
-                    .push(format!("{path}: changed here while downloading; will sync on the next run"));
+            if !self.as_seen(&path) {
+                self.changed_meanwhile(&path);
                 continue;
             }
             if let Err(e) = std::fs::rename(r.tmp.path(), &full) {
@@ -962,6 +1036,24 @@ fn receive_file(
     }
     let stats = done.stats;
     Ok((guard, stats))
+}
+
+/// A download's answer must be the file asked for: the same path (a broken or malicious server
+/// must not make the client write anywhere else) and a file.
+fn check_file_reply(want: &Entry, got: &Entry) -> Result<(), ClientError> {
+    if got.path != want.path {
+        return Err(ClientError::Unexpected(format!(
+            "asked for `{}`, the server sent `{}` instead; refusing it and stopping (a broken or malicious server?)",
+            want.path, got.path
+        )));
+    }
+    if !matches!(got.node, Some(Node::File { .. })) {
+        return Err(ClientError::Unexpected(format!(
+            "asked for the file `{}`, the server answered with {:?} instead; stopping (a broken or malicious server?)",
+            want.path, got.node
+        )));
+    }
+    Ok(())
 }
 
 fn action_path(a: &Action) -> String {

@@ -110,12 +110,14 @@ pub fn prepare(scan: &Scan, rules: &IgnoreRules, base: Base, changes: &[Entry]) 
     Inputs { local, remote, synced, adopted }
 }
 
-/// Loads the ignore rules and scans the folder, on the blocking pool's terms (call it there).
+/// Loads the ignore rules and scans the folder (blocking: call it on the blocking pool). `clean`
+/// removes interrupted runs' temp files, for a caller that holds the folder's lock.
 pub fn scan(
     root: &Path,
     index_cache: &super::scan::StatCache,
+    clean: bool,
 ) -> std::io::Result<(Scan, IgnoreRules, Option<String>)> {
     let (rules, warning) = IgnoreRules::load(root);
-    let s = super::scan::scan(root, index_cache, &rules)?;
+    let s = super::scan::scan(root, index_cache, &rules, clean)?;
     Ok((s, rules, warning))
 }

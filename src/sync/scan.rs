@@ -13,9 +13,6 @@ use crate::hash::ContentHash;
 use crate::path::{RelPath, STATE_DIR};
 use crate::protocol::{Meta, Node};
 
-/// The mode bits that are synced: permissions only, never set-uid, set-gid or sticky.
-pub const PERMISSION_BITS: u32 = 0o777;
-
 pub type StatCache = BTreeMap<RelPath, (Stat, ContentHash)>;
 
 #[derive(Debug, Default)]
@@ -30,6 +27,8 @@ pub struct Scan {
     /// taken for deleted.
     pub unknown: Vec<RelPath>,
     pub hashed_bytes: u64,
+    /// Temp files of interrupted runs removed on the way.
+    pub temps_removed: usize,
 }
 
 /// Is this a name deltasync never syncs?
@@ -37,13 +36,23 @@ pub fn is_ignored_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
-pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules) -> std::io::Result<Scan> {
+/// Walks `root`. With `clean`, deltasync temp files met on the way are removed: only for a folder
+/// whose lock is held (no other deltasync writes there), where they are what an interrupted run
+/// left behind (a pull killed mid-download leaves its temp beside the file it was writing).
+pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules, clean: bool) -> std::io::Result<Scan> {
     let mut s = Scan::default();
-    walk(root, root, old, rules, &mut s)?;
+    walk(root, root, old, rules, clean, &mut s)?;
     Ok(s)
 }
 
-fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut Scan) -> std::io::Result<()> {
+fn walk(
+    root: &Path,
+    dir: &Path,
+    old: &StatCache,
+    rules: &IgnoreRules,
+    clean: bool,
+    s: &mut Scan,
+) -> std::io::Result<()> {
     let unreadable = |s: &mut Scan, e: std::io::Error| {
         s.skipped.push(format!("{}: {e}", dir.display()));
         if let Ok(rel) = RelPath::from_local(root, dir) {
@@ -71,7 +80,16 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
         let full = entry.path();
         let name = entry.file_name();
         let name_str = name.to_string_lossy();
-        if is_ignored_name(&name_str) || (dir == root && name_str == STATE_DIR) {
+        if is_ignored_name(&name_str) {
+            if clean && entry.file_type().is_ok_and(|t| t.is_file()) {
+                match fs::remove_file(&full) {
+                    Ok(()) => s.temps_removed += 1,
+                    Err(e) => tracing::debug!("cannot remove {}: {e}", full.display()),
+                }
+            }
+            continue;
+        }
+        if dir == root && name_str == STATE_DIR {
             continue;
         }
         let rel = match RelPath::from_local(root, &full) {
@@ -94,8 +112,8 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
             continue;
         }
         if ft.is_dir() {
-            s.nodes.insert(rel, Node::Dir { mode: md.permissions().mode() & PERMISSION_BITS });
-            walk(root, &full, old, rules, s)?;
+            s.nodes.insert(rel, Node::Dir { mode: md.permissions().mode() & fsutil::PERMISSION_BITS });
+            walk(root, &full, old, rules, clean, s)?;
         } else if ft.is_symlink() {
             match fs::read_link(&full).ok().and_then(|t| t.to_str().map(String::from)) {
                 Some(target) => {
@@ -111,7 +129,7 @@ fn walk(root: &Path, dir: &Path, old: &StatCache, rules: &IgnoreRules, s: &mut S
                 size: md.len(),
                 mtime_ns: fsutil::mtime_ns(&md),
                 inode: md.ino(),
-                mode: md.mode() & PERMISSION_BITS,
+                mode: md.mode() & fsutil::PERMISSION_BITS,
             };
             let hash = match old.get(&rel) {
                 Some((st, h))

@@ -1,0 +1,319 @@
+//! The client never diverges, never crashes and never loses a file: replaced node kinds arrive,
+//! killed pulls leave no temp files behind, and a broken or hostile server (a small fake one
+//! written here with the real protocol types) can neither make it write elsewhere, nor grow it
+//! without end, nor hang it, nor make set-uid files.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use deltasync::delta::{Block, encode_whole};
+use deltasync::hash::ContentHash;
+use deltasync::path::RelPath;
+use deltasync::protocol::{ClientMsg, Entry, Hello, Meta, Node, Reply, Request, ServerMsg, Welcome};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::util::*;
+
+/// No pull or push prints this when nothing changed on its computer during the run.
+const CHANGED_HERE: &str = "changed here while downloading";
+
+/// Pulls into `b` and checks it arrived with no "changed here" note, twice (the second run must be
+/// quiet too: the bug was a note on every run, forever).
+fn pull_cleanly(b: &Path, srv: &Server, token: &str) {
+    for _ in 0..2 {
+        let out = pull(b, srv, token);
+        assert!(!out.stdout.contains(CHANGED_HERE) && !out.stderr.contains(CHANGED_HERE), "{}", out.dump());
+    }
+}
+
+#[test]
+fn replaced_symlink_file_or_directory_arrives_on_the_other_computer() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-a-");
+    let b = temp_dir("ds-b-");
+    let (a, b) = (a.path(), b.path());
+    write(&a.join("target.txt"), "the link's target\n");
+    symlink("target.txt", a.join("l")).unwrap();
+    write(&a.join("f"), "a regular file\n");
+    write(&a.join("d/inside.txt"), "in d\n");
+    push(a, &srv, &token);
+    pull(b, &srv, &token);
+    assert_same_tree(a, b);
+
+    // An editor's atomic save over a link replaces the link by a regular file.
+    let tmp = a.join("l.swp");
+    write(&tmp, "the link is a file now\n");
+    std::fs::rename(&tmp, a.join("l")).unwrap();
+    // And the other ways round: a file replaced by a link, a directory by a file.
+    std::fs::remove_file(a.join("f")).unwrap();
+    symlink("target.txt", a.join("f")).unwrap();
+    std::fs::remove_dir_all(a.join("d")).unwrap();
+    write(&a.join("d"), "d is a file now\n");
+    push(a, &srv, &token);
+
+    pull_cleanly(b, &srv, &token);
+    assert_same_tree(a, b);
+    assert_eq!(read_string(&b.join("l")), "the link is a file now\n");
+    assert!(std::fs::symlink_metadata(b.join("f")).unwrap().file_type().is_symlink());
+    assert_eq!(read_string(&b.join("d")), "d is a file now\n");
+
+    // Back again: the file becomes a link, the link a file.
+    std::fs::remove_file(a.join("l")).unwrap();
+    symlink("target.txt", a.join("l")).unwrap();
+    std::fs::remove_file(a.join("f")).unwrap();
+    write(&a.join("f"), "f is a file again\n");
+    push(a, &srv, &token);
+    pull_cleanly(b, &srv, &token);
+    assert_same_tree(a, b);
+}
+
+/// `.deltasync-tmp-*` files anywhere under `dir`, outside its `.deltasync/`.
+fn temp_files(dir: &Path) -> Vec<String> {
+    list_tree(dir)
+        .into_iter()
+        .filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with(".deltasync-tmp-")))
+        .collect()
+}
+
+#[test]
+fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-a-");
+    let b = temp_dir("ds-b-");
+    let (a, b) = (a.path(), b.path());
+    let size = 96 << 20;
+    let mut killed_with_temps = 0;
+    for round in 0..4u64 {
+        // New content each time, so every pull has a big download to be killed in.
+        write(&a.join("sub/big.bin"), random_bytes(100 + round, size));
+        push(a, &srv, &token);
+        let mut child = sync_command("pull", b, &srv.address(), &token, &[])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn deltasync pull");
+        // Wait until the download has written part of its temp file, then kill the client.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = false;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            let sub = b.join("sub");
+            seen = std::fs::read_dir(&sub).into_iter().flatten().flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with(".deltasync-tmp-")
+                    && e.metadata().is_ok_and(|m| m.len() > 0)
+            });
+            if seen {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL: no destructor runs
+        child.wait().unwrap();
+        if seen && !temp_files(b).is_empty() {
+            killed_with_temps += 1;
+        }
+    }
+    assert!(killed_with_temps > 0, "no pull was killed mid-download; the test proves nothing");
+    let left = temp_files(b);
+    assert!(!left.is_empty());
+
+    let out = pull(b, &srv, &token);
+    assert_eq!(
+        temp_files(b),
+        Vec::<String>::new(),
+        "leftovers stayed after a completed pull\n{}",
+        out.dump()
+    );
+    assert_same_tree(a, b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fake server
+
+fn send<M: Serialize>(s: &mut TcpStream, m: &M) -> std::io::Result<()> {
+    let body = postcard::to_allocvec(m).expect("encode");
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(&body);
+    s.write_all(&v)
+}
+
+/// The next frame as `M`; `None` when the client closed the connection.
+fn recv<M: DeserializeOwned>(s: &mut TcpStream) -> Option<M> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(postcard::from_bytes(&body).expect("a well-formed client message"))
+}
+
+/// The next request (content frames of uploads are skipped).
+fn next_request(s: &mut TcpStream) -> Option<(u64, Request)> {
+    loop {
+        match recv::<ClientMsg>(s)? {
+            ClientMsg::Req { id, req } => return Some((id, req)),
+            _ => continue,
+        }
+    }
+}
+
+/// Listens on a free port; accepts one client, answers its `Hello`, then lets `behave` have the
+/// connection. Returns the address for `--server`.
+fn fake_server(behave: impl FnOnce(TcpStream) + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let Some(_hello) = recv::<Hello>(&mut s) else { return };
+        if send(&mut s, &Welcome::Accepted { account: "fake".into(), new_token: None }).is_ok() {
+            behave(s);
+        }
+    });
+    addr
+}
+
+/// Reads and drops whatever the client sends until it closes.
+fn drain(mut s: TcpStream) {
+    let mut buf = [0u8; 1 << 16];
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+fn file_entry(path: &str, rev: u64, data: &[u8]) -> Entry {
+    Entry {
+        path: RelPath::new(path).unwrap(),
+        rev,
+        node: Some(Node::File {
+            hash: ContentHash::of(data),
+            size: data.len() as u64,
+            meta: Meta { mtime_ns: 1_000_000_000_000_000_000, mode: 0o644 },
+        }),
+        device: "elsewhere".into(),
+    }
+}
+
+fn blocks(data: &[u8]) -> Vec<Block> {
+    let mut v = Vec::new();
+    encode_whole(data, None, |b, _| {
+        v.push(b);
+        Ok(())
+    })
+    .unwrap();
+    v
+}
+
+/// A pull against `addr` (a fake server) that gives up after 3 s of silence.
+fn pull_from(dir: &Path, addr: &str) -> Output {
+    run(sync_command("pull", dir, addr, "token", &[]).env("DELTASYNC_IO_TIMEOUT_SECS", "3"))
+}
+
+#[test]
+fn a_download_answered_with_another_path_is_refused() {
+    let data = b"the server's bytes, meant to overwrite something\n".to_vec();
+    let addr = fake_server(move |mut s| {
+        let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
+        let page = Reply::Changes { entries: vec![file_entry("wanted.txt", 1, &data)], seq: 1, more: false };
+        send(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
+        let Some((id, Request::Get { path, .. })) = next_request(&mut s) else { return };
+        assert_eq!(path.as_str(), "wanted.txt");
+        // The reply names another path: a file this computer never synced.
+        let reply = Reply::File { entry: file_entry("victim.txt", 1, &data), base: None };
+        let _ = send(&mut s, &ServerMsg::Resp { id, result: Ok(reply) });
+        for block in blocks(&data) {
+            let _ = send(&mut s, &ServerMsg::Data { id, block });
+        }
+        let _ = send(&mut s, &ServerMsg::End { id });
+        drain(s);
+    });
+    let b = temp_dir("ds-b-");
+    write(&b.path().join("victim.txt"), "precious, never synced\n");
+    let out = pull_from(b.path(), &addr);
+    assert!(!out.success(), "{}", out.dump());
+    assert!(out.stderr.contains("asked for `wanted.txt`, the server sent `victim.txt`"), "{}", out.dump());
+    assert_eq!(read_string(&b.path().join("victim.txt")), "precious, never synced\n");
+    assert!(!b.path().join("wanted.txt").exists());
+    assert_eq!(temp_files(b.path()), Vec::<String>::new());
+}
+
+#[test]
+fn a_silent_server_does_not_hang_the_client() {
+    // It takes the requests and never answers.
+    let addr = fake_server(drain);
+    let b = temp_dir("ds-b-");
+    let out = pull_from(b.path(), &addr);
+    assert!(!out.success(), "{}", out.dump());
+    assert!(out.stderr.contains("nothing came from the server for 3 s"), "{}", out.dump());
+
+    // It answers the list of changes, then reads nothing more of a big upload.
+    let addr = fake_server(|mut s| {
+        let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
+        let page = Reply::Changes { entries: vec![], seq: 0, more: false };
+        send(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
+        // Holds the connection open, unread, until the client gives up and closes it.
+        std::thread::sleep(Duration::from_secs(100));
+    });
+    let a = temp_dir("ds-a-");
+    write(&a.path().join("big.bin"), random_bytes(7, 64 << 20));
+    let out = run(sync_command("push", a.path(), &addr, "token", &[]).env("DELTASYNC_IO_TIMEOUT_SECS", "3"));
+    assert!(!out.success(), "{}", out.dump());
+    assert!(out.stderr.contains("nothing came from the server for 3 s"), "{}", out.dump());
+}
+
+#[test]
+fn endless_pages_of_changes_are_refused() {
+    // The same page again and again, each announcing more.
+    let addr = fake_server(|mut s| {
+        let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
+        let entries: Vec<Entry> =
+            (0..1000).map(|i| file_entry(&format!("dir/file-{i:04}.txt"), 1 + i / 10, b"x")).collect();
+        // "Endless": far more than the client should take; a bounded number, so a client without
+        // the check is not grown without end by this test.
+        for n in 0..500 {
+            let page = Reply::Changes { entries: entries.clone(), seq: 100, more: n < 499 };
+            if send(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).is_err() {
+                return;
+            }
+        }
+        drain(s);
+    });
+    let b = temp_dir("ds-b-");
+    let out = pull_from(b.path(), &addr);
+    assert!(!out.success(), "{}", out.dump());
+    assert!(out.stderr.contains("the server's list of changes since 0 goes back"), "{}", out.dump());
+    assert!(list_tree(b.path()).is_empty(), "{:?}", list_tree(b.path()));
+}
+
+#[test]
+fn set_uid_set_gid_and_sticky_bits_never_arrive() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-a-");
+    let b = temp_dir("ds-b-");
+    let (a, b) = (a.path(), b.path());
+    write(&a.join("tool"), "#!/bin/sh\necho set-uid\n");
+    std::fs::set_permissions(a.join("tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::create_dir(a.join("shared")).unwrap();
+    std::fs::set_permissions(a.join("shared"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    write(&a.join("shared/inside.txt"), "x");
+    // Only meaningful if this file system kept the bits on A.
+    assert_eq!(std::fs::metadata(a.join("tool")).unwrap().mode() & 0o7777, 0o4755);
+    push(a, &srv, &token);
+    pull(b, &srv, &token);
+    assert_eq!(std::fs::metadata(b.join("tool")).unwrap().mode() & 0o7777, 0o755);
+    assert_eq!(std::fs::metadata(b.join("shared")).unwrap().mode() & 0o7000, 0);
+    assert_eq!(read_string(&b.join("tool")), "#!/bin/sh\necho set-uid\n");
+    // The server's mirror holds no such file either.
+    for acc in srv.account_dirs() {
+        for name in ["files/tool", "files/shared"] {
+            let md = std::fs::metadata(acc.join(name)).unwrap();
+            assert_eq!(md.mode() & 0o7000, 0, "{name} on the server: {:o}", md.mode());
+        }
+    }
+}
