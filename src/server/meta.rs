@@ -200,13 +200,30 @@ impl Metadata {
         let seq: i64 = c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get(0))?;
         let mut st = c.prepare_cached(
             "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
-             WHERE account=?1 AND rev>?2 ORDER BY rev LIMIT ?3",
+             WHERE account=?1 AND rev>?2 ORDER BY rev, path LIMIT ?3",
         )?;
         let mut entries = st
             .query_map(params![account, since as i64, PAGE as i64 + 1], row_to_entry)?
             .collect::<Result<Result<Vec<_>, _>, _>>()??;
         let more = entries.len() > PAGE;
-        entries.truncate(PAGE);
+        if more {
+            // The next page starts after the last revision of this one, so a page never ends
+            // inside a revision: one commit's entries (a move's two paths) share it.
+            let last = entries[PAGE].rev;
+            let keep = entries.iter().position(|e| e.rev == last).unwrap_or(PAGE);
+            if keep > 0 {
+                entries.truncate(keep);
+            } else {
+                // One revision larger than a page: send all of it.
+                let mut st = c.prepare_cached(
+                    "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
+                     WHERE account=?1 AND rev=?2",
+                )?;
+                entries =
+                    st.query_map(params![account, last as i64], row_to_entry)?
+                        .collect::<Result<Result<Vec<_>, _>, _>>()??;
+            }
+        }
         Ok((entries, seq as u64, more))
     }
 

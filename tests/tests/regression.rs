@@ -300,3 +300,23 @@ fn a_conflict_cut_off_midway_is_finished_by_the_next_push() {
     pull_as(b.path(), &srv, &token, "B");
     assert_same_tree(a.path(), b.path());
 }
+
+/// The server pages the journal by revision and the next page started after the last revision
+/// of the previous one, so a commit whose entries (a move's two paths) straddled a page boundary
+/// lost the rest of them: a new computer never got the moved file.
+#[test]
+fn a_move_on_a_journal_page_boundary_reaches_a_new_computer() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, c) = (temp_dir("a"), temp_dir("c"));
+    // 2,000 entries, then a move: its two entries are the 2,000th and 2,001st (page = 2,000).
+    for i in 0..2000 {
+        write(&a.path().join(format!("a{i:04}")), format!("{i}"));
+    }
+    push(a.path(), &srv, &token);
+    std::fs::rename(a.path().join("a0000"), a.path().join("zz-moved")).unwrap();
+    let out = push(a.path(), &srv, &token);
+    assert!(out.stdout.contains("1 moved"), "{}", out.dump());
+    pull(c.path(), &srv, &token);
+    assert_same_tree(a.path(), c.path());
+}
