@@ -8,6 +8,7 @@
 //!
 //! Run with `cargo test --release --test tests` (the big-file tests are much faster in release).
 
+mod model;
 mod push_pull;
 mod security;
 mod util;
