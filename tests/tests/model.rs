@@ -444,23 +444,13 @@ fn error_message(stderr: &str) -> String {
     let rest = line.strip_prefix("error: ").or_else(|| line.strip_prefix("deltasync: ")).unwrap_or(line);
     // `PATH: message`: our paths are short names without `: `.
     let msg = rest.split_once(": ").map_or(rest, |(_, m)| m);
-    normalize(&without_mirror_paths(msg))
+    normalize(&without_paths(msg))
 }
 
-/// `/tmp/deltasync-srv-XXX/data/accounts/7/files/d.md` → `<mirror>/PATH`: the server's folder
-/// differs from run to run, and the path does not make another kind of failure.
-fn without_mirror_paths(msg: &str) -> String {
-    let mut out = String::new();
-    let mut rest = msg;
-    while let Some(i) = rest.find("/files/") {
-        let start = rest[..i].rfind(' ').map_or(0, |j| j + 1);
-        out.push_str(&rest[..start]);
-        out.push_str("<mirror>/PATH");
-        rest = &rest[i + "/files/".len()..];
-        rest = &rest[rest.find(' ').unwrap_or(rest.len())..];
-    }
-    out.push_str(rest);
-    out
+/// Absolute paths (`/tmp/deltasync-srv-XXX/data/accounts/7/files/d.md`, a device's folder…) →
+/// `PATH`: they differ from run to run, and the path does not make another kind of failure.
+fn without_paths(msg: &str) -> String {
+    msg.split(' ').map(|w| if w.starts_with('/') { "PATH" } else { w }).collect::<Vec<_>>().join(" ")
 }
 
 fn panic_location(stderr: &str) -> Option<String> {
@@ -1156,10 +1146,24 @@ fn three_devices_random_operations_basic() {
     run_model(Mix::Basic);
 }
 
-/// Every operation, symlinks and every change of a path's kind included.
+/// Every operation, symlinks and every change of a path's kind included, and files and
+/// directories sharing names across devices.
+///
+/// Ignored until these engine bugs are fixed (each found by this test, shrunk reproductions in
+/// the report of branch h-model):
+/// - a symlink replaced by a file never reaches a device that holds the link: the download is
+///   skipped with only a note ("changed here while downloading", the link has no stat-cache
+///   entry), `pull` says "up to date" and exits 0, and the devices differ for good;
+/// - the server creates missing parent directories of a Put/Mkdir/Symlink in its mirror without
+///   recording them (`fsutil::ensure_dirs` from `Store::place`/`mkdir`/`symlink`), so an upload
+///   into a directory deleted meanwhile leaves a child under a tombstone: later "Directory not
+///   empty" on a Put at the parent's path, or "… is not a directory" on pull;
+/// - when a push renames a local directory to a conflict copy, uploads planned inside it still
+///   go to the old path and fail ("… is not a directory"), and a directory replaced by a link
+///   on the server while a file inside it changed here fails on every push (never converges).
 #[test]
-#[ignore = "known engine bugs: a symlink replaced by a file never reaches the other devices \
-            ('changed here while downloading' forever); see the module docs and the report"]
+#[ignore = "known engine bugs: link->file never arrives (silent divergence); uploads into a \
+            deleted or replaced directory fail; see the comment"]
 fn three_devices_random_operations_full() {
     run_model(Mix::Full);
 }
