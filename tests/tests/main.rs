@@ -9,6 +9,7 @@
 //! Run with `cargo test --release --test tests` (the big-file tests are much faster in release).
 
 mod client_safety;
+mod model;
 mod push_pull;
 mod regression;
 mod security;

@@ -18,9 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::hash::{Hash, Hasher};
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -208,89 +206,6 @@ fn mirror(srv: &mut Server) -> PathBuf {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Snapshots: a tree read without panicking while watchers write into it
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Item {
-    Dir,
-    File { len: u64, hash: u64, exec: bool, mtime_ns: i64 },
-    Link(PathBuf),
-}
-
-type Snap = BTreeMap<String, Item>;
-
-fn content_hash(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
-}
-
-/// Every path under `root` except the root's `.deltasync/`; an error if something vanished or
-/// changed kind while it was read (then the caller just looks again).
-fn snapshot(root: &Path) -> std::io::Result<Snap> {
-    fn walk(root: &Path, dir: &Path, out: &mut Snap) -> std::io::Result<()> {
-        for e in fs::read_dir(dir)? {
-            let e = e?;
-            let full = e.path();
-            if dir == root && e.file_name() == ".deltasync" {
-                continue;
-            }
-            let rel = full.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
-            let md = fs::symlink_metadata(&full)?;
-            let item = if md.file_type().is_symlink() {
-                Item::Link(fs::read_link(&full)?)
-            } else if md.is_dir() {
-                walk(root, &full, out)?;
-                Item::Dir
-            } else {
-                let bytes = fs::read(&full)?;
-                Item::File {
-                    len: bytes.len() as u64,
-                    hash: content_hash(&bytes),
-                    exec: md.permissions().mode() & 0o111 != 0,
-                    mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-                }
-            };
-            out.insert(rel, item);
-        }
-        Ok(())
-    }
-    let mut out = Snap::new();
-    walk(root, root, &mut out)?;
-    Ok(out)
-}
-
-/// The same snapshot without mtimes, for comparing with a model of content.
-fn without_mtimes(s: &Snap) -> Snap {
-    s.iter()
-        .map(|(p, i)| {
-            let i = match i {
-                Item::File { len, hash, exec, .. } => {
-                    Item::File { len: *len, hash: *hash, exec: *exec, mtime_ns: 0 }
-                }
-                other => other.clone(),
-            };
-            (p.clone(), i)
-        })
-        .collect()
-}
-
-fn snap_diffs(a: &Snap, b: &Snap, an: &str, bn: &str) -> Vec<String> {
-    let mut d = Vec::new();
-    for (p, x) in a {
-        match b.get(p) {
-            None => d.push(format!("only on {an}: {p}")),
-            Some(y) if x != y => d.push(format!("differs: {p}: {an} {x:?}, {bn} {y:?}")),
-            _ => {}
-        }
-    }
-    for p in b.keys().filter(|p| !a.contains_key(*p)) {
-        d.push(format!("only on {bn}: {p}"));
-    }
-    d
-}
-
 /// Polls until every folder in `sides` holds the same tree (paths, kinds, contents, exec bits,
 /// mtimes) and `also` holds for the first one's snapshot; returns that snapshot. Panics after
 /// [`CONVERGE`] with the differences, `context()` and (on drop) the watchers' logs.
@@ -404,14 +319,6 @@ fn assert_matches_model(what: &str, dir: &Path, model: &BTreeMap<String, M>, ops
         d.iter().take(60).cloned().collect::<Vec<_>>().join("\n"),
         ops.join("\n")
     );
-}
-
-fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() { name.to_string() } else { format!("{parent}/{name}") }
-}
-
-fn parent_of(p: &str) -> &str {
-    p.rsplit_once('/').map_or("", |(a, _)| a)
 }
 
 /// Random file-system operations below `base` of one folder, mirrored in `model`.
