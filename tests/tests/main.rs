@@ -10,5 +10,6 @@
 
 mod push_pull;
 mod security;
+mod server_faults;
 mod util;
 mod watch;
