@@ -590,6 +590,7 @@ async fn handshake_carries_server_identity_and_journal_position() {
     let c1 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
     assert_ne!(c1.server_id, [0u8; 16]);
     assert_eq!(c1.server_seq, 0);
+    let first_id = c1.server_id;
     drop(c1);
     let (srv, token) = tokio::task::spawn_blocking(move || {
         let dir = temp_dir("ds-id-");
@@ -604,11 +605,11 @@ async fn handshake_carries_server_identity_and_journal_position() {
     let c2 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
     assert_eq!(c2.server_seq, changes, "the handshake's seq is not the account's journal position");
     assert!(c2.server_seq >= 3);
+    assert_eq!(c2.server_id, first_id, "the server's identity changed across a restart");
     let other = start_server();
     let token2 = add_account(&other.data, "alice");
     let c3 = deltasync::client::Client::connect(&other.address(), Some(&token2), "t").await.expect("connect");
     assert_ne!(c3.server_id, c2.server_id, "two data folders share an identity");
-    // The identity is kept in the database: a restart (above) kept it, a second look agrees.
     let c4 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
     assert_eq!(c4.server_id, c2.server_id);
 }
