@@ -218,6 +218,34 @@ async fn session_deadlock_refused_upload_is_drained_only_to_its_announced_size()
     assert_serves(&mut rd, &mut wr, 1, "another connection").await;
 }
 
+/// Ctrl-C stops the server although a session is stuck in the middle of an upload whose client
+/// went silent (the default 60 s stall timeout has not passed).
+#[test]
+fn session_deadlock_ctrl_c_stops_the_server_despite_a_stuck_session() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let mut stuck = handshake_std(&srv, &token);
+    let data = random_bytes(13, 12 << 20);
+    let req = Request::Put {
+        path: rel("big.bin"),
+        base_rev: 5,
+        hash: ContentHash::of(&data),
+        size: data.len() as u64,
+        meta: META,
+        base: None,
+    };
+    let mut bytes = frame_of(&ClientMsg::Req { id: 1, req });
+    for c in data.chunks(1 << 20).take(6) {
+        bytes.extend(frame_of(&ClientMsg::Data { id: 1, block: literal(c) }));
+    }
+    stuck.write_all(&bytes).expect("start of an upload");
+    // The server has started on the upload (or is stuck in it); now stop it.
+    std::thread::sleep(Duration::from_millis(500));
+    let st = srv.interrupt(Duration::from_secs(40));
+    let st = st.unwrap_or_else(|| panic!("the server ignored Ctrl-C for 40 s; log:\n{}", srv.log()));
+    assert!(st.success(), "the server exited with {st} after Ctrl-C; log:\n{}", srv.log());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Mode bits
 

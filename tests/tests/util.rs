@@ -729,3 +729,22 @@ pub fn start_server_with(data: Option<&Path>, envs: &[(&str, &str)]) -> Server {
     };
     Server { child: Some(child), addr, data, root, tmp: Some(tmp) }
 }
+
+impl Server {
+    /// Sends SIGINT (Ctrl-C) to the server and waits up to `deadline` for it to exit; its exit
+    /// status, or `None` if it was still running (then it is killed).
+    pub fn interrupt(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+}
