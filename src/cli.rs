@@ -59,8 +59,16 @@ pub enum AccountCommand {
         #[arg(long, default_value = "./deltasync-data")]
         data: PathBuf,
     },
-    /// List accounts.
+    /// List accounts, with their changes, bytes used and quota.
     List {
+        #[arg(long, default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+    /// Limit the bytes an account's files may take (works while the server runs).
+    Quota {
+        name: String,
+        /// Like 500M, 10G, 1.5T (binary units), or `none` for no limit.
+        size: String,
         #[arg(long, default_value = "./deltasync-data")]
         data: PathBuf,
     },

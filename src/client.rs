@@ -43,6 +43,10 @@ pub struct Client {
     pub new_token: Option<String>,
     /// The highest journal sequence the server announced (after `Subscribe`).
     pub notified: Arc<AtomicU64>,
+    /// The server's data folder identity, from the handshake.
+    pub server_id: [u8; 16],
+    /// The account's journal sequence at the handshake.
+    pub server_seq: u64,
     next_id: u64,
 }
 
@@ -64,9 +68,17 @@ impl Client {
         wr.send(&hello).await?;
         match rd.recv::<Welcome>().await? {
             None => Err(ClientError::Rejected("closed during the handshake".into())),
-            Some(Welcome::Accepted { account, new_token }) => {
-                Ok(Client { rd, wr, counters, account, new_token, notified: Arc::default(), next_id: 1 })
-            }
+            Some(Welcome::Accepted { account, new_token, server_id, seq }) => Ok(Client {
+                rd,
+                wr,
+                counters,
+                account,
+                new_token,
+                notified: Arc::default(),
+                server_id,
+                server_seq: seq,
+                next_id: 1,
+            }),
             Some(Welcome::Rejected { reason: Rejection::Auth, message, .. }) => {
                 Err(ClientError::Auth(message))
             }

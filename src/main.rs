@@ -105,8 +105,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Account { command: AccountCommand::List { data } } => {
             let meta = server::open_metadata(&data)?;
-            for (a, seq) in meta.list_accounts()? {
-                println!("{}\t{} changes", a.name, seq);
+            for a in meta.list_accounts()? {
+                // The first line's format is relied on by scripts; usage goes on its own line.
+                println!("{}\t{} changes", a.account.name, a.seq);
+                let quota =
+                    a.quota.map_or("no quota".to_string(), |q| format!("quota {}", server::human_size(q)));
+                println!("  {} used ({} bytes), {quota}", server::human_size(a.used), a.used);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Account { command: AccountCommand::Quota { name, size, data } } => {
+            let quota = server::parse_size(&size).map_err(anyhow::Error::msg)?;
+            let meta = server::open_metadata(&data)?;
+            if !meta.set_quota(&name, quota)? {
+                anyhow::bail!(
+                    "no account named `{name}` in {}; see `deltasync account list --data {}`",
+                    data.display(),
+                    data.display()
+                );
+            }
+            match quota {
+                Some(q) => println!("Account `{name}` may now hold {} ({q} bytes).", server::human_size(q)),
+                None => println!("Account `{name}` has no quota now."),
             }
             Ok(ExitCode::SUCCESS)
         }

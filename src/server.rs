@@ -18,17 +18,47 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::protocol;
 use meta::{Account, AccountId, Metadata};
 use store::Store;
 
 /// Connections served at once; one more waits in the accept queue.
 const MAX_CONNECTIONS: usize = 4096;
+/// After Ctrl-C, sessions get this long to finish what they are doing; then the server stops
+/// anyway (a session stuck on a silent peer must not keep it running).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A peer that stops sending in the middle of a message, or in the middle of an upload, is
+/// dropped after this long. `DELTASYNC_IO_TIMEOUT_SECS` overrides it (tests use a short one).
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// A connection with no message at all for this long is dropped. Long: `watch` pings every
+/// 30 s, but `push` and `pull` send nothing while they scan a big folder.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The largest file an upload may announce: 16 TiB, the largest file ext4 (4 KiB blocks) can
+/// hold. Anything bigger is a lie; quotas and the free-space check bound real uploads.
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
+
+/// The stall timeout: `DELTASYNC_IO_TIMEOUT_SECS` (whole seconds, at least 1) or [`IO_TIMEOUT`].
+fn io_timeout() -> Duration {
+    match std::env::var("DELTASYNC_IO_TIMEOUT_SECS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Duration::from_secs(n),
+            _ => {
+                tracing::warn!(
+                    "ignoring DELTASYNC_IO_TIMEOUT_SECS={v:?}: not a whole number of seconds above 0"
+                );
+                IO_TIMEOUT
+            }
+        },
+        Err(_) => IO_TIMEOUT,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -53,6 +83,11 @@ pub struct Shared {
     pub meta: Metadata,
     pub store: Store,
     pub open_registration: bool,
+    /// This data folder's identity (kept in the database), sent in every `Welcome`.
+    pub server_id: [u8; 16],
+    /// See [`IO_TIMEOUT`] and [`IDLE_TIMEOUT`].
+    pub io_timeout: Duration,
+    pub idle_timeout: Duration,
     locks: Mutex<HashMap<AccountId, Arc<tokio::sync::Mutex<()>>>>,
     hub: Mutex<HashMap<AccountId, broadcast::Sender<(u64, u64)>>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -73,10 +108,15 @@ impl Shared {
         if cleaned > 0 {
             tracing::info!("removed {cleaned} temp files left by interrupted uploads");
         }
+        let server_id = meta.server_id()?;
+        let io_timeout = io_timeout();
         Ok(Shared {
             meta,
             store,
             open_registration: config.open_registration,
+            server_id,
+            io_timeout,
+            idle_timeout: IDLE_TIMEOUT.max(io_timeout),
             locks: Mutex::default(),
             hub: Mutex::default(),
             next_session: Default::default(),
@@ -168,8 +208,72 @@ pub async fn run(
     }
     cancel.cancel();
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        // Their uploads were not committed; the clients retry them.
+        tracing::warn!(
+            "{} sessions did not finish within {} s of the stop; closing them",
+            tracker.len(),
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
     Ok(())
+}
+
+/// `1.2 GiB`-style sizes for messages.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} bytes") } else { format!("{:.1} {}", v, UNITS[u]).replace(".0 ", " ") }
+}
+
+/// Parses a quota size: a number with an optional binary unit (`500M`, `10G`, `1.5T`, `10GiB`,
+/// `4096`), or `none` (no quota).
+pub fn parse_size(s: &str) -> Result<Option<u64>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let lower = t.to_ascii_lowercase();
+    let body = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let (num, shift) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 10),
+        Some('m') => (&body[..body.len() - 1], 20),
+        Some('g') => (&body[..body.len() - 1], 30),
+        Some('t') => (&body[..body.len() - 1], 40),
+        Some('p') => (&body[..body.len() - 1], 50),
+        _ => (body, 0),
+    };
+    let bad = || format!("`{s}` is not a size; write it like 500M, 10G, 1.5T or `none`");
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(bad());
+    }
+    let bytes = v * (1u64 << shift) as f64;
+    if bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}` is too large"));
+    }
+    Ok(Some(bytes as u64))
+}
+
+/// The refusal for a full disk on the server, if `e` (an error's text: I/O or SQLite) says so.
+pub fn disk_full(e: &str) -> Option<protocol::Refusal> {
+    let full = ["(os error 28)", "(os error 122)", "No space left on device", "database or disk is full"]
+        .iter()
+        .any(|m| e.contains(m));
+    full.then(|| {
+        tracing::warn!("out of disk space: {e}");
+        protocol::Refusal::new(
+            protocol::RefusalKind::Server,
+            format!(
+                "server out of disk space: {e}; nothing was changed on the server. Its administrator must free space in its data folder; then push again"
+            ),
+        )
+    })
 }
 
 /// Binds `addr` and serves in a background task; for tests and embedding.

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -126,6 +127,48 @@ impl FrameReader {
             None => Ok(None),
             Some(Err(e)) => Err(ProtocolError::Io(e)),
             Some(Ok(frame)) => postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode),
+        }
+    }
+
+    /// [`recv`](Self::recv) with two limits: no byte at all for `idle` while no frame has begun,
+    /// or no new byte for `stall` once a frame has begun (half a frame, then silence), ends the
+    /// wait with a `TimedOut` error. A frame that keeps arriving, however slowly, is waited for.
+    pub async fn recv_within<M: DeserializeOwned>(
+        &mut self,
+        idle: Duration,
+        stall: Duration,
+    ) -> Result<Option<M>, ProtocolError> {
+        let tick = (stall.min(idle) / 4).max(Duration::from_millis(50));
+        let mut seen = self.inner.get_ref().counters.received();
+        let mut since = Instant::now();
+        loop {
+            match tokio::time::timeout(tick, self.inner.next()).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(ProtocolError::Io(e)),
+                Ok(Some(Ok(frame))) => {
+                    return postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode);
+                }
+                // `FramedRead::next` is cancel-safe: a partial frame stays in its buffer.
+                Err(_) => {
+                    let now = self.inner.get_ref().counters.received();
+                    if now != seen {
+                        (seen, since) = (now, Instant::now());
+                        continue;
+                    }
+                    let mid_frame = !self.inner.read_buffer().is_empty();
+                    let (limit, what) = if mid_frame {
+                        (stall, "stalled in the middle of a message")
+                    } else {
+                        (idle, "idle")
+                    };
+                    if since.elapsed() >= limit {
+                        return Err(ProtocolError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("peer {what} for {} s", limit.as_secs()),
+                        )));
+                    }
+                }
+            }
         }
     }
 }

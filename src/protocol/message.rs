@@ -10,7 +10,8 @@ use crate::hash::ContentHash;
 use crate::path::RelPath;
 
 pub const MAGIC: [u8; 8] = *b"DLTASYNC";
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Welcome::Accepted` carries the server's identity and the account's journal position.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -23,8 +24,21 @@ pub struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Welcome {
-    Accepted { account: String, new_token: Option<String> },
-    Rejected { reason: Rejection, message: String, server_version: u32 },
+    Accepted {
+        account: String,
+        new_token: Option<String>,
+        /// 16 random bytes made when the server's data folder was created: another value than
+        /// last time means another server (or a new data folder).
+        server_id: [u8; 16],
+        /// The account's journal sequence now: lower than a client last saw means the server
+        /// was restored from an older backup.
+        seq: u64,
+    },
+    Rejected {
+        reason: Rejection,
+        message: String,
+        server_version: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

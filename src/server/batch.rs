@@ -33,12 +33,17 @@ pub struct Target<'a> {
     pub account: AccountId,
     pub session: u64,
     pub device: &'a str,
+    pub account_name: &'a str,
     pub store: &'a AccountStore,
 }
 
 fn server_err(e: impl std::fmt::Display) -> Refusal {
-    tracing::warn!("commit failed: {e}");
-    Refusal::new(RefusalKind::Server, format!("server could not store the file: {e}"))
+    let text = e.to_string();
+    if let Some(r) = super::disk_full(&text) {
+        return r;
+    }
+    tracing::warn!("commit failed: {text}");
+    Refusal::new(RefusalKind::Server, format!("server could not store the file: {text}"))
 }
 
 /// [`fsutil::make_durable`] on the blocking pool.
@@ -57,8 +62,9 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
     let paths: Vec<RelPath> = staged.iter().map(|s| s.path.clone()).collect();
     let sh = t.shared.clone();
     let account = t.account;
-    let current = tokio::task::spawn_blocking(move || -> Result<Vec<(Option<Entry>, bool)>, MetaError> {
-        paths
+    type Current = (Vec<(Option<Entry>, bool)>, (u64, Option<u64>));
+    let current = tokio::task::spawn_blocking(move || -> Result<Current, MetaError> {
+        let entries = paths
             .iter()
             .map(|p| {
                 let e = sh.meta.get(account, p)?;
@@ -66,10 +72,11 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
                     && sh.meta.has_children(account, p)?;
                 Ok((e, full_dir))
             })
-            .collect()
+            .collect::<Result<Vec<_>, MetaError>>()?;
+        Ok((entries, sh.meta.usage(account)?))
     })
     .await;
-    let current = match current {
+    let (current, (mut used, quota)) = match current {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return staged.into_iter().map(|s| (s.id, Err(server_err(&e)))).collect(),
         Err(e) => return staged.into_iter().map(|s| (s.id, Err(server_err(&e)))).collect(),
@@ -95,8 +102,23 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
                 format!("`{}` is a non-empty directory on the server; delete its contents first", s.path),
             ))
         } else {
-            ok.push(s);
-            continue;
+            // The quota, now exact: the batch's earlier uploads count.
+            let replaced = match &cur {
+                Some(Entry { node: Some(Node::File { size, .. }), .. }) => *size,
+                _ => 0,
+            };
+            let size = match &s.node {
+                Node::File { size, .. } => *size,
+                _ => 0,
+            };
+            match super::session::over_quota(t.account_name, used, quota, &s.path, size, replaced) {
+                Err(r) => Err(r),
+                Ok(()) => {
+                    used = used.saturating_sub(replaced).saturating_add(size);
+                    ok.push(s);
+                    continue;
+                }
+            }
         };
         results.push((s.id, r));
     }

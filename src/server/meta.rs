@@ -26,6 +26,8 @@ pub enum MetaError {
     AccountExists(String),
     #[error("corrupt row for `{0}` in the database")]
     CorruptRow(String),
+    #[error("the OS random number generator failed: {0}")]
+    Random(String),
 }
 
 pub type AccountId = i64;
@@ -34,6 +36,46 @@ pub type AccountId = i64;
 pub struct Account {
     pub id: AccountId,
     pub name: String,
+}
+
+/// An account as `account list` shows it.
+#[derive(Debug, Clone)]
+pub struct AccountInfo {
+    pub account: Account,
+    /// Its journal position (number of changes).
+    pub seq: u64,
+    /// Bytes of its live files.
+    pub used: u64,
+    pub quota: Option<u64>,
+}
+
+/// Brings a database made by an older version up to date: accounts gain `used` (bytes of live
+/// files, kept by every commit) and `quota` (NULL: none).
+fn migrate(conn: &Connection) -> Result<(), MetaError> {
+    let has_used = |conn: &Connection| -> rusqlite::Result<bool> {
+        conn.prepare("SELECT 1 FROM pragma_table_info('accounts') WHERE name='used'")?.exists([])
+    };
+    if has_used(conn)? {
+        return Ok(());
+    }
+    // Another process (`serve` and `account add` on a fresh folder) may be doing the same: check
+    // again inside the write transaction.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let r = (|| -> rusqlite::Result<()> {
+        if !has_used(conn)? {
+            conn.execute_batch(
+                "ALTER TABLE accounts ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE accounts ADD COLUMN quota INTEGER;
+                 UPDATE accounts SET used = (SELECT COALESCE(SUM(size), 0) FROM files
+                                             WHERE files.account = accounts.id AND kind = 1);",
+            )?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if r.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    Ok(r?)
 }
 
 /// One connection behind a mutex: SQLite serializes writers anyway, and every call is short.
@@ -76,6 +118,12 @@ CREATE TABLE IF NOT EXISTS pending (
     node BLOB NOT NULL,
     op TEXT NOT NULL,
     device TEXT NOT NULL
+);
+-- One row: this data folder's identity, made once (clients notice a server restored from an
+-- older backup by it and the journal position).
+CREATE TABLE IF NOT EXISTS server (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    server_id BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS journal (
     account INTEGER NOT NULL,
@@ -126,7 +174,38 @@ impl Metadata {
                 Err(e) => return Err(e.into()),
             }
         }
+        migrate(&conn)?;
         Ok(Metadata { conn: Mutex::new(conn) })
+    }
+
+    /// This data folder's 16 random bytes, made when its database was created (or first opened
+    /// by a version that knows them).
+    pub fn server_id(&self) -> Result<[u8; 16], MetaError> {
+        let c = self.conn();
+        let mut fresh = [0u8; 16];
+        getrandom::fill(&mut fresh).map_err(|e| MetaError::Random(e.to_string()))?;
+        c.execute("INSERT OR IGNORE INTO server (id, server_id) VALUES (1, ?1)", params![&fresh[..]])?;
+        let id: Vec<u8> = c.query_row("SELECT server_id FROM server WHERE id=1", [], |r| r.get(0))?;
+        id.try_into().map_err(|_| MetaError::CorruptRow("server id".into()))
+    }
+
+    /// Sets (or with `None` removes) an account's quota in bytes; `false` if there is no such
+    /// account.
+    pub fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<bool, MetaError> {
+        let c = self.conn();
+        let n = c.execute(
+            "UPDATE accounts SET quota=?2 WHERE name=?1",
+            params![name, quota.map(|q| q.min(i64::MAX as u64) as i64)],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// The bytes of the account's live files and its quota, if any.
+    pub fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError> {
+        let c = self.conn();
+        Ok(c.query_row("SELECT used, quota FROM accounts WHERE id=?1", params![account], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Option<i64>>(1)?.map(|q| q.max(0) as u64)))
+        })?)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -151,11 +230,16 @@ impl Metadata {
         }
     }
 
-    pub fn list_accounts(&self) -> Result<Vec<(Account, u64)>, MetaError> {
+    pub fn list_accounts(&self) -> Result<Vec<AccountInfo>, MetaError> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT id, name, seq FROM accounts ORDER BY name")?;
+        let mut st = c.prepare("SELECT id, name, seq, used, quota FROM accounts ORDER BY name")?;
         let rows = st.query_map([], |r| {
-            Ok((Account { id: r.get(0)?, name: r.get(1)? }, r.get::<_, i64>(2)? as u64))
+            Ok(AccountInfo {
+                account: Account { id: r.get(0)?, name: r.get(1)? },
+                seq: r.get::<_, i64>(2)? as u64,
+                used: r.get::<_, i64>(3)?.max(0) as u64,
+                quota: r.get::<_, Option<i64>>(4)?.map(|q| q.max(0) as u64),
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -380,6 +464,17 @@ fn write_change(
         Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
         Some(Node::Symlink { target }) => (3, None, 0, zero, Some(target)),
     };
+    // Keep the account's byte count: the old row's file size out, the new one's in.
+    let old: i64 = tx
+        .prepare_cached("SELECT size FROM files WHERE account=?1 AND path=?2 AND kind=1")?
+        .query_row(params![account, path.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let new = if kind == 1 { size as i64 } else { 0 };
+    if new != old {
+        tx.prepare_cached("UPDATE accounts SET used = MAX(0, used + ?2 - ?3) WHERE id=?1")?
+            .execute(params![account, new, old])?;
+    }
     tx.prepare_cached(
         "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -411,7 +506,8 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
     let kind: i64 = r.get(2)?;
     let hash: Option<Vec<u8>> = r.get(3)?;
     let size: i64 = r.get(4)?;
-    let meta = NodeMeta { mtime_ns: r.get(5)?, mode: r.get(6)? };
+    // Only permission bits: rows written before modes were masked may hold more.
+    let meta = NodeMeta { mtime_ns: r.get(5)?, mode: r.get::<_, u32>(6)? & 0o777 };
     let target: Option<String> = r.get(7)?;
     let device: String = r.get(8)?;
     let bad = || MetaError::CorruptRow(path.clone());

@@ -38,8 +38,135 @@ pub enum SessionError {
 }
 
 fn server_err(e: impl std::fmt::Display) -> Refusal {
-    tracing::warn!("request failed: {e}");
-    Refusal::new(RefusalKind::Server, format!("server could not complete the request: {e}"))
+    let text = e.to_string();
+    if let Some(r) = super::disk_full(&text) {
+        return r;
+    }
+    tracing::warn!("request failed: {text}");
+    Refusal::new(RefusalKind::Server, format!("server could not complete the request: {text}"))
+}
+
+/// Longest path the server's OS accepts (Linux `PATH_MAX` less its NUL).
+const MAX_OS_PATH: usize = 4095;
+
+/// Refuses a path that fits the protocol's 4096-byte limit but not the OS's once the account's
+/// folder is put in front of it: the effective limit is 4095 bytes minus the length of
+/// `DATA/accounts/ID/files/`.
+fn path_fits(store: &AccountStore, path: &RelPath) -> Result<(), Refusal> {
+    let prefix = store.files.as_os_str().len() + 1;
+    let len = path.as_str().len();
+    if prefix + len > MAX_OS_PATH {
+        return Err(Refusal::new(
+            RefusalKind::Invalid,
+            format!(
+                "path is too long for this server: `{path}` is {len} bytes and this server can store paths of at most {} bytes (the OS limit of {MAX_OS_PATH} less its data folder's {prefix}); shorten the names or the nesting",
+                MAX_OS_PATH.saturating_sub(prefix)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The refusal when `path` (`size` bytes, replacing `replaced` bytes) would take the account
+/// past its quota. Moves and deletes never add bytes, so they are never refused for a quota.
+pub(super) fn over_quota(
+    name: &str,
+    used: u64,
+    quota: Option<u64>,
+    path: &RelPath,
+    size: u64,
+    replaced: u64,
+) -> Result<(), Refusal> {
+    let Some(quota) = quota else { return Ok(()) };
+    let after = used.saturating_sub(replaced).saturating_add(size);
+    if size <= replaced || after <= quota {
+        return Ok(());
+    }
+    use super::human_size as h;
+    Err(Refusal::new(
+        RefusalKind::Server,
+        format!(
+            "account {name} is over its quota: `{path}` ({}) would bring it to {} used of {}; free space or raise it with `deltasync account quota {name} SIZE` on the server",
+            h(size),
+            h(after),
+            h(quota)
+        ),
+    ))
+}
+
+/// Refuses an upload of `size` bytes before it is received when it is more than the server
+/// may store or the account may hold, or more than the server's disk has free.
+fn check_room(
+    meta: &Metadata,
+    account: AccountId,
+    name: &str,
+    store: &AccountStore,
+    path: &RelPath,
+    size: u64,
+    cur: &Option<Entry>,
+) -> Result<(), Refusal> {
+    if size > super::MAX_FILE_SIZE {
+        return Err(Refusal::new(
+            RefusalKind::Invalid,
+            format!(
+                "`{path}` announces {size} bytes, more than the {} a file on this server may have",
+                super::human_size(super::MAX_FILE_SIZE)
+            ),
+        ));
+    }
+    let replaced = match cur {
+        Some(Entry { node: Some(Node::File { size, .. }), .. }) => *size,
+        _ => 0,
+    };
+    let (used, quota) = meta.usage(account)?;
+    over_quota(name, used, quota, path, size, replaced)?;
+    let free = fsutil_free_bytes(&store.tmp)?;
+    if size > free {
+        return Err(Refusal::new(
+            RefusalKind::Server,
+            format!(
+                "server out of disk space: `{path}` needs {} and the server's data folder has {} free; nothing was changed on the server. Its administrator must free space; then push again",
+                super::human_size(size),
+                super::human_size(free)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `dir`.
+fn fsutil_free_bytes(dir: &std::path::Path) -> Result<u64, Refusal> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(server_err)?;
+    #[allow(unsafe_code)]
+    // SAFETY: all-zero is a valid `statvfs` (plain integers).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    #[allow(unsafe_code)]
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statvfs.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(server_err(std::io::Error::last_os_error()));
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Only permission bits are kept: never set-uid, set-gid or sticky, whatever a client sends.
+fn mask_modes(req: &mut Request) {
+    match req {
+        Request::Put { meta, .. }
+        | Request::Move { meta, .. }
+        | Request::Copy { meta, .. }
+        | Request::SetMeta { meta, .. } => meta.mode &= 0o777,
+        Request::Mkdir { mode, .. } => *mode &= 0o777,
+        _ => {}
+    }
+}
+
+/// A refused or failed upload is still read to its end (so the connection stays in step), but
+/// never more than an upload of its announced size can be: a whole-file stream is its bytes plus
+/// a few per block, a delta or compressed one less.
+fn drain_limit(size: u64) -> u64 {
+    size.min(super::MAX_FILE_SIZE).saturating_add(size / 8).saturating_add(1 << 20)
 }
 
 impl From<MetaError> for Refusal {
@@ -113,16 +240,23 @@ pub async fn serve(
     let device = hello.device.chars().take(64).collect::<String>();
     let dev = device.clone();
     let auth =
-        tokio::task::spawn_blocking(move || -> Result<Option<(Account, Option<String>)>, MetaError> {
-            match token {
-                Some(t) => Ok(sh.meta.authenticate(&t)?.map(|a| (a, None))),
+        tokio::task::spawn_blocking(move || -> Result<Option<(Account, Option<String>, u64)>, MetaError> {
+            let found = match token {
+                Some(t) => sh.meta.authenticate(&t)?.map(|a| (a, None)),
                 None if sh.open_registration => {
                     let mut suffix = [0u8; 3];
                     let _ = getrandom::fill(&mut suffix);
                     let name =
                         format!("{}-{}", if dev.is_empty() { "device" } else { &dev }, hex::encode(suffix));
                     let (a, t) = super::add_account(&sh.meta, &name)?;
-                    Ok(Some((a, Some(t))))
+                    Some((a, Some(t)))
+                }
+                None => None,
+            };
+            match found {
+                Some((a, t)) => {
+                    let seq = sh.meta.seq(a.id)?;
+                    Ok(Some((a, t, seq)))
                 }
                 None => Ok(None),
             }
@@ -130,7 +264,7 @@ pub async fn serve(
         .await
         .map_err(|e| SessionError::Internal(e.to_string()))?
         .map_err(|e| SessionError::Internal(e.to_string()))?;
-    let Some((account, new_token)) = auth else {
+    let Some((account, new_token, seq)) = auth else {
         let msg = if hello.token.is_none() {
             "authentication failed: no token given and this server does not have open registration; create an account with `deltasync account add NAME` on the server"
         } else {
@@ -140,7 +274,13 @@ pub async fn serve(
         return Err(SessionError::Handshake("authentication failed".into()));
     };
     let store = shared.store.account(account.id).map_err(|e| SessionError::Internal(e.to_string()))?;
-    wr.send(&Welcome::Accepted { account: account.name.clone(), new_token }).await?;
+    wr.send(&Welcome::Accepted {
+        account: account.name.clone(),
+        new_token,
+        server_id: shared.server_id,
+        seq,
+    })
+    .await?;
     let mut s = Session {
         staged: Vec::new(),
         staged_bytes: 0,
@@ -185,7 +325,7 @@ impl Session {
                         }
                         continue;
                     }
-                    m = self.rd.recv::<ClientMsg>() => m?,
+                    m = self.rd.recv_within::<ClientMsg>(self.shared.idle_timeout, self.shared.io_timeout) => m?,
                 }
             } else {
                 // Uploads are waiting for their batch: keep batching while the client keeps
@@ -199,12 +339,13 @@ impl Session {
                 }
             };
             let Some(msg) = msg else { return Ok(()) };
-            let (id, req) = match msg {
+            let (id, mut req) = match msg {
                 ClientMsg::Req { id, req } => (id, req),
                 other => {
                     return Err(SessionError::Violation(format!("unexpected {other:?} outside an upload")));
                 }
             };
+            mask_modes(&mut req);
             let result = match req {
                 Request::Put { path, base_rev, hash, size, meta, base } => {
                     if self.staged.iter().any(|s| s.path == path) {
@@ -223,7 +364,7 @@ impl Session {
                     if self.staged.iter().any(|s| s.path == to) {
                         self.flush().await?;
                     }
-                    match self.copy(hash, size, meta).await {
+                    match self.copy(hash, size, &to, to_base_rev, meta).await {
                         Ok(tmp) => {
                             let node = Node::File { hash, size, meta };
                             self.stage(Staged { id, path: to, base_rev: to_base_rev, tmp, node, op: "copy" })
@@ -286,6 +427,7 @@ impl Session {
             account: self.account.id,
             session: self.id,
             device: &self.device,
+            account_name: &self.account.name,
             store: &self.store,
         };
         let results = batch::commit(target, staged).await;
@@ -356,6 +498,7 @@ impl Session {
         base: Option<ContentHash>,
     ) -> Result<Result<TempGuard, Refusal>, SessionError> {
         let (sh, account, store) = (self.shared.clone(), self.account.id, self.store.clone());
+        let name = self.account.name.clone();
         if base.is_none() && size <= SMALL_UPLOAD {
             // A small file arrives in a block or two: take it whole, then check and write it in
             // one trip to the blocking pool instead of one for the check and one for the write.
@@ -374,17 +517,18 @@ impl Session {
                 )));
             }
             let done = tokio::task::spawn_blocking(move || {
-                check_put(&sh.meta, account, &store, &path, base_rev, None)?;
+                check_put(&sh.meta, account, &name, &store, &path, base_rev, None, size)?;
                 reconstruct(&store, None, blocks.into_iter(), size, hash, meta)
             })
             .await;
             return Ok(done.unwrap_or_else(|e| Err(server_err(e))));
         }
         let p = path.clone();
-        let early =
-            tokio::task::spawn_blocking(move || check_put(&sh.meta, account, &store, &p, base_rev, base))
-                .await
-                .unwrap_or_else(|e| Err(server_err(e)));
+        let early = tokio::task::spawn_blocking(move || {
+            check_put(&sh.meta, account, &name, &store, &p, base_rev, base, size)
+        })
+        .await
+        .unwrap_or_else(|e| Err(server_err(e)));
         let (tx, mut rx) = mpsc::channel::<Block>(4);
         let worker = match &early {
             Ok(base_file) => {
@@ -401,11 +545,22 @@ impl Session {
                     )
                 }))
             }
-            Err(_) => None,
+            Err(_) => {
+                // Nobody will receive: sending into a channel no one reads would wait forever.
+                drop(rx);
+                None
+            }
         };
-        // Always read the upload to its end, so the next request on this connection is in step.
-        let mut ended = false;
+        // Always read the upload to its end, so the next request on this connection is in step;
+        // a refused one too, but never more than its announced size allows.
+        let (mut ended, mut got, limit) = (false, 0u64, drain_limit(size));
         while let Some(b) = self.upload_block(id, &mut ended).await? {
+            got = got.saturating_add(b.bytes.len() as u64);
+            if got > limit {
+                return Err(SessionError::Violation(format!(
+                    "upload of `{path}` sent more than {limit} bytes for an announced {size}"
+                )));
+            }
             let _ = tx.send(b).await; // a failed worker stops receiving; keep draining
         }
         drop(tx);
@@ -424,7 +579,9 @@ impl Session {
         if *ended {
             return Ok(None);
         }
-        let (block, last) = match self.rd.recv::<ClientMsg>().await? {
+        // Inside an upload the client sends continuously: silence here is a stall.
+        let stall = self.shared.io_timeout;
+        let (block, last) = match self.rd.recv_within::<ClientMsg>(stall, stall).await? {
             Some(ClientMsg::Data { id: i, block }) if i == id => (block, false),
             Some(ClientMsg::Last { id: i, block }) if i == id => (block, true),
             Some(ClientMsg::End { id: i }) if i == id => {
@@ -448,7 +605,24 @@ impl Session {
     }
 
     /// A server-side copy of content the account already holds, into a temp file.
-    async fn copy(&self, hash: ContentHash, size: u64, meta: Meta) -> Result<TempGuard, Refusal> {
+    async fn copy(
+        &self,
+        hash: ContentHash,
+        size: u64,
+        to: &RelPath,
+        to_base_rev: u64,
+        meta: Meta,
+    ) -> Result<TempGuard, Refusal> {
+        let (to, name, store) = (to.clone(), self.account.name.clone(), self.store.clone());
+        self.db(move |m, a| {
+            Ok((|| -> Result<(), Refusal> {
+                path_fits(&store, &to)?;
+                let cur = m.get(a, &to)?;
+                check_base(&to, &cur, to_base_rev)?;
+                check_room(m, a, &name, &store, &to, size, &cur)
+            })())
+        })
+        .await??;
         let src = self.db(move |m, a| m.find_by_hash(a, &hash)).await?;
         let Some(src) = src else {
             return Err(Refusal::new(
@@ -459,10 +633,10 @@ impl Session {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || -> Result<TempGuard, Refusal> {
             let mut from = store.open(&src)?;
-            let (mut f, t) = store.new_temp()?;
+            let (f, t) = store.new_temp()?;
             let g = TempGuard::new(t);
-            std::io::copy(&mut from, &mut f)?;
-            drop(f);
+            // Never more than announced, whatever the source has become.
+            std::io::copy(&mut std::io::Read::take(&mut from, size.saturating_add(1)), &mut { f })?;
             let (h, n) = ContentHash::of_file(g.path())?;
             if h != hash || n != size {
                 return Err(Refusal::new(RefusalKind::NotFound, "the server's copy changed; upload it"));
@@ -478,6 +652,13 @@ impl Session {
     /// Requests that change metadata or the tree without content (mkdir, symlink, delete, move,
     /// set-meta), under the account's commit lock.
     async fn simple(&self, req: Request) -> Result<Reply, Refusal> {
+        match &req {
+            Request::Mkdir { path, .. } | Request::Symlink { path, .. } | Request::SetMeta { path, .. } => {
+                path_fits(&self.store, path)?
+            }
+            Request::Move { to, .. } => path_fits(&self.store, to)?,
+            _ => {}
+        }
         let lock = self.shared.commit_lock(self.account.id);
         let _held = lock.lock().await;
         let store = self.store.clone();
@@ -680,17 +861,22 @@ async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(
 
 /// The checks of an upload that need the database (blocking): its base revision, no non-empty
 /// directory in the way, and for a delta the base version, whose file, hash and size it returns.
+#[allow(clippy::too_many_arguments)]
 fn check_put(
     meta: &Metadata,
     account: AccountId,
+    name: &str,
     store: &AccountStore,
     path: &RelPath,
     base_rev: u64,
     base: Option<ContentHash>,
+    size: u64,
 ) -> Result<Option<(std::path::PathBuf, ContentHash, u64)>, Refusal> {
+    path_fits(store, path)?;
     let cur = meta.get(account, path)?;
     check_base(path, &cur, base_rev)?;
     replaceable(meta, account, path, &cur)?;
+    check_room(meta, account, name, store, path, size, &cur)?;
     match base {
         None => Ok(None),
         Some(h) => match cur.and_then(|e| e.node) {
@@ -760,7 +946,11 @@ fn reconstruct(
         Applier::new(&base_map, BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file)), size)
             .with_signature(store.sigs.builder_for(&hash, size), base_sig);
     for b in blocks {
-        ap.block(&b).map_err(|e| Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")))?;
+        ap.block(&b).map_err(|e| match e {
+            // Writing the temp file failed (a full disk): the server's fault, not the data's.
+            delta::DeltaError::Io(e) => server_err(e),
+            e => Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")),
+        })?;
         // Copies read the base wherever they point; drop what they touched so memory stays flat.
         base_map.release_all();
     }

@@ -13,5 +13,6 @@ mod model;
 mod push_pull;
 mod regression;
 mod security;
+mod server_faults;
 mod util;
 mod watch;

@@ -783,3 +783,62 @@ mod self_tests {
         assert_eq!(random_bytes(4, 13).len(), 13);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Servers with a chosen data folder or environment (server_faults.rs)
+
+/// Starts `deltasync serve` on `data` (any folder, e.g. a small mounted file system) with extra
+/// environment variables; its log and temp root are a fresh temp folder.
+pub fn start_server_with(data: Option<&Path>, envs: &[(&str, &str)]) -> Server {
+    let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
+    let root = tmp.path().to_path_buf();
+    let data = data.map_or_else(|| root.join("data"), Path::to_path_buf);
+    let log = fs::OpenOptions::new().create(true).append(true).open(root.join("server.log")).expect("log");
+    let mut child = command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn deltasync serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some((_, rest)) = line.split_once("listening on ") {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(a) => a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a:?}: {e}")),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server did not print its address within 30 s; log:\n{}", read_log(&root));
+        }
+    };
+    Server { child: Some(child), addr, data, root, tmp: Some(tmp) }
+}
+
+impl Server {
+    /// Sends SIGINT (Ctrl-C) to the server and waits up to `deadline` for it to exit; its exit
+    /// status, or `None` if it was still running (then it is killed).
+    pub fn interrupt(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+}

@@ -1,0 +1,736 @@
+//! The server under faults (issue 9): refused uploads that keep streaming, modes that are not
+//! permissions, uploads that announce more than an account or a disk may hold, paths the server's
+//! OS cannot store, peers that stall mid-frame, the handshake's server identity, and a full disk.
+//! Every test runs the real `deltasync serve`.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use deltasync::delta::{Block, Codec};
+use deltasync::hash::ContentHash;
+use deltasync::path::RelPath;
+use deltasync::protocol::{
+    ClientMsg, FrameReader, FrameWriter, Hello, MAGIC, Meta, Node, PROTOCOL_VERSION, Refusal, RefusalKind,
+    Reply, Request, ServerMsg, Welcome, split,
+};
+
+use crate::util::*;
+
+const META: Meta = Meta { mtime_ns: 1_600_000_000_000_000_000, mode: 0o644 };
+
+/// An answer, or what happened instead.
+#[derive(Debug)]
+enum Answer {
+    Reply(Reply),
+    Refused(Refusal),
+    Closed,
+}
+
+async fn connect(addr: std::net::SocketAddr, token: &str) -> (FrameReader, FrameWriter) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr, _) = split(stream);
+    let hello =
+        Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
+    wr.send(&hello).await.expect("send hello");
+    match rd.recv::<Welcome>().await.expect("welcome") {
+        Some(Welcome::Accepted { .. }) => (rd, wr),
+        other => panic!("handshake refused: {other:?}"),
+    }
+}
+
+/// Sends `msgs` and reads the answer to request `id`; panics if none comes within 60 s (the
+/// server hung).
+async fn ask(
+    rd: &mut FrameReader,
+    wr: &mut FrameWriter,
+    id: u64,
+    msgs: Vec<ClientMsg>,
+    what: &str,
+) -> Answer {
+    let exchange = async {
+        for m in &msgs {
+            if wr.feed(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.flush().await;
+        loop {
+            return match rd.recv::<ServerMsg>().await {
+                Ok(Some(ServerMsg::Resp { id: i, result })) if i == id => match result {
+                    Ok(r) => Answer::Reply(r),
+                    Err(r) => Answer::Refused(r),
+                },
+                Ok(Some(ServerMsg::Notify { .. })) => continue,
+                Ok(Some(other)) => panic!("{what}: unexpected {other:?}"),
+                Ok(None) | Err(_) => Answer::Closed,
+            };
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer from the server within 60 s (hung)"))
+}
+
+/// A Ping on this connection is answered.
+async fn assert_serves(rd: &mut FrameReader, wr: &mut FrameWriter, id: u64, what: &str) {
+    match ask(rd, wr, id, vec![ClientMsg::Req { id, req: Request::Ping }], what).await {
+        Answer::Reply(Reply::Ok) => {}
+        other => panic!("{what}: a Ping got {other:?}"),
+    }
+}
+
+/// An op stream of literal ops carrying `data` (`1 varint(len) bytes`).
+fn literal(data: &[u8]) -> Block {
+    let mut bytes = vec![1u8];
+    varint(&mut bytes, data.len() as u64);
+    bytes.extend_from_slice(data);
+    Block { codec: Codec::Raw, bytes }
+}
+
+/// `n` copy ops of the base's first `len` bytes (`0 varint(offset) varint(len)`).
+fn copies(n: usize, len: u64) -> Block {
+    let mut bytes = Vec::new();
+    for _ in 0..n {
+        bytes.extend_from_slice(&[0, 0]);
+        varint(&mut bytes, len);
+    }
+    Block { codec: Codec::Raw, bytes }
+}
+
+fn varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn rel(s: &str) -> RelPath {
+    RelPath::new(s).expect("valid path")
+}
+
+fn put(id: u64, path: &str, base_rev: u64, data: &[u8], mode: u32) -> Vec<ClientMsg> {
+    let req = Request::Put {
+        path: rel(path),
+        base_rev,
+        hash: ContentHash::of(data),
+        size: data.len() as u64,
+        meta: Meta { mode, ..META },
+        base: None,
+    };
+    vec![ClientMsg::Req { id, req }, ClientMsg::Last { id, block: literal(data) }]
+}
+
+fn committed(a: Answer, what: &str) -> u64 {
+    match a {
+        Answer::Reply(Reply::Committed { rev }) => rev,
+        other => panic!("{what}: expected Committed, got {other:?}"),
+    }
+}
+
+fn refused(a: Answer, what: &str) -> Refusal {
+    match a {
+        Answer::Refused(r) => r,
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+fn files_dir(srv: &Server) -> PathBuf {
+    srv.account_dirs()[0].join("files")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Session deadlock
+
+/// Two computers push conflicting edits of a 12 MiB file: the second upload is stale, refused
+/// before its data is read. The server must still read its 12 blocks, answer `Stale`, and go on
+/// serving the connection (it used to stop reading after 4 blocks and never answer).
+#[tokio::test]
+async fn session_deadlock_stale_upload_of_many_blocks_is_refused_and_session_keeps_serving() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let data = random_bytes(1, 12 << 20);
+    let req = Request::Put {
+        path: rel("big.bin"),
+        base_rev: 5, // the path is at rev 0: stale
+        hash: ContentHash::of(&data),
+        size: data.len() as u64,
+        meta: META,
+        base: None,
+    };
+    let mut msgs = vec![ClientMsg::Req { id: 1, req }];
+    for chunk in data.chunks(1 << 20) {
+        msgs.push(ClientMsg::Data { id: 1, block: literal(chunk) });
+    }
+    msgs.push(ClientMsg::End { id: 1 });
+    let r = refused(ask(&mut rd, &mut wr, 1, msgs, "a stale 12-block upload").await, "a stale upload");
+    assert_eq!(r.kind, RefusalKind::Stale, "{r:?}");
+    assert_serves(&mut rd, &mut wr, 2, "after the stale upload").await;
+    // The same with a delta upload whose base the server does not hold.
+    let req = Request::Put {
+        path: rel("big.bin"),
+        base_rev: 0,
+        hash: ContentHash::of(&data),
+        size: data.len() as u64,
+        meta: META,
+        base: Some(ContentHash::of(b"not there")),
+    };
+    let mut msgs = vec![ClientMsg::Req { id: 3, req }];
+    for chunk in data.chunks(1 << 20) {
+        msgs.push(ClientMsg::Data { id: 3, block: literal(chunk) });
+    }
+    msgs.push(ClientMsg::End { id: 3 });
+    let r = refused(ask(&mut rd, &mut wr, 3, msgs, "a delta upload without base").await, "no base");
+    assert_eq!(r.kind, RefusalKind::NotFound, "{r:?}");
+    assert_serves(&mut rd, &mut wr, 4, "after the refused delta upload").await;
+    assert!(list_tree(&files_dir(&srv)).is_empty(), "a refused upload landed");
+    assert!(srv.temp_files().is_empty(), "temp files left: {:?}", srv.temp_files());
+}
+
+/// A refused upload that sends far more than its announced size is not drained forever: the
+/// session is closed, and the server keeps serving others.
+#[tokio::test]
+async fn session_deadlock_refused_upload_is_drained_only_to_its_announced_size() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let block = literal(&random_bytes(2, 1 << 20));
+    let req = Request::Put {
+        path: rel("liar.bin"),
+        base_rev: 9,
+        hash: ContentHash::of(b"x"),
+        size: 128 << 10,
+        meta: META,
+        base: Some(ContentHash::of(b"x")),
+    };
+    let mut msgs = vec![ClientMsg::Req { id: 1, req }];
+    msgs.extend((0..32).map(|_| ClientMsg::Data { id: 1, block: block.clone() }));
+    msgs.push(ClientMsg::End { id: 1 });
+    match ask(&mut rd, &mut wr, 1, msgs, "an upload 256 times longer than announced").await {
+        Answer::Closed => {}
+        other => panic!("the server kept reading an upload far longer than announced: {other:?}"),
+    }
+    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    assert_serves(&mut rd, &mut wr, 1, "another connection").await;
+}
+
+/// Ctrl-C stops the server although a session is stuck in the middle of an upload whose client
+/// went silent (the default 60 s stall timeout has not passed).
+#[test]
+fn session_deadlock_ctrl_c_stops_the_server_despite_a_stuck_session() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let mut stuck = handshake_std(&srv, &token);
+    let data = random_bytes(13, 12 << 20);
+    let req = Request::Put {
+        path: rel("big.bin"),
+        base_rev: 5,
+        hash: ContentHash::of(&data),
+        size: data.len() as u64,
+        meta: META,
+        base: None,
+    };
+    let mut bytes = frame_of(&ClientMsg::Req { id: 1, req });
+    for c in data.chunks(1 << 20).take(6) {
+        bytes.extend(frame_of(&ClientMsg::Data { id: 1, block: literal(c) }));
+    }
+    stuck.write_all(&bytes).expect("start of an upload");
+    // The server has started on the upload (or is stuck in it); now stop it.
+    std::thread::sleep(Duration::from_millis(500));
+    let st = srv.interrupt(Duration::from_secs(40));
+    let st = st.unwrap_or_else(|| panic!("the server ignored Ctrl-C for 40 s; log:\n{}", srv.log()));
+    assert!(st.success(), "the server exited with {st} after Ctrl-C; log:\n{}", srv.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Mode bits
+
+#[tokio::test]
+async fn mode_bits_outside_permissions_are_never_stored_or_applied() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let small = b"#!/bin/sh\necho hi\n".to_vec();
+    let big = random_bytes(3, 200 << 10); // the streamed (not held in memory) upload path
+    let cases: [(&str, &[u8], u32); 4] = [
+        ("suid.sh", &small, 0o4755),
+        ("all.sh", &small, 0xFFFF_FFFF),
+        ("suid-big.bin", &big, 0o6755),
+        ("all-big.bin", &big, 0xFFFF_FFFF),
+    ];
+    let mut id = 0;
+    for (name, data, mode) in cases {
+        id += 1;
+        let mut msgs = put(id, name, 0, data, mode);
+        if data.len() > 64 << 10 {
+            // Send the big one in 64 KiB blocks.
+            msgs.truncate(1);
+            for c in data.chunks(64 << 10) {
+                msgs.push(ClientMsg::Data { id, block: literal(c) });
+            }
+            msgs.push(ClientMsg::End { id });
+        }
+        committed(ask(&mut rd, &mut wr, id, msgs, name).await, name);
+    }
+    id += 1;
+    let mkdir = Request::Mkdir { path: rel("dir"), base_rev: 0, mode: 0xFFFF_FFFF };
+    committed(ask(&mut rd, &mut wr, id, vec![ClientMsg::Req { id, req: mkdir }], "mkdir").await, "mkdir");
+    // SetMeta on an existing file, then a Copy and a Move with set-uid modes.
+    id += 1;
+    let rev =
+        match ask(&mut rd, &mut wr, id, vec![ClientMsg::Req { id, req: Request::Changes { since: 0 } }], "c")
+            .await
+        {
+            Answer::Reply(Reply::Changes { entries, .. }) => {
+                entries.iter().find(|e| e.path.as_str() == "suid.sh").map(|e| e.rev).expect("suid.sh listed")
+            }
+            other => panic!("changes: {other:?}"),
+        };
+    id += 1;
+    let set = Request::SetMeta { path: rel("suid.sh"), base_rev: rev, meta: Meta { mode: 0o7777, ..META } };
+    let rev =
+        committed(ask(&mut rd, &mut wr, id, vec![ClientMsg::Req { id, req: set }], "setmeta").await, "sm");
+    id += 1;
+    let copy = Request::Copy {
+        hash: ContentHash::of(&small),
+        size: small.len() as u64,
+        to: rel("copy.sh"),
+        to_base_rev: 0,
+        meta: Meta { mode: 0o4777, ..META },
+    };
+    committed(ask(&mut rd, &mut wr, id, vec![ClientMsg::Req { id, req: copy }], "copy").await, "copy");
+    id += 1;
+    let mv = Request::Move {
+        from: rel("suid.sh"),
+        from_rev: rev,
+        to: rel("moved.sh"),
+        to_base_rev: 0,
+        meta: Meta { mode: 0o2755, ..META },
+    };
+    committed(ask(&mut rd, &mut wr, id, vec![ClientMsg::Req { id, req: mv }], "move").await, "move");
+
+    // What the server records...
+    id += 1;
+    let entries =
+        match ask(&mut rd, &mut wr, id, vec![ClientMsg::Req { id, req: Request::Changes { since: 0 } }], "c")
+            .await
+        {
+            Answer::Reply(Reply::Changes { entries, .. }) => entries,
+            other => panic!("changes: {other:?}"),
+        };
+    let mut live = 0;
+    for e in &entries {
+        let mode = match &e.node {
+            Some(Node::File { meta, .. }) => meta.mode,
+            Some(Node::Dir { mode }) => *mode,
+            _ => continue,
+        };
+        live += 1;
+        assert_eq!(mode & !0o777, 0, "`{}` is recorded with mode {mode:o}", e.path);
+    }
+    assert_eq!(live, 6, "{entries:?}");
+    // ...and what it holds on its disk.
+    let files = files_dir(&srv);
+    for name in ["moved.sh", "all.sh", "suid-big.bin", "all-big.bin", "copy.sh", "dir"] {
+        let mode = std::fs::symlink_metadata(files.join(name)).expect("stored").mode();
+        assert_eq!(mode & 0o7000, 0, "`{name}` is stored on the server's disk with mode {mode:o}");
+    }
+    let mode = std::fs::metadata(files.join("all.sh")).expect("stored").mode();
+    assert_eq!(mode & 0o777, 0o777, "the permission bits themselves are kept");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Bounds per account
+
+/// A delta upload whose copy ops would write far more than the disk holds (16 TiB from a 64 KiB
+/// base) is refused before anything is written, and one that announces more than any file may
+/// have is refused as invalid.
+#[tokio::test]
+async fn bounds_per_account_huge_announcements_are_refused_before_writing() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let base = random_bytes(4, 64 << 10);
+    let mut msgs = put(1, "base.bin", 0, &base, 0o644);
+    msgs.truncate(1);
+    msgs.push(ClientMsg::Data { id: 1, block: literal(&base) });
+    msgs.push(ClientMsg::End { id: 1 });
+    let rev = committed(ask(&mut rd, &mut wr, 1, msgs, "base").await, "base");
+    let huge = |id, size: u64| {
+        let req = Request::Put {
+            path: rel("base.bin"),
+            base_rev: rev,
+            hash: ContentHash::of(b"whatever"),
+            size,
+            meta: META,
+            base: Some(ContentHash::of(&base)),
+        };
+        let mut m = vec![ClientMsg::Req { id, req }];
+        // 64 MiB of copies per round: enough to see a temp file grow if nothing stopped it.
+        m.extend((0..4).map(|_| ClientMsg::Data { id, block: copies(256, 64 << 10) }));
+        m.push(ClientMsg::End { id });
+        m
+    };
+    let r = refused(ask(&mut rd, &mut wr, 2, huge(2, 16 << 40), "16 TiB of copies").await, "16 TiB");
+    assert!(r.message.contains("server out of disk space"), "{r:?}");
+    let r = refused(ask(&mut rd, &mut wr, 3, huge(3, 1 << 62), "4 EiB").await, "4 EiB");
+    assert_eq!(r.kind, RefusalKind::Invalid, "{r:?}");
+    assert!(r.message.contains("more than the 16 TiB a file on this server may have"), "{r:?}");
+    assert_serves(&mut rd, &mut wr, 4, "after the refusals").await;
+    assert!(srv.temp_files().is_empty(), "temp files left: {:?}", srv.temp_files());
+    assert_eq!(read(&files_dir(&srv).join("base.bin")), base);
+}
+
+/// `account quota` limits what an account may hold: a push past it fails with a message naming
+/// the quota and the usage, `account list` shows both, and raising the quota lets the next push
+/// converge.
+#[test]
+fn bounds_per_account_quota_refuses_uploads_past_it() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let quota =
+        |size: &str| run(command().args(["account", "quota", "alice", size, "--data"]).arg(&srv.data));
+    quota("1M").ok("account quota");
+    let bad = quota("12X");
+    assert!(!bad.success() && bad.stderr.contains("is not a size"), "{}", bad.dump());
+    let nobody = run(command().args(["account", "quota", "nobody", "1G", "--data"]).arg(&srv.data));
+    assert!(!nobody.success() && nobody.stderr.contains("no account named `nobody`"), "{}", nobody.dump());
+
+    let dir = temp_dir("ds-quota-");
+    write(&dir.path().join("a.bin"), random_bytes(5, 600 << 10));
+    write(&dir.path().join("small/b.txt"), "fits\n");
+    push(dir.path(), &srv, &token);
+    // Two more files that each fit alone but not together, and one far too big: one push.
+    write(&dir.path().join("c.bin"), random_bytes(6, 200 << 10));
+    write(&dir.path().join("d.bin"), random_bytes(7, 200 << 10));
+    write(&dir.path().join("e.bin"), random_bytes(8, 2 << 20));
+    let out = sync_cmd("push", dir.path(), &srv, &token, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.dump());
+    assert!(
+        out.stderr.contains("account alice is over its quota")
+            && out.stderr.contains("of 1 MiB")
+            && out.stderr.contains("`deltasync account quota alice SIZE`"),
+        "{}",
+        out.dump()
+    );
+    let list = run(command().args(["account", "list", "--data"]).arg(&srv.data)).ok("account list");
+    assert!(list.stdout.contains("quota 1 MiB"), "{}", list.dump());
+    let used: u64 = list
+        .stdout
+        .lines()
+        .find_map(|l| l.split_once(" used (")?.1.split_once(" bytes")?.0.parse().ok())
+        .unwrap_or_else(|| panic!("no usage in {}", list.dump()));
+    assert!(used <= 1 << 20, "alice holds {used} bytes over a 1 MiB quota");
+    assert!(used >= (600 << 10) + (200 << 10), "usage {used} misses files: {}", list.dump());
+    // The first line of each account keeps its format (`NAME\tN changes`).
+    assert!(account_changes(&srv.data, "alice") >= 3);
+
+    quota("none").ok("account quota none");
+    push(dir.path(), &srv, &token);
+    let check = temp_dir("ds-quota-check-");
+    pull(check.path(), &srv, &token);
+    assert_same_tree(dir.path(), check.path());
+    let list = run(command().args(["account", "list", "--data"]).arg(&srv.data)).ok("account list");
+    assert!(list.stdout.contains("no quota"), "{}", list.dump());
+    let want = (600u64 << 10) + 5 + (400 << 10) + (2 << 20);
+    assert!(list.stdout.contains(&format!("({want} bytes)")), "expected {want} bytes used: {}", list.dump());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Path length
+
+/// A path the protocol allows (≤ 4096 bytes) but the server's OS cannot store once its data
+/// folder is put in front is refused with a message saying so, and nothing is created.
+#[tokio::test]
+async fn path_length_too_long_for_the_server_is_refused_cleanly() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    committed(ask(&mut rd, &mut wr, 1, put(1, "ok.txt", 0, b"fine\n", 0o644), "ok").await, "ok");
+    let files = files_dir(&srv);
+    let room = 4095 - (files.as_os_str().len() + 1);
+    // Components of up to 250 bytes making a path just over the server's room (within 4096).
+    let target = room + 10;
+    let mut p = String::new();
+    let mut i = 0u8;
+    while p.len() < target {
+        if !p.is_empty() {
+            p.push('/');
+        }
+        let n = (target - p.len()).min(250);
+        p.push_str(&((b'a' + i % 26) as char).to_string().repeat(n));
+        i += 1;
+    }
+    assert!(p.len() <= 4096, "the test's path is too long for RelPath: {}", p.len());
+    let file = format!("{}/f", &p[..p.len() - 2]);
+    let cases = vec![
+        ("Put", put(2, &file, 0, b"deep\n", 0o644)),
+        (
+            "Mkdir",
+            vec![ClientMsg::Req { id: 2, req: Request::Mkdir { path: rel(&p), base_rev: 0, mode: 0o755 } }],
+        ),
+        (
+            "Symlink",
+            vec![ClientMsg::Req {
+                id: 2,
+                req: Request::Symlink { path: rel(&p), base_rev: 0, target: "x".into() },
+            }],
+        ),
+        (
+            "Copy",
+            vec![ClientMsg::Req {
+                id: 2,
+                req: Request::Copy {
+                    hash: ContentHash::of(b"fine\n"),
+                    size: 5,
+                    to: rel(&file),
+                    to_base_rev: 0,
+                    meta: META,
+                },
+            }],
+        ),
+    ];
+    for (what, msgs) in cases {
+        let r = refused(ask(&mut rd, &mut wr, 2, msgs, what).await, what);
+        assert_eq!(r.kind, RefusalKind::Invalid, "{what}: {r:?}");
+        assert!(
+            r.message.contains("path is too long for this server")
+                && r.message.contains(&format!("at most {room} bytes")),
+            "{what}: {r:?}"
+        );
+        assert_serves(&mut rd, &mut wr, 3, what).await;
+    }
+    assert_eq!(list_tree(&files), ["ok.txt"], "a refused path left something behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Stalls and timeouts
+
+/// Handshake over a blocking socket.
+fn handshake_std(srv: &Server, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(srv.addr).expect("connect");
+    let hello =
+        Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
+    let body = postcard::to_allocvec(&hello).expect("encode");
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&body);
+    s.write_all(&f).expect("send hello");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("welcome length");
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut payload).expect("welcome");
+    match postcard::from_bytes::<Welcome>(&payload) {
+        Ok(Welcome::Accepted { .. }) => s,
+        other => panic!("handshake refused: {other:?}"),
+    }
+}
+
+fn frame_of(msg: &ClientMsg) -> Vec<u8> {
+    let body = postcard::to_allocvec(msg).expect("encode");
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+/// Waits until the server closes `s`; panics after `deadline`.
+fn wait_closed(s: &mut TcpStream, deadline: Duration, what: &str) {
+    let end = Instant::now() + deadline;
+    s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                assert!(
+                    Instant::now() <= end,
+                    "{what}: the server kept the connection open for {deadline:?}"
+                );
+            }
+            Err(_) => return, // reset: closed too
+        }
+    }
+}
+
+/// With `DELTASYNC_IO_TIMEOUT_SECS=2`: half a frame then silence, or an upload that stops
+/// between its blocks, is closed; meanwhile other sessions are served, and a connection idle
+/// between frames for longer than that stays open.
+#[test]
+fn stalls_and_timeouts_half_a_frame_closes_the_session_only() {
+    let srv = start_server_with(None, &[("DELTASYNC_IO_TIMEOUT_SECS", "2")]);
+    let token = add_account(&srv.data, "alice");
+    let idle = handshake_std(&srv, &token);
+
+    let mut half = handshake_std(&srv, &token);
+    let ping = frame_of(&ClientMsg::Req { id: 1, req: Request::Ping });
+    let big = frame_of(&ClientMsg::Data { id: 1, block: literal(&random_bytes(9, 4096)) });
+    half.write_all(&big[..big.len() / 2]).expect("half a frame");
+
+    let mut mid_upload = handshake_std(&srv, &token);
+    let data = random_bytes(10, 1 << 20);
+    let mut start = frame_of(&put(1, "stalled.bin", 0, &data, 0o644)[0]);
+    start.extend(frame_of(&ClientMsg::Data { id: 1, block: literal(&data[..4096]) }));
+    mid_upload.write_all(&start).expect("start of an upload");
+
+    // Other sessions work meanwhile.
+    let dir = temp_dir("ds-stall-");
+    write(&dir.path().join("x.txt"), "served\n");
+    push(dir.path(), &srv, &token);
+
+    wait_closed(&mut half, Duration::from_secs(60), "half a frame");
+    wait_closed(&mut mid_upload, Duration::from_secs(60), "an upload stalled between blocks");
+    assert!(srv.temp_files().is_empty(), "the stalled upload left {:?}", srv.temp_files());
+
+    // The idle connection (longer than the 2 s stall timeout by now) still answers a Ping.
+    let mut idle = idle;
+    std::thread::sleep(Duration::from_secs(3));
+    idle.write_all(&ping).expect("ping on the idle connection");
+    idle.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut len = [0u8; 4];
+    idle.read_exact(&mut len).expect("the idle connection was closed");
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    idle.read_exact(&mut payload).expect("reply");
+    match postcard::from_bytes::<ServerMsg>(&payload) {
+        Ok(ServerMsg::Resp { id: 1, result: Ok(Reply::Ok) }) => {}
+        other => panic!("the idle connection's Ping got {other:?}"),
+    }
+    let check = temp_dir("ds-stall-check-");
+    pull(check.path(), &srv, &token);
+    assert_eq!(list_tree(check.path()), ["x.txt"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Server identity and journal position in the handshake
+
+#[tokio::test]
+async fn handshake_carries_server_identity_and_journal_position() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let c1 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
+    assert_ne!(c1.server_id, [0u8; 16]);
+    assert_eq!(c1.server_seq, 0);
+    let first_id = c1.server_id;
+    drop(c1);
+    let (srv, token) = tokio::task::spawn_blocking(move || {
+        let dir = temp_dir("ds-id-");
+        write(&dir.path().join("a.txt"), "a\n");
+        write(&dir.path().join("b/c.txt"), "c\n");
+        push(dir.path(), &srv, &token);
+        (srv.restart(), token)
+    })
+    .await
+    .expect("push");
+    let changes = account_changes(&srv.data, "alice");
+    let c2 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
+    assert_eq!(c2.server_seq, changes, "the handshake's seq is not the account's journal position");
+    assert!(c2.server_seq >= 3);
+    assert_eq!(c2.server_id, first_id, "the server's identity changed across a restart");
+    let other = start_server();
+    let token2 = add_account(&other.data, "alice");
+    let c3 = deltasync::client::Client::connect(&other.address(), Some(&token2), "t").await.expect("connect");
+    assert_ne!(c3.server_id, c2.server_id, "two data folders share an identity");
+    let c4 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
+    assert_eq!(c4.server_id, c2.server_id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Server full disk
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn server_full_disk_is_reported_and_the_next_push_converges() {
+    if euid() != 0 {
+        println!("skipped: mounting a small tmpfs for the server's data folder needs root");
+        return;
+    }
+    let holder = temp_dir("ds-full-");
+    let mnt = holder.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mount point");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount -t tmpfs failed although we are root: {st}");
+    let _guard = Mount(mnt.clone());
+    let data = mnt.join("data");
+    let srv = start_server_with(Some(&data), &[]);
+    let alice = add_account(&srv.data, "alice");
+    let bob = add_account(&srv.data, "bob");
+    let bob_dir = temp_dir("ds-full-bob-");
+    write(&bob_dir.path().join("bob.txt"), "bob's file\n");
+    push(bob_dir.path(), &srv, &bob);
+    let dir = temp_dir("ds-full-alice-");
+    write(&dir.path().join("first.txt"), "before the disk filled\n");
+    push(dir.path(), &srv, &alice);
+
+    // Fill the disk but about 1 MiB, then push two 1.5 MiB files and an edit.
+    let filler = mnt.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0xA5u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let len = std::fs::metadata(&filler).expect("filler").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .and_then(|f| f.set_len(len.saturating_sub(1 << 20)))
+        .expect("shrink filler");
+    write(&dir.path().join("a.bin"), random_bytes(11, 1536 << 10));
+    write(&dir.path().join("b.bin"), random_bytes(12, 1536 << 10));
+    write(&dir.path().join("first.txt"), "edited while the disk was full\n");
+    let out = sync_cmd("push", dir.path(), &srv, &alice, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.dump());
+    assert!(out.stderr.contains("server out of disk space"), "{}", out.dump());
+    assert!(srv.temp_files().is_empty(), "temp files left on the full disk: {:?}", srv.temp_files());
+    // Nothing torn: whatever alice's folder on the server holds is a whole version.
+    let files = srv.account_dirs()[0].join("files");
+    for name in list_tree(&files) {
+        let got = read(&files.join(&name));
+        let want = read(&dir.path().join(&name));
+        let old = b"before the disk filled\n".to_vec();
+        assert!(got == want || (name == "first.txt" && got == old), "`{name}` is torn on the server");
+    }
+    // Other accounts keep working.
+    let bob_check = temp_dir("ds-full-bob-check-");
+    pull(bob_check.path(), &srv, &bob);
+    assert_same_tree(bob_dir.path(), bob_check.path());
+
+    std::fs::remove_file(&filler).expect("free space");
+    push(dir.path(), &srv, &alice);
+    let check = temp_dir("ds-full-check-");
+    pull(check.path(), &srv, &alice);
+    assert_same_tree(dir.path(), check.path());
+    drop(srv);
+}
+
+fn euid() -> u32 {
+    // `id -u` instead of libc, so the tests need no unsafe code.
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
