@@ -33,8 +33,8 @@ use crate::client::{Client, ClientError};
 use crate::delta::SigCache;
 use crate::path::{RelPath, STATE_DIR};
 use crate::progress::Progress;
-use crate::protocol::Node;
-use index::{Batch, Index, IndexError};
+use crate::protocol::{Entry, Node};
+use index::{Batch, Index, IndexError, Synced};
 use plan::Action;
 use report::Report;
 
@@ -139,7 +139,7 @@ impl Folder {
 
     /// Connects and, only once the server accepted, remembers server, token and account.
     pub async fn connect(&mut self, s: &Settings, progress: &Progress) -> Result<Client, SyncError> {
-        let client = Client::connect(&s.server, s.token.as_deref(), &s.device).await?;
+        let mut client = Client::connect(&s.server, s.token.as_deref(), &s.device).await?;
         let token = client.new_token.clone().or_else(|| s.token.clone());
         if let Some(t) = &client.new_token {
             progress.say(&format!("Created a new account `{}` on {}.", client.account, s.server));
@@ -148,9 +148,28 @@ impl Folder {
                 s.server
             );
         }
+        let server_id = hex::encode(client.server_id);
         if self.index.setting("account")?.as_deref() != Some(client.account.as_str()) {
             self.index.forget_server_state()?;
+        } else if self.index.setting("server_id")?.is_some_and(|known| known != server_id) {
+            progress.say(&format!(
+                "note: the server at {} is not the one this folder last synced with (its identity changed: a new \
+                 or replaced data folder); re-checking every path (nothing is deleted, differing versions are \
+                 kept as conflict copies)",
+                s.server
+            ));
+            self.index.forget_server_state()?;
+        } else if let Ok(seen) = self.index.last_seq()
+            && client.server_seq < seen
+        {
+            progress.say(&format!(
+                "note: the server's journal went backwards (it is at change {}, this folder had seen {seen}: \
+                 restored from an older backup?); putting back what it lost from this computer",
+                client.server_seq
+            ));
+            self.rewind(&mut client).await?;
         }
+        self.index.set_setting("server_id", &server_id)?;
         self.index.set_setting("server", &s.server)?;
         if let Some(t) = token {
             self.index.set_setting("token", &t)?;
@@ -158,6 +177,33 @@ impl Folder {
         self.index.set_setting("account", &client.account)?;
         self.index.set_setting("device", &s.device)?;
         Ok(client)
+    }
+
+    /// The server's journal went back to `client.server_seq` (a restore from a backup): its
+    /// history up to there is the one this folder saw, and everything after it is lost. Every
+    /// base agreed after that point goes back to what the server holds now (or is dropped where
+    /// it holds nothing), so the next round uploads this computer's later versions and deletes
+    /// again as its own changes: no conflicts with itself, nothing deleted here.
+    async fn rewind(&mut self, client: &mut Client) -> Result<(), SyncError> {
+        let kept = client.server_seq;
+        let (entries, seq) = client.changes(0).await?;
+        let now: BTreeMap<RelPath, Entry> = entries.iter().map(|e| (e.path.clone(), e.clone())).collect();
+        let synced = match self.index.synced() {
+            Ok(s) => s,
+            // A damaged index is rebuilt by the round anyway.
+            Err(IndexError::Damaged { .. }) => return Ok(self.index.forget_server_state()?),
+            Err(e) => return Err(e.into()),
+        };
+        let mut batch =
+            Batch { remote: entries, replace_remote: true, last_seq: Some(seq), ..Default::default() };
+        for (p, _) in synced.into_iter().filter(|(_, b)| b.rev > kept) {
+            match now.get(&p) {
+                Some(e) => batch.synced.push((p, Synced { rev: e.rev, node: e.node.clone() })),
+                None => batch.forget.push(p),
+            }
+        }
+        self.index.apply(&batch)?;
+        Ok(())
     }
 
     /// One round over an open connection.

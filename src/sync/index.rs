@@ -301,6 +301,10 @@ impl Index {
     /// Applies a batch of changes in one transaction.
     pub fn apply(&mut self, batch: &Batch) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
+        if batch.replace_remote {
+            tx.execute("DELETE FROM remote", [])?;
+            tx.execute("DELETE FROM intents", [])?;
+        }
         {
             let mut put_remote = tx.prepare_cached(
                 "INSERT OR REPLACE INTO remote (path, rev, device, kind, hash, size, mtime_ns, mode, target)
@@ -351,6 +355,8 @@ pub struct Batch {
     pub synced: Vec<(RelPath, Synced)>,
     /// Paths whose base is dropped (neither side has them any more).
     pub forget: Vec<RelPath>,
+    /// `remote` is the server's whole state: what the index held of it before goes.
+    pub replace_remote: bool,
     pub last_seq: Option<u64>,
 }
 

@@ -173,7 +173,12 @@ fn fake_server(behave: impl FnOnce(TcpStream) + Send + 'static) -> String {
     std::thread::spawn(move || {
         let Ok((mut s, _)) = l.accept() else { return };
         let Some(_hello) = recv::<Hello>(&mut s) else { return };
-        if send(&mut s, &Welcome::Accepted { account: "fake".into(), new_token: None }).is_ok() {
+        if send(
+            &mut s,
+            &Welcome::Accepted { account: "fake".into(), new_token: None, server_id: [7; 16], seq: 0 },
+        )
+        .is_ok()
+        {
             behave(s);
         }
     });

@@ -320,3 +320,62 @@ fn a_move_on_a_journal_page_boundary_reaches_a_new_computer() {
     pull(c.path(), &srv, &token);
     assert_same_tree(a.path(), c.path());
 }
+
+fn copy_tree(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// A server restored from an older backup was not noticed: clients said "up to date" and never
+/// uploaded again what the server lost. Now its journal going backwards is detected, and every
+/// computer puts back what it has that the server lost (no conflicts of its own versions, no
+/// deletes), and a fresh computer then gets everything.
+#[test]
+fn a_server_restored_from_an_older_backup_gets_back_what_it_lost() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b, c) = (temp_dir("a"), temp_dir("b"), temp_dir("c"));
+    for i in 0..3 {
+        write(&a.path().join(format!("f{i}.txt")), format!("f{i} v0"));
+    }
+    write(&a.path().join("gone-later.txt"), b"deleted after the backup");
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+
+    srv.kill_hard();
+    let backup = temp_dir("backup");
+    copy_tree(&srv.data, &backup.path().join("data"));
+    srv.start_again();
+
+    // After the backup: A edits, adds and deletes; B picks it all up.
+    write(&a.path().join("f1.txt"), b"f1 v1, after the backup");
+    write(&a.path().join("new.txt"), b"new after the backup");
+    std::fs::remove_file(a.path().join("gone-later.txt")).unwrap();
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+    assert_same_tree(a.path(), b.path());
+
+    // The server's disk dies; it comes back from the backup.
+    srv.kill_hard();
+    std::fs::remove_dir_all(&srv.data).unwrap();
+    copy_tree(&backup.path().join("data"), &srv.data);
+    srv.start_again();
+
+    let out = push_as(b.path(), &srv, &token, "B");
+    assert!(out.stderr.contains("went backwards"), "the client says what it noticed:\n{}", out.dump());
+    push_as(a.path(), &srv, &token, "A");
+    pull_as(a.path(), &srv, &token, "A");
+    pull_as(b.path(), &srv, &token, "B");
+    for d in [a.path(), b.path()] {
+        assert!(
+            conflict_copies(d).is_empty(),
+            "no conflicts of a computer's own versions: {:?}",
+            list_tree(d)
+        );
+    }
+    pull_as(c.path(), &srv, &token, "C");
+    assert_same_tree(a.path(), c.path());
+    assert_same_tree(b.path(), c.path());
+    assert_eq!(read(&c.path().join("f1.txt")), b"f1 v1, after the backup");
+    assert!(!c.path().join("gone-later.txt").exists(), "a delete made after the backup is made again");
+}
