@@ -268,7 +268,7 @@ impl Folder {
         self.index.apply(&Batch { remote: changes, last_seq: Some(seq), ..Default::default() })?;
         // Written before anything is sent: if this round is cut off after the server committed
         // some of them, the next round recognises them as its own instead of as conflicts.
-        self.index.set_intents(&intents(&actions, &inputs.local))?;
+        self.index.add_intents(&intents(&actions, &inputs.local))?;
 
         let mut planned_bytes = 0;
         for a in &actions {
@@ -315,8 +315,10 @@ impl Folder {
         self.index.save_stat_cache(&exec.cache)?;
         progress.finish();
         r?;
-        self.index.set_intents(&[])?;
         let mut report = exec.report;
+        if report.unresolved.is_empty() && report.errors.is_empty() {
+            self.index.clear_intents()?;
+        }
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.index.set_setting("last_sync", &now.to_string())?;

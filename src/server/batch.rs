@@ -174,7 +174,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
             }
             Some(Err(e)) => {
                 dropped.push(id);
-                failed.push((s.id, Err(server_err(e))));
+                failed.push((s.id, Err(Refusal::from(e))));
             }
             None => {
                 dropped.push(id);

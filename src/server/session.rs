@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::batch::{self, Staged};
 use super::meta::{Account, AccountId, MetaError, Metadata};
-use super::store::AccountStore;
+use super::store::{AccountStore, NoParent};
 use crate::delta::{self, Applier, Block};
 use crate::fsutil::{self, TempGuard};
 use crate::hash::ContentHash;
@@ -177,6 +177,9 @@ impl From<MetaError> for Refusal {
 
 impl From<std::io::Error> for Refusal {
     fn from(e: std::io::Error) -> Self {
+        if let Some(np) = NoParent::of(&e) {
+            return Refusal::new(RefusalKind::Stale, np.to_string());
+        }
         server_err(e)
     }
 }

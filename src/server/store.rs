@@ -89,7 +89,7 @@ impl AccountStore {
     /// (see [`Replaced`]). An empty directory in the way is replaced (the session refuses to
     /// replace a non-empty one).
     pub fn place(&self, tmp: &Path, rel: &RelPath) -> io::Result<(PathBuf, Option<Replaced>)> {
-        fsutil::ensure_dirs(&self.files, rel)?;
+        require_parent(&self.files, rel)?;
         let dest = rel.under(&self.files);
         let mut old = None;
         match fs::symlink_metadata(&dest) {
@@ -106,7 +106,7 @@ impl AccountStore {
     }
 
     pub fn mkdir(&self, rel: &RelPath, mode: u32) -> io::Result<()> {
-        fsutil::ensure_dirs(&self.files, rel)?;
+        require_parent(&self.files, rel)?;
         let p = rel.under(&self.files);
         match fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => {}
@@ -123,7 +123,7 @@ impl AccountStore {
     }
 
     pub fn symlink(&self, rel: &RelPath, target: &str) -> io::Result<()> {
-        fsutil::ensure_dirs(&self.files, rel)?;
+        require_parent(&self.files, rel)?;
         let tmp = fsutil::temp_path(&self.tmp);
         symlink(target, &tmp)?;
         let dest = rel.under(&self.files);
@@ -150,7 +150,7 @@ impl AccountStore {
 
     pub fn rename(&self, from: &RelPath, to: &RelPath, meta: Meta) -> io::Result<()> {
         let src = self.resolve(from)?;
-        fsutil::ensure_dirs(&self.files, to)?;
+        require_parent(&self.files, to)?;
         let dest = to.under(&self.files);
         fs::rename(&src, &dest)?;
         fsutil::set_mode(&dest, meta.mode)?;
@@ -174,4 +174,46 @@ impl AccountStore {
         let p = self.resolve(rel)?;
         fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
     }
+}
+
+/// A path's parent is not a directory on the server: it was deleted, or replaced by a file or
+/// link, after the client planned. Never made implicitly: a directory the journal does not know
+/// would hide what is stored inside it from every other computer.
+#[derive(Debug)]
+pub struct NoParent(pub String);
+
+impl std::fmt::Display for NoParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoParent {}
+
+impl NoParent {
+    /// The `NoParent` inside an I/O error from the store, if that is what it is.
+    pub fn of(e: &io::Error) -> Option<&NoParent> {
+        e.get_ref().and_then(|inner| inner.downcast_ref())
+    }
+}
+
+/// Errors with [`NoParent`] unless every ancestor of `rel` is a real directory under `root`.
+fn require_parent(root: &Path, rel: &RelPath) -> io::Result<()> {
+    for a in rel.ancestors() {
+        match fs::symlink_metadata(a.under(root)) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::other(NoParent(format!(
+                    "`{a}` is not a directory on the server any more (another computer replaced it)"
+                ))));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(io::Error::other(NoParent(format!(
+                    "directory `{a}` does not exist on the server any more (another computer deleted it)"
+                ))));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

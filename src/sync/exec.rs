@@ -1057,20 +1057,7 @@ fn check_file_reply(want: &Entry, got: &Entry) -> Result<(), ClientError> {
 }
 
 fn action_path(a: &Action) -> String {
-    match a {
-        Action::Mkdir { path, .. }
-        | Action::Symlink { path, .. }
-        | Action::Put { path, .. }
-        | Action::Copy { path, .. }
-        | Action::SetMeta { path, .. }
-        | Action::DeleteRemote { path, .. }
-        | Action::DeleteLocal { path, .. } => path.to_string(),
-        Action::Move { to, .. } => to.to_string(),
-        Action::Fetch { entry } | Action::Record { entry } | Action::Conflict { remote: entry, .. } => {
-            entry.path.to_string()
-        }
-        Action::Forget { path } => path.to_string(),
-    }
+    a.path().to_string()
 }
 
 fn job_path(j: &Job) -> String {

@@ -62,7 +62,7 @@ fn schema() -> String {
 CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, mode INTEGER, hash BLOB);
 CREATE TABLE IF NOT EXISTS remote (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, device TEXT NOT NULL, {NODE_COLUMNS});
 CREATE TABLE IF NOT EXISTS synced (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, {NODE_COLUMNS});
-CREATE TABLE IF NOT EXISTS intents (path TEXT PRIMARY KEY, {NODE_COLUMNS});"
+CREATE TABLE IF NOT EXISTS intents (path TEXT NOT NULL, {NODE_COLUMNS});"
     )
 }
 
@@ -232,47 +232,53 @@ impl Index {
         sql: &str,
         extra: usize,
         make: impl Fn(&Row, Option<Node>) -> rusqlite::Result<Result<T, String>>,
-    ) -> Result<BTreeMap<RelPath, T>, IndexError> {
+    ) -> Result<Vec<(RelPath, T)>, IndexError> {
         let mut st = self.conn.prepare(sql)?;
         let mut rows = st.query([])?;
-        let mut out = BTreeMap::new();
+        let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let path: String = r.get(0).unwrap_or_default();
             let damaged = |why: String| IndexError::Damaged { table, path: path.clone(), why };
             let rel = RelPath::new(path.clone()).map_err(|e| damaged(e.to_string()))?;
             let node = read_node(r, 1 + extra).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
             let v = make(r, node).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
-            out.insert(rel, v);
+            out.push((rel, v));
         }
         Ok(out)
     }
 
     pub fn remote(&self) -> Result<BTreeMap<RelPath, Entry>, IndexError> {
-        self.rows(
-            "remote",
-            "SELECT path, rev, device, kind, hash, size, mtime_ns, mode, target FROM remote",
-            2,
-            |r, node| {
-                let path = RelPath::new(r.get::<_, String>(0)?).map_err(|e| e.to_string());
-                let rev = rev_of(r.get(1)?);
-                let device: String = r.get(2)?;
-                Ok(path.and_then(|path| Ok(Entry { path, rev: rev?, node, device })))
-            },
-        )
+        Ok(self
+            .rows(
+                "remote",
+                "SELECT path, rev, device, kind, hash, size, mtime_ns, mode, target FROM remote",
+                2,
+                |r, node| {
+                    let path = RelPath::new(r.get::<_, String>(0)?).map_err(|e| e.to_string());
+                    let rev = rev_of(r.get(1)?);
+                    let device: String = r.get(2)?;
+                    Ok(path.and_then(|path| Ok(Entry { path, rev: rev?, node, device })))
+                },
+            )?
+            .into_iter()
+            .collect())
     }
 
     pub fn synced(&self) -> Result<BTreeMap<RelPath, Synced>, IndexError> {
-        self.rows(
-            "synced",
-            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target FROM synced",
-            1,
-            |r, node| Ok(rev_of(r.get(1)?).map(|rev| Synced { rev, node })),
-        )
+        Ok(self
+            .rows(
+                "synced",
+                "SELECT path, rev, kind, hash, size, mtime_ns, mode, target FROM synced",
+                1,
+                |r, node| Ok(rev_of(r.get(1)?).map(|rev| Synced { rev, node })),
+            )?
+            .into_iter()
+            .collect())
     }
 
-    /// The uploads started and not yet known to be committed: path → the node it uploads
-    /// (`None`: a delete). A server entry equal to one of them is this computer's own change.
-    pub fn intents(&self) -> Result<BTreeMap<RelPath, Option<Node>>, IndexError> {
+    /// The uploads of rounds that did not end cleanly: path → the node it uploads (`None`: a
+    /// delete); a path may have several. A server entry equal to one is this computer's own.
+    pub fn intents(&self) -> Result<Vec<(RelPath, Option<Node>)>, IndexError> {
         self.rows(
             "intents",
             "SELECT path, kind, hash, size, mtime_ns, mode, target FROM intents",
@@ -281,13 +287,14 @@ impl Index {
         )
     }
 
-    /// Records the uploads a round is about to send, before it sends them.
-    pub fn set_intents(&mut self, intents: &[(RelPath, Option<Node>)]) -> Result<(), IndexError> {
+    /// Records the uploads a round is about to send, before it sends them. They are kept until a
+    /// round ends cleanly ([`Index::clear_intents`]): a session of a round that was cut off may
+    /// still be committing on the server while the next round plans.
+    pub fn add_intents(&mut self, intents: &[(RelPath, Option<Node>)]) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM intents", [])?;
         {
             let mut st = tx.prepare(
-                "INSERT OR REPLACE INTO intents (path, kind, hash, size, mtime_ns, mode, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO intents (path, kind, hash, size, mtime_ns, mode, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for (p, n) in intents {
                 let c = node_cols(n.as_ref());
@@ -295,6 +302,11 @@ impl Index {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    pub fn clear_intents(&mut self) -> Result<(), IndexError> {
+        self.conn.execute("DELETE FROM intents", [])?;
         Ok(())
     }
 

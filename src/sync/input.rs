@@ -16,7 +16,7 @@ use crate::protocol::{Entry, Node};
 pub struct Base {
     pub remote: BTreeMap<RelPath, Entry>,
     pub synced: BTreeMap<RelPath, Synced>,
-    pub intents: BTreeMap<RelPath, Option<Node>>,
+    pub intents: Vec<(RelPath, Option<Node>)>,
     pub last_seq: u64,
 }
 

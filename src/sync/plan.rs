@@ -103,6 +103,24 @@ impl Action {
                 | Action::DeleteRemote { .. }
         )
     }
+    /// The path the action is about (a move's destination).
+    pub fn path(&self) -> &RelPath {
+        match self {
+            Action::Fetch { entry } | Action::Record { entry } | Action::Conflict { remote: entry, .. } => {
+                &entry.path
+            }
+            Action::Mkdir { path, .. }
+            | Action::Symlink { path, .. }
+            | Action::Put { path, .. }
+            | Action::Copy { path, .. }
+            | Action::SetMeta { path, .. }
+            | Action::DeleteRemote { path, .. }
+            | Action::DeleteLocal { path, .. }
+            | Action::Forget { path } => path,
+            Action::Move { to, .. } => to,
+        }
+    }
+
     pub fn is_download(&self) -> bool {
         matches!(self, Action::Fetch { .. } | Action::DeleteLocal { .. })
     }
@@ -206,6 +224,46 @@ pub fn plan(
         }
     }
 
+    // A directory here with new or changed content inside, which the server replaced or deleted:
+    // the content is not lost to the server's version. Replaced by a file or link: a conflict
+    // (the directory is kept under a conflict name). Deleted: the directory is made again.
+    let under = |dir: &RelPath, p: &RelPath| {
+        p.as_str().strip_prefix(dir.as_str()).is_some_and(|s| s.starts_with('/'))
+    };
+    let changed_here: Vec<&RelPath> =
+        uploads.iter().filter(|(_, l, ..)| l.is_some()).map(|(p, ..)| *p).collect();
+    let grown_here = |dir: &RelPath| changed_here.iter().any(|p| under(dir, p));
+    let mut kept_fetches = Vec::new();
+    for f in fetches {
+        match (&f, local.get(f.path())) {
+            (Action::Fetch { entry: e @ Entry { node: Some(n), .. } }, Some(l @ Node::Dir { .. }))
+                if !matches!(n, Node::Dir { .. }) && grown_here(&e.path) =>
+            {
+                conflicts.push(Action::Conflict { local: l.clone(), remote: e.clone() })
+            }
+            _ => kept_fetches.push(f),
+        }
+    }
+    let mut fetches = kept_fetches;
+    let mut remade = Vec::new();
+    local_deletes.retain(|a| match a {
+        Action::DeleteLocal { path, rev, expect: Node::Dir { mode } } if grown_here(path) => {
+            remade.push((path.clone(), *rev, *mode));
+            false
+        }
+        _ => true,
+    });
+    // Whatever was planned inside a directory that moves to a conflict name goes up from there,
+    // in the next round.
+    let conflict_dirs: Vec<RelPath> = conflicts
+        .iter()
+        .filter_map(|c| match c {
+            Action::Conflict { local: Node::Dir { .. }, remote } => Some(remote.path.clone()),
+            _ => None,
+        })
+        .collect();
+    uploads.retain(|(p, ..)| !conflict_dirs.iter().any(|d| under(d, p)));
+
     // Files being deleted from the server in this round, by content: a new path with the same
     // content is their rename.
     let mut deleted_by_hash: HashMap<ContentHash, (RelPath, u64)> = HashMap::new();
@@ -293,6 +351,9 @@ pub fn plan(
                 }
             }
         }
+    }
+    for (path, base_rev, mode) in remade {
+        mkdirs.push((path.depth(), Action::Mkdir { path, base_rev, mode }));
     }
     deletes.retain(|(_, a)| !matches!(a, Action::DeleteRemote { path, .. } if moved_from.contains(path)));
     mkdirs.sort_by_key(|(d, _)| *d);
@@ -424,6 +485,25 @@ mod tests {
             let want: Vec<&str> = if want.is_empty() { vec![] } else { vec![want] };
             assert_eq!(got, want, "case: {name}");
         }
+    }
+
+    /// A directory here with changed content inside, which the server replaced by a link (a
+    /// conflict, and nothing planned inside it) or deleted (made again, then its content).
+    #[test]
+    fn a_directory_changed_inside_survives_the_server_replacing_or_deleting_it() {
+        let local = BTreeMap::from([(p("a"), dir().unwrap()), (p("a/f"), file("new"))]);
+        let synced = BTreeMap::from([
+            (p("a"), Synced { rev: 1, node: dir() }),
+            (p("a/f"), Synced { rev: 1, node: Some(file("old")) }),
+        ]);
+        let replaced =
+            BTreeMap::from([(p("a"), entry("a", 2, link("t"))), (p("a/f"), entry("a/f", 2, None))]);
+        let got: Vec<_> = plan(&local, &replaced, &synced).iter().map(kind).collect();
+        assert_eq!(got, ["conflict"]);
+        let deleted = BTreeMap::from([(p("a"), entry("a", 2, None)), (p("a/f"), entry("a/f", 2, None))]);
+        let acts = plan(&local, &deleted, &synced);
+        let got: Vec<_> = acts.iter().map(|a| format!("{} {}", kind(a), a.path())).collect();
+        assert_eq!(got, ["mkdir a", "put a/f"]);
     }
 
     fn any_node() -> impl proptest::strategy::Strategy<Value = Option<Node>> {

@@ -499,8 +499,15 @@ impl<'a> Run<'a> {
     /// Runs `push` or `pull` on a device; `Ok(exit code)` when the code is acceptable.
     fn sync(&mut self, cmd: &str, dev: usize) -> Result<i32, Failure> {
         let device = format!("dev{dev}");
-        let out =
-            run(&mut sync_command(cmd, self.root(dev), &self.ctx.addr, &self.token, &["--device", &device]));
+        let out = run(&mut sync_command(
+            cmd,
+            self.root(dev),
+            &self.ctx.addr,
+            &self.token,
+            // The mass-delete guard is tested on its own; random deletes of most of a small
+            // folder are the model's ordinary business.
+            &["--device", &device, "--max-delete", "100%"],
+        ));
         let code = out.status.code();
         let errors: Vec<&str> =
             out.stderr.lines().filter(|l| !l.starts_with("note: ") && !l.trim().is_empty()).collect();
@@ -1140,30 +1147,18 @@ fn run_model(default_mix: Mix) {
 }
 
 /// Files, directories, renames, chmod, atomic saves: no symlinks and no kind changes, which
-/// have known bugs (see the next test).
+/// had bugs (see the next test).
 #[test]
 fn three_devices_random_operations_basic() {
     run_model(Mix::Basic);
 }
 
 /// Every operation, symlinks and every change of a path's kind included, and files and
-/// directories sharing names across devices.
-///
-/// Ignored until these engine bugs are fixed (each found by this test, shrunk reproductions in
-/// the report of branch h-model):
-/// - a symlink replaced by a file never reaches a device that holds the link: the download is
-///   skipped with only a note ("changed here while downloading", the link has no stat-cache
-///   entry), `pull` says "up to date" and exits 0, and the devices differ for good;
-/// - the server creates missing parent directories of a Put/Mkdir/Symlink in its mirror without
-///   recording them (`fsutil::ensure_dirs` from `Store::place`/`mkdir`/`symlink`), so an upload
-///   into a directory deleted meanwhile leaves a child under a tombstone: later "Directory not
-///   empty" on a Put at the parent's path, or "… is not a directory" on pull;
-/// - when a push renames a local directory to a conflict copy, uploads planned inside it still
-///   go to the old path and fail ("… is not a directory"), and a directory replaced by a link
-///   on the server while a file inside it changed here fails on every push (never converges).
+/// directories sharing names across devices. The bugs it found, each fixed: a link replaced by a
+/// file never arrived; the server made missing parent directories without recording them; a
+/// directory moved to a conflict name took its planned uploads' paths with it; a directory
+/// replaced by a link on the server while a file inside it changed here never converged.
 #[test]
-#[ignore = "known engine bugs: link->file never arrives (silent divergence); uploads into a \
-            deleted or replaced directory fail; see the comment"]
 fn three_devices_random_operations_full() {
     run_model(Mix::Full);
 }
