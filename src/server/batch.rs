@@ -130,7 +130,20 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
     results
 }
 
+/// Crash points for the tests, built only with `--features failpoints` (never into a release):
+/// the server aborts, as a power cut would stop it, where `DELTASYNC_FAILPOINT` says.
+#[cfg(feature = "failpoints")]
+fn failpoint(name: &str) {
+    if std::env::var("DELTASYNC_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("deltasync: failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+#[cfg(not(feature = "failpoints"))]
+fn failpoint(_: &str) {}
+
 async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<Reply, Refusal>)> {
+    failpoint("commit-before-stage");
     let fail_all = |ok: Vec<Staged>, e: &dyn std::fmt::Display| {
         ok.into_iter().map(|s| (s.id, Err(server_err(e)))).collect::<Vec<_>>()
     };
@@ -149,6 +162,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
         Ok(Err(e)) => return fail_all(ok, &e),
         Err(e) => return fail_all(ok, &e),
     };
+    failpoint("commit-staged");
     // Renames.
     let store = t.store.clone();
     let moves: Vec<(PathBuf, RelPath)> =
@@ -183,6 +197,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
         }
     }
     let _ = durable(dirs.into_iter().collect()).await;
+    failpoint("commit-renamed");
     let sh = t.shared.clone();
     let device = t.device.to_string();
     let rows: Vec<(i64, RelPath, Node, &'static str)> =
@@ -198,6 +213,7 @@ async fn place_and_record(t: &Target<'_>, ok: Vec<Staged>) -> Vec<(u64, Result<R
     let mut out = failed;
     match committed {
         Ok(Ok(seqs)) => {
+            failpoint("commit-recorded");
             if let Some(max) = seqs.iter().max() {
                 t.shared.notify(t.account, *max, t.session);
             }

@@ -9,6 +9,8 @@
 //! Run with `cargo test --release --test tests` (the big-file tests are much faster in release).
 
 mod client_safety;
+#[cfg(feature = "failpoints")]
+mod crash;
 mod model;
 mod push_pull;
 mod regression;

@@ -842,3 +842,20 @@ impl Server {
         None
     }
 }
+
+impl Server {
+    /// Waits until the server process exits by itself (a crash point); false if it still runs.
+    pub fn wait_exited(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                None | Some(Ok(Some(_))) => {
+                    self.child = None;
+                    return true;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
+    }
+}
