@@ -1,6 +1,7 @@
-//! Streaming decoder: applies op blocks to a memory-mapped base, writing the result to any
-//! `Write` (a temp file) and hashing it on the way, so neither side ever holds a whole file.
-//! The new version's signature is built on the way too, so caching it costs no second read.
+//! Streaming decoder: applies op blocks to a base (a slice or a map of the server's own file, or a
+//! client's local file read by `pread`: [`Base`]), writing the result to any `Write` (a temp file)
+//! and hashing it on the way, so neither side ever holds a whole file. The new version's signature
+//! is built on the way too, so caching it costs no second read.
 
 use std::io::Write;
 
@@ -9,10 +10,17 @@ use fast_rsync::Signature;
 use super::DeltaError;
 use super::ops::{Block, DeltaStats, Op, open_block, parse_ops};
 use super::signature::{self, Builder};
+use super::source::{Base, COPY_PIECE};
 use crate::hash::{ContentHash, Hasher};
 
-pub struct Applier<'a, W: Write> {
-    base: &'a [u8],
+pub struct Applier<B, W: Write> {
+    base: B,
+    to: Output<W>,
+    stats: DeltaStats,
+}
+
+/// Where an [`Applier`] puts what it produces: the writer, the hash and the signature.
+struct Output<W> {
     out: W,
     hasher: Hasher,
     sig: Option<Builder>,
@@ -20,8 +28,8 @@ pub struct Applier<'a, W: Write> {
     /// block grid, their entries are taken from it instead of hashing the bytes again.
     base_sig: Option<Signature>,
     written: u64,
+    /// The size the sender announced.
     limit: u64,
-    stats: DeltaStats,
 }
 
 /// What an [`Applier`] wrote.
@@ -34,17 +42,20 @@ pub struct Applied<W> {
     pub out: W,
 }
 
-impl<'a, W: Write> Applier<'a, W> {
-    /// `limit` is the size the sender announced: a delta that would write more is refused.
+impl<'a, W: Write> Applier<&'a [u8], W> {
+    /// A base in memory. `limit` is the size the sender announced: a delta that would write more
+    /// is refused.
     pub fn new(base: &'a [u8], out: W, limit: u64) -> Self {
+        Self::from_base(base, out, limit)
+    }
+}
+
+impl<B: Base, W: Write> Applier<B, W> {
+    /// Any [`Base`], such as a local file read by `pread` ([`super::FileBase`]).
+    pub fn from_base(base: B, out: W, limit: u64) -> Self {
         Applier {
             base,
-            out,
-            hasher: Hasher::new(),
-            sig: None,
-            base_sig: None,
-            written: 0,
-            limit,
+            to: Output { out, hasher: Hasher::new(), sig: None, base_sig: None, written: 0, limit },
             stats: DeltaStats::default(),
         }
     }
@@ -52,9 +63,70 @@ impl<'a, W: Write> Applier<'a, W> {
     /// Also builds the signature of the result (see [`super::SigCache::builder_for`]), reusing
     /// the base's signature, if known, for copied blocks.
     pub fn with_signature(mut self, sig: Option<Builder>, base_sig: Option<Signature>) -> Self {
-        self.sig = sig;
-        self.base_sig = base_sig;
+        self.to.sig = sig;
+        self.to.base_sig = base_sig;
         self
+    }
+
+    pub fn block(&mut self, b: &Block) -> Result<(), DeltaError> {
+        let raw = open_block(b)?;
+        for op in parse_ops(&raw) {
+            match op? {
+                Op::Literal(l) => {
+                    self.to.reserve(l.len() as u64)?;
+                    self.stats.literal += l.len() as u64;
+                    self.to.put(None, l)?;
+                }
+                Op::Copy { offset, len } => {
+                    let base_len = self.base.size();
+                    let end = offset
+                        .checked_add(len)
+                        .filter(|&e| e <= base_len)
+                        .ok_or(DeltaError::CopyOutOfBounds { offset, len, base_len })?;
+                    self.to.reserve(len)?;
+                    self.stats.matched += len;
+                    // In pieces: one copy may stand for a whole huge file.
+                    let mut at = offset;
+                    while at < end {
+                        let n = (end - at).min(COPY_PIECE as u64);
+                        let bytes = self.base.read(at, n as usize)?;
+                        self.to.put(Some((at, n)), bytes)?;
+                        at += n;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<Applied<W>, DeltaError> {
+        self.to.out.flush()?;
+        Ok(Applied {
+            hash: self.to.hasher.finish(),
+            len: self.to.written,
+            stats: self.stats,
+            sig: self.to.sig.map(Builder::finish),
+            out: self.to.out,
+        })
+    }
+}
+
+impl<W: Write> Output<W> {
+    /// Counts `len` more bytes against the announced size before they are produced.
+    fn reserve(&mut self, len: u64) -> Result<(), DeltaError> {
+        self.written = self.written.saturating_add(len);
+        if self.written > self.limit {
+            return Err(DeltaError::TooLong { limit: self.limit });
+        }
+        Ok(())
+    }
+
+    /// Writes, hashes and signs the bytes of an op (`copy`: where in the base they come from).
+    fn put(&mut self, copy: Option<(u64, u64)>, bytes: &[u8]) -> Result<(), DeltaError> {
+        self.hasher.update(bytes);
+        self.sign(copy, bytes);
+        self.out.write_all(bytes)?;
+        Ok(())
     }
 
     /// Feeds the signature builder with what an op wrote.
@@ -73,46 +145,6 @@ impl<'a, W: Write> Applier<'a, W> {
             }
         }
         b.update(bytes);
-    }
-
-    pub fn block(&mut self, b: &Block) -> Result<(), DeltaError> {
-        let raw = open_block(b)?;
-        for op in parse_ops(&raw) {
-            let (copy, bytes): (_, &[u8]) = match op? {
-                Op::Literal(l) => {
-                    self.stats.literal += l.len() as u64;
-                    (None, l)
-                }
-                Op::Copy { offset, len } => {
-                    let base_len = self.base.len() as u64;
-                    let end = offset
-                        .checked_add(len)
-                        .filter(|&e| e <= base_len)
-                        .ok_or(DeltaError::CopyOutOfBounds { offset, len, base_len })?;
-                    self.stats.matched += len;
-                    (Some((offset, len)), &self.base[offset as usize..end as usize])
-                }
-            };
-            self.written += bytes.len() as u64;
-            if self.written > self.limit {
-                return Err(DeltaError::TooLong { limit: self.limit });
-            }
-            self.hasher.update(bytes);
-            self.sign(copy, bytes);
-            self.out.write_all(bytes)?;
-        }
-        Ok(())
-    }
-
-    pub fn finish(mut self) -> Result<Applied<W>, DeltaError> {
-        self.out.flush()?;
-        Ok(Applied {
-            hash: self.hasher.finish(),
-            len: self.written,
-            stats: self.stats,
-            sig: self.sig.map(Builder::finish),
-            out: self.out,
-        })
     }
 }
 

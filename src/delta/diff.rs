@@ -21,6 +21,7 @@ use fast_rsync::{IndexedSignature, Signature, SignatureOptions};
 use super::DeltaError;
 use super::ops::{Block, DeltaStats, Op, OpSink, parse_fast_rsync};
 use super::signature::{self, Builder, HEADER};
+use super::source::Source;
 
 /// Grid span after a miss; it doubles while every block matches, up to [`GRID_MAX`]. Small enough
 /// that signing blocks past a nearby change wastes little.
@@ -113,12 +114,24 @@ impl<'s> Grid<'s> {
 /// ran in step with the data's own block grid, its entries are reused instead of hashed again.
 pub fn encode_delta(
     signature: &Signature,
-    data: &[u8],
+    mut data: &[u8],
+    new_sig: Option<&mut Builder>,
+    emit: impl FnMut(Block, u64) -> std::io::Result<()>,
+) -> Result<DeltaStats, DeltaError> {
+    encode_delta_from(signature, &mut data, new_sig, emit)
+}
+
+/// [`encode_delta`] of data read through a [`Source`]. It moves forward: what it is asked for
+/// starts at most a grid span plus a rolling search before the furthest point asked for.
+pub fn encode_delta_from(
+    signature: &Signature,
+    data: &mut impl Source,
     mut new_sig: Option<&mut Builder>,
     emit: impl FnMut(Block, u64) -> std::io::Result<()>,
 ) -> Result<DeltaStats, DeltaError> {
     let grid = Grid::new(signature)?;
     let bs = grid.block_size();
+    let len = data.size();
     // fast_rsync's index is only needed once the grid misses; a file whose blocks all stayed put
     // never builds it.
     let mut rolling: Option<IndexedSignature<'_>> = None;
@@ -128,23 +141,25 @@ pub fn encode_delta(
     let mut span = GRID_MIN;
     // How far `new_sig` has been fed.
     let mut signed = 0;
-    while pos < data.len() {
+    while pos < len {
         if let Some(b) = new_sig.as_deref_mut()
             && signed < pos
         {
-            b.update(&data[signed..pos]);
+            b.update(data.bytes(signed..pos)?);
             signed = pos;
         }
-        let end = (pos + span).min(data.len());
+        // Everything from here on is at or after `pos` (`signed` is not behind it any more).
+        data.advance(pos);
+        let end = (pos + span).min(len);
         let whole = (end - pos) / bs;
         if whole == 0 {
             // Less than a block is left: no match can start in it.
-            sink.literal(&data[pos..])?;
+            sink.literal(data.bytes(pos..len)?)?;
             break;
         }
         let reuse = signed == pos && new_sig.as_deref().is_some_and(|b| b.in_step_with(grid.opts));
         let into = if reuse { new_sig.as_deref_mut() } else { None };
-        let n = grid.matches(&data[pos..end], into, |offset| sink.copy(offset, bs as u64));
+        let n = grid.matches(data.bytes(pos..end)?, into, |offset| sink.copy(offset, bs as u64));
         if reuse {
             signed = pos + whole * bs;
         }
@@ -156,29 +171,29 @@ pub fn encode_delta(
             // A miss on the grid: search byte by byte from here.
             span = GRID_MIN;
             let index = rolling.get_or_insert_with(|| signature.index());
-            pos += roll(index, bs, &data[pos..], &mut fr, &mut sink)?;
+            let to = (pos + ROLL + bs - 1).min(len);
+            pos += roll(index, bs, data.bytes(pos..to)?, to == len, &mut fr, &mut sink)?;
         }
     }
     if let Some(b) = new_sig
-        && signed < data.len()
+        && signed < len
     {
-        b.update(&data[signed..]);
+        b.update(data.bytes(signed..len)?);
     }
     sink.finish()
 }
 
-/// One rolling search over the start of `data`; returns how many bytes it settled. A literal at
-/// the end of the span is given back (all but what no match can start in), so the grid resumes
-/// right after the last match found.
+/// One rolling search over `span` ([`ROLL`] + a block - 1 bytes, or less at the end of the data:
+/// `last`); returns how many bytes it settled. A literal at the end of the span is given back
+/// (all but what no match can start in), so the grid resumes right after the last match found.
 fn roll(
     index: &IndexedSignature<'_>,
     bs: usize,
-    data: &[u8],
+    span: &[u8],
+    last: bool,
     fr: &mut Vec<u8>,
     sink: &mut OpSink<impl FnMut(Block, u64) -> std::io::Result<()>>,
 ) -> Result<usize, DeltaError> {
-    let span = &data[..(ROLL + bs - 1).min(data.len())];
-    let last = span.len() == data.len();
     fr.clear();
     fast_rsync::diff(index, span, &mut *fr).map_err(|e| DeltaError::Diff(e.to_string()))?;
     let mut ops = parse_fast_rsync(fr)?;
@@ -277,6 +292,79 @@ mod tests {
         shuffled.extend_from_slice(&base[..512 << 10]);
         let (s, _) = roundtrip(&base, &shuffled);
         assert!(s.literal < 4096, "literal {}", s.literal);
+    }
+
+    /// Encodes `new` from memory and from a file through a window of `capacity` bytes (and the
+    /// default one); the two must be the same blocks, byte for byte, covering the same ranges,
+    /// with the same signature and hash, and decode (from a base read by pread) to `new`.
+    fn windowed_is_the_same(base: &[u8], new: &[u8], capacity: usize) {
+        use super::super::source::{FileBase, FileWindow};
+        use crate::hash::ContentHash;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("base"), base).unwrap();
+        std::fs::write(d.path().join("new"), new).unwrap();
+        let sig = signature::compute(base);
+        let encode = |data: Option<FileWindow>| {
+            let mut blocks = Vec::new();
+            let mut new_sig = signature::Builder::new(new.len() as u64);
+            let emit = |b: Block, c| {
+                blocks.push((b.codec, b.bytes, c));
+                Ok(())
+            };
+            let (stats, hash) = match data {
+                None => (encode_delta(&sig, new, Some(&mut new_sig), emit).unwrap(), None),
+                Some(mut w) => {
+                    let stats = encode_delta_from(&sig, &mut w, Some(&mut new_sig), emit).unwrap();
+                    (stats, Some(w.finish().unwrap()))
+                }
+            };
+            (blocks, stats, new_sig.finish().into_serialized(), hash)
+        };
+        let mapped = encode(None);
+        let open = || std::fs::File::open(d.path().join("new")).unwrap();
+        for w in [
+            FileWindow::with_capacity(open(), new.len() as u64, capacity),
+            FileWindow::new(open(), new.len() as u64),
+        ] {
+            let read = encode(Some(w));
+            assert_eq!(read.0.len(), mapped.0.len(), "as many blocks");
+            assert!(read.0 == mapped.0, "the same blocks, byte for byte");
+            assert_eq!(read.1, mapped.1);
+            assert!(read.2 == mapped.2, "the same signature");
+            assert_eq!(read.3, Some(ContentHash::of(new)));
+        }
+        let base_file = FileBase::new(std::fs::File::open(d.path().join("base")).unwrap()).unwrap();
+        let mut a = Applier::from_base(base_file, Vec::new(), new.len() as u64);
+        for (codec, bytes, _) in mapped.0 {
+            a.block(&Block { codec, bytes }).unwrap();
+        }
+        assert!(a.finish().unwrap().out == new, "reconstruction from a base read by pread");
+    }
+
+    #[test]
+    fn a_window_read_from_the_file_encodes_exactly_as_the_whole_data_does() {
+        // Bigger than the default window (16 MiB) and than a grid span (8 MiB).
+        let base = pseudo_random(40 << 20, 11);
+        let mut new = base.clone();
+        new[20 << 20..(20 << 20) + 65536].copy_from_slice(&pseudo_random(65536, 12));
+        windowed_is_the_same(&base, &new, 1 << 20);
+        for k in 0..40 {
+            let at = (k * 1_000_003) % new.len();
+            new[at] ^= 0x5a;
+        }
+        new.splice(9_000_001..9_000_001, pseudo_random(777, 13));
+        new.drain(30_000_000..30_004_321);
+        new.extend_from_slice(&pseudo_random(100_000, 14));
+        windowed_is_the_same(&base, &new, 3 << 20);
+        // Truncated, and moved around.
+        windowed_is_the_same(&base, &new[..17 << 20], 1 << 20);
+        let mut shuffled = base[(25 << 20) + 12345..].to_vec();
+        shuffled.extend_from_slice(&base[..(25 << 20) + 12345]);
+        windowed_is_the_same(&base, &shuffled, 5 << 20);
+        // Unrelated (the rolling search all the way), tiny and empty.
+        windowed_is_the_same(&base[..1 << 20], &pseudo_random(3 << 20, 15), 1 << 20);
+        windowed_is_the_same(&base, &base[..500], 1 << 20);
+        windowed_is_the_same(&base, &[], 1 << 20);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::signature::Builder;
+use super::source::Source;
 use super::{DeltaError, MAX_BLOCK, WINDOW};
 
 /// zstd level for literal data: 3 is zstd's default and compresses text well at hundreds of MB/s;
@@ -172,12 +173,28 @@ pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
 /// `emit` gets each block and how many bytes of `data` it covers (for progress); `new_sig`, if
 /// given, is fed all of `data`.
 pub fn encode_whole(
-    data: &[u8],
+    mut data: &[u8],
+    new_sig: Option<&mut Builder>,
+    emit: impl FnMut(Block, u64) -> std::io::Result<()>,
+) -> std::io::Result<DeltaStats> {
+    encode_whole_from(&mut data, new_sig, emit).map_err(|e| match e {
+        DeltaError::Io(e) => e,
+        other => std::io::Error::other(other),
+    })
+}
+
+/// [`encode_whole`] of data read through a [`Source`], front to back.
+pub fn encode_whole_from(
+    data: &mut impl Source,
     mut new_sig: Option<&mut Builder>,
     mut emit: impl FnMut(Block, u64) -> std::io::Result<()>,
-) -> std::io::Result<DeltaStats> {
+) -> Result<DeltaStats, DeltaError> {
     let mut stats = DeltaStats::default();
-    for chunk in data.chunks(WHOLE_CHUNK) {
+    let len = data.size();
+    let mut at = 0;
+    while at < len {
+        let to = (at + WHOLE_CHUNK).min(len);
+        let chunk = data.bytes(at..to)?;
         if let Some(b) = new_sig.as_deref_mut() {
             b.update(chunk);
         }
@@ -189,7 +206,9 @@ pub fn encode_whole(
         } else {
             seal(raw)
         };
-        emit(block, chunk.len() as u64)?;
+        emit(block, (to - at) as u64)?;
+        at = to;
+        data.advance(at);
     }
     Ok(stats)
 }

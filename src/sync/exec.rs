@@ -20,9 +20,9 @@ use super::plan::Action;
 use super::report::Report;
 use super::scan::StatCache;
 use crate::client::{Client, ClientError, recv_reply, while_moving};
-use crate::delta::{self, Applier, Block, DeltaStats, SigCache};
+use crate::delta::{self, Applier, Block, DeltaStats, FileBase, SigCache};
 use crate::fsutil::{self, TempGuard};
-use crate::hash::{ContentHash, Hasher};
+use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::progress::Progress;
 use crate::protocol::*;
@@ -950,37 +950,36 @@ fn produce(
         Ok(f) => f,
         Err(e) => return skip(&tx, e.to_string()),
     };
-    let map = match fsutil::map(&file) {
-        Ok(m) => m,
+    match file.metadata() {
+        Ok(m) if m.len() == size => {}
+        Ok(_) => return skip(&tx, "changed since scan".into()),
         Err(e) => return skip(&tx, e.to_string()),
-    };
-    if map.len() as u64 != size {
-        return skip(&tx, "changed since scan".into());
     }
     let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
     if tx.blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h))).is_err() {
         return Produced::Failed("connection gone".into());
     }
-    let mut hasher = Hasher::new();
+    // Read, never mapped: a user's file can be truncated under us, and a map then kills the
+    // process with SIGBUS. The window hashes what it reads, so the check below is of exactly the
+    // bytes encoded.
+    let mut data = delta::FileWindow::new(file, size);
     let mut new_sig = sigs.builder_for(&hash, size);
-    let mut sent = 0usize;
     let emit = |b, covered: u64| {
-        let piece = &map[sent..sent + covered as usize];
-        hasher.update(piece);
-        sent += piece.len();
-        // Memory stays flat for huge files: drop the pages already encoded.
-        map.release(0, sent);
         tx.blocking_send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"))
     };
     let stats = match sig {
-        Some((_, sig)) => delta::encode_delta(&sig, &map, new_sig.as_mut(), emit),
-        None => delta::encode_whole(&map, new_sig.as_mut(), emit).map_err(delta::DeltaError::Io),
+        Some((_, sig)) => delta::encode_delta_from(&sig, &mut data, new_sig.as_mut(), emit),
+        None => delta::encode_whole_from(&mut data, new_sig.as_mut(), emit),
     };
-    let stats = match stats {
-        Ok(s) => s,
+    let read = stats.and_then(|s| Ok((s, data.finish()?)));
+    let (stats, read_hash) = match read {
+        Ok(x) => x,
+        // Shorter than the scan saw: what was sent ends early, the server refuses it, and the
+        // next round sends the file as it is then.
+        Err(delta::DeltaError::ChangedWhileRead { .. }) => return Produced::Changed,
         Err(e) => return Produced::Failed(e.to_string()),
     };
-    if hasher.finish() != hash {
+    if read_hash != hash {
         return Produced::Changed;
     }
     if let Some(s) = new_sig {
@@ -1005,23 +1004,25 @@ fn receive_file(
     let full = path.under(root);
     fsutil::ensure_dirs(root, path).map_err(|e| e.to_string())?;
     let base_sig = base.and_then(|(h, len)| sigs.get(&h, len));
-    let base = if base.is_some() {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&full)
-            .map_err(|e| e.to_string())?;
-        fsutil::map(&f).map_err(|e| e.to_string())?
-    } else {
-        fsutil::Mapped::Empty
+    // Read by pread, never mapped (see `produce`): if the base is cut short while the copies are
+    // read, the delta fails and the file is fetched whole.
+    let base = match base {
+        Some(_) => {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&full)
+                .map_err(|e| e.to_string())?;
+            Some(FileBase::new(f).map_err(|e| e.to_string())?)
+        }
+        None => None,
     };
     let (file, t) = fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
     let guard = TempGuard::new(t);
-    let mut ap = Applier::new(&base, BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file)), size)
-        .with_signature(sigs.builder_for(&hash, size), base_sig);
+    let out = BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file));
+    let mut ap = Applier::from_base(base, out, size).with_signature(sigs.builder_for(&hash, size), base_sig);
     while let Some(b) = rx.blocking_recv() {
         ap.block(&b).map_err(|e| e.to_string())?;
-        base.release_all();
     }
     let done = ap.finish().map_err(|e| e.to_string())?;
     if done.hash != hash || done.len != size {
