@@ -268,6 +268,13 @@ pub fn clean_temps(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Whether an error's text (I/O or SQLite) says a disk or a disk quota is full.
+pub fn says_disk_full(text: &str) -> bool {
+    ["(os error 28)", "(os error 122)", "No space left on device", "database or disk is full"]
+        .iter()
+        .any(|m| text.contains(m))
+}
+
 /// A temp file that is removed when dropped, unless [`keep`](TempGuard::keep) was called (it was
 /// renamed into place). Keeps every error path from leaking temp files.
 pub struct TempGuard(Option<PathBuf>);

@@ -207,7 +207,7 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     }
     if !report.errors.is_empty() {
         eprintln!("deltasync: {} paths failed (see above)", report.errors.len());
-        return Ok(ExitCode::from(code::FAILED));
+        return Ok(ExitCode::from(if report.local_disk_full { code::DISK } else { code::FAILED }));
     }
     if let Some(h) = report.held {
         eprintln!("deltasync: {}", h.message(&args.dir));

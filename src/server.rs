@@ -262,10 +262,7 @@ pub fn parse_size(s: &str) -> Result<Option<u64>, String> {
 
 /// The refusal for a full disk on the server, if `e` (an error's text: I/O or SQLite) says so.
 pub fn disk_full(e: &str) -> Option<protocol::Refusal> {
-    let full = ["(os error 28)", "(os error 122)", "No space left on device", "database or disk is full"]
-        .iter()
-        .any(|m| e.contains(m));
-    full.then(|| {
+    crate::fsutil::says_disk_full(e).then(|| {
         tracing::warn!("out of disk space: {e}");
         protocol::Refusal::new(
             protocol::RefusalKind::Server,

@@ -117,6 +117,17 @@ impl Exec {
         s
     }
 
+    /// A download that did not fit on this computer's disk: said once per path, in the words
+    /// of whose disk it is, and the round's exit code says disk error.
+    fn local_disk_full(&mut self, path: &RelPath, e: &str) {
+        self.report.local_disk_full = true;
+        self.report.errors.push(format!(
+            "{path}: this computer's disk is full ({e}); nothing was changed here. Free space on the disk \
+             of {} and run again",
+            self.root.display()
+        ));
+    }
+
     fn record(&mut self, entry: &Entry) {
         self.batch.synced.push((entry.path.clone(), Synced { rev: entry.rev, node: entry.node.clone() }));
         self.batch.remote.push(entry.clone());
@@ -728,6 +739,10 @@ impl Exec {
         let outcome = worker.await.map_err(|e| SyncError::Other(e.to_string()))?;
         let (tmp, stats) = match outcome {
             Ok(x) if !bad_base => x,
+            Err(e) if fsutil::says_disk_full(&e) => {
+                self.local_disk_full(&path, &e);
+                return Ok(None);
+            }
             _ => {
                 // Wrong base or failed verification: fetch it whole.
                 return Ok(if have.is_some() {
@@ -764,9 +779,16 @@ impl Exec {
             ready.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
         {
             let path = r.got.path.clone();
-            if !matches!(sync, Some(Ok(()))) {
-                self.report.errors.push(format!("{path}: could not make the download durable"));
-                continue;
+            match sync {
+                Some(Ok(())) => {}
+                Some(Err(e)) if fsutil::says_disk_full(&e.to_string()) => {
+                    self.local_disk_full(&path, &e.to_string());
+                    continue;
+                }
+                _ => {
+                    self.report.errors.push(format!("{path}: could not make the download durable"));
+                    continue;
+                }
             }
             // Do not overwrite a local change made while we were downloading.
             let full = self.full(&path);

@@ -24,6 +24,8 @@ pub struct Report {
     pub unresolved: Vec<String>,
     pub notes: Vec<String>,
     pub errors: Vec<String>,
+    /// A download did not fit on this computer's disk.
+    pub local_disk_full: bool,
     /// Server deletes held back by the mass-delete guard.
     pub held: Option<super::guard::Held>,
 }

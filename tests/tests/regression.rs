@@ -116,7 +116,7 @@ fn a_damaged_or_missing_index_deletes_nothing() {
 /// deleted on the server and on every other computer. The client here runs as `nobody`.
 #[test]
 fn a_path_the_scan_cannot_read_is_not_deleted_anywhere() {
-    if unsafe_is_not_root() {
+    if euid() != 0 {
         eprintln!("skipped: needs root to run the client as another user");
         return;
     }
@@ -160,16 +160,6 @@ fn a_path_the_scan_cannot_read_is_not_deleted_anywhere() {
     cmd.arg("status").arg(&root).uid(65534).gid(65534);
     let st = run(&mut cmd).ok("status as nobody").stdout;
     assert!(st.contains("Pending local changes: 0"), "{st}");
-}
-
-fn unsafe_is_not_root() -> bool {
-    // The uid of this process, read from /proc rather than through libc.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) != Some("0"))
-        })
-        .unwrap_or(true)
 }
 
 /// `rm -rf DIR/*` followed by a push emptied the server and every other computer. The guard
@@ -387,4 +377,36 @@ fn a_server_restored_from_an_older_backup_gets_back_what_it_lost() {
     assert_same_tree(b.path(), c.path());
     assert_eq!(read(&c.path().join("f1.txt")), b"f1 v1, after the backup");
     assert!(!c.path().join("gone-later.txt").exists(), "a delete made after the backup is made again");
+}
+
+/// A full disk on the client: a clear error that says it is this computer's disk (exit 7),
+/// nothing torn or left half-written in the folder, and the next run after space is freed
+/// converges.
+#[test]
+fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
+    if euid() != 0 {
+        println!("skipped: mounting a small tmpfs for the client's folder needs root");
+        return;
+    }
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("a");
+    write(&a.path().join("big.bin"), random_bytes(11, 12 << 20));
+    for i in 0..5 {
+        write(&a.path().join(format!("small{i}.txt")), format!("small {i}"));
+    }
+    push(a.path(), &srv, &token);
+
+    let (_holder, mnt) = mount_tmpfs("8m");
+    let b = mnt.0.join("b");
+    let full = sync_cmd("pull", &b, &srv, &token, &[]);
+    assert_eq!(full.status.code(), Some(7), "{}", full.dump());
+    assert!(full.stderr.contains("this computer's disk is full"), "{}", full.dump());
+    assert!(!b.join("big.bin").exists(), "no torn file in place");
+    let temps: Vec<String> = list_tree(&b).into_iter().filter(|p| p.contains(".deltasync-tmp-")).collect();
+    assert!(temps.is_empty(), "temp files left: {temps:?}");
+
+    mnt.resize("64m");
+    pull(&b, &srv, &token);
+    assert_same_tree(a.path(), &b);
 }

@@ -645,32 +645,14 @@ async fn handshake_carries_server_identity_and_journal_position() {
 // ---------------------------------------------------------------------------------------------
 // 7. Server full disk
 
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn server_full_disk_is_reported_and_the_next_push_converges() {
     if euid() != 0 {
         println!("skipped: mounting a small tmpfs for the server's data folder needs root");
         return;
     }
-    let holder = temp_dir("ds-full-");
-    let mnt = holder.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mount point");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .expect("run mount");
-    assert!(st.success(), "mount -t tmpfs failed although we are root: {st}");
-    let _guard = Mount(mnt.clone());
+    let (_holder, guard) = mount_tmpfs("8m");
+    let mnt = guard.0.clone();
     let data = mnt.join("data");
     let srv = start_server_with(Some(&data), &[]);
     let alice = add_account(&srv.data, "alice");
@@ -722,15 +704,4 @@ fn server_full_disk_is_reported_and_the_next_push_converges() {
     pull(check.path(), &srv, &alice);
     assert_same_tree(dir.path(), check.path());
     drop(srv);
-}
-
-fn euid() -> u32 {
-    // `id -u` instead of libc, so the tests need no unsafe code.
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(u32::MAX)
 }

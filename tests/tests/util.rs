@@ -859,3 +859,48 @@ impl Server {
         false
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Root-only fixtures
+
+/// The effective user id, from `id -u` instead of libc, so the tests need no unsafe code.
+pub fn euid() -> u32 {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+impl Mount {
+    /// Changes the size of the mounted tmpfs (frees space without touching its files).
+    pub fn resize(&self, size: &str) {
+        let st = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status();
+        assert!(st.is_ok_and(|s| s.success()), "remount {} with size {size}", self.0.display());
+    }
+}
+
+/// Mounts a tmpfs of `size` (as `mount -o size=` takes it) in a new temp folder: root only.
+pub fn mount_tmpfs(size: &str) -> (TempDir, Mount) {
+    let holder = temp_dir("ds-tmpfs-");
+    let mnt = holder.path().join("mnt");
+    fs::create_dir(&mnt).expect("mount point");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status();
+    assert!(st.is_ok_and(|s| s.success()), "mount -t tmpfs failed although we are root");
+    (holder, Mount(mnt))
+}
