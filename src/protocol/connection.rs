@@ -1,6 +1,7 @@
 //! Framed reader and writer halves over a TCP stream, counting every byte that crosses the socket
 //! (framing included) for `--stats`.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,31 @@ impl Counters {
 struct Counted<S> {
     inner: S,
     counters: Arc<Counters>,
+    /// Writes only: how long the peer may leave a write waiting (not reading) before it fails.
+    stall: Option<Duration>,
+    /// Armed while a write waits; allocated only then, so idle connections hold none.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, counters: Arc<Counters>) -> Self {
+        Counted { inner, counters, stall: None, timer: None }
+    }
+
+    /// After the inner write or flush said `Pending`: fails once the peer has not taken a byte
+    /// for `stall`.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let stall = self.stall?;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.timer = None;
+        Some(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took nothing we sent for {} s", stall.as_secs()),
+        ))
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -60,13 +86,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        match &r {
+            Poll::Ready(Ok(n)) => {
+                self.timer = None;
+                self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+            }
+            Poll::Ready(Err(_)) => self.timer = None,
+            Poll::Pending => {
+                if let Some(e) = self.stalled(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
         }
         r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        match &r {
+            Poll::Ready(_) => self.timer = None,
+            Poll::Pending => {
+                if let Some(e) = self.stalled(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -103,8 +147,8 @@ pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
     let _ = stream.set_nodelay(true);
     let counters = Arc::new(Counters::default());
     let (r, w) = stream.into_split();
-    let reader = FramedRead::new(Counted { inner: r, counters: counters.clone() }, codec());
-    let writer = BufWriter::with_capacity(WRITE_BUF, Counted { inner: w, counters: counters.clone() });
+    let reader = FramedRead::new(Counted::new(r, counters.clone()), codec());
+    let writer = BufWriter::with_capacity(WRITE_BUF, Counted::new(w, counters.clone()));
     (FrameReader { inner: reader, stream: None }, FrameWriter { inner: writer, stream: None }, counters)
 }
 
@@ -174,6 +218,12 @@ impl FrameReader {
 }
 
 impl FrameWriter {
+    /// Writes fail once the peer has taken nothing for `stall` (a peer that stopped reading
+    /// must not hold a session, and the memory of what waits for it, forever).
+    pub fn set_write_stall(&mut self, stall: Duration) {
+        self.inner.get_mut().stall = Some(stall);
+    }
+
     /// Compresses a small raw block as the next piece of this connection's stream. Every block
     /// passed here must then be sent, in order.
     pub fn seal(&mut self, b: Block) -> std::io::Result<Block> {

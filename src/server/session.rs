@@ -209,6 +209,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
     let (mut rd, mut wr, _) = split(stream);
+    wr.set_write_stall(shared.io_timeout);
     let hello: Hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.recv()).await {
         Err(_) => return Err(SessionError::Handshake("timed out".into())),
         Ok(Ok(Some(h))) => h,

@@ -561,6 +561,39 @@ fn wait_closed(s: &mut TcpStream, deadline: Duration, what: &str) {
     }
 }
 
+/// A client that asks for a big file and then stops reading held its session forever (the
+/// server's write waited with no end). With `DELTASYNC_IO_TIMEOUT_SECS=2` it is dropped.
+#[test]
+fn stalls_and_timeouts_a_client_that_stops_reading_is_dropped() {
+    let srv = start_server_with(None, &[("DELTASYNC_IO_TIMEOUT_SECS", "2")]);
+    let token = add_account(&srv.data, "alice");
+    let dir = temp_dir("ds-stall-read-");
+    let size = 48 << 20;
+    write(&dir.path().join("big.bin"), random_bytes(12, size));
+    push(dir.path(), &srv, &token);
+    let mut s = handshake_std(&srv, &token);
+    let path = RelPath::new("big.bin").expect("path");
+    s.write_all(&frame_of(&ClientMsg::Req { id: 1, req: Request::Get { path, have: None } })).expect("get");
+    std::thread::sleep(Duration::from_secs(6));
+    // Everything the server managed to send sits in the socket buffers; then the end.
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the server still held the stalled session after sending {got} bytes")
+            }
+            Err(_) => break, // reset: closed too
+        }
+    }
+    assert!(got < size, "the whole file arrived although the client stopped reading ({got} bytes)");
+    let check = temp_dir("ds-stall-read-check-");
+    pull(check.path(), &srv, &token);
+}
+
 /// With `DELTASYNC_IO_TIMEOUT_SECS=2`: half a frame then silence, or an upload that stops
 /// between its blocks, is closed; meanwhile other sessions are served, and a connection idle
 /// between frames for longer than that stays open.
