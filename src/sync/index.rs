@@ -62,7 +62,8 @@ fn schema() -> String {
 CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, mode INTEGER, hash BLOB);
 CREATE TABLE IF NOT EXISTS remote (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, device TEXT NOT NULL, {NODE_COLUMNS});
 CREATE TABLE IF NOT EXISTS synced (path TEXT PRIMARY KEY, rev INTEGER NOT NULL, {NODE_COLUMNS});
-CREATE TABLE IF NOT EXISTS intents (path TEXT NOT NULL, {NODE_COLUMNS});"
+CREATE TABLE IF NOT EXISTS intents (path TEXT NOT NULL, {NODE_COLUMNS});
+CREATE INDEX IF NOT EXISTS intents_path ON intents (path);"
     )
 }
 
@@ -293,11 +294,17 @@ impl Index {
     pub fn add_intents(&mut self, intents: &[(RelPath, Option<Node>)]) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
         {
+            // Rounds that keep failing add the same intents again: each is kept once.
+            let mut same = tx.prepare(
+                "DELETE FROM intents WHERE path=?1 AND kind=?2 AND hash IS ?3 AND size IS ?4 AND mtime_ns IS ?5
+                 AND mode IS ?6 AND target IS ?7",
+            )?;
             let mut st = tx.prepare(
                 "INSERT INTO intents (path, kind, hash, size, mtime_ns, mode, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for (p, n) in intents {
                 let c = node_cols(n.as_ref());
+                same.execute(params![p.as_str(), c.0, c.1, c.2, c.3, c.4, c.5])?;
                 st.execute(params![p.as_str(), c.0, c.1, c.2, c.3, c.4, c.5])?;
             }
         }
@@ -416,6 +423,22 @@ mod tests {
             assert_eq!(synced[&path], Synced { rev: i as u64, node: n.clone() });
         }
         assert_eq!(ix.last_seq().unwrap(), 9);
+    }
+
+    #[test]
+    fn intents_are_kept_once_each_until_cleared() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = Index::open(d.path()).unwrap();
+        let f = |c: &[u8]| {
+            Some(Node::File { hash: ContentHash::of(c), size: 1, meta: Meta { mtime_ns: 1, mode: 0o644 } })
+        };
+        ix.add_intents(&[(p("a"), f(b"1")), (p("b"), None)]).unwrap();
+        ix.add_intents(&[(p("a"), f(b"1")), (p("a"), f(b"2")), (p("b"), None)]).unwrap();
+        let mut got = ix.intents().unwrap();
+        got.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+        assert_eq!(got.len(), 3, "{got:?}");
+        ix.clear_intents().unwrap();
+        assert!(ix.intents().unwrap().is_empty());
     }
 
     #[test]
