@@ -450,13 +450,6 @@ mod tests {
     #[test]
     fn decision_table_kinds_and_tombstones() {
         let a = || Some(file("a"));
-        type Case = (
-            &'static str,
-            Option<Node>,
-            Option<(u64, Option<Node>)>,
-            Option<(u64, Option<Node>)>,
-            &'static str,
-        );
         let cases: Vec<Case> = vec![
             ("new local dir", dir(), None, None, "mkdir"),
             ("new remote dir", None, Some((1, dir())), None, "fetch"),
@@ -562,19 +555,16 @@ mod tests {
         }
     }
 
+    /// A case of one path: (name, local, remote (rev, node), base (rev, node), the action).
+    type Case =
+        (&'static str, Option<Node>, Option<(u64, Option<Node>)>, Option<(u64, Option<Node>)>, &'static str);
+
     /// One path, every combination that matters: (local, remote (rev, node), base (rev, node)) → action.
     #[test]
     fn decision_table() {
         let a = || Some(file("a"));
         let b = || Some(file("b"));
         let c = || Some(file("c"));
-        type Case = (
-            &'static str,
-            Option<Node>,
-            Option<(u64, Option<Node>)>,
-            Option<(u64, Option<Node>)>,
-            &'static str,
-        );
         let cases: Vec<Case> = vec![
             ("in sync", a(), Some((1, a())), Some((1, a())), ""),
             ("new local file", a(), None, None, "put"),
@@ -592,11 +582,7 @@ mod tests {
             ("already agreed, new rev only", a(), Some((3, a())), Some((1, a())), "record"),
         ];
         for (name, l, r, base, want) in cases {
-            let local: BTreeMap<_, _> = l.into_iter().map(|n| (p("f"), n)).collect();
-            let remote: BTreeMap<_, _> = r.into_iter().map(|(rev, n)| (p("f"), entry("f", rev, n))).collect();
-            let synced: BTreeMap<_, _> =
-                base.into_iter().map(|(rev, node)| (p("f"), Synced { rev, node })).collect();
-            let got: Vec<_> = plan(&local, &remote, &synced).iter().map(kind).collect();
+            let got: Vec<_> = one(l, r, base).iter().map(kind).collect();
             let want: Vec<&str> = if want.is_empty() { vec![] } else { vec![want] };
             assert_eq!(got, want, "case: {name}");
         }

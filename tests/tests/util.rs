@@ -73,6 +73,16 @@ impl Server {
     /// Starts `deltasync serve --listen LISTEN`; `Err` if it exited before printing its address
     /// (e.g. the port is taken). Other failures panic.
     fn try_spawn(root: &Path, data: &Path, listen: &str) -> Result<Server, ExitStatus> {
+        Server::try_spawn_with(root, data, listen, &[])
+    }
+
+    /// [`Server::try_spawn`] with extra environment variables for the server.
+    fn try_spawn_with(
+        root: &Path,
+        data: &Path,
+        listen: &str,
+        envs: &[(&str, &str)],
+    ) -> Result<Server, ExitStatus> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -81,6 +91,7 @@ impl Server {
         let mut child = command()
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -793,35 +804,10 @@ pub fn start_server_with(data: Option<&Path>, envs: &[(&str, &str)]) -> Server {
     let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
     let root = tmp.path().to_path_buf();
     let data = data.map_or_else(|| root.join("data"), Path::to_path_buf);
-    let log = fs::OpenOptions::new().create(true).append(true).open(root.join("server.log")).expect("log");
-    let mut child = command()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn deltasync serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some((_, rest)) = line.split_once("listening on ") {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(a) => a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a:?}: {e}")),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("server did not print its address within 30 s; log:\n{}", read_log(&root));
-        }
-    };
-    Server { child: Some(child), addr, data, root, tmp: Some(tmp) }
+    let mut s = Server::try_spawn_with(&root, &data, "127.0.0.1:0", envs)
+        .unwrap_or_else(|st| panic!("server exited early ({st}); log:\n{}", read_log(&root)));
+    s.tmp = Some(tmp);
+    s
 }
 
 impl Server {
