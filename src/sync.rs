@@ -342,6 +342,9 @@ fn finishes_a_conflict(a: &Action, inputs: &input::Inputs) -> bool {
         Action::Fetch { entry } => {
             !inputs.local.contains_key(&entry.path)
                 && inputs.synced.get(&entry.path).is_some_and(|s| s.node.is_some())
+                // Only into directories that are here: a parent the server changed waits for
+                // the pull that brings it.
+                && entry.path.ancestors().all(|d| matches!(inputs.local.get(&d), Some(Node::Dir { .. })))
         }
         _ => false,
     }

@@ -727,6 +727,7 @@ impl Session {
                 };
                 let dst = self.current(&to).await?;
                 check_base(&to, &dst, to_base_rev)?;
+                self.check_replaceable(&to, &dst).await?;
                 let (f, t) = (from.clone(), to.clone());
                 blocking(move || store.rename(&f, &t, meta)).await?;
                 let rev = self.commit("move", vec![(from, None), (to, Some(node))]).await?;

@@ -152,6 +152,10 @@ impl AccountStore {
         let src = self.resolve(from)?;
         require_parent(&self.files, to)?;
         let dest = to.under(&self.files);
+        // An empty directory in the way is replaced (the session refuses a non-empty one).
+        if fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+            fs::remove_dir(&dest)?;
+        }
         fs::rename(&src, &dest)?;
         fsutil::set_mode(&dest, meta.mode)?;
         fsutil::set_mtime(&dest, meta.mtime_ns)?;
