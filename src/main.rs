@@ -142,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 device: args.device.clone(),
                 max_delete: args.max_delete,
                 restore_deleted: false,
+                defer_deletes: false,
             };
             let progress = Arc::new(Progress::new(!args.no_progress, args.verbose));
             let wopts = WatchOptions { rescan: std::time::Duration::from_secs(rescan.max(1)) };
@@ -173,6 +174,7 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
         device: args.device.clone(),
         max_delete: args.max_delete,
         restore_deleted: args.restore_deleted && download,
+        defer_deletes: false,
     };
     let mut folder = Folder::open(&args.dir, download)?;
     let settings = folder.settings(&opts)?;

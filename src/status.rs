@@ -55,7 +55,7 @@ pub fn status(root: &Path) -> Result<String, SyncError> {
     let inputs = input::prepare(&s, &rules, base, &[]);
     let remote = &inputs.remote;
     let mut actions = plan::plan(&inputs.local, remote, &inputs.synced);
-    let held = guard::check(&mut actions, &inputs.synced, None);
+    let held = guard::check(&mut actions, &inputs.synced, None, 0);
     let pending: Vec<_> =
         actions.iter().filter(|a| a.is_upload() || matches!(a, plan::Action::Conflict { .. })).collect();
     let _ = writeln!(out, "Pending local changes: {}", pending.len());

@@ -67,6 +67,9 @@ pub struct Options {
     pub max_delete: Option<guard::Limit>,
     /// `pull --restore-deleted`: download files deleted here instead of deleting them there.
     pub restore_deleted: bool,
+    /// `watch`, while the folder is still changing: server deletes wait for it to be quiet, so a
+    /// mass delete is seen whole by the guard.
+    pub defer_deletes: bool,
 }
 
 /// Where a folder's settings came from, after resolving flags, environment and `.deltasync/`.
@@ -90,6 +93,8 @@ pub struct Folder {
     pub root: PathBuf,
     pub index: Index,
     pub sigs: SigCache,
+    /// Server deletes this process sent, and when: the mass-delete guard counts them together.
+    recent_deletes: Vec<(std::time::Instant, u64)>,
     _lock: std::fs::File,
 }
 
@@ -117,7 +122,7 @@ impl Folder {
         }
         let index = Index::open(&sd)?;
         let sigs = SigCache::new(sd.join("sigs")).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
-        Ok(Folder { root, index, sigs, _lock: lock })
+        Ok(Folder { root, index, sigs, recent_deletes: Vec::new(), _lock: lock })
     }
 
     /// Flags and environment win over what `.deltasync/` remembers.
@@ -258,7 +263,16 @@ impl Folder {
                 keep
             })
             .collect();
-        report.held = guard::check(&mut actions, &inputs.synced, opts.max_delete);
+        if opts.defer_deletes {
+            let before = actions.len();
+            actions.retain(|a| !matches!(a, Action::DeleteRemote { .. }));
+            report.deferred_deletes = before - actions.len();
+        } else {
+            let now = std::time::Instant::now();
+            self.recent_deletes.retain(|(t, _)| now.duration_since(*t) < guard::WINDOW);
+            let recent = self.recent_deletes.iter().map(|(_, n)| n).sum();
+            report.held = guard::check(&mut actions, &inputs.synced, opts.max_delete, recent);
+        }
         if opts.dry_run {
             for a in &actions {
                 println!("would {}", describe(a));
@@ -316,6 +330,9 @@ impl Folder {
         progress.finish();
         r?;
         let mut report = exec.report;
+        if report.deleted_remote > 0 {
+            self.recent_deletes.push((std::time::Instant::now(), report.deleted_remote));
+        }
         if report.unresolved.is_empty() && report.errors.is_empty() {
             self.index.clear_intents()?;
         }

@@ -29,6 +29,9 @@ use crate::sync::{Folder, Options, Settings, SyncError};
 /// write-temp-then-rename and the thousands of events of a `git checkout`, yet keeps a single
 /// save's latency well under the 200 ms target.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Server deletes wait until the folder has been quiet this long, so the mass-delete guard sees a
+/// `rm -rf` whole rather than in the pieces the debouncer cuts it into.
+const DELETE_QUIET: Duration = Duration::from_secs(1);
 /// Keep-alive on an idle connection, so a dead server or NAT drop is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -83,6 +86,8 @@ pub async fn watch(
     let mut dirty = true;
     let mut retries = 0;
     let mut held_said = None;
+    let mut last_event: Option<Instant> = None;
+    let mut deletes_due: Option<Instant> = None;
     let mut backoff = Duration::from_millis(250);
     let mut down_since_said = false;
     let mut next_rescan = Instant::now() + rescan_every;
@@ -117,7 +122,11 @@ pub async fn watch(
         };
         if dirty {
             dirty = false;
-            let round = folder.round(c, &opts, &settings.device, &progress);
+            let ropts = Options {
+                defer_deletes: last_event.is_some_and(|t| t.elapsed() < DELETE_QUIET),
+                ..opts.clone()
+            };
+            let round = folder.round(c, &ropts, &settings.device, &progress);
             let result = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 r = round => r,
@@ -127,13 +136,20 @@ pub async fn watch(
                     for e in &report.errors {
                         progress.say(&format!("error: {e}"));
                     }
-                    // Held deletes wait while everything else syncs; said once, not every round.
-                    if let Some(h) = report.held
-                        && report.held != held_said
-                    {
-                        progress.say(&format!("deltasync: {}", h.message(&folder.root)));
+                    // Held deletes wait while everything else syncs; said once (again only when
+                    // their number changes), not every round. A round that deferred its deletes
+                    // did not look at them.
+                    if report.deferred_deletes > 0 {
+                        deletes_due = last_event.map(|t| t + DELETE_QUIET);
+                    } else {
+                        let held = report.held.map(|h| h.deletes);
+                        if let Some(h) = report.held
+                            && held != held_said
+                        {
+                            progress.say(&format!("deltasync: {}", h.message(&folder.root)));
+                        }
+                        held_said = held;
                     }
-                    held_said = report.held;
                     // The server moved on meanwhile: fetch and decide again, a few times; a refusal
                     // that persists waits for the next change instead of spinning.
                     if report.unresolved.is_empty() {
@@ -172,7 +188,12 @@ pub async fn watch(
                 if ev.is_some() {
                     while fs_rx.try_recv().is_ok() {}
                     dirty = true;
+                    last_event = Some(Instant::now());
                 }
+            }
+            _ = tokio::time::sleep_until(deletes_due.unwrap_or(next_rescan)), if deletes_due.is_some() => {
+                deletes_due = None;
+                dirty = true;
             }
             msg = c.rd.recv::<ServerMsg>() => match msg {
                 Ok(Some(ServerMsg::Notify { seq })) => {

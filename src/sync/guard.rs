@@ -19,6 +19,8 @@ use crate::protocol::Node;
 pub const MANY: u64 = 50;
 /// Deleting every file trips the guard for folders of at least this many files.
 pub const ALL_OF: u64 = 2;
+/// Deletes sent within this long count together.
+pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How many deletes the user allowed with `--max-delete`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,13 +75,20 @@ fn count(actions: &[Action], synced: &BTreeMap<RelPath, Synced>) -> Held {
 }
 
 /// Checks a plan; when it trips the guard (and `limit` does not allow it), removes every server
-/// delete from `actions` and says how many were held back.
+/// delete from `actions` and says how many were held back. `recent`: file deletes this folder
+/// sent in the last [`WINDOW`] (a `watch` sees a slow `rm -rf` in pieces; they count together).
 pub fn check(
     actions: &mut Vec<Action>,
     synced: &BTreeMap<RelPath, Synced>,
     limit: Option<Limit>,
+    recent: u64,
 ) -> Option<Held> {
-    let h = count(actions, synced);
+    let mut h = count(actions, synced);
+    if h.deletes == 0 {
+        return None;
+    }
+    h.deletes += recent;
+    h.files += recent;
     let trips = (h.deletes > MANY && h.deletes * 2 > h.files) || (h.files >= ALL_OF && h.deletes == h.files);
     let allowed = match limit {
         None => false,
@@ -137,7 +146,7 @@ mod tests {
         ];
         for (files, n, limit, want) in cases {
             let mut acts = deletes(n);
-            let held = check(&mut acts, &folder(files), limit);
+            let held = check(&mut acts, &folder(files), limit, 0);
             assert_eq!(held.is_some(), want, "{n} of {files} with {limit:?}");
             let left = acts.iter().filter(|a| matches!(a, Action::DeleteRemote { .. })).count() as u64;
             assert_eq!(left, if want { 0 } else { n }, "deletes left, {n} of {files}");
@@ -147,6 +156,15 @@ mod tests {
                 "other actions stay"
             );
         }
+    }
+
+    /// 30 deletes sent a moment ago from a folder of 70, 30 more now: 60 of 70 together.
+    #[test]
+    fn recent_deletes_count_together() {
+        let mut acts = deletes(30);
+        assert!(check(&mut acts, &folder(40), None, 30).is_some());
+        let mut acts = deletes(30);
+        assert!(check(&mut acts, &folder(40), None, 0).is_none());
     }
 
     #[test]

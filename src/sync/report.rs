@@ -26,6 +26,8 @@ pub struct Report {
     pub errors: Vec<String>,
     /// A download did not fit on this computer's disk.
     pub local_disk_full: bool,
+    /// Server deletes left for a later round because the folder was still changing (`watch`).
+    pub deferred_deletes: usize,
     /// Server deletes held back by the mass-delete guard.
     pub held: Option<super::guard::Held>,
 }

@@ -1407,3 +1407,53 @@ fn wait_for_file(path: &Path, content: &str, watchers: &mut [&mut Watcher]) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `watch` holds a mass delete back, says so once, keeps syncing everything else, and `status`
+/// shows the held deletes while it runs.
+#[test]
+fn watch_holds_a_mass_delete_back_and_keeps_syncing_the_rest() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b) = (temp_dir("ds-held-a-"), temp_dir("ds-held-b-"));
+    for i in 0..60 {
+        write(&a.path().join(format!("docs/f{i:02}.txt")), format!("doc {i}"));
+    }
+    push(a.path(), &srv, &token);
+    pull(b.path(), &srv, &token);
+    // A file the watcher's first round uploads: once it is on B, the watcher is running steady
+    // (a delete racing its start-up scan is a round of its own, not what this test is about).
+    write(&a.path().join("new0.txt"), "uploaded by the first round");
+    let mut w = Watcher::start(a.path(), &srv, &token, "A");
+    let arrived = |name: &str, w: &mut Watcher| {
+        let deadline = Instant::now() + CONVERGE;
+        while !b.path().join(name).exists() {
+            w.assert_alive();
+            assert!(Instant::now() < deadline, "{name} never arrived; log:\n{}", w.log());
+            std::thread::sleep(Duration::from_millis(100));
+            pull(b.path(), &srv, &token);
+        }
+    };
+    arrived("new0.txt", &mut w);
+    for i in 0..60 {
+        fs::remove_file(a.path().join(format!("docs/f{i:02}.txt"))).expect("delete");
+    }
+    write(&a.path().join("new1.txt"), "synced while the deletes wait");
+    arrived("new1.txt", &mut w);
+    // Once the folder is quiet, the deletes' round: held back, and said.
+    let deadline = Instant::now() + CONVERGE;
+    while !w.log().contains("held back 60 deletes") {
+        w.assert_alive();
+        assert!(Instant::now() < deadline, "the held deletes were never reported; log:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // More rounds (another change, and the held deletes' own retry once it is quiet again).
+    write(&a.path().join("new2.txt"), "synced while the deletes wait");
+    arrived("new2.txt", &mut w);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(read_string(&b.path().join("docs/f07.txt")), "doc 7", "the deletes were held back");
+    let said = w.log().matches("held back 60 deletes").count();
+    assert_eq!(said, 1, "said once, not every round; log:\n{}", w.log());
+    let st = run(command().arg("status").arg(a.path())).ok("status").stdout;
+    assert!(st.contains("Held back"), "{st}");
+    w.stop();
+}
