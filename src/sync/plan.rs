@@ -322,6 +322,12 @@ pub fn plan(
                     Some(Node::File { hash: rh, .. }) if *rh == hash => {
                         metas.push(Action::SetMeta { path, base_rev, meta })
                     }
+                    // A file replacing a directory on the server goes up after the deletes that
+                    // empty it: not as a move or copy, which run before them (its content may
+                    // even come from inside that directory).
+                    Some(Node::Dir { .. }) => {
+                        puts.push(Action::Put { path, base_rev, hash, size, meta, delta_base: None })
+                    }
                     _ => {
                         if let Some((from, from_rev)) = deleted_by_hash.remove(&hash) {
                             moved_from.push(from.clone());
@@ -463,6 +469,7 @@ mod tests {
             ("file became link here", link("t"), Some((1, a())), Some((1, a())), "symlink"),
             ("link became file here", a(), Some((1, link("t"))), Some((1, link("t"))), "put"),
             ("file became dir here", dir(), Some((1, a())), Some((1, a())), "mkdir"),
+            ("dir became file here", a(), Some((1, dir())), Some((1, dir())), "put"),
             ("dir became file there", dir(), Some((2, a())), Some((1, dir())), "fetch"),
             ("dir became link there", dir(), Some((2, link("t"))), Some((1, dir())), "fetch"),
             ("file vs dir created", a(), Some((1, dir())), None, "conflict"),
@@ -478,6 +485,22 @@ mod tests {
             let want: Vec<&str> = if want.is_empty() { vec![] } else { vec![want] };
             assert_eq!(got, want, "case: {name}");
         }
+    }
+
+    /// A file moved out of a directory onto the directory's own path: the file inside is deleted
+    /// first, then the file goes up (a move would land on a non-empty directory, refused forever).
+    #[test]
+    fn a_file_moved_onto_its_own_directory_goes_up_after_the_delete() {
+        let local = BTreeMap::from([(p("d"), file("f"))]);
+        let remote =
+            BTreeMap::from([(p("d"), entry("d", 1, dir())), (p("d/a"), entry("d/a", 2, Some(file("f"))))]);
+        let synced = BTreeMap::from([
+            (p("d"), Synced { rev: 1, node: dir() }),
+            (p("d/a"), Synced { rev: 2, node: Some(file("f")) }),
+        ]);
+        let got: Vec<_> =
+            plan(&local, &remote, &synced).iter().map(|a| format!("{} {}", kind(a), a.path())).collect();
+        assert_eq!(got, ["delete-remote d/a", "put d"]);
     }
 
     /// A directory here with changed content inside, which the server replaced by a link (a
