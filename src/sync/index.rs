@@ -45,7 +45,7 @@ pub struct Synced {
 
 pub struct Index {
     conn: Connection,
-    /// Set when opening found an index of an older layout (or none) and started a fresh one.
+    /// Set when opening found an index of an older layout and replaced it by an empty one.
     pub fresh: bool,
 }
 
@@ -232,7 +232,7 @@ impl Index {
         table: &'static str,
         sql: &str,
         extra: usize,
-        make: impl Fn(&Row, Option<Node>) -> rusqlite::Result<Result<T, String>>,
+        make: impl Fn(&Row, &RelPath, Option<Node>) -> rusqlite::Result<Result<T, String>>,
     ) -> Result<Vec<(RelPath, T)>, IndexError> {
         let mut st = self.conn.prepare(sql)?;
         let mut rows = st.query([])?;
@@ -242,7 +242,7 @@ impl Index {
             let damaged = |why: String| IndexError::Damaged { table, path: path.clone(), why };
             let rel = RelPath::new(path.clone()).map_err(|e| damaged(e.to_string()))?;
             let node = read_node(r, 1 + extra).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
-            let v = make(r, node).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
+            let v = make(r, &rel, node).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
             out.push((rel, v));
         }
         Ok(out)
@@ -254,11 +254,9 @@ impl Index {
                 "remote",
                 "SELECT path, rev, device, kind, hash, size, mtime_ns, mode, target FROM remote",
                 2,
-                |r, node| {
-                    let path = RelPath::new(r.get::<_, String>(0)?).map_err(|e| e.to_string());
-                    let rev = rev_of(r.get(1)?);
+                |r, path, node| {
                     let device: String = r.get(2)?;
-                    Ok(path.and_then(|path| Ok(Entry { path, rev: rev?, node, device })))
+                    Ok(rev_of(r.get(1)?).map(|rev| Entry { path: path.clone(), rev, node, device }))
                 },
             )?
             .into_iter()
@@ -271,7 +269,7 @@ impl Index {
                 "synced",
                 "SELECT path, rev, kind, hash, size, mtime_ns, mode, target FROM synced",
                 1,
-                |r, node| Ok(rev_of(r.get(1)?).map(|rev| Synced { rev, node })),
+                |r, _, node| Ok(rev_of(r.get(1)?).map(|rev| Synced { rev, node })),
             )?
             .into_iter()
             .collect())
@@ -284,7 +282,7 @@ impl Index {
             "intents",
             "SELECT path, kind, hash, size, mtime_ns, mode, target FROM intents",
             0,
-            |_, node| Ok(Ok(node)),
+            |_, _, node| Ok(Ok(node)),
         )
     }
 
