@@ -260,6 +260,9 @@ pub fn describe(m: &ServerMsg) -> String {
                 Reply::File { entry, .. } => format!("the file `{}`", entry.path),
                 Reply::Signature { .. } => "a signature".into(),
                 Reply::Ok => "ok".into(),
+                Reply::Log { versions, .. } => format!("a page of {} versions", versions.len()),
+                Reply::Snapshot { versions, .. } => format!("a snapshot page of {} paths", versions.len()),
+                Reply::Reverted { changed, .. } => format!("a revert of {} paths", changed.len()),
             };
             format!("an answer to request {id} ({what})")
         }

@@ -12,6 +12,7 @@
 //! - [`progress`]: progress bars.
 //! - [`status`]: `deltasync status`.
 //! - [`watch`]: continuous sync: file-system events and server notices start rounds.
+//! - [`when`]: RFC 3339 times and ages (`2h`, `3d`) as people write them.
 
 pub mod client;
 pub mod delta;
@@ -24,3 +25,4 @@ pub mod server;
 pub mod status;
 pub mod sync;
 pub mod watch;
+pub mod when;

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod meta;
+pub mod retention;
 pub mod session;
 pub mod store;
 

@@ -11,7 +11,7 @@ use crate::path::RelPath;
 
 pub const MAGIC: [u8; 8] = *b"DLTASYNC";
 /// 2: `Welcome::Accepted` carries the server's identity and the account's journal position.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -160,6 +160,41 @@ pub enum Request {
     /// Ask to be sent `Notify` whenever the account changes (used by `watch`).
     Subscribe,
     Ping,
+    /// History: `path`'s versions, newest first (or, without a path, the account's latest
+    /// changes; with `deleted`, the paths whose current version is a delete and whose earlier
+    /// content can be restored). At most `limit` entries (the server caps it at [`MAX_LOG`]).
+    Log {
+        path: Option<RelPath>,
+        deleted: bool,
+        limit: u32,
+    },
+    /// The state of `path` (a file, or a directory and everything under it; `None`: the whole
+    /// folder) at a point in history: each path's version at or before it, deleted paths left
+    /// out, in path order. Paged: `after` is the last path of the previous page.
+    Snapshot {
+        path: Option<RelPath>,
+        at: At,
+        after: Option<RelPath>,
+    },
+    /// The content of the version of `path` committed at revision `rev` (as [`Request::Get`],
+    /// always whole).
+    GetVersion {
+        path: RelPath,
+        rev: u64,
+    },
+    /// Makes `path` (a file or a subtree; `None`: the whole folder) as it was at `at`, as new
+    /// changes: files and links come back, paths made since are deleted, directories are made.
+    /// What it replaces stays in history.
+    Restore {
+        path: Option<RelPath>,
+        at: At,
+    },
+    /// Reverts every change device `device` made at or after `since` (Unix seconds), as new
+    /// changes; a path another device changed afterwards is skipped.
+    Undo {
+        device: String,
+        since: i64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -207,6 +242,46 @@ pub enum Reply {
         size: u64,
     },
     Ok,
+    Log {
+        versions: Vec<Version>,
+        more: bool,
+    },
+    Snapshot {
+        versions: Vec<Version>,
+        more: bool,
+    },
+    /// A restore or an undo: the revision of its last change (0: nothing changed), the paths it
+    /// changed and, for an undo, the paths it skipped because another device changed them later.
+    Reverted {
+        rev: u64,
+        changed: Vec<RelPath>,
+        skipped: Vec<RelPath>,
+    },
+}
+
+/// Entries a `Log` or `Snapshot` reply holds at most.
+pub const MAX_LOG: u32 = 2000;
+
+/// A point in history: a revision of the account's journal, or a time (Unix seconds, UTC; the
+/// state after every change committed at or before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum At {
+    Rev(u64),
+    Time(i64),
+}
+
+/// One version of a path: what a change committed at revision `rev` left there (`node: None`:
+/// the path was deleted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub path: RelPath,
+    pub rev: u64,
+    /// Unix seconds, UTC.
+    pub time: i64,
+    pub device: String,
+    /// `write`, `copy`, `move`, `delete`, `mkdir`, `symlink`, `meta`, `restore`, `undo`.
+    pub op: String,
+    pub node: Option<Node>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
