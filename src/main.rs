@@ -86,7 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The database exists (in WAL mode) before we say we listen, so a script may run
             // `account add` the moment it reads the line.
             drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
-            let config = ServerConfig { data_dir: data.clone(), open_registration };
+            let config = ServerConfig { data_dir: data.clone(), open_registration, keep: Default::default() };
             println!("deltasync: data in {}, listening on {addr}", data.display());
             server::run(listener, config, async {
                 let _ = tokio::signal::ctrl_c().await;

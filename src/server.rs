@@ -9,6 +9,7 @@
 //! except for the short SQLite transaction.
 
 pub mod batch;
+pub mod history;
 pub mod meta;
 pub mod retention;
 pub mod session;
@@ -65,6 +66,8 @@ fn io_timeout() -> Duration {
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub open_registration: bool,
+    /// Which versions history keeps (`serve --keep`).
+    pub keep: retention::Keep,
 }
 
 #[derive(Debug, thiserror::Error)]
