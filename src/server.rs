@@ -202,6 +202,7 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tracker.spawn(prune_in_background(shared.clone(), cancel.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -240,6 +241,40 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Between background prunes.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// A pack nothing refers to is deleted only once it is this old: an upload may be about to
+/// commit the chunks in it (or resume into it).
+pub const PRUNE_GRACE: Duration = Duration::from_secs(86_400);
+
+/// Applies the retention policy every [`PRUNE_EVERY`] (the first time a minute after the start).
+async fn prune_in_background(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = PRUNE_EVERY;
+        let sh = shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            history::prune_store(&sh.meta, sh.chunks.as_ref(), &sh.keep, PRUNE_GRACE)
+        })
+        .await;
+        match r {
+            Ok(Ok(s)) if s.versions + s.packs > 0 => tracing::info!(
+                "prune: forgot {} versions, deleted {} packs ({})",
+                s.versions,
+                s.packs,
+                human_size(s.bytes)
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("prune stopped: {e}"),
+        }
+    }
 }
 
 /// `1.2 GiB`-style sizes for messages.

@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use super::content::{ChunkKey, ChunkList, ChunkLoc, Sealed};
+use super::retention::Keep;
 use super::store::PackId;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
@@ -629,6 +630,108 @@ impl Metadata {
         rows.into_iter().map(|(a, e)| e.map(|e| (a, e))).collect()
     }
 
+    /// One prune, in one transaction: forgets the versions `keep` does not keep (never a
+    /// current one), the contents no kept version uses, and the chunks of packs that hold only
+    /// unused chunks and were finished at least `grace` seconds ago. Returns the versions
+    /// forgotten and the packs (with sizes) whose files may now be deleted. Commits check
+    /// inside their own transaction that the chunks they refer to are still recorded, so an
+    /// upload racing a prune is refused (and retried by its client), never left pointing at a
+    /// deleted pack.
+    pub fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<(u64, Vec<(PackId, u64)>), MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut forgotten = 0u64;
+        if *keep != Keep::All {
+            // (account, path) → versions' (rev, time), oldest first, and whether the last is a delete.
+            let mut st =
+                tx.prepare("SELECT account, path, rev, at, kind FROM history ORDER BY account, path, rev")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut drop: Vec<(i64, String, i64)> = Vec::new();
+            let mut group: Vec<(i64, String, i64, i64, i64)> = Vec::new();
+            let flush = |group: &mut Vec<(i64, String, i64, i64, i64)>,
+                         drop: &mut Vec<(i64, String, i64)>| {
+                if group.is_empty() {
+                    return;
+                }
+                let times: Vec<i64> = group.iter().map(|g| g.3).collect();
+                let deleted = group.last().is_some_and(|g| g.4 == 0);
+                for (g, k) in group.iter().zip(keep.select(&times, deleted, now)) {
+                    if !k {
+                        drop.push((g.0, g.1.clone(), g.2));
+                    }
+                }
+                group.clear();
+            };
+            for row in rows {
+                let row = row?;
+                if group.last().is_some_and(|g| g.0 != row.0 || g.1 != row.1) {
+                    flush(&mut group, &mut drop);
+                }
+                group.push(row);
+            }
+            flush(&mut group, &mut drop);
+            drop_rows(&tx, &drop)?;
+            forgotten = drop.len() as u64;
+        }
+        // Contents no file and no kept version uses.
+        tx.execute_batch(
+            "DELETE FROM contents WHERE NOT EXISTS
+                (SELECT 1 FROM history h WHERE h.account=contents.account AND h.hash=contents.hash)
+              AND NOT EXISTS
+                (SELECT 1 FROM files f WHERE f.account=contents.account AND f.hash=contents.hash AND f.kind=1)",
+        )?;
+        let mut used: std::collections::HashSet<i64> = std::collections::HashSet::new();
+        {
+            let mut st = tx.prepare("SELECT chunks FROM contents")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let list: Vec<u8> = r.get(0)?;
+                let list: Vec<(i64, u32)> = postcard::from_bytes(&list)
+                    .map_err(|_| MetaError::CorruptRow("content chunk list".into()))?;
+                used.extend(list.into_iter().map(|(id, _)| id));
+            }
+        }
+        let mut gone = Vec::new();
+        {
+            let packs: Vec<(Vec<u8>, i64, i64)> = tx
+                .prepare("SELECT id, size, created FROM packs")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut ids_of = tx.prepare("SELECT id FROM chunks WHERE pack=?1")?;
+            for (pack, size, created) in packs {
+                if now.saturating_sub(created) < grace as i64 {
+                    continue;
+                }
+                let ids: Vec<i64> =
+                    ids_of.query_map(params![&pack], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                if ids.iter().any(|id| used.contains(id)) {
+                    continue;
+                }
+                let Ok(id) = <[u8; 16]>::try_from(pack.as_slice()) else { continue };
+                gone.push((PackId(id), size.max(0) as u64));
+            }
+        }
+        for (p, _) in &gone {
+            tx.execute("DELETE FROM chunks WHERE pack=?1", params![&p.0[..]])?;
+            tx.execute("DELETE FROM packs WHERE id=?1", params![&p.0[..]])?;
+        }
+        tx.commit()?;
+        Ok((forgotten, gone))
+    }
+
+    /// Whether a pack is recorded (finished and known to the metadata).
+    pub fn pack_known(&self, pack: PackId) -> Result<bool, MetaError> {
+        Ok(self.conn().prepare_cached("SELECT 1 FROM packs WHERE id=?1")?.exists(params![&pack.0[..]])?)
+    }
+
     /// Whether the layout of this database is the versioned store's (not the plain mirror's).
     pub fn layout(&self) -> Result<i64, MetaError> {
         Ok(self.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
@@ -829,6 +932,14 @@ fn apply_step(
     tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2) WHERE id=?1")?
         .execute(params![account, *used])?;
     Ok(Ok(seq))
+}
+
+fn drop_rows(tx: &rusqlite::Connection, rows: &[(i64, String, i64)]) -> Result<(), MetaError> {
+    let mut st = tx.prepare_cached("DELETE FROM history WHERE account=?1 AND path=?2 AND rev=?3")?;
+    for (a, p, r) in rows {
+        st.execute(params![a, p, r])?;
+    }
+    Ok(())
 }
 
 fn account_name(tx: &rusqlite::Connection, account: AccountId) -> Result<String, MetaError> {

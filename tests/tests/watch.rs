@@ -186,29 +186,30 @@ impl Drop for Watcher {
     }
 }
 
-/// The account's plain mirror on the server (`data/accounts/ID/files`), once the account has one.
+/// The server's files as plain files (an export, refreshed by [`wait_converged`] on each
+/// look), once the account exists.
 fn mirror(srv: &mut Server) -> PathBuf {
     let deadline = Instant::now() + CONVERGE;
     loop {
         srv.assert_running();
-        let dirs = srv.account_dirs();
-        match dirs.as_slice() {
-            [one] if one.join("files").is_dir() => return one.join("files"),
-            [] | [_] => {}
-            many => panic!("expected one account folder on the server, found {many:?}"),
+        if srv.data.join("deltasync.db").exists() && account_exists(srv) {
+            return srv.files();
         }
         assert!(
             Instant::now() < deadline,
-            "the server made no account folder within {CONVERGE:?}; server log:\n{}",
+            "the server made no account within {CONVERGE:?}; server log:\n{}",
             srv.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Polls until every folder in `sides` holds the same tree (paths, kinds, contents, exec bits,
-/// mtimes) and `also` holds for the first one's snapshot; returns that snapshot. Panics after
-/// [`CONVERGE`] with the differences, `context()` and (on drop) the watchers' logs.
+fn account_exists(srv: &Server) -> bool {
+    deltasync::server::meta::Metadata::open(&srv.data.join("deltasync.db"))
+        .and_then(|m| m.list_accounts())
+        .is_ok_and(|a| !a.is_empty())
+}
+
 fn wait_converged(
     what: &str,
     srv: &mut Server,
@@ -223,6 +224,9 @@ fn wait_converged(
         srv.assert_running();
         for w in watchers.iter_mut() {
             w.assert_alive();
+        }
+        if sides.iter().any(|(name, _)| *name == "server") {
+            srv.files();
         }
         last = Vec::new();
         let snaps: Vec<std::io::Result<Snap>> = sides.iter().map(|(_, p)| snapshot(p)).collect();
