@@ -521,7 +521,8 @@ async fn symlinks_in_the_account_are_never_followed() {
     let hash = ContentHash::of(PAYLOAD);
     let size = PAYLOAD.len() as u64;
     let mut attempts: Vec<(String, Vec<ClientMsg>)> = Vec::new();
-    for (dir, rev) in [("up", 0)] {
+    {
+        let (dir, rev) = ("up", 0);
         let p = |name: &str| rel(&format!("{dir}/{name}"));
         attempts.extend([
             (format!("Put {dir}/escape"), put_msgs(p("escape"), 0, PAYLOAD)),

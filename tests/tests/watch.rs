@@ -1391,7 +1391,7 @@ fn ignore_rules_are_respected() {
     for p in ["b-scratch.tmp", "build/from-b.bin"] {
         assert!(!a.join(p).exists(), "B's ignored {p} reached A");
     }
-    let on_server: BTreeSet<String> = list_tree(&m).into_iter().collect();
+    let on_server: BTreeSet<String> = list_tree(&srv.files()).into_iter().collect();
     assert_eq!(on_server, want.iter().map(|s| s.to_string()).collect(), "paths on the server");
     wa.stop();
     wb.stop();
