@@ -75,7 +75,7 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
     let _held = lock.lock().await;
     let done = tokio::task::spawn_blocking(move || -> Result<Vec<Result<u64, Refusal>>, Refusal> {
         // The chunks first, durable; then the versions that refer to them.
-        sink.lock().unwrap_or_else(|p| p.into_inner()).seal(&sh.meta).map_err(server_err)?;
+        sink.lock().unwrap_or_else(|p| p.into_inner()).seal(sh.meta.as_ref()).map_err(server_err)?;
         failpoint("commit-sealed");
         let r = sh.meta.commit(account, &device, &steps).map_err(server_err)?;
         failpoint("commit-recorded");

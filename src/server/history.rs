@@ -162,7 +162,7 @@ pub fn prune(data_dir: &Path, keep: &Keep, grace: Duration) -> Result<PruneSumma
         )));
     }
     let (meta, chunks) = super::open_data(data_dir)?;
-    prune_store(&meta, chunks.as_ref(), keep, grace)
+    prune_store(meta.as_ref(), chunks.as_ref(), keep, grace)
 }
 
 /// [`prune`] on an open store (the server's background prune).

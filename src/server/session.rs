@@ -63,7 +63,7 @@ pub(super) fn over_quota(
 }
 
 /// The refusal of an upload that would take the account past its quota.
-pub(super) fn quota_refusal(
+pub(crate) fn quota_refusal(
     name: &str,
     used: u64,
     quota: u64,
@@ -225,7 +225,7 @@ pub async fn serve(
                     let _ = getrandom::fill(&mut suffix);
                     let name =
                         format!("{}-{}", if dev.is_empty() { "device" } else { &dev }, hex::encode(suffix));
-                    let (a, t) = super::add_account(&sh.meta, &name)?;
+                    let (a, t) = super::add_account(sh.meta.as_ref(), &name)?;
                     Some((a, Some(t)))
                 }
                 None => None,
@@ -457,7 +457,10 @@ impl Session {
     ) -> Result<T, Refusal> {
         let sh = self.shared.clone();
         let a = self.account.id;
-        tokio::task::spawn_blocking(move || f(&sh.meta, a)).await.map_err(server_err)?.map_err(Refusal::from)
+        tokio::task::spawn_blocking(move || f(sh.meta.as_ref(), a))
+            .await
+            .map_err(server_err)?
+            .map_err(Refusal::from)
     }
 
     async fn current(&self, path: &RelPath) -> Result<Option<Entry>, Refusal> {
@@ -919,7 +922,7 @@ fn check_put(
             format!("`{path}` is a non-empty directory on the server; delete its contents first"),
         ));
     }
-    check_room(meta, account, name, sh.chunks.free_bytes(), path, size, &cur)?;
+    check_room(meta.as_ref(), account, name, sh.chunks.free_bytes(), path, size, &cur)?;
     let Some(h) = base else { return Ok(None) };
     let not_held = || {
         Refusal::new(
@@ -963,7 +966,7 @@ fn reconstruct(
     let base_sig = base.as_ref().and_then(|b| sh.sigs.get(&b.hash, b.size));
     let reader = base.map(|b| Reader::new(sh.chunks.clone(), b.locs));
     let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, &sh.meta), size)
+    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, sh.meta.as_ref()), size)
         .with_signature(sh.sigs.builder_for(&hash, size), base_sig);
     for b in blocks {
         ap.block(&b).map_err(|e| match e {

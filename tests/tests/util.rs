@@ -200,8 +200,7 @@ impl Server {
         if view.exists() {
             fs::remove_dir_all(&view).expect("remove the last server view");
         }
-        let meta = deltasync::server::meta::Metadata::open(&self.data.join("deltasync.db"))
-            .expect("open the database");
+        let meta = deltasync::server::open_metadata(&self.data).expect("open the database");
         let first = meta.list_accounts().expect("list accounts").into_iter().min_by_key(|a| a.account.id);
         drop(meta);
         match first {

@@ -205,9 +205,10 @@ fn mirror(srv: &mut Server) -> PathBuf {
 }
 
 fn account_exists(srv: &Server) -> bool {
-    deltasync::server::meta::Metadata::open(&srv.data.join("deltasync.db"))
-        .and_then(|m| m.list_accounts())
-        .is_ok_and(|a| !a.is_empty())
+    deltasync::server::open_metadata(&srv.data)
+        .ok()
+        .and_then(|m| m.list_accounts().ok())
+        .is_some_and(|a| !a.is_empty())
 }
 
 fn wait_converged(
