@@ -265,7 +265,7 @@ async fn prune_in_background(shared: Arc<Shared>, cancel: CancellationToken) {
         wait = PRUNE_EVERY;
         let sh = shared.clone();
         let r = tokio::task::spawn_blocking(move || {
-            history::prune_store(sh.meta.as_ref(), sh.chunks.as_ref(), &sh.keep, PRUNE_GRACE)
+            history::prune_store(sh.meta.as_ref(), sh.chunks.as_ref(), &sh.sigs, &sh.keep, PRUNE_GRACE)
         })
         .await;
         match r {

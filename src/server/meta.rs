@@ -170,7 +170,41 @@ pub trait MetaStore: Send + Sync {
     fn pack_known(&self, pack: PackId) -> Result<bool, MetaError>;
 
     /// Live entries under a directory (for refusing to delete a non-empty one).
+    /// Remembers the first bytes of a cut-off upload of `path` (replacing an earlier one);
+    /// `false` if one of its chunks is not stored.
+    fn save_partial(
+        &self,
+        account: AccountId,
+        path: &RelPath,
+        hash: &ContentHash,
+        size: u64,
+        base: Option<&ContentHash>,
+        chunks: &[(ChunkKey, u32)],
+    ) -> Result<bool, MetaError>;
+
+    /// The kept part of a cut-off upload of `path`, if any. A commit at the path forgets it; a
+    /// prune forgets it after [`PARTIAL_KEEP`] seconds.
+    fn partial(&self, account: AccountId, path: &RelPath) -> Result<Option<Partial>, MetaError>;
+
+    /// Whether any account holds content with this hash.
+    fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError>;
+
     fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError>;
+}
+
+/// How long the kept part of a cut-off upload waits for its client to come back: two days.
+pub const PARTIAL_KEEP: i64 = 2 * 86_400;
+
+/// What the server kept of a cut-off upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// The base the upload was a delta against.
+    pub base: Option<ContentHash>,
+    /// The first `bytes` bytes of the content, in chunks.
+    pub bytes: u64,
+    pub chunks: Vec<ChunkLoc>,
 }
 
 /// The metadata store as the server holds it.

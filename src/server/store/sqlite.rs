@@ -15,7 +15,9 @@ use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
 use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, Sealed};
-use crate::server::meta::{Account, AccountId, AccountInfo, MetaError, MetaStore, PAGE, Step};
+use crate::server::meta::{
+    Account, AccountId, AccountInfo, MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Step,
+};
 use crate::server::retention::Keep;
 
 /// Brings a database made by an older version up to date: accounts gain `used` (bytes of live
@@ -120,6 +122,7 @@ CREATE TABLE IF NOT EXISTS contents (
     chunks BLOB NOT NULL,
     PRIMARY KEY (account, hash)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS contents_hash ON contents(hash);
 CREATE TABLE IF NOT EXISTS history (
     account INTEGER NOT NULL,
     path TEXT NOT NULL,
@@ -136,6 +139,18 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (account, path, rev)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_rev ON history(account, rev);
+-- The first bytes of cut-off uploads, kept for a resume (one per path; chunks as in contents).
+CREATE TABLE IF NOT EXISTS partial (
+    account INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    base BLOB,
+    bytes INTEGER NOT NULL,
+    chunks BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    PRIMARY KEY (account, path)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (
     account INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -414,32 +429,12 @@ impl MetaStore for SqliteMeta {
             .query_row(params![account, &hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((size, list)) = row else { return Ok(None) };
-        let list: Vec<(i64, u32)> = postcard::from_bytes(&list)
-            .map_err(|_| MetaError::CorruptRow(format!("content {}", hash.to_hex())))?;
-        let mut st = c.prepare_cached("SELECT pack, offset, stored, raw, zstd FROM chunks WHERE id=?1")?;
-        let mut locs = Vec::with_capacity(list.len());
-        for (id, _) in list {
-            let loc = st
-                .query_row(params![id], |r| {
-                    let pack: Vec<u8> = r.get(0)?;
-                    Ok((
-                        pack,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, u32>(3)?,
-                        r.get::<_, bool>(4)?,
-                    ))
-                })
-                .optional()?;
-            let Some((pack, offset, stored, raw, zstd)) = loc else {
-                return Err(MetaError::CorruptRow(format!(
-                    "content {} refers to a missing chunk",
-                    hash.to_hex()
-                )));
-            };
-            let pack = PackId(pack.try_into().map_err(|_| MetaError::CorruptRow("chunk".into()))?);
-            locs.push(ChunkLoc { pack, offset: offset as u64, stored, raw, zstd });
-        }
+        let Some(locs) = chunk_locs(&c, &list)? else {
+            return Err(MetaError::CorruptRow(format!(
+                "content {} refers to a missing chunk",
+                hash.to_hex()
+            )));
+        };
         Ok(Some((size.max(0) as u64, locs)))
     }
 
@@ -683,9 +678,10 @@ impl MetaStore for SqliteMeta {
               AND NOT EXISTS
                 (SELECT 1 FROM files f WHERE f.account=contents.account AND f.hash=contents.hash AND f.kind=1)",
         )?;
+        tx.execute("DELETE FROM partial WHERE created < ?1", params![now - PARTIAL_KEEP])?;
         let mut used: std::collections::HashSet<i64> = std::collections::HashSet::new();
         {
-            let mut st = tx.prepare("SELECT chunks FROM contents")?;
+            let mut st = tx.prepare("SELECT chunks FROM contents UNION ALL SELECT chunks FROM partial")?;
             let mut rows = st.query([])?;
             while let Some(r) = rows.next()? {
                 let list: Vec<u8> = r.get(0)?;
@@ -728,6 +724,62 @@ impl MetaStore for SqliteMeta {
     }
 
     /// Live entries under a directory (for refusing to delete a non-empty one).
+    fn save_partial(
+        &self,
+        account: AccountId,
+        path: &RelPath,
+        hash: &ContentHash,
+        size: u64,
+        base: Option<&ContentHash>,
+        chunks: &[(ChunkKey, u32)],
+    ) -> Result<bool, MetaError> {
+        let c = self.conn();
+        let Some(ids) = chunk_ids(&c, chunks)? else { return Ok(false) };
+        let bytes: u64 = chunks.iter().map(|(_, n)| u64::from(*n)).sum();
+        c.execute(
+            "INSERT OR REPLACE INTO partial (account, path, hash, size, base, bytes, chunks, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                account,
+                path.as_str(),
+                &hash.0[..],
+                size as i64,
+                base.map(|b| b.0.to_vec()),
+                bytes as i64,
+                ids,
+                now_secs()
+            ],
+        )?;
+        Ok(true)
+    }
+
+    fn partial(&self, account: AccountId, path: &RelPath) -> Result<Option<Partial>, MetaError> {
+        let c = self.conn();
+        type Row = (Vec<u8>, i64, Option<Vec<u8>>, i64, Vec<u8>);
+        let row: Option<Row> = c
+            .prepare_cached(
+                "SELECT hash, size, base, bytes, chunks FROM partial WHERE account=?1 AND path=?2",
+            )?
+            .query_row(params![account, path.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?;
+        let Some((hash, size, base, bytes, list)) = row else { return Ok(None) };
+        let bad = || MetaError::CorruptRow(format!("partial upload of {path}"));
+        let hash = ContentHash::from_slice(&hash).ok_or_else(bad)?;
+        let base = match base {
+            Some(b) => Some(ContentHash::from_slice(&b).ok_or_else(bad)?),
+            None => None,
+        };
+        let Some(chunks) = chunk_locs(&c, &list)? else { return Ok(None) };
+        Ok(Some(Partial { hash, size: size.max(0) as u64, base, bytes: bytes.max(0) as u64, chunks }))
+    }
+
+    fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError> {
+        let c = self.conn();
+        Ok(c.prepare_cached("SELECT 1 FROM contents WHERE hash=?1")?.exists(params![&hash.0[..]])?)
+    }
+
     fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
         let c = self.conn();
         let prefix = format!("{}/", dir.as_str());
@@ -746,6 +798,33 @@ fn next_seq(tx: &rusqlite::Connection, account: AccountId) -> Result<u64, MetaEr
             r.get(0)
         })?;
     Ok(seq as u64)
+}
+
+/// Where the chunks of a stored list (a content's or a partial upload's) are; `None` if one is
+/// not recorded.
+fn chunk_locs(c: &rusqlite::Connection, list: &[u8]) -> Result<Option<Vec<ChunkLoc>>, MetaError> {
+    let list: Vec<(i64, u32)> =
+        postcard::from_bytes(list).map_err(|_| MetaError::CorruptRow("a chunk list".into()))?;
+    let mut st = c.prepare_cached("SELECT pack, offset, stored, raw, zstd FROM chunks WHERE id=?1")?;
+    let mut locs = Vec::with_capacity(list.len());
+    for (id, _) in list {
+        let loc = st
+            .query_row(params![id], |r| {
+                let pack: Vec<u8> = r.get(0)?;
+                Ok((
+                    pack,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, bool>(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((pack, offset, stored, raw, zstd)) = loc else { return Ok(None) };
+        let pack = PackId(pack.try_into().map_err(|_| MetaError::CorruptRow("chunk".into()))?);
+        locs.push(ChunkLoc { pack, offset: offset as u64, stored, raw, zstd });
+    }
+    Ok(Some(locs))
 }
 
 /// The ids of stored chunks, as a content row's list; `None` if one is not stored (any more).
@@ -935,6 +1014,8 @@ fn write_change(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(row)?;
+    tx.prepare_cached("DELETE FROM partial WHERE account=?1 AND path=?2")?
+        .execute(params![account, path.as_str()])?;
     tx.prepare_cached(
         "INSERT OR REPLACE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
