@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use super::meta::Metadata;
 use super::store::{ChunkStore, PackId, PackWriter};
 use crate::delta::{Base, DeltaError, Source};
+use crate::hash::ContentHash;
 
 pub const MIN_CHUNK: usize = 16 << 10;
 pub const AVG_CHUNK: usize = 64 << 10;
@@ -349,4 +350,68 @@ pub fn parse_pack(pack: PackId, bytes: &[u8]) -> Result<Vec<NewChunk>, String> {
         at = at + HEADER_LEN + stored as usize;
     }
     Ok(out)
+}
+
+/// Signatures of stored versions, themselves stored as chunks (a signature is a grid of block
+/// hashes, so an edit changes a few of its chunks and the rest are shared with the previous
+/// version's: keeping one per version costs about as little as the edit). Kept for a path's
+/// current and previous versions; made again from the version's chunks when asked for another.
+#[derive(Clone)]
+pub struct Sigs {
+    chunks: Arc<dyn ChunkStore>,
+    meta: Arc<Metadata>,
+}
+
+impl Sigs {
+    pub fn new(chunks: Arc<dyn ChunkStore>, meta: Arc<Metadata>) -> Self {
+        Sigs { chunks, meta }
+    }
+
+    fn block(len: u64) -> u32 {
+        crate::delta::block_size(len)
+    }
+
+    /// The stored signature of the version with `hash` and length `len`, if any.
+    pub fn get(&self, hash: &ContentHash, len: u64) -> Option<fast_rsync::Signature> {
+        let locs = self.meta.signature(hash, Self::block(len)).ok()??;
+        let mut r = Reader::new(self.chunks.clone(), locs);
+        let n = r.len() as usize;
+        let bytes = Source::bytes(&mut r, 0..n).ok()?.to_vec();
+        fast_rsync::Signature::deserialize(bytes).ok()
+    }
+
+    pub fn contains(&self, hash: &ContentHash, len: u64) -> bool {
+        self.meta.signature(hash, Self::block(len)).is_ok_and(|l| l.is_some())
+    }
+
+    /// A builder for the signature of a version about to be stored, unless that version is
+    /// small enough to go whole or has one already.
+    pub fn builder_for(&self, hash: &ContentHash, len: u64) -> Option<crate::delta::signature::Builder> {
+        (len >= crate::delta::WHOLE_FILE_BELOW && !self.contains(hash, len))
+            .then(|| crate::delta::signature::Builder::new(len))
+    }
+
+    /// Writes a signature's chunks through `sink`; [`record`](Self::record) it once the sink's
+    /// pack is sealed.
+    pub fn write(&self, sink: &mut PackSink, sig: &fast_rsync::Signature) -> io::Result<ChunkList> {
+        let mut w = Chunker::new(sink, self.meta.as_ref());
+        io::Write::write_all(&mut w, sig.serialized())?;
+        w.finish()
+    }
+
+    pub fn record(&self, hash: &ContentHash, len: u64, list: &[(ChunkKey, u32)]) -> io::Result<()> {
+        self.meta.save_signature(hash, Self::block(len), list).map(drop).map_err(io::Error::other)
+    }
+
+    /// Stores a signature at once (its own pack).
+    pub fn put(&self, hash: &ContentHash, len: u64, sig: &fast_rsync::Signature) -> io::Result<()> {
+        let mut sink = PackSink::new(self.chunks.clone());
+        let list = self.write(&mut sink, sig)?;
+        sink.seal(self.meta.as_ref())?;
+        self.record(hash, len, &list)
+    }
+
+    pub fn remove(&self, hash: &ContentHash, len: u64) {
+        let _ = self.meta.drop_signature(hash, Self::block(len));
+    }
 }
