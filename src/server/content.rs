@@ -148,15 +148,7 @@ impl PackSink {
             self.open = Some(self.chunks.create()?);
         }
         let Some(w) = self.open.as_mut() else { unreachable!("just made") };
-        let mut header = [0u8; HEADER_LEN];
-        header[..4].copy_from_slice(HEADER_MAGIC);
-        header[4..36].copy_from_slice(&key);
-        header[36..40].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
-        header[40..44].copy_from_slice(&(stored.len() as u32).to_le_bytes());
-        header[44] = u8::from(zstd);
-        w.write(&header)?;
-        let offset = w.len();
-        w.write(stored)?;
+        let offset = write_stored(w.as_mut(), &key, bytes.len() as u32, stored, zstd)?;
         let loc =
             ChunkLoc { pack: w.id(), offset, stored: stored.len() as u32, raw: bytes.len() as u32, zstd };
         self.written.push(NewChunk { key, loc });
@@ -178,6 +170,26 @@ impl PackSink {
         self.keys.clear();
         meta.add_pack(&Sealed { pack, size, chunks }).map_err(io::Error::other)
     }
+}
+
+/// Appends a chunk's header and stored bytes to a pack; the offset of the stored bytes.
+pub fn write_stored(
+    w: &mut dyn PackWriter,
+    key: &ChunkKey,
+    raw: u32,
+    stored: &[u8],
+    zstd: bool,
+) -> io::Result<u64> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(HEADER_MAGIC);
+    header[4..36].copy_from_slice(key);
+    header[36..40].copy_from_slice(&raw.to_le_bytes());
+    header[40..44].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+    header[44] = u8::from(zstd);
+    w.write(&header)?;
+    let offset = w.len();
+    w.write(stored)?;
+    Ok(offset)
 }
 
 /// The `Write` an upload is rebuilt into: cuts chunks and stores them through a [`PackSink`];

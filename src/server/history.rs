@@ -149,6 +149,8 @@ pub struct PruneSummary {
     pub packs: u64,
     /// Bytes of pack files deleted.
     pub bytes: u64,
+    /// Packs whose live chunks were copied into a smaller one.
+    pub repacked: u64,
 }
 
 /// Forgets the versions `keep` does not keep and deletes the packs no kept version needs.
@@ -174,9 +176,32 @@ pub fn prune_store(
 ) -> Result<PruneSummary, ServerError> {
     let fail = |e: &dyn std::fmt::Display| ServerError::History(format!("prune failed: {e}"));
     let now = crate::when::now_secs();
-    let (versions, gone) = meta.prune(keep, now, grace.as_secs()).map_err(|e| fail(&e))?;
+    let pruned = meta.prune(keep, now, grace.as_secs()).map_err(|e| fail(&e))?;
     failpoint("prune-recorded");
-    let mut sum = PruneSummary { versions, ..Default::default() };
+    let mut sum = PruneSummary { versions: pruned.versions, ..Default::default() };
+    let mut gone = pruned.gone;
+    // Packs mostly unused: their live chunks are copied (as stored) into a new pack.
+    for (old, size, live) in pruned.sparse {
+        let mut w = chunks.create().map_err(|e| fail(&e))?;
+        let mut moved = Vec::with_capacity(live.len());
+        for c in live {
+            let bytes = chunks.read(c.loc.pack, c.loc.offset, c.loc.stored).map_err(|e| fail(&e))?;
+            let offset = super::content::write_stored(w.as_mut(), &c.key, c.loc.raw, &bytes, c.loc.zstd)
+                .map_err(|e| fail(&e))?;
+            moved.push(super::content::NewChunk {
+                key: c.key,
+                loc: super::content::ChunkLoc { pack: w.id(), offset, ..c.loc },
+            });
+        }
+        let new = super::content::Sealed { pack: w.id(), size: w.len(), chunks: moved };
+        w.finish().map_err(|e| fail(&e))?;
+        if meta.repacked(old, &new).map_err(|e| fail(&e))? {
+            gone.push((old, size.saturating_sub(new.size)));
+            sum.repacked += 1;
+        } else {
+            // In use again: the copy is left for a later prune.
+        }
+    }
     for (i, (pack, size)) in gone.iter().enumerate() {
         if i == 1 {
             failpoint("prune-deleting");

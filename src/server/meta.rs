@@ -164,7 +164,12 @@ pub trait MetaStore: Send + Sync {
     /// inside their own transaction that the chunks they refer to are still recorded, so an
     /// upload racing a prune is refused (and retried by its client), never left pointing at a
     /// deleted pack.
-    fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<(u64, Vec<(PackId, u64)>), MetaError>;
+    fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<Pruned, MetaError>;
+
+    /// Moves the live chunks of pack `old` to the finished pack `new` (a repack) and forgets
+    /// `old`, in one transaction; `false` (nothing changed) if a chunk of `old` that was not
+    /// copied is in use again.
+    fn repacked(&self, old: PackId, new: &Sealed) -> Result<bool, MetaError>;
 
     /// Whether a pack is recorded (finished and known to the metadata).
     fn pack_known(&self, pack: PackId) -> Result<bool, MetaError>;
@@ -218,6 +223,18 @@ pub struct Partial {
     /// The first `bytes` bytes of the content, in chunks.
     pub bytes: u64,
     pub chunks: Vec<ChunkLoc>,
+}
+
+/// What a prune's transaction decided.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Versions forgotten.
+    pub versions: u64,
+    /// Packs nothing uses any more (forgotten; their files may go), with their sizes.
+    pub gone: Vec<(PackId, u64)>,
+    /// Packs less than half used (with their sizes and live chunks): worth copying the live
+    /// chunks into a new pack.
+    pub sparse: Vec<(PackId, u64, Vec<crate::server::content::NewChunk>)>,
 }
 
 /// The metadata store as the server holds it.

@@ -14,9 +14,9 @@ use super::PackId;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
-use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, Sealed};
+use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, NewChunk, Sealed};
 use crate::server::meta::{
-    Account, AccountId, AccountInfo, MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Step,
+    Account, AccountId, AccountInfo, MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
 };
 use crate::server::retention::Keep;
 
@@ -634,7 +634,7 @@ impl MetaStore for SqliteMeta {
     /// inside their own transaction that the chunks they refer to are still recorded, so an
     /// upload racing a prune is refused (and retried by its client), never left pointing at a
     /// deleted pack.
-    fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<(u64, Vec<(PackId, u64)>), MetaError> {
+    fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<Pruned, MetaError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut forgotten = 0u64;
@@ -689,35 +689,46 @@ impl MetaStore for SqliteMeta {
         tx.execute_batch(
             "DELETE FROM signatures WHERE NOT EXISTS (SELECT 1 FROM contents c WHERE c.hash=signatures.hash)",
         )?;
-        let mut used: std::collections::HashSet<i64> = std::collections::HashSet::new();
-        {
-            let mut st = tx.prepare("SELECT chunks FROM contents UNION ALL SELECT chunks FROM partial UNION ALL SELECT chunks FROM signatures")?;
-            let mut rows = st.query([])?;
-            while let Some(r) = rows.next()? {
-                let list: Vec<u8> = r.get(0)?;
-                let list: Vec<(i64, u32)> = postcard::from_bytes(&list)
-                    .map_err(|_| MetaError::CorruptRow("content chunk list".into()))?;
-                used.extend(list.into_iter().map(|(id, _)| id));
-            }
-        }
+        let used = used_chunks(&tx)?;
         let mut gone = Vec::new();
+        let mut sparse = Vec::new();
         {
             let packs: Vec<(Vec<u8>, i64, i64)> = tx
                 .prepare("SELECT id, size, created FROM packs")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut ids_of = tx.prepare("SELECT id FROM chunks WHERE pack=?1")?;
+            let mut ids_of =
+                tx.prepare("SELECT id, digest, offset, stored, raw, zstd FROM chunks WHERE pack=?1")?;
             for (pack, size, created) in packs {
                 if now.saturating_sub(created) < grace as i64 {
                     continue;
                 }
-                let ids: Vec<i64> =
-                    ids_of.query_map(params![&pack], |r| r.get(0))?.collect::<Result<_, _>>()?;
-                if ids.iter().any(|id| used.contains(id)) {
-                    continue;
+                let Ok(pid) = <[u8; 16]>::try_from(pack.as_slice()) else { continue };
+                let pid = PackId(pid);
+                let rows: Vec<(i64, Vec<u8>, i64, u32, u32, bool)> = ids_of
+                    .query_map(params![&pack], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let live: Vec<NewChunk> = rows
+                    .into_iter()
+                    .filter(|r| used.contains(&r.0))
+                    .filter_map(|(_, key, offset, stored, raw, zstd)| {
+                        let key: ChunkKey = key.try_into().ok()?;
+                        Some(NewChunk {
+                            key,
+                            loc: ChunkLoc { pack: pid, offset: offset as u64, stored, raw, zstd },
+                        })
+                    })
+                    .collect();
+                if live.is_empty() {
+                    gone.push((pid, size.max(0) as u64));
+                } else {
+                    let live_bytes: u64 = live.iter().map(|c| u64::from(c.loc.stored)).sum();
+                    if live_bytes * 2 < size.max(0) as u64 {
+                        sparse.push((pid, size.max(0) as u64, live));
+                    }
                 }
-                let Ok(id) = <[u8; 16]>::try_from(pack.as_slice()) else { continue };
-                gone.push((PackId(id), size.max(0) as u64));
             }
         }
         for (p, _) in &gone {
@@ -725,10 +736,44 @@ impl MetaStore for SqliteMeta {
             tx.execute("DELETE FROM packs WHERE id=?1", params![&p.0[..]])?;
         }
         tx.commit()?;
-        Ok((forgotten, gone))
+        Ok(Pruned { versions: forgotten, gone, sparse })
     }
 
     /// Whether a pack is recorded (finished and known to the metadata).
+    fn repacked(&self, old: PackId, new: &Sealed) -> Result<bool, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Chunks of the old pack that were not copied must still be unused: an upload may have
+        // come to use one since the prune decided.
+        let used = used_chunks(&tx)?;
+        let copied: std::collections::HashSet<ChunkKey> = new.chunks.iter().map(|c| c.key).collect();
+        let rows: Vec<(i64, Vec<u8>)> = tx
+            .prepare("SELECT id, digest FROM chunks WHERE pack=?1")?
+            .query_map(params![&old.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, key) in &rows {
+            let copied_here = <[u8; 32]>::try_from(key.as_slice()).is_ok_and(|k| copied.contains(&k));
+            if used.contains(id) && !copied_here {
+                return Ok(false);
+            }
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
+            params![&new.pack.0[..], new.size as i64, now_secs()],
+        )?;
+        for ch in &new.chunks {
+            let l = &ch.loc;
+            tx.execute(
+                "UPDATE chunks SET pack=?2, offset=?3, stored=?4, raw=?5, zstd=?6 WHERE digest=?1",
+                params![&ch.key[..], &l.pack.0[..], l.offset as i64, l.stored, l.raw, l.zstd],
+            )?;
+        }
+        tx.execute("DELETE FROM chunks WHERE pack=?1", params![&old.0[..]])?;
+        tx.execute("DELETE FROM packs WHERE id=?1", params![&old.0[..]])?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn pack_known(&self, pack: PackId) -> Result<bool, MetaError> {
         Ok(self.conn().prepare_cached("SELECT 1 FROM packs WHERE id=?1")?.exists(params![&pack.0[..]])?)
     }
@@ -986,6 +1031,22 @@ fn apply_step(
     tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2) WHERE id=?1")?
         .execute(params![account, *used])?;
     Ok(Ok(seq))
+}
+
+/// Every chunk id a content, a partial upload or a signature refers to.
+fn used_chunks(tx: &rusqlite::Connection) -> Result<std::collections::HashSet<i64>, MetaError> {
+    let mut used = std::collections::HashSet::new();
+    let mut st = tx.prepare(
+        "SELECT chunks FROM contents UNION ALL SELECT chunks FROM partial UNION ALL SELECT chunks FROM signatures",
+    )?;
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        let list: Vec<u8> = r.get(0)?;
+        let list: Vec<(i64, u32)> =
+            postcard::from_bytes(&list).map_err(|_| MetaError::CorruptRow("a chunk list".into()))?;
+        used.extend(list.into_iter().map(|(id, _)| id));
+    }
+    Ok(used)
 }
 
 fn drop_rows(tx: &rusqlite::Connection, rows: &[(i64, String, i64)]) -> Result<(), MetaError> {
