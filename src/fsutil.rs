@@ -268,6 +268,22 @@ pub fn clean_temps(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    #[allow(unsafe_code)]
+    // SAFETY: all-zero is a valid `statvfs` (plain integers).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    #[allow(unsafe_code)]
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statvfs.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Whether an error's text (I/O or SQLite) says a disk or a disk quota is full.
 pub fn says_disk_full(text: &str) -> bool {
     ["(os error 28)", "(os error 122)", "No space left on device", "database or disk is full"]

@@ -9,9 +9,12 @@
 //! except for the short SQLite transaction.
 
 pub mod batch;
+pub mod content;
 pub mod history;
 pub mod meta;
+mod migrate;
 pub mod retention;
+mod revert;
 pub mod session;
 pub mod store;
 
@@ -27,9 +30,10 @@ use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::delta::SigCache;
 use crate::protocol;
 use meta::{Account, AccountId, Metadata};
-use store::Store;
+use store::ChunkStore;
 
 /// Connections served at once; one more waits in the accept queue.
 const MAX_CONNECTIONS: usize = 4096;
@@ -76,16 +80,23 @@ pub enum ServerError {
     DataDir { path: PathBuf, err: std::io::Error },
     #[error(transparent)]
     Meta(#[from] meta::MetaError),
-    #[error("completing interrupted uploads failed: {0}")]
-    Recover(String),
+    #[error(
+        "converting the data folder to the versioned store failed: {0}; nothing was deleted, the old layout is still in place: fix the cause and start again"
+    )]
+    Convert(String),
+    #[error("{0}")]
+    History(String),
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
 }
 
 /// State shared by all sessions.
 pub struct Shared {
-    pub meta: Metadata,
-    pub store: Store,
+    pub meta: Arc<Metadata>,
+    pub chunks: Arc<dyn ChunkStore>,
+    /// Signatures of stored versions, by content hash (a cache: made again from the chunks).
+    pub sigs: SigCache,
+    pub keep: retention::Keep,
     pub open_registration: bool,
     /// This data folder's identity (kept in the database), sent in every `Welcome`.
     pub server_id: [u8; 16],
@@ -100,23 +111,20 @@ pub struct Shared {
 impl Shared {
     pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
         let dd = |err| ServerError::DataDir { path: config.data_dir.clone(), err };
-        std::fs::create_dir_all(&config.data_dir).map_err(dd)?;
-        let store = Store::open(&config.data_dir).map_err(dd)?;
-        let meta = open_metadata(&config.data_dir)?;
-        // Finish group commits a crash interrupted before temp files are swept away.
-        let recovered = batch::recover(&meta, &store).map_err(ServerError::Recover)?;
-        if recovered > 0 {
-            tracing::info!("completed {recovered} uploads interrupted by a crash");
-        }
-        let cleaned = store.clean_temps().map_err(dd)?;
+        let (meta, chunks) = open_data(&config.data_dir)?;
+        // Packs an interrupted upload left unfinished: nothing refers to them.
+        let cleaned = chunks.clean_unfinished().map_err(dd)?;
         if cleaned > 0 {
-            tracing::info!("removed {cleaned} temp files left by interrupted uploads");
+            tracing::info!("removed {cleaned} unfinished packs left by interrupted uploads");
         }
+        let sigs = SigCache::new(config.data_dir.join("sigs")).map_err(dd)?;
         let server_id = meta.server_id()?;
         let io_timeout = io_timeout();
         Ok(Shared {
-            meta,
-            store,
+            meta: Arc::new(meta),
+            chunks,
+            sigs,
+            keep: config.keep.clone(),
             open_registration: config.open_registration,
             server_id,
             io_timeout,
@@ -150,6 +158,17 @@ impl Shared {
             let _ = tx.send((seq, origin));
         }
     }
+}
+
+/// Opens a data folder's metadata and chunk store, converting a folder of the plain-mirror
+/// layout first (see [`migrate`]).
+pub fn open_data(data_dir: &Path) -> Result<(Metadata, Arc<dyn ChunkStore>), ServerError> {
+    let dd = |err| ServerError::DataDir { path: data_dir.to_path_buf(), err };
+    let meta = open_metadata(data_dir)?;
+    let chunks: Arc<dyn ChunkStore> =
+        Arc::new(store::local::LocalChunks::open(&data_dir.join("packs")).map_err(dd)?);
+    migrate::run(data_dir, &meta, &chunks)?;
+    Ok((meta, chunks))
 }
 
 pub fn open_metadata(data_dir: &Path) -> Result<Metadata, ServerError> {

@@ -25,7 +25,7 @@ pub fn export(
     at: Option<i64>,
 ) -> Result<ExportSummary, ServerError> {
     let _ = (data_dir, account, dest, at);
-    Err(ServerError::Recover("export is not built yet".into()))
+    Err(ServerError::History("export is not built yet".into()))
 }
 
 /// What a prune freed.
@@ -44,5 +44,5 @@ pub struct PruneSummary {
 /// be using them).
 pub fn prune(data_dir: &Path, keep: &Keep, grace: Duration) -> Result<PruneSummary, ServerError> {
     let _ = (data_dir, keep, grace);
-    Err(ServerError::Recover("prune is not built yet".into()))
+    Err(ServerError::History("prune is not built yet".into()))
 }

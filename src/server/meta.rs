@@ -11,9 +11,11 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use super::content::{ChunkKey, ChunkList, ChunkLoc, Sealed};
+use super::store::PackId;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
-use crate::protocol::{Entry, Meta as NodeMeta, Node};
+use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
 
 /// Entries per `Changes` page: ~100 bytes each keeps a page far below the frame limit.
 pub const PAGE: usize = 2000;
@@ -125,6 +127,48 @@ CREATE TABLE IF NOT EXISTS server (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     server_id BLOB NOT NULL
 );
+-- The versioned store. `packs`: finished packs; `chunks`: where each chunk is (shared by all
+-- accounts); `contents`: per account, the chunk list of each file content it holds (postcard
+-- `Vec<(chunk id, length)>`); `history`: every version of every path (the journal: one row per
+-- path a commit changed, with its time, device and operation).
+CREATE TABLE IF NOT EXISTS packs (
+    id BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    created INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    pack BLOB NOT NULL,
+    offset INTEGER NOT NULL,
+    stored INTEGER NOT NULL,
+    raw INTEGER NOT NULL,
+    zstd INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack);
+CREATE TABLE IF NOT EXISTS contents (
+    account INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunks BLOB NOT NULL,
+    PRIMARY KEY (account, hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    account INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    hash BLOB,
+    size INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    mode INTEGER NOT NULL DEFAULT 0,
+    target TEXT,
+    device TEXT NOT NULL DEFAULT '',
+    op TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (account, path, rev)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_rev ON history(account, rev);
 CREATE TABLE IF NOT EXISTS journal (
     account INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -317,102 +361,317 @@ impl Metadata {
             as u64)
     }
 
-    /// Records a set of path changes as one journal step; returns the new sequence number.
-    /// The caller holds the account's commit lock and has checked the base revisions.
-    pub fn commit(
-        &self,
-        account: AccountId,
-        op: &str,
-        device: &str,
-        changes: &[(&RelPath, Option<&Node>)],
-    ) -> Result<u64, MetaError> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
-        let seq = next_seq(&tx, account)?;
-        for (path, node) in changes {
-            write_change(&tx, account, seq, path, *node, op, device)?;
-        }
-        tx.commit()?;
-        Ok(seq)
+    /// Whether a chunk is stored (in a finished pack).
+    pub fn chunk_exists(&self, key: &ChunkKey) -> Result<bool, MetaError> {
+        let c = self.conn();
+        Ok(c.prepare_cached("SELECT 1 FROM chunks WHERE digest=?1")?.exists(params![&key[..]])?)
     }
 
-    /// Step one of a group commit: remembers the uploads about to be renamed into place.
-    pub fn stage(
-        &self,
-        account: AccountId,
-        device: &str,
-        items: &[(&RelPath, &Path, &Node, &str)],
-    ) -> Result<Vec<i64>, MetaError> {
+    /// Records a finished pack and its chunks. A chunk another pack has already keeps its first
+    /// place (this copy is garbage for the next prune).
+    pub fn add_pack(&self, sealed: &Sealed) -> Result<(), MetaError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
-        let mut ids = Vec::with_capacity(items.len());
+        tx.execute(
+            "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
+            params![&sealed.pack.0[..], sealed.size as i64, now_secs()],
+        )?;
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO pending (account, path, tmp, node, op, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO chunks (digest, pack, offset, stored, raw, zstd) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            for (path, tmp, node, op) in items {
-                let node = postcard::to_allocvec(node).unwrap_or_default();
-                st.execute(params![account, path.as_str(), tmp.to_string_lossy(), node, op, device])?;
-                ids.push(tx.last_insert_rowid());
+            for ch in &sealed.chunks {
+                let l = &ch.loc;
+                st.execute(params![&ch.key[..], &l.pack.0[..], l.offset as i64, l.stored, l.raw, l.zstd])?;
             }
         }
         tx.commit()?;
-        Ok(ids)
-    }
-
-    /// Step two: records the renamed uploads, one sequence number each, in one transaction.
-    pub fn commit_staged(
-        &self,
-        account: AccountId,
-        device: &str,
-        items: &[(i64, &RelPath, &Node, &str)],
-    ) -> Result<Vec<u64>, MetaError> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
-        let mut seqs = Vec::with_capacity(items.len());
-        for (id, path, node, op) in items {
-            let seq = next_seq(&tx, account)?;
-            write_change(&tx, account, seq, path, Some(node), op, device)?;
-            tx.execute("DELETE FROM pending WHERE id=?1", params![id])?;
-            seqs.push(seq);
-        }
-        tx.commit()?;
-        Ok(seqs)
-    }
-
-    pub fn drop_pending(&self, ids: &[i64]) -> Result<(), MetaError> {
-        let c = self.conn();
-        for id in ids {
-            c.execute("DELETE FROM pending WHERE id=?1", params![id])?;
-        }
         Ok(())
     }
 
-    /// Staged uploads left by a crash.
-    pub fn pending(&self) -> Result<Vec<Pending>, MetaError> {
+    /// The account's stored content with this hash: its size and where its chunks are.
+    pub fn content(
+        &self,
+        account: AccountId,
+        hash: &ContentHash,
+    ) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT id, account, path, tmp, node, op, device FROM pending ORDER BY id")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Vec<u8>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, account, path, tmp, node, op, device) = row?;
-            let (Ok(path), Ok(node)) = (RelPath::new(path.clone()), postcard::from_bytes::<Node>(&node))
-            else {
-                return Err(MetaError::CorruptRow(path));
+        let row: Option<(i64, Vec<u8>)> = c
+            .prepare_cached("SELECT size, chunks FROM contents WHERE account=?1 AND hash=?2")?
+            .query_row(params![account, &hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((size, list)) = row else { return Ok(None) };
+        let list: Vec<(i64, u32)> = postcard::from_bytes(&list)
+            .map_err(|_| MetaError::CorruptRow(format!("content {}", hash.to_hex())))?;
+        let mut st = c.prepare_cached("SELECT pack, offset, stored, raw, zstd FROM chunks WHERE id=?1")?;
+        let mut locs = Vec::with_capacity(list.len());
+        for (id, _) in list {
+            let loc = st
+                .query_row(params![id], |r| {
+                    let pack: Vec<u8> = r.get(0)?;
+                    Ok((
+                        pack,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, bool>(4)?,
+                    ))
+                })
+                .optional()?;
+            let Some((pack, offset, stored, raw, zstd)) = loc else {
+                return Err(MetaError::CorruptRow(format!(
+                    "content {} refers to a missing chunk",
+                    hash.to_hex()
+                )));
             };
-            out.push(Pending { id, account, path, tmp: tmp.into(), node, op, device });
+            let pack = PackId(pack.try_into().map_err(|_| MetaError::CorruptRow("chunk".into()))?);
+            locs.push(ChunkLoc { pack, offset: offset as u64, stored, raw, zstd });
+        }
+        Ok(Some((size.max(0) as u64, locs)))
+    }
+
+    /// Commits steps in one transaction. Each step is one revision (the account's next sequence
+    /// number) for all its changes and is checked whole, inside the transaction, against what is
+    /// committed: a refused step changes nothing, the others commit. So the base-revision rule
+    /// holds even with several server processes on one database.
+    pub fn commit(
+        &self,
+        account: AccountId,
+        device: &str,
+        steps: &[Step],
+    ) -> Result<Vec<Result<u64, Refusal>>, MetaError> {
+        let mut c = self.conn();
+        let mut tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (mut used, quota): (i64, Option<i64>) =
+            tx.query_row("SELECT used, quota FROM accounts WHERE id=?1", params![account], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let at = now_secs();
+        let mut out = Vec::with_capacity(steps.len());
+        for step in steps {
+            let sp = tx.savepoint()?;
+            let r = apply_step(&sp, account, device, step, at, &mut used, quota);
+            match r {
+                Ok(Ok(rev)) => {
+                    sp.commit()?;
+                    out.push(Ok(rev));
+                }
+                Ok(Err(refusal)) => {
+                    drop(sp); // rolls back
+                    out.push(Err(refusal));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Versions for `log`: `path`'s, newest first; without a path the account's latest
+    /// changes; with `deleted`, the deletes of paths whose earlier content is still kept.
+    pub fn log(
+        &self,
+        account: AccountId,
+        path: Option<&RelPath>,
+        deleted: bool,
+        limit: u32,
+    ) -> Result<Vec<Version>, MetaError> {
+        let c = self.conn();
+        let limit = i64::from(limit.min(MAX_LOG));
+        let cols =
+            "h.path, h.rev, h.kind, h.hash, h.size, h.mtime_ns, h.mode, h.target, h.device, h.at, h.op";
+        let rows = if deleted {
+            let mut st = c.prepare(&format!(
+                "SELECT {cols} FROM files f JOIN history h ON h.account=f.account AND h.path=f.path AND h.rev=f.rev
+                 WHERE f.account=?1 AND f.kind=0 AND (?2 IS NULL OR f.path=?2 OR substr(f.path, 1, length(?2) + 1) = ?2 || '/')
+                 AND EXISTS (SELECT 1 FROM history e WHERE e.account=f.account AND e.path=f.path AND e.kind IN (1, 3))
+                 ORDER BY f.rev DESC LIMIT ?3"
+            ))?;
+            st.query_map(params![account, path.map(|p| p.as_str()), limit], row_to_version)?
+                .collect::<Result<Vec<_>, _>>()?
+        } else if let Some(p) = path {
+            let mut st = c.prepare(&format!(
+                "SELECT {cols} FROM history h WHERE h.account=?1 AND h.path=?2 ORDER BY h.rev DESC LIMIT ?3"
+            ))?;
+            st.query_map(params![account, p.as_str(), limit], row_to_version)?
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            let mut st = c.prepare(&format!(
+                "SELECT {cols} FROM history h WHERE h.account=?1 ORDER BY h.rev DESC, h.path LIMIT ?2"
+            ))?;
+            st.query_map(params![account, limit], row_to_version)?.collect::<Result<Vec<_>, _>>()?
+        };
+        rows.into_iter().collect()
+    }
+
+    /// The revision a point in history stands for: the last change at or before it.
+    pub fn rev_at(&self, account: AccountId, at: At) -> Result<u64, MetaError> {
+        match at {
+            At::Rev(r) => Ok(r),
+            At::Time(t) => {
+                let c = self.conn();
+                let r: Option<i64> = c.query_row(
+                    "SELECT MAX(rev) FROM history WHERE account=?1 AND at<=?2",
+                    params![account, t],
+                    |r| r.get(0),
+                )?;
+                Ok(r.unwrap_or(0).max(0) as u64)
+            }
+        }
+    }
+
+    /// The live paths at or under `path` (everything without one) as they were at revision
+    /// `rev`, in path order, after `after`; at most `limit`.
+    pub fn snapshot(
+        &self,
+        account: AccountId,
+        path: Option<&RelPath>,
+        rev: u64,
+        after: Option<&RelPath>,
+        limit: u32,
+    ) -> Result<Vec<Version>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT h.path, h.rev, h.kind, h.hash, h.size, h.mtime_ns, h.mode, h.target, h.device, h.at, h.op
+             FROM history h
+             WHERE h.account=?1
+               AND (?2 IS NULL OR h.path=?2 OR substr(h.path, 1, length(?2) + 1) = ?2 || '/')
+               AND (?4 IS NULL OR h.path > ?4)
+               AND h.rev = (SELECT MAX(rev) FROM history x WHERE x.account=h.account AND x.path=h.path AND x.rev<=?3)
+               AND h.kind <> 0
+             ORDER BY h.path LIMIT ?5",
+        )?;
+        let rows = st
+            .query_map(
+                params![
+                    account,
+                    path.map(|p| p.as_str()),
+                    rev as i64,
+                    after.map(|p| p.as_str()),
+                    i64::from(limit)
+                ],
+                row_to_version,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().collect()
+    }
+
+    /// The version of `path` committed at `rev`, if history has it.
+    pub fn version(
+        &self,
+        account: AccountId,
+        path: &RelPath,
+        rev: u64,
+    ) -> Result<Option<Version>, MetaError> {
+        let c = self.conn();
+        let v = c
+            .prepare_cached(
+                "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device, at, op FROM history
+                 WHERE account=?1 AND path=?2 AND rev=?3",
+            )?
+            .query_row(params![account, path.as_str(), rev as i64], row_to_version)
+            .optional()?;
+        v.transpose()
+    }
+
+    /// Every version of every path that `device` changed at or after `since`, oldest first, per
+    /// path: what an undo needs to decide.
+    pub fn histories_touched_by(
+        &self,
+        account: AccountId,
+        device: &str,
+        since: i64,
+    ) -> Result<Vec<Vec<Version>>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT h.path, h.rev, h.kind, h.hash, h.size, h.mtime_ns, h.mode, h.target, h.device, h.at, h.op
+             FROM history h WHERE h.account=?1 AND h.path IN
+                (SELECT path FROM history WHERE account=?1 AND device=?2 AND at>=?3)
+             ORDER BY h.path, h.rev",
+        )?;
+        let rows =
+            st.query_map(params![account, device, since], row_to_version)?.collect::<Result<Vec<_>, _>>()?;
+        let mut out: Vec<Vec<Version>> = Vec::new();
+        for v in rows {
+            let v = v?;
+            match out.last_mut() {
+                Some(last) if last[0].path == v.path => last.push(v),
+                _ => out.push(vec![v]),
+            }
         }
         Ok(out)
+    }
+
+    /// The live entries at or under `path` (everything without one), in path order.
+    pub fn live_under(&self, account: AccountId, path: Option<&RelPath>) -> Result<Vec<Entry>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
+             WHERE account=?1 AND kind<>0
+               AND (?2 IS NULL OR path=?2 OR substr(path, 1, length(?2) + 1) = ?2 || '/')
+             ORDER BY path",
+        )?;
+        let rows = st
+            .query_map(params![account, path.map(|p| p.as_str())], row_to_entry)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().collect()
+    }
+
+    /// Every path row of every account (for converting an old data folder).
+    pub fn all_files(&self) -> Result<Vec<(AccountId, Entry)>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device, account FROM files ORDER BY account, path",
+        )?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, i64>(9)?, row_to_entry(r)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|(a, e)| e.map(|e| (a, e))).collect()
+    }
+
+    /// Whether the layout of this database is the versioned store's (not the plain mirror's).
+    pub fn layout(&self) -> Result<i64, MetaError> {
+        Ok(self.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Converts the plain mirror's rows: every current path becomes its first version in history
+    /// (file contents given by `contents`: hash → (size, chunk list)), and the layout is marked
+    /// converted, in one transaction.
+    pub fn convert_mirror(
+        &self,
+        contents: &[(AccountId, ContentHash, u64, ChunkList)],
+    ) -> Result<(), MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (account, hash, size, list) in contents {
+            let ids = chunk_ids(&tx, list)?.ok_or_else(|| MetaError::CorruptRow("converted chunk".into()))?;
+            tx.execute(
+                "INSERT OR REPLACE INTO contents (account, hash, size, chunks) VALUES (?1, ?2, ?3, ?4)",
+                params![account, &hash.0[..], *size as i64, ids],
+            )?;
+        }
+        tx.execute_batch(
+            "INSERT OR IGNORE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
+               SELECT account, path, rev, kind, hash, size, mtime_ns, mode, target, device,
+                      CASE kind WHEN 0 THEN 'delete' WHEN 2 THEN 'mkdir' WHEN 3 THEN 'symlink' ELSE 'write' END,
+                      COALESCE((SELECT at FROM journal j WHERE j.account=files.account AND j.seq=files.rev), 0)
+               FROM files;
+             DELETE FROM pending;
+             PRAGMA user_version = 2;",
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a fresh database as the versioned store's.
+    pub fn mark_layout(&self) -> Result<(), MetaError> {
+        self.conn().execute_batch("PRAGMA user_version = 2")?;
+        Ok(())
+    }
+
+    /// Whether the database has any account with files (a data folder in use).
+    pub fn has_files(&self) -> Result<bool, MetaError> {
+        Ok(self.conn().prepare("SELECT 1 FROM files LIMIT 1")?.exists([])?)
     }
 
     /// Live entries under a directory (for refusing to delete a non-empty one).
@@ -428,19 +687,7 @@ impl Metadata {
     }
 }
 
-/// An upload staged for a group commit.
-#[derive(Debug)]
-pub struct Pending {
-    pub id: i64,
-    pub account: AccountId,
-    pub path: RelPath,
-    pub tmp: std::path::PathBuf,
-    pub node: Node,
-    pub op: String,
-    pub device: String,
-}
-
-fn next_seq(tx: &rusqlite::Transaction<'_>, account: AccountId) -> Result<u64, MetaError> {
+fn next_seq(tx: &rusqlite::Connection, account: AccountId) -> Result<u64, MetaError> {
     let seq: i64 =
         tx.query_row("UPDATE accounts SET seq = seq + 1 WHERE id=?1 RETURNING seq", params![account], |r| {
             r.get(0)
@@ -448,14 +695,177 @@ fn next_seq(tx: &rusqlite::Transaction<'_>, account: AccountId) -> Result<u64, M
     Ok(seq as u64)
 }
 
+/// One change of a [`Step`]: `path` becomes `node` (`None`: deleted), made from revision
+/// `base_rev`. A file's content is the account's already, or `chunks` lists it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub path: RelPath,
+    pub base_rev: u64,
+    pub node: Option<Node>,
+    pub chunks: Option<Vec<(ChunkKey, u32)>>,
+}
+
+/// Changes committed together as one revision (a move's two paths) and refused together.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub op: &'static str,
+    pub changes: Vec<Change>,
+}
+
+/// The ids of stored chunks, as a content row's list; `None` if one is not stored (any more).
+fn chunk_ids(tx: &rusqlite::Connection, list: &[(ChunkKey, u32)]) -> Result<Option<Vec<u8>>, MetaError> {
+    let mut st = tx.prepare_cached("SELECT id FROM chunks WHERE digest=?1")?;
+    let mut ids: Vec<(i64, u32)> = Vec::with_capacity(list.len());
+    for (key, len) in list {
+        match st.query_row(params![&key[..]], |r| r.get::<_, i64>(0)).optional()? {
+            Some(id) => ids.push((id, *len)),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(postcard::to_allocvec(&ids).map_err(|e| MetaError::CorruptRow(e.to_string()))?))
+}
+
+fn stale(msg: String) -> Refusal {
+    Refusal::new(RefusalKind::Stale, msg)
+}
+
+/// Checks and writes one step inside the commit's transaction: `Ok(Err(_))` is a refusal.
+fn apply_step(
+    tx: &rusqlite::Connection,
+    account: AccountId,
+    device: &str,
+    step: &Step,
+    at: i64,
+    used: &mut i64,
+    quota: Option<i64>,
+) -> Result<Result<u64, Refusal>, MetaError> {
+    let seq = next_seq(tx, account)?;
+    let before = *used;
+    for ch in &step.changes {
+        let cur = get_row(tx, account, &ch.path)?;
+        let rev = cur.as_ref().map_or(0, |e| e.rev);
+        if rev != ch.base_rev {
+            *used = before;
+            return Ok(Err(stale(format!(
+                "`{}` changed on the server (now rev {rev}, your change was made on rev {}); pull first",
+                ch.path, ch.base_rev
+            ))));
+        }
+        let is_dir = matches!(cur, Some(Entry { node: Some(Node::Dir { .. }), .. }));
+        if is_dir && !matches!(ch.node, Some(Node::Dir { .. })) && children(tx, account, &ch.path)? {
+            *used = before;
+            let what = if ch.node.is_none() { "is not empty" } else { "is a non-empty directory" };
+            return Ok(Err(stale(format!("`{}` {what} on the server; delete its contents first", ch.path))));
+        }
+        if ch.node.is_some()
+            && let Some(parent) = ch.path.parent()
+        {
+            match get_row(tx, account, &parent)?.and_then(|e| e.node) {
+                Some(Node::Dir { .. }) => {}
+                Some(_) => {
+                    *used = before;
+                    return Ok(Err(stale(format!(
+                        "`{parent}` is not a directory on the server any more (another computer replaced it)"
+                    ))));
+                }
+                None => {
+                    *used = before;
+                    return Ok(Err(stale(format!(
+                        "directory `{parent}` does not exist on the server any more (another computer deleted it)"
+                    ))));
+                }
+            }
+        }
+        let old = match &cur {
+            Some(Entry { node: Some(Node::File { size, .. }), .. }) => *size as i64,
+            _ => 0,
+        };
+        if let Some(Node::File { hash, size, .. }) = &ch.node {
+            let known = tx
+                .prepare_cached("SELECT 1 FROM contents WHERE account=?1 AND hash=?2")?
+                .exists(params![account, &hash.0[..]])?;
+            if !known {
+                let ids = match &ch.chunks {
+                    Some(list) => chunk_ids(tx, list)?,
+                    None => None,
+                };
+                let Some(ids) = ids else {
+                    *used = before;
+                    return Ok(Err(Refusal::new(
+                        RefusalKind::NotFound,
+                        format!(
+                            "the server does not hold the content of `{}` (any more); upload it",
+                            ch.path
+                        ),
+                    )));
+                };
+                tx.prepare_cached(
+                    "INSERT INTO contents (account, hash, size, chunks) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![account, &hash.0[..], *size as i64, ids])?;
+            }
+            let size = *size as i64;
+            let after = *used - old + size;
+            if let Some(q) = quota
+                && size > old
+                && after > q
+            {
+                *used = before;
+                return Ok(Err(super::session::quota_refusal(
+                    account_name(tx, account)?.as_str(),
+                    *used as u64,
+                    q as u64,
+                    &ch.path,
+                    size as u64,
+                    old as u64,
+                )));
+            }
+            *used = after;
+        } else {
+            *used -= old;
+        }
+        write_change(tx, account, seq, &ch.path, ch.node.as_ref(), step.op, device, at)?;
+    }
+    tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2) WHERE id=?1")?
+        .execute(params![account, *used])?;
+    Ok(Ok(seq))
+}
+
+fn account_name(tx: &rusqlite::Connection, account: AccountId) -> Result<String, MetaError> {
+    Ok(tx.query_row("SELECT name FROM accounts WHERE id=?1", params![account], |r| r.get(0))?)
+}
+
+fn get_row(
+    tx: &rusqlite::Connection,
+    account: AccountId,
+    path: &RelPath,
+) -> Result<Option<Entry>, MetaError> {
+    let mut st = tx.prepare_cached(
+        "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
+    )?;
+    let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
+    row.transpose()
+}
+
+fn children(tx: &rusqlite::Connection, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
+    let prefix = format!("{}/", dir.as_str());
+    Ok(tx
+        .prepare_cached(
+            "SELECT 1 FROM files WHERE account=?1 AND kind<>0 AND path > ?2 AND path < ?3 LIMIT 1",
+        )?
+        .exists(params![account, prefix, format!("{}0", dir.as_str())])?)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_change(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     account: AccountId,
     seq: u64,
     path: &RelPath,
     node: Option<&Node>,
     op: &str,
     device: &str,
+    at: i64,
 ) -> Result<(), MetaError> {
     let zero = NodeMeta { mtime_ns: 0, mode: 0 };
     let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) = match node {
@@ -464,22 +874,7 @@ fn write_change(
         Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
         Some(Node::Symlink { target }) => (3, None, 0, zero, Some(target)),
     };
-    // Keep the account's byte count: the old row's file size out, the new one's in.
-    let old: i64 = tx
-        .prepare_cached("SELECT size FROM files WHERE account=?1 AND path=?2 AND kind=1")?
-        .query_row(params![account, path.as_str()], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    let new = if kind == 1 { size as i64 } else { 0 };
-    if new != old {
-        tx.prepare_cached("UPDATE accounts SET used = MAX(0, used + ?2 - ?3) WHERE id=?1")?
-            .execute(params![account, new, old])?;
-    }
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
+    let row = params![
         account,
         path.as_str(),
         seq as i64,
@@ -490,12 +885,41 @@ fn write_change(
         meta.mode,
         target,
         device
-    ])?;
+    ];
     tx.prepare_cached(
-        "INSERT INTO journal (account, seq, op, path, device, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
-    .execute(params![account, seq as i64, op, path.as_str(), device, now_secs()])?;
+    .execute(row)?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        account,
+        path.as_str(),
+        seq as i64,
+        kind,
+        node.and_then(|n| match n {
+            Node::File { hash, .. } => Some(hash.0.to_vec()),
+            _ => None,
+        }),
+        size as i64,
+        meta.mtime_ns,
+        meta.mode,
+        target,
+        device,
+        op,
+        at
+    ])?;
     Ok(())
+}
+
+fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Version, MetaError>> {
+    let entry = row_to_entry(r)?;
+    let at: i64 = r.get(9)?;
+    let op: String = r.get(10)?;
+    Ok(entry.map(|e| Version { path: e.path, rev: e.rev, time: at, device: e.device, op, node: e.node }))
 }
 
 type RowResult = Result<Entry, MetaError>;

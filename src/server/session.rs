@@ -1,8 +1,7 @@
 //! One connection: the handshake, then requests served in order. A request that fails is refused
 //! with a reason and the session goes on; bytes that do not parse end this session only.
 
-use std::io::BufWriter;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -11,10 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::batch::{self, Staged};
-use super::meta::{Account, AccountId, MetaError, Metadata};
-use super::store::{AccountStore, NoParent};
+use super::content::{ChunkKey, ChunkLoc, Chunker, PackSink, Reader};
+use super::meta::{Account, AccountId, Change, MetaError, Metadata, Step};
 use crate::delta::{self, Applier, Block};
-use crate::fsutil::{self, TempGuard};
 use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::*;
@@ -46,27 +44,6 @@ fn server_err(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(RefusalKind::Server, format!("server could not complete the request: {text}"))
 }
 
-/// Longest path the server's OS accepts (Linux `PATH_MAX` less its NUL).
-const MAX_OS_PATH: usize = 4095;
-
-/// Refuses a path that fits the protocol's 4096-byte limit but not the OS's once the account's
-/// folder is put in front of it: the effective limit is 4095 bytes minus the length of
-/// `DATA/accounts/ID/files/`.
-fn path_fits(store: &AccountStore, path: &RelPath) -> Result<(), Refusal> {
-    let prefix = store.files.as_os_str().len() + 1;
-    let len = path.as_str().len();
-    if prefix + len > MAX_OS_PATH {
-        return Err(Refusal::new(
-            RefusalKind::Invalid,
-            format!(
-                "path is too long for this server: `{path}` is {len} bytes and this server can store paths of at most {} bytes (the OS limit of {MAX_OS_PATH} less its data folder's {prefix}); shorten the names or the nesting",
-                MAX_OS_PATH.saturating_sub(prefix)
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// The refusal when `path` (`size` bytes, replacing `replaced` bytes) would take the account
 /// past its quota. Moves and deletes never add bytes, so they are never refused for a quota.
 pub(super) fn over_quota(
@@ -82,8 +59,21 @@ pub(super) fn over_quota(
     if size <= replaced || after <= quota {
         return Ok(());
     }
+    Err(quota_refusal(name, used, quota, path, size, replaced))
+}
+
+/// The refusal of an upload that would take the account past its quota.
+pub(super) fn quota_refusal(
+    name: &str,
+    used: u64,
+    quota: u64,
+    path: &RelPath,
+    size: u64,
+    replaced: u64,
+) -> Refusal {
+    let after = used.saturating_sub(replaced).saturating_add(size);
     use super::human_size as h;
-    Err(Refusal::new(
+    Refusal::new(
         RefusalKind::Server,
         format!(
             "account {name} is over its quota: `{path}` ({}) would bring it to {} used of {}; free space or raise it with `deltasync account quota {name} SIZE` on the server",
@@ -91,7 +81,7 @@ pub(super) fn over_quota(
             h(after),
             h(quota)
         ),
-    ))
+    )
 }
 
 /// Refuses an upload of `size` bytes before it is received when it is more than the server
@@ -100,7 +90,7 @@ fn check_room(
     meta: &Metadata,
     account: AccountId,
     name: &str,
-    store: &AccountStore,
+    free: Option<u64>,
     path: &RelPath,
     size: u64,
     cur: &Option<Entry>,
@@ -120,8 +110,9 @@ fn check_room(
     };
     let (used, quota) = meta.usage(account)?;
     over_quota(name, used, quota, path, size, replaced)?;
-    let free = fsutil_free_bytes(&store.tmp)?;
-    if size > free {
+    if let Some(free) = free
+        && size > free
+    {
         return Err(Refusal::new(
             RefusalKind::Server,
             format!(
@@ -132,22 +123,6 @@ fn check_room(
         ));
     }
     Ok(())
-}
-
-/// Bytes an unprivileged writer may still use on the file system holding `dir`.
-fn fsutil_free_bytes(dir: &std::path::Path) -> Result<u64, Refusal> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(server_err)?;
-    #[allow(unsafe_code)]
-    // SAFETY: all-zero is a valid `statvfs` (plain integers).
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    #[allow(unsafe_code)]
-    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statvfs.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if r != 0 {
-        return Err(server_err(std::io::Error::last_os_error()));
-    }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Only permission bits are kept: never set-uid, set-gid or sticky, whatever a client sends.
@@ -177,9 +152,6 @@ impl From<MetaError> for Refusal {
 
 impl From<std::io::Error> for Refusal {
     fn from(e: std::io::Error) -> Self {
-        if let Some(np) = NoParent::of(&e) {
-            return Refusal::new(RefusalKind::Stale, np.to_string());
-        }
         server_err(e)
     }
 }
@@ -198,7 +170,8 @@ struct Session {
     shared: Arc<Shared>,
     account: Account,
     device: String,
-    store: AccountStore,
+    /// Where this session's new chunks go; its pack is finished at each batch commit.
+    sink: Arc<Mutex<PackSink>>,
     rd: FrameReader,
     wr: FrameWriter,
 }
@@ -277,7 +250,7 @@ pub async fn serve(
         wr.send(&reject(Rejection::Auth, msg.into())).await?;
         return Err(SessionError::Handshake("authentication failed".into()));
     };
-    let store = shared.store.account(account.id).map_err(|e| SessionError::Internal(e.to_string()))?;
+    let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
     wr.send(&Welcome::Accepted {
         account: account.name.clone(),
         new_token,
@@ -292,7 +265,7 @@ pub async fn serve(
         shared,
         account,
         device,
-        store,
+        sink,
         rd,
         wr,
     };
@@ -355,10 +328,11 @@ impl Session {
                     if self.staged.iter().any(|s| s.path == path) {
                         self.flush().await?;
                     }
-                    match self.put(id, path.clone(), base_rev, hash, size, meta, base).await? {
-                        Ok(tmp) => {
+                    match self.put(id, path.clone(), base_rev, hash, size, base).await? {
+                        Ok(chunks) => {
                             let node = Node::File { hash, size, meta };
-                            self.stage(Staged { id, path, base_rev, tmp, node, op: "write" }).await?;
+                            let chunks = Some(chunks);
+                            self.stage(Staged { id, path, base_rev, node, op: "write", chunks }).await?;
                             continue;
                         }
                         Err(r) => Err(r),
@@ -369,10 +343,18 @@ impl Session {
                         self.flush().await?;
                     }
                     match self.copy(hash, size, &to, to_base_rev, meta).await {
-                        Ok(tmp) => {
+                        Ok(()) => {
                             let node = Node::File { hash, size, meta };
-                            self.stage(Staged { id, path: to, base_rev: to_base_rev, tmp, node, op: "copy" })
-                                .await?;
+                            let path = to;
+                            self.stage(Staged {
+                                id,
+                                path,
+                                base_rev: to_base_rev,
+                                node,
+                                op: "copy",
+                                chunks: None,
+                            })
+                            .await?;
                             continue;
                         }
                         Err(r) => Err(r),
@@ -399,6 +381,33 @@ impl Session {
                             Ok(Reply::Ok)
                         }
                         Request::Ping => Ok(Reply::Ok),
+                        Request::GetVersion { path, rev } => {
+                            self.get_version(id, path, rev).await?;
+                            continue;
+                        }
+                        Request::Log { path, deleted, limit } => {
+                            self.db(move |m, a| {
+                                let versions = m.log(a, path.as_ref(), deleted, limit)?;
+                                let more = versions.len() as u32 >= limit.min(MAX_LOG);
+                                Ok(Reply::Log { versions, more })
+                            })
+                            .await
+                        }
+                        Request::Snapshot { path, at, after } => {
+                            self.db(move |m, a| {
+                                let rev = m.rev_at(a, at)?;
+                                let versions = m.snapshot(a, path.as_ref(), rev, after.as_ref(), MAX_LOG)?;
+                                let more = versions.len() as u32 >= MAX_LOG;
+                                Ok(Reply::Snapshot { versions, more })
+                            })
+                            .await
+                        }
+                        Request::Restore { path, at } => {
+                            self.revert(super::revert::Revert::Restore { path, at }).await
+                        }
+                        Request::Undo { device, since } => {
+                            self.revert(super::revert::Revert::Undo { device, since }).await
+                        }
                         other => self.simple(other).await,
                     }
                 }
@@ -431,8 +440,7 @@ impl Session {
             account: self.account.id,
             session: self.id,
             device: &self.device,
-            account_name: &self.account.name,
-            store: &self.store,
+            sink: &self.sink,
         };
         let results = batch::commit(target, staged).await;
         for (id, result) in results {
@@ -457,16 +465,14 @@ impl Session {
         self.db(move |m, a| m.get(a, &p)).await
     }
 
-    async fn commit(&self, op: &'static str, changes: Vec<(RelPath, Option<Node>)>) -> Result<u64, Refusal> {
+    /// Commits steps; each one's revision or refusal. Tells the account's other devices.
+    async fn commit(&self, steps: Vec<Step>) -> Result<Vec<Result<u64, Refusal>>, Refusal> {
         let device = self.device.clone();
-        let seq = self
-            .db(move |m, a| {
-                let refs: Vec<_> = changes.iter().map(|(p, n)| (p, n.as_ref())).collect();
-                m.commit(a, op, &device, &refs)
-            })
-            .await?;
-        self.shared.notify(self.account.id, seq, self.id);
-        Ok(seq)
+        let results = self.db(move |m, a| m.commit(a, &device, &steps)).await?;
+        if let Some(max) = results.iter().filter_map(|r| r.as_ref().ok()).max() {
+            self.shared.notify(self.account.id, *max, self.id);
+        }
+        Ok(results)
     }
 
     async fn changes(&mut self, id: u64, mut since: u64) -> Result<(), SessionError> {
@@ -498,10 +504,9 @@ impl Session {
         base_rev: u64,
         hash: ContentHash,
         size: u64,
-        meta: Meta,
         base: Option<ContentHash>,
-    ) -> Result<Result<TempGuard, Refusal>, SessionError> {
-        let (sh, account, store) = (self.shared.clone(), self.account.id, self.store.clone());
+    ) -> Result<Result<Vec<(ChunkKey, u32)>, Refusal>, SessionError> {
+        let (sh, account, sink) = (self.shared.clone(), self.account.id, self.sink.clone());
         let name = self.account.name.clone();
         if base.is_none() && size <= SMALL_UPLOAD {
             // A small file arrives in a block or two: take it whole, then check and write it in
@@ -521,31 +526,30 @@ impl Session {
                 )));
             }
             let done = tokio::task::spawn_blocking(move || {
-                check_put(&sh.meta, account, &name, &store, &path, base_rev, None, size)?;
-                reconstruct(&store, None, blocks.into_iter(), size, hash, meta)
+                check_put(&sh, account, &name, &path, base_rev, None, size)?;
+                reconstruct(&sh, &sink, None, blocks.into_iter(), size, hash)
             })
             .await;
             return Ok(done.unwrap_or_else(|e| Err(server_err(e))));
         }
         let p = path.clone();
-        let early = tokio::task::spawn_blocking(move || {
-            check_put(&sh.meta, account, &name, &store, &p, base_rev, base, size)
-        })
-        .await
-        .unwrap_or_else(|e| Err(server_err(e)));
+        let early =
+            tokio::task::spawn_blocking(move || check_put(&sh, account, &name, &p, base_rev, base, size))
+                .await
+                .unwrap_or_else(|e| Err(server_err(e)));
         let (tx, mut rx) = mpsc::channel::<Block>(4);
         let worker = match &early {
-            Ok(base_file) => {
-                let store = self.store.clone();
-                let base_file = base_file.clone();
+            Ok(base_version) => {
+                let (sh, sink) = (self.shared.clone(), self.sink.clone());
+                let base_version = base_version.clone();
                 Some(tokio::task::spawn_blocking(move || {
                     reconstruct(
-                        &store,
-                        base_file,
+                        &sh,
+                        &sink,
+                        base_version,
                         std::iter::from_fn(|| rx.blocking_recv()),
                         size,
                         hash,
-                        meta,
                     )
                 }))
             }
@@ -602,81 +606,48 @@ impl Session {
         self.rd.open(block).map(Some).map_err(|e| SessionError::Violation(e.to_string()))
     }
 
-    /// [`replaceable`] on the blocking pool.
-    async fn check_replaceable(&self, path: &RelPath, cur: &Option<Entry>) -> Result<(), Refusal> {
-        let (sh, account, p, c) = (self.shared.clone(), self.account.id, path.clone(), cur.clone());
-        blocking(move || replaceable(&sh.meta, account, &p, &c)).await
-    }
-
-    /// A server-side copy of content the account already holds, into a temp file.
+    /// A server-side copy of content the account already holds: only metadata (the commit
+    /// checks again that the content is still there).
     async fn copy(
         &self,
         hash: ContentHash,
         size: u64,
         to: &RelPath,
         to_base_rev: u64,
-        meta: Meta,
-    ) -> Result<TempGuard, Refusal> {
-        let (to, name, store) = (to.clone(), self.account.name.clone(), self.store.clone());
+        _meta: Meta,
+    ) -> Result<(), Refusal> {
+        let (to, name, free) = (to.clone(), self.account.name.clone(), self.shared.chunks.free_bytes());
         self.db(move |m, a| {
             Ok((|| -> Result<(), Refusal> {
-                path_fits(&store, &to)?;
                 let cur = m.get(a, &to)?;
                 check_base(&to, &cur, to_base_rev)?;
-                check_room(m, a, &name, &store, &to, size, &cur)
+                check_room(m, a, &name, free.map(|_| u64::MAX), &to, size, &cur)?;
+                match m.content(a, &hash)? {
+                    Some((n, _)) if n == size => Ok(()),
+                    _ => Err(Refusal::new(
+                        RefusalKind::NotFound,
+                        "no file with that content on the server; upload it",
+                    )),
+                }
             })())
         })
-        .await??;
-        let src = self.db(move |m, a| m.find_by_hash(a, &hash)).await?;
-        let Some(src) = src else {
-            return Err(Refusal::new(
-                RefusalKind::NotFound,
-                "no file with that content on the server; upload it",
-            ));
-        };
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || -> Result<TempGuard, Refusal> {
-            let mut from = store.open(&src)?;
-            let (f, t) = store.new_temp()?;
-            let g = TempGuard::new(t);
-            // Never more than announced, whatever the source has become.
-            std::io::copy(&mut std::io::Read::take(&mut from, size.saturating_add(1)), &mut { f })?;
-            let (h, n) = ContentHash::of_file(g.path())?;
-            if h != hash || n != size {
-                return Err(Refusal::new(RefusalKind::NotFound, "the server's copy changed; upload it"));
-            }
-            fsutil::set_mode(g.path(), meta.mode)?;
-            fsutil::set_mtime(g.path(), meta.mtime_ns)?;
-            Ok(g)
-        })
-        .await
-        .map_err(server_err)?
+        .await?
     }
 
     /// Requests that change metadata or the tree without content (mkdir, symlink, delete, move,
-    /// set-meta), under the account's commit lock.
+    /// set-meta): one step each, checked inside the commit's transaction.
     async fn simple(&self, req: Request) -> Result<Reply, Refusal> {
-        match &req {
-            Request::Mkdir { path, .. } | Request::Symlink { path, .. } | Request::SetMeta { path, .. } => {
-                path_fits(&self.store, path)?
-            }
-            Request::Move { to, .. } => path_fits(&self.store, to)?,
-            _ => {}
-        }
         let lock = self.shared.commit_lock(self.account.id);
         let _held = lock.lock().await;
-        let store = self.store.clone();
-        match req {
+        let change =
+            |path: RelPath, base_rev: u64, node: Option<Node>| Change { path, base_rev, node, chunks: None };
+        let step = match req {
             Request::Mkdir { path, base_rev, mode } => {
                 let cur = self.current(&path).await?;
                 if let Some(Entry { node: Some(Node::Dir { .. }), rev, .. }) = cur {
                     return Ok(Reply::Committed { rev });
                 }
-                check_base(&path, &cur, base_rev)?;
-                let p = path.clone();
-                blocking(move || store.mkdir(&p, mode)).await?;
-                let rev = self.commit("mkdir", vec![(path, Some(Node::Dir { mode }))]).await?;
-                Ok(Reply::Committed { rev })
+                Step { op: "mkdir", changes: vec![change(path, base_rev, Some(Node::Dir { mode }))] }
             }
             Request::Symlink { path, base_rev, target } => {
                 if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains('\0') {
@@ -685,33 +656,14 @@ impl Session {
                         "symlink target is empty, too long or has a NUL byte",
                     ));
                 }
-                let cur = self.current(&path).await?;
-                check_base(&path, &cur, base_rev)?;
-                self.check_replaceable(&path, &cur).await?;
-                let (p, t) = (path.clone(), target.clone());
-                blocking(move || store.symlink(&p, &t)).await?;
-                let rev = self.commit("symlink", vec![(path, Some(Node::Symlink { target }))]).await?;
-                Ok(Reply::Committed { rev })
+                Step { op: "symlink", changes: vec![change(path, base_rev, Some(Node::Symlink { target }))] }
             }
             Request::Delete { path, base_rev } => {
                 let cur = self.current(&path).await?;
-                let Some(Entry { node: Some(node), .. }) = &cur else {
+                let Some(Entry { node: Some(_), .. }) = &cur else {
                     return Ok(Reply::Committed { rev: cur.map_or(0, |e| e.rev) });
                 };
-                check_base(&path, &cur, base_rev)?;
-                if matches!(node, Node::Dir { .. }) {
-                    let p = path.clone();
-                    if self.db(move |m, a| m.has_children(a, &p)).await? {
-                        return Err(Refusal::new(
-                            RefusalKind::Stale,
-                            format!("directory `{path}` is not empty on the server"),
-                        ));
-                    }
-                }
-                let p = path.clone();
-                blocking(move || store.remove(&p)).await?;
-                let rev = self.commit("delete", vec![(path, None)]).await?;
-                Ok(Reply::Committed { rev })
+                Step { op: "delete", changes: vec![change(path, base_rev, None)] }
             }
             Request::Move { from, from_rev, to, to_base_rev, meta } => {
                 let src = self.current(&from).await?;
@@ -725,13 +677,10 @@ impl Session {
                         ));
                     }
                 };
-                let dst = self.current(&to).await?;
-                check_base(&to, &dst, to_base_rev)?;
-                self.check_replaceable(&to, &dst).await?;
-                let (f, t) = (from.clone(), to.clone());
-                blocking(move || store.rename(&f, &t, meta)).await?;
-                let rev = self.commit("move", vec![(from, None), (to, Some(node))]).await?;
-                Ok(Reply::Committed { rev })
+                Step {
+                    op: "move",
+                    changes: vec![change(from, from_rev, None), change(to, to_base_rev, Some(node))],
+                }
             }
             Request::SetMeta { path, base_rev, meta } => {
                 let cur = self.current(&path).await?;
@@ -746,13 +695,24 @@ impl Session {
                         ));
                     }
                 };
-                let p = path.clone();
-                blocking(move || store.set_meta(&p, meta)).await?;
-                let rev = self.commit("meta", vec![(path, Some(node))]).await?;
-                Ok(Reply::Committed { rev })
+                Step { op: "meta", changes: vec![change(path, base_rev, Some(node))] }
             }
-            _ => Err(Refusal::new(RefusalKind::Invalid, "unexpected request")),
+            _ => return Err(Refusal::new(RefusalKind::Invalid, "unexpected request")),
+        };
+        let rev = self.commit(vec![step]).await?.pop().unwrap_or_else(|| Err(server_err("empty commit")))?;
+        Ok(Reply::Committed { rev })
+    }
+
+    /// A restore or an undo, planned and committed under the account's commit lock.
+    async fn revert(&self, what: super::revert::Revert) -> Result<Reply, Refusal> {
+        let lock = self.shared.commit_lock(self.account.id);
+        let _held = lock.lock().await;
+        let device = self.device.clone();
+        let (reply, last) = self.db(move |m, a| super::revert::run(m, a, &device, &what)).await??;
+        if last > 0 {
+            self.shared.notify(self.account.id, last, self.id);
         }
+        Ok(reply)
     }
 
     /// Sends a file, as a delta against the client's version when the server holds its signature.
@@ -763,8 +723,6 @@ impl Session {
         have: Option<(ContentHash, u64)>,
     ) -> Result<(), SessionError> {
         let opened = async {
-            let lock = self.shared.commit_lock(self.account.id);
-            let _held = lock.lock().await;
             let cur = self.current(&path).await?;
             let Some(entry @ Entry { node: Some(Node::File { .. }), .. }) = cur else {
                 return Err(Refusal::new(
@@ -772,39 +730,82 @@ impl Session {
                     format!("`{path}` is not a file on the server"),
                 ));
             };
-            let file = self.store.open(&path)?;
-            Ok((entry, file))
+            let locs = self.locations(&entry).await?;
+            Ok((entry, locs))
         }
         .await;
-        let (entry, file) = match opened {
-            Ok(x) => x,
-            Err(r) => {
-                self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?;
-                return Ok(());
-            }
+        match opened {
+            Ok((entry, locs)) => self.send_file(id, entry, locs, have).await,
+            Err(r) => Ok(self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?),
+        }
+    }
+
+    /// Sends the version of `path` committed at `rev`, whole.
+    async fn get_version(&mut self, id: u64, path: RelPath, rev: u64) -> Result<(), SessionError> {
+        let opened = async {
+            let p = path.clone();
+            let v = self.db(move |m, a| m.version(a, &p, rev)).await?;
+            let Some(v @ Version { node: Some(Node::File { .. }), .. }) = v else {
+                return Err(Refusal::new(
+                    RefusalKind::NotFound,
+                    format!("history has no file `{path}` at revision {rev}"),
+                ));
+            };
+            let entry = Entry { path: v.path, rev: v.rev, node: v.node, device: v.device };
+            let locs = self.locations(&entry).await?;
+            Ok((entry, locs))
+        }
+        .await;
+        match opened {
+            Ok((entry, locs)) => self.send_file(id, entry, locs, None).await,
+            Err(r) => Ok(self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?),
+        }
+    }
+
+    /// Where the chunks of a file entry's content are.
+    async fn locations(&self, entry: &Entry) -> Result<Vec<ChunkLoc>, Refusal> {
+        let Some(Node::File { hash, size, .. }) = entry.node else {
+            return Err(Refusal::new(RefusalKind::NotFound, format!("`{}` is not a file", entry.path)));
         };
-        let Some(Node::File { hash, .. }) = entry.node else { unreachable!("checked above") };
-        let sigs = self.store.sigs.clone();
+        let path = entry.path.clone();
+        match self.db(move |m, a| m.content(a, &hash)).await? {
+            Some((n, locs)) if n == size => Ok(locs),
+            _ => Err(Refusal::new(
+                RefusalKind::NotFound,
+                format!("the server no longer holds the content of `{path}` (pruned?)"),
+            )),
+        }
+    }
+
+    /// The reply and content of a file: a delta against the client's version when the server
+    /// holds that version's signature, else whole.
+    async fn send_file(
+        &mut self,
+        id: u64,
+        entry: Entry,
+        locs: Vec<ChunkLoc>,
+        have: Option<(ContentHash, u64)>,
+    ) -> Result<(), SessionError> {
+        let Some(Node::File { hash, .. }) = entry.node else { return Ok(()) };
+        let path = entry.path.clone();
+        let sigs = self.shared.sigs.clone();
         let base = have.filter(|(h, len)| *h != hash && sigs.contains(h, *len));
         self.wr
             .feed(&ServerMsg::Resp { id, result: Ok(Reply::File { entry, base: base.map(|b| b.0) }) })
             .await?;
         let (tx, mut rx) = mpsc::channel::<(Block, u64)>(4);
+        let chunks = self.shared.chunks.clone();
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let map = fsutil::map(&file).map_err(|e| e.to_string())?;
-            let mut sent = 0usize;
+            let mut reader = Reader::new(chunks, locs);
             let emit = |b, covered: u64| {
-                // Memory stays flat for huge files: drop the pages already encoded.
-                map.release(0, sent);
-                sent += covered as usize;
                 tx.blocking_send((b, covered)).map_err(|_| std::io::Error::other("receiver gone"))
             };
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
                 Some(sig) => {
-                    delta::encode_delta(&sig, &map, None, emit).map_err(|e| e.to_string())?;
+                    delta::encode_delta_from(&sig, &mut reader, None, emit).map_err(|e| e.to_string())?;
                 }
                 None => {
-                    delta::encode_whole(&map, None, emit).map_err(|e| e.to_string())?;
+                    delta::encode_whole_from(&mut reader, None, emit).map_err(|e| e.to_string())?;
                 }
             }
             Ok(())
@@ -824,15 +825,32 @@ impl Session {
     async fn signature(&mut self, id: u64, path: RelPath) -> Result<(), SessionError> {
         let cur = self.current(&path).await;
         let r = match cur {
-            Ok(Some(Entry { node: Some(Node::File { hash, size, .. }), .. })) => {
-                let store = self.store.clone();
-                let p = path.clone();
-                blocking(move || -> std::io::Result<Vec<u8>> {
-                    store.sigs.ensure_file(&hash, &store.resolve(&p)?)?;
-                    Ok(store.sigs.get(&hash, size).map(|s| s.into_serialized()).unwrap_or_default())
-                })
-                .await
-                .map(|bytes| (hash, size, bytes))
+            Ok(Some(entry @ Entry { node: Some(Node::File { .. }), .. })) => {
+                let Some(Node::File { hash, size, .. }) = entry.node else { unreachable!("matched") };
+                match self.locations(&entry).await {
+                    Ok(locs) => {
+                        let (sigs, chunks) = (self.shared.sigs.clone(), self.shared.chunks.clone());
+                        blocking(move || -> Result<Vec<u8>, delta::DeltaError> {
+                            if let Some(sig) = sigs.get(&hash, size) {
+                                return Ok(sig.into_serialized());
+                            }
+                            let mut reader = Reader::new(chunks, locs);
+                            let mut b = delta::signature::Builder::new(size);
+                            let mut at = 0usize;
+                            while at < size as usize {
+                                let to = (at + (1 << 20)).min(size as usize);
+                                b.update(delta::Source::bytes(&mut reader, at..to)?);
+                                at = to;
+                            }
+                            let sig = b.finish();
+                            let _ = sigs.put(&hash, size, &sig);
+                            Ok(sig.into_serialized())
+                        })
+                        .await
+                        .map(|bytes| (hash, size, bytes))
+                    }
+                    Err(r) => Err(r),
+                }
             }
             Ok(_) => {
                 Err(Refusal::new(RefusalKind::NotFound, format!("`{path}` is not a file on the server")))
@@ -858,50 +876,41 @@ impl Session {
     }
 }
 
+impl From<delta::DeltaError> for Refusal {
+    fn from(e: delta::DeltaError) -> Self {
+        server_err(e)
+    }
+}
+
 async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Refusal> {
     tokio::task::spawn_blocking(f).await.map_err(server_err)?.map_err(Into::into)
 }
 
-/// The checks of an upload that need the database (blocking): its base revision, no non-empty
-/// directory in the way, and for a delta the base version, whose file, hash and size it returns.
-#[allow(clippy::too_many_arguments)]
+/// An upload's base: the stored version it is a delta against.
+#[derive(Clone)]
+struct BaseVersion {
+    hash: ContentHash,
+    size: u64,
+    locs: Vec<ChunkLoc>,
+}
+
+/// The checks of an upload before its data is read (blocking): its base revision, no non-empty
+/// directory in the way, room for it, and for a delta the base version. The commit checks the
+/// rules again, inside its transaction.
 fn check_put(
-    meta: &Metadata,
+    sh: &Shared,
     account: AccountId,
     name: &str,
-    store: &AccountStore,
     path: &RelPath,
     base_rev: u64,
     base: Option<ContentHash>,
     size: u64,
-) -> Result<Option<(std::path::PathBuf, ContentHash, u64)>, Refusal> {
-    path_fits(store, path)?;
+) -> Result<Option<BaseVersion>, Refusal> {
+    let meta = &sh.meta;
     let cur = meta.get(account, path)?;
     check_base(path, &cur, base_rev)?;
-    replaceable(meta, account, path, &cur)?;
-    check_room(meta, account, name, store, path, size, &cur)?;
-    match base {
-        None => Ok(None),
-        Some(h) => match cur.and_then(|e| e.node) {
-            Some(Node::File { hash, size, .. }) if hash == h => Ok(Some((store.resolve(path)?, hash, size))),
-            _ => Err(Refusal::new(
-                RefusalKind::NotFound,
-                format!("the server does not hold the base version of `{path}`; send it whole"),
-            )),
-        },
-    }
-}
-
-/// A directory may be replaced by a file or link only once it is empty: its children must be
-/// deleted first (the client orders deletes first), so no entry is orphaned. Blocking.
-fn replaceable(
-    meta: &Metadata,
-    account: AccountId,
-    path: &RelPath,
-    cur: &Option<Entry>,
-) -> Result<(), Refusal> {
     if let Some(Entry { node: Some(Node::Dir { .. }), .. }) = cur
         && meta.has_children(account, path)?
     {
@@ -910,7 +919,21 @@ fn replaceable(
             format!("`{path}` is a non-empty directory on the server; delete its contents first"),
         ));
     }
-    Ok(())
+    check_room(meta, account, name, sh.chunks.free_bytes(), path, size, &cur)?;
+    let Some(h) = base else { return Ok(None) };
+    let not_held = || {
+        Refusal::new(
+            RefusalKind::NotFound,
+            format!("the server does not hold the base version of `{path}`; send it whole"),
+        )
+    };
+    match cur.and_then(|e| e.node) {
+        Some(Node::File { hash, size, .. }) if hash == h => match meta.content(account, &hash)? {
+            Some((n, locs)) if n == size => Ok(Some(BaseVersion { hash, size, locs })),
+            _ => Err(not_held()),
+        },
+        _ => Err(not_held()),
+    }
 }
 
 /// The optimistic-concurrency rule: a change names the revision it was made from.
@@ -927,37 +950,27 @@ fn check_base(path: &RelPath, cur: &Option<Entry>, base_rev: u64) -> Result<(), 
     Ok(())
 }
 
-/// Rebuilds an uploaded file in a temp file from its blocks and verifies it.
+/// Rebuilds an uploaded file from its blocks into chunks (new ones go to the session's open
+/// pack), verifies it, and returns its chunk list.
 fn reconstruct(
-    store: &AccountStore,
-    base: Option<(std::path::PathBuf, ContentHash, u64)>,
+    sh: &Shared,
+    sink: &Mutex<PackSink>,
+    base: Option<BaseVersion>,
     blocks: impl Iterator<Item = Block>,
     size: u64,
     hash: ContentHash,
-    meta: Meta,
-) -> Result<TempGuard, Refusal> {
-    let base_sig = base.as_ref().and_then(|(_, h, len)| store.sigs.get(h, *len));
-    let base_map = match base {
-        Some((p, _, _)) => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)?;
-            fsutil::map(&f)?
-        }
-        None => fsutil::Mapped::Empty,
-    };
-    let (file, t) = store.new_temp()?;
-    let guard = TempGuard::new(t);
-    let mut ap =
-        Applier::new(&base_map, BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file)), size)
-            .with_signature(store.sigs.builder_for(&hash, size), base_sig);
+) -> Result<Vec<(ChunkKey, u32)>, Refusal> {
+    let base_sig = base.as_ref().and_then(|b| sh.sigs.get(&b.hash, b.size));
+    let reader = base.map(|b| Reader::new(sh.chunks.clone(), b.locs));
+    let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, &sh.meta), size)
+        .with_signature(sh.sigs.builder_for(&hash, size), base_sig);
     for b in blocks {
         ap.block(&b).map_err(|e| match e {
-            // Writing the temp file failed (a full disk): the server's fault, not the data's.
+            // Storing the chunks failed (a full disk): the server's fault, not the data's.
             delta::DeltaError::Io(e) => server_err(e),
             e => Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")),
         })?;
-        // Copies read the base wherever they point; drop what they touched so memory stays flat.
-        base_map.release_all();
     }
     let done = ap.finish().map_err(server_err)?;
     if done.hash != hash || done.len != size {
@@ -966,12 +979,9 @@ fn reconstruct(
             "uploaded content does not match its announced hash; send it whole",
         ));
     }
-    // Not fsynced here: the batch commit makes many files durable together.
-    let file = done.out.into_inner().map_err(|e| server_err(e.error()))?.into_inner();
-    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
-    drop(file);
+    let list = done.out.finish().map_err(server_err)?;
     if let Some(sig) = done.sig {
-        store.sigs.put(&hash, size, &sig)?;
+        sh.sigs.put(&hash, size, &sig)?;
     }
-    Ok(guard)
+    Ok(list)
 }

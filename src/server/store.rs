@@ -1,223 +1,72 @@
-//! Content storage: per account a plain mirror of the folder (a user can walk in and copy files
-//! out), a temp area on the same file system, and the signature cache.
+//! The server's two storage interfaces, the seam for other backends: a [`ChunkStore`] holds
+//! packs of content chunks (immutable objects), a [`super::meta::MetaStore`] holds everything
+//! else (accounts, versions, journal, chunk locations) and decides every commit in one
+//! transaction. Neither passes a `PathBuf` or a `File`: an object store and a database can
+//! implement them.
 //!
-//! All file I/O of the server goes through here, so an object-storage backend is one more
-//! implementation of this module. Paths are `RelPath`s and no operation follows a symlink: every
-//! ancestor is checked to be a real directory, and links are only ever created, read or removed.
+//! # Layout
+//! - [`local`]: packs as files in the data folder.
+//! - [`conformance`]: the contract every implementation passes (tests).
 
-use std::fs;
+pub mod local;
+
+#[cfg(test)]
+pub mod conformance;
+
 use std::io;
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
 
-use crate::delta::SigCache;
-use crate::fsutil;
-use crate::path::RelPath;
-use crate::protocol::Meta;
+/// A pack's name: 16 random bytes, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub [u8; 16]);
 
-use super::meta::AccountId;
-
-#[derive(Clone)]
-pub struct Store {
-    root: PathBuf,
-}
-
-/// One account's rooms.
-#[derive(Clone)]
-pub struct AccountStore {
-    pub files: PathBuf,
-    pub tmp: PathBuf,
-    pub sigs: SigCache,
-}
-
-impl Store {
-    pub fn open(data_dir: &Path) -> io::Result<Self> {
-        let root = data_dir.join("accounts");
-        fs::create_dir_all(&root)?;
-        Ok(Store { root })
+impl PackId {
+    pub fn random() -> io::Result<Self> {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b)
+            .map_err(|e| io::Error::other(format!("the OS random number generator failed: {e}")))?;
+        Ok(PackId(b))
     }
 
-    pub fn account(&self, id: AccountId) -> io::Result<AccountStore> {
-        let base = self.root.join(id.to_string());
-        let files = base.join("files");
-        let tmp = base.join("tmp");
-        fs::create_dir_all(&files)?;
-        fs::create_dir_all(&tmp)?;
-        Ok(AccountStore { files, tmp, sigs: SigCache::new(base.join("sigs"))? })
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
     }
 
-    /// Removes temp files left by interrupted uploads; returns how many.
-    pub fn clean_temps(&self) -> io::Result<usize> {
-        let mut n = 0;
-        for e in fs::read_dir(&self.root)? {
-            n += fsutil::clean_temps(&e?.path().join("tmp"))?;
-        }
-        Ok(n)
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let v = hex::decode(s).ok()?;
+        Some(PackId(v.try_into().ok()?))
     }
 }
 
-/// Replaced files at least this big are kept aside by [`AccountStore::place`].
-const KEEP_ASIDE_FROM: u64 = 8 << 20;
-
-/// A replaced version, still linked in the temp area. Renaming over a big file frees its blocks
-/// inside the rename (about 60 ms for 256 MiB on ext4 here), on the path of the upload's reply;
-/// linked aside first, the rename is instant and the blocks are freed by [`Replaced::free`]
-/// after the reply. A crash in between leaves a temp file, removed at the next start.
-pub struct Replaced(PathBuf);
-
-impl Replaced {
-    pub fn free(self) {
-        if let Err(e) = fs::remove_file(&self.0) {
-            tracing::warn!("could not remove the replaced version {}: {e}", self.0.display());
-        }
-    }
+/// Immutable packs of chunks. A pack is written once, front to back, and becomes visible (and
+/// durable) only when [`PackWriter::finish`] returns; it is never changed afterwards, only
+/// deleted. Writing the same pack again is harmless.
+pub trait ChunkStore: Send + Sync {
+    /// Starts a new pack.
+    fn create(&self) -> io::Result<Box<dyn PackWriter>>;
+    /// `len` bytes of a finished pack at `offset`. A missing pack is `NotFound`; a short one
+    /// `UnexpectedEof`.
+    fn read(&self, pack: PackId, offset: u64, len: u32) -> io::Result<Vec<u8>>;
+    /// Deletes a finished pack; a missing one is fine.
+    fn delete(&self, pack: PackId) -> io::Result<()>;
+    /// Every finished pack, with its size in bytes and its age in seconds.
+    fn list(&self) -> io::Result<Vec<(PackId, u64, u64)>>;
+    /// Removes packs whose writing was interrupted (a crash): they were never finished, so
+    /// nothing refers to them. Returns how many.
+    fn clean_unfinished(&self) -> io::Result<usize>;
+    /// Bytes still free for packs, if the backend knows (a local disk does).
+    fn free_bytes(&self) -> Option<u64>;
 }
 
-impl AccountStore {
-    /// The on-disk path of `rel`, after checking that no ancestor is a symlink or a file.
-    pub fn resolve(&self, rel: &RelPath) -> io::Result<PathBuf> {
-        fsutil::check_no_symlink_ancestors(&self.files, rel)?;
-        Ok(rel.under(&self.files))
+/// A pack being written.
+pub trait PackWriter: Send {
+    fn id(&self) -> PackId;
+    /// Appends bytes.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Bytes written so far.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
-
-    pub fn new_temp(&self) -> io::Result<(fs::File, PathBuf)> {
-        fsutil::create_temp(&self.tmp)
-    }
-
-    /// Renames a verified, already durable temp file into place and returns the directory that
-    /// must be fsynced to make the rename durable, and the replaced version if it was kept aside
-    /// (see [`Replaced`]). An empty directory in the way is replaced (the session refuses to
-    /// replace a non-empty one).
-    pub fn place(&self, tmp: &Path, rel: &RelPath) -> io::Result<(PathBuf, Option<Replaced>)> {
-        require_parent(&self.files, rel)?;
-        let dest = rel.under(&self.files);
-        let mut old = None;
-        match fs::symlink_metadata(&dest) {
-            Ok(md) if md.is_dir() => fs::remove_dir(&dest)?,
-            Ok(md) if md.is_file() && md.len() >= KEEP_ASIDE_FROM => {
-                let aside = fsutil::temp_path(&self.tmp);
-                fs::hard_link(&dest, &aside)?;
-                old = Some(Replaced(aside));
-            }
-            _ => {}
-        }
-        fs::rename(tmp, &dest)?;
-        Ok((dest.parent().unwrap_or(&self.files).to_path_buf(), old))
-    }
-
-    pub fn mkdir(&self, rel: &RelPath, mode: u32) -> io::Result<()> {
-        require_parent(&self.files, rel)?;
-        let p = rel.under(&self.files);
-        match fs::symlink_metadata(&p) {
-            Ok(md) if md.is_dir() => {}
-            Ok(_) => {
-                fs::remove_file(&p)?;
-                fs::create_dir(&p)?;
-            }
-            Err(_) => fs::create_dir(&p)?,
-        }
-        if mode != 0 {
-            fsutil::set_mode(&p, mode | 0o700)?;
-        }
-        Ok(())
-    }
-
-    pub fn symlink(&self, rel: &RelPath, target: &str) -> io::Result<()> {
-        require_parent(&self.files, rel)?;
-        let tmp = fsutil::temp_path(&self.tmp);
-        symlink(target, &tmp)?;
-        let dest = rel.under(&self.files);
-        if let Ok(md) = fs::symlink_metadata(&dest)
-            && md.is_dir()
-        {
-            fs::remove_dir(&dest)?;
-        }
-        fs::rename(&tmp, &dest)?;
-        fsutil::sync_dir(dest.parent().unwrap_or(&self.files))
-    }
-
-    /// Removes a file, link or empty directory; a missing one is fine (already gone).
-    pub fn remove(&self, rel: &RelPath) -> io::Result<()> {
-        let p = self.resolve(rel)?;
-        match fs::symlink_metadata(&p) {
-            Ok(md) if md.is_dir() => fs::remove_dir(&p)?,
-            Ok(_) => fs::remove_file(&p)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        fsutil::sync_dir(p.parent().unwrap_or(&self.files))
-    }
-
-    pub fn rename(&self, from: &RelPath, to: &RelPath, meta: Meta) -> io::Result<()> {
-        let src = self.resolve(from)?;
-        require_parent(&self.files, to)?;
-        let dest = to.under(&self.files);
-        // An empty directory in the way is replaced (the session refuses a non-empty one).
-        if fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
-            fs::remove_dir(&dest)?;
-        }
-        fs::rename(&src, &dest)?;
-        fsutil::set_mode(&dest, meta.mode)?;
-        fsutil::set_mtime(&dest, meta.mtime_ns)?;
-        fsutil::sync_dir(dest.parent().unwrap_or(&self.files))?;
-        fsutil::sync_dir(src.parent().unwrap_or(&self.files))
-    }
-
-    pub fn set_meta(&self, rel: &RelPath, meta: Meta) -> io::Result<()> {
-        let p = self.resolve(rel)?;
-        if fs::symlink_metadata(&p)?.file_type().is_symlink() {
-            return Ok(());
-        }
-        fsutil::set_mode(&p, meta.mode)?;
-        fsutil::set_mtime(&p, meta.mtime_ns)
-    }
-
-    /// Opens a stored file for reading without following a final symlink.
-    pub fn open(&self, rel: &RelPath) -> io::Result<fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = self.resolve(rel)?;
-        fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
-    }
-}
-
-/// A path's parent is not a directory on the server: it was deleted, or replaced by a file or
-/// link, after the client planned. Never made implicitly: a directory the journal does not know
-/// would hide what is stored inside it from every other computer.
-#[derive(Debug)]
-pub struct NoParent(pub String);
-
-impl std::fmt::Display for NoParent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NoParent {}
-
-impl NoParent {
-    /// The `NoParent` inside an I/O error from the store, if that is what it is.
-    pub fn of(e: &io::Error) -> Option<&NoParent> {
-        e.get_ref().and_then(|inner| inner.downcast_ref())
-    }
-}
-
-/// Errors with [`NoParent`] unless every ancestor of `rel` is a real directory under `root`.
-fn require_parent(root: &Path, rel: &RelPath) -> io::Result<()> {
-    for a in rel.ancestors() {
-        match fs::symlink_metadata(a.under(root)) {
-            Ok(md) if md.is_dir() => {}
-            Ok(_) => {
-                return Err(io::Error::other(NoParent(format!(
-                    "`{a}` is not a directory on the server any more (another computer replaced it)"
-                ))));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(io::Error::other(NoParent(format!(
-                    "directory `{a}` does not exist on the server any more (another computer deleted it)"
-                ))));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    /// Makes the pack durable and visible under its id.
+    fn finish(self: Box<Self>) -> io::Result<()>;
 }

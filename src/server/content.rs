@@ -1,0 +1,344 @@
+//! File content as content-defined chunks in packs.
+//!
+//! A file's bytes are cut by FastCDC (v2020) into chunks of 16 KiB to 256 KiB (64 KiB on
+//! average; README explains the choice), each named by the SHA-256 of its bytes and stored once
+//! across the whole server: compressed with zstd when that saves at least an eighth, appended
+//! to a pack. A version of a file is the ordered list of its chunks (in the metadata). An edit
+//! changes the chunks around it only: cutting depends on the bytes near each cut, so the cuts
+//! after an edit fall where they fell before, and those chunks are the same chunks.
+//!
+//! - [`Chunker`] is the `Write` an upload is rebuilt into: it cuts, and hands each chunk to
+//!   the session's [`PackSink`], which skips chunks the server has and appends the others to
+//!   its open pack.
+//! - [`Reader`] reads a version back as the delta code's [`Source`] (forward, for downloads)
+//!   and [`Base`] (random access, for an upload's copies).
+//!
+//! Each chunk in a pack is preceded by a header (magic, SHA-256, sizes, codec), so a pack can
+//! be read without the database.
+
+use std::collections::HashSet;
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::meta::Metadata;
+use super::store::{ChunkStore, PackId, PackWriter};
+use crate::delta::{Base, DeltaError, Source};
+
+pub const MIN_CHUNK: usize = 16 << 10;
+pub const AVG_CHUNK: usize = 64 << 10;
+pub const MAX_CHUNK: usize = 256 << 10;
+/// A pack is finished once it holds this much; a batch's pack is finished at its commit anyway.
+pub const PACK_TARGET: u64 = 32 << 20;
+
+/// A chunk's name: the SHA-256 of its bytes (collision-resistant: chunks are shared across
+/// accounts, so nobody may make one that stands for another's).
+pub type ChunkKey = [u8; 32];
+
+/// A version's content: its chunks in order, with their lengths.
+pub type ChunkList = Vec<(ChunkKey, u32)>;
+
+const HEADER_MAGIC: &[u8; 4] = b"DSCK";
+const HEADER_LEN: usize = 4 + 32 + 4 + 4 + 1;
+
+pub fn key_of(bytes: &[u8]) -> ChunkKey {
+    Sha256::digest(bytes).into()
+}
+
+/// Where a chunk's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pack: PackId,
+    /// Of the stored bytes (after the header).
+    pub offset: u64,
+    pub stored: u32,
+    pub raw: u32,
+    pub zstd: bool,
+}
+
+/// A chunk written into a pack that is not finished yet.
+#[derive(Debug, Clone)]
+pub struct NewChunk {
+    pub key: ChunkKey,
+    pub loc: ChunkLoc,
+}
+
+/// A finished pack and the chunks in it, for the metadata.
+#[derive(Debug)]
+pub struct Sealed {
+    pub pack: PackId,
+    pub size: u64,
+    pub chunks: Vec<NewChunk>,
+}
+
+/// The fastcdc v2020 masks for [`AVG_CHUNK`] at normalization level 1.
+fn masks() -> (u64, u64) {
+    let bits = AVG_CHUNK.trailing_zeros();
+    (fastcdc::v2020::MASKS[(bits + 1) as usize], fastcdc::v2020::MASKS[(bits - 1) as usize])
+}
+
+/// The length of the first chunk of `data`: a cut point at most [`MAX_CHUNK`] in, or all of
+/// `data` when it is shorter than that and `last` says no more bytes follow.
+fn cut(data: &[u8]) -> usize {
+    let (s, l) = masks();
+    let (_, n) = fastcdc::v2020::cut(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, s, l, s << 1, l << 1);
+    n.clamp(1.min(data.len()), data.len())
+}
+
+/// Cuts `data` whole into chunks (for conversion and tests): their lengths.
+pub fn cut_all(mut data: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let n = cut(data);
+        out.push(n);
+        data = &data[n..];
+    }
+    out
+}
+
+/// Where a session's new chunks go. Finished packs are recorded in the metadata at once
+/// (their chunks unreferenced until a commit refers to them; a prune collects them after a
+/// grace period if none ever does).
+pub struct PackSink {
+    chunks: Arc<dyn ChunkStore>,
+    open: Option<Box<dyn PackWriter>>,
+    written: Vec<NewChunk>,
+    keys: HashSet<ChunkKey>,
+    /// Bytes of new chunks written (before compression) and stored, for figures.
+    pub new_raw: u64,
+    pub new_stored: u64,
+}
+
+impl PackSink {
+    pub fn new(chunks: Arc<dyn ChunkStore>) -> Self {
+        PackSink { chunks, open: None, written: Vec::new(), keys: HashSet::new(), new_raw: 0, new_stored: 0 }
+    }
+
+    /// Whether the server has this chunk already (in a finished pack, or in the open one).
+    fn has(&self, meta: &Metadata, key: &ChunkKey) -> io::Result<bool> {
+        Ok(self.keys.contains(key) || meta.chunk_exists(key).map_err(io::Error::other)?)
+    }
+
+    /// Stores a chunk unless the server has it.
+    pub fn add(&mut self, meta: &Metadata, bytes: &[u8]) -> io::Result<ChunkKey> {
+        let key = key_of(bytes);
+        if self.has(meta, &key)? {
+            return Ok(key);
+        }
+        let packed = zstd::bulk::compress(bytes, 3).ok().filter(|c| c.len() < bytes.len() - bytes.len() / 8);
+        let (stored, zstd) = match &packed {
+            Some(c) => (c.as_slice(), true),
+            None => (bytes, false),
+        };
+        if self.open.is_none() {
+            self.open = Some(self.chunks.create()?);
+        }
+        let Some(w) = self.open.as_mut() else { unreachable!("just made") };
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(HEADER_MAGIC);
+        header[4..36].copy_from_slice(&key);
+        header[36..40].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        header[40..44].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+        header[44] = u8::from(zstd);
+        w.write(&header)?;
+        let offset = w.len();
+        w.write(stored)?;
+        let loc =
+            ChunkLoc { pack: w.id(), offset, stored: stored.len() as u32, raw: bytes.len() as u32, zstd };
+        self.written.push(NewChunk { key, loc });
+        self.keys.insert(key);
+        self.new_raw += bytes.len() as u64;
+        self.new_stored += stored.len() as u64;
+        if w.len() >= PACK_TARGET {
+            self.seal(meta)?;
+        }
+        Ok(key)
+    }
+
+    /// Finishes the open pack (durable) and records it and its chunks in the metadata.
+    pub fn seal(&mut self, meta: &Metadata) -> io::Result<()> {
+        let Some(w) = self.open.take() else { return Ok(()) };
+        let (pack, size) = (w.id(), w.len());
+        w.finish()?;
+        let chunks = std::mem::take(&mut self.written);
+        self.keys.clear();
+        meta.add_pack(&Sealed { pack, size, chunks }).map_err(io::Error::other)
+    }
+}
+
+/// The `Write` an upload is rebuilt into: cuts chunks and stores them through a [`PackSink`];
+/// [`finish`](Self::finish) gives the version's chunk list.
+pub struct Chunker<'a> {
+    sink: &'a mut PackSink,
+    meta: &'a Metadata,
+    buf: Vec<u8>,
+    list: Vec<(ChunkKey, u32)>,
+}
+
+impl<'a> Chunker<'a> {
+    pub fn new(sink: &'a mut PackSink, meta: &'a Metadata) -> Self {
+        Chunker { sink, meta, buf: Vec::with_capacity(2 * MAX_CHUNK), list: Vec::new() }
+    }
+
+    fn drain(&mut self, all: bool) -> io::Result<()> {
+        let mut at = 0;
+        while self.buf.len() - at >= MAX_CHUNK || (all && at < self.buf.len()) {
+            let n = cut(&self.buf[at..]);
+            let key = self.sink.add(self.meta, &self.buf[at..at + n])?;
+            self.list.push((key, n as u32));
+            at += n;
+        }
+        self.buf.drain(..at);
+        Ok(())
+    }
+
+    /// The chunks of everything written, in order.
+    pub fn finish(mut self) -> io::Result<Vec<(ChunkKey, u32)>> {
+        self.drain(true)?;
+        Ok(self.list)
+    }
+}
+
+impl io::Write for Chunker<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 4 * MAX_CHUNK {
+            self.drain(false)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A stored version read back: as a [`Source`] for downloads and a [`Base`] for uploads'
+/// copies. It keeps the run of chunks the last request covered, so reads that move forward
+/// read each chunk once.
+pub struct Reader {
+    store: Arc<dyn ChunkStore>,
+    /// Each chunk's place and its offset in the file.
+    chunks: Vec<(ChunkLoc, u64)>,
+    size: u64,
+    /// The bytes of chunks `[first, first + n)`, starting at file offset `at`.
+    buf: Vec<u8>,
+    first: usize,
+    n: usize,
+    at: u64,
+}
+
+impl Reader {
+    pub fn new(store: Arc<dyn ChunkStore>, locs: Vec<ChunkLoc>) -> Self {
+        let mut off = 0u64;
+        let chunks: Vec<_> = locs
+            .into_iter()
+            .map(|l| {
+                let at = off;
+                off += u64::from(l.raw);
+                (l, at)
+            })
+            .collect();
+        Reader { store, chunks, size: off, buf: Vec::new(), first: 0, n: 0, at: 0 }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    fn chunk_of(&self, offset: u64) -> usize {
+        self.chunks.partition_point(|(l, at)| at + u64::from(l.raw) <= offset)
+    }
+
+    fn load(&self, i: usize) -> io::Result<Vec<u8>> {
+        let (l, _) = &self.chunks[i];
+        let stored = self.store.read(l.pack, l.offset, l.stored)?;
+        let raw = if l.zstd { zstd::bulk::decompress(&stored, l.raw as usize)? } else { stored };
+        if raw.len() != l.raw as usize {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "a stored chunk has the wrong length"));
+        }
+        Ok(raw)
+    }
+
+    /// The bytes at `[offset, offset + len)`, which lie inside the file.
+    fn range(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
+        if len == 0 {
+            return Ok(&[]);
+        }
+        let end = offset + len as u64;
+        let (from, to) = (self.chunk_of(offset), self.chunk_of(end - 1));
+        if to >= self.chunks.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of a stored version",
+            ));
+        }
+        let held = self.first..self.first + self.n;
+        if self.n > 0 && held.contains(&from) {
+            // Drop the chunks before `from`, keep the rest, append what is missing.
+            let drop_bytes = (self.chunks[from].1 - self.at) as usize;
+            self.buf.drain(..drop_bytes);
+            self.n -= from - self.first;
+            self.first = from;
+            self.at = self.chunks[from].1;
+        } else {
+            self.buf.clear();
+            self.first = from;
+            self.n = 0;
+            self.at = self.chunks[from].1;
+        }
+        while self.first + self.n <= to {
+            let bytes = self.load(self.first + self.n)?;
+            self.buf.extend_from_slice(&bytes);
+            self.n += 1;
+        }
+        let s = (offset - self.at) as usize;
+        Ok(&self.buf[s..s + len])
+    }
+}
+
+impl Source for Reader {
+    fn size(&self) -> usize {
+        self.size as usize
+    }
+
+    fn bytes(&mut self, range: Range<usize>) -> Result<&[u8], DeltaError> {
+        Ok(self.range(range.start as u64, range.len())?)
+    }
+}
+
+impl Base for Reader {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> Result<&[u8], DeltaError> {
+        Ok(self.range(offset, len)?)
+    }
+}
+
+/// Every chunk in a pack's bytes, from its headers: (key, location).
+pub fn parse_pack(pack: PackId, bytes: &[u8]) -> Result<Vec<NewChunk>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let h = bytes.get(at..at + HEADER_LEN).ok_or("a pack ends inside a chunk header")?;
+        if &h[..4] != HEADER_MAGIC {
+            return Err(format!("no chunk header at offset {at} of pack {}", pack.hex()));
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&h[4..36]);
+        let raw = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
+        let stored = u32::from_le_bytes([h[40], h[41], h[42], h[43]]);
+        let offset = (at + HEADER_LEN) as u64;
+        out.push(NewChunk { key, loc: ChunkLoc { pack, offset, stored, raw, zstd: h[44] == 1 } });
+        at = at + HEADER_LEN + stored as usize;
+    }
+    Ok(out)
+}
