@@ -208,12 +208,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 |t| format!("as of {}", deltasync::when::format_rfc3339(t)),
             );
             println!(
-                "Exported account `{account}` {when} to {}: {} files ({}), {} folders, {} links.",
+                "Exported account `{account}` {when} to {}: {} ({}), {}, {}.",
                 dest.display(),
-                summary.files,
+                count(summary.files, "file"),
                 server::human_size(summary.bytes),
-                summary.dirs,
-                summary.links
+                count(summary.dirs, "folder"),
+                count(summary.links, "link")
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -224,15 +224,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("the prune stopped unexpectedly")?
                 .with_context(|| format!("cannot prune {}", data.display()))?;
             println!(
-                "Pruned {}: forgot {} versions, deleted {} packs ({} freed).",
+                "Pruned {}: forgot {}, deleted {} ({} freed).",
                 data.display(),
-                summary.versions,
-                summary.packs,
+                count(summary.versions, "version"),
+                count(summary.packs, "pack"),
                 server::human_size(summary.bytes)
             );
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `1 file`, `2 files`.
+fn count(n: u64, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 
 /// `deltasync log`: a table, or one JSON object per line.
@@ -288,7 +293,7 @@ async fn log(
     }
     if more {
         eprintln!(
-            "note: showing the newest {}; there are more (--limit N shows up to {})",
+            "note: showing the newest {}; there may be more (--limit N shows up to {})",
             versions.len(),
             deltasync::protocol::MAX_LOG
         );
@@ -316,11 +321,11 @@ async fn restore_to(
         eprintln!("error: {e}");
     }
     println!(
-        "Wrote {} files ({}), {} folders and {} links as of {point} to {}.",
-        w.files,
+        "Wrote {} ({}), {} and {} as of {point} to {}.",
+        count(w.files, "file"),
         server::human_size(w.bytes),
-        w.dirs,
-        w.links,
+        count(w.dirs, "folder"),
+        count(w.links, "link"),
         dest.display()
     );
     if !w.errors.is_empty() {
@@ -359,11 +364,16 @@ async fn restore(
         let r = history::restore(&mut client, t.clone(), at)
             .await
             .with_context(|| format!("cannot restore {what} as of {point}"))?;
-        if r.changed.is_empty() {
+        if r.changed.is_empty() && r.skipped.is_empty() {
             println!("{what} is already as it was at {point}; nothing to restore");
         }
         for p in &r.changed {
             println!("restored {p}");
+        }
+        for p in &r.skipped {
+            println!(
+                "skipped {p}: could not be restored (its old content was pruned, or it changed meanwhile)"
+            );
         }
     }
     let report = folder.round(&mut client, &opts, &device, &Arc::new(progress)).await?;
