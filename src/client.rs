@@ -260,6 +260,7 @@ pub fn describe(m: &ServerMsg) -> String {
                 Reply::File { entry, .. } => format!("the file `{}`", entry.path),
                 Reply::Signature { .. } => "a signature".into(),
                 Reply::Ok => "ok".into(),
+                Reply::Resume { from, .. } => format!("a resume point ({from})"),
                 Reply::Log { versions, .. } => format!("a page of {} versions", versions.len()),
                 Reply::Snapshot { versions, .. } => format!("a snapshot page of {} paths", versions.len()),
                 Reply::Reverted { changed, .. } => format!("a revert of {} paths", changed.len()),

@@ -121,7 +121,7 @@ impl Shared {
         let server_id = meta.server_id()?;
         let io_timeout = io_timeout();
         Ok(Shared {
-            meta: Arc::new(meta),
+            meta,
             chunks,
             sigs,
             keep: config.keep.clone(),
@@ -162,19 +162,24 @@ impl Shared {
 
 /// Opens a data folder's metadata and chunk store, converting a folder of the plain-mirror
 /// layout first (see [`migrate`]).
-pub fn open_data(data_dir: &Path) -> Result<(Metadata, Arc<dyn ChunkStore>), ServerError> {
+pub fn open_data(data_dir: &Path) -> Result<(Arc<Metadata>, Arc<dyn ChunkStore>), ServerError> {
     let dd = |err| ServerError::DataDir { path: data_dir.to_path_buf(), err };
-    let meta = open_metadata(data_dir)?;
+    let meta = open_sqlite(data_dir)?;
     let chunks: Arc<dyn ChunkStore> =
         Arc::new(store::local::LocalChunks::open(&data_dir.join("packs")).map_err(dd)?);
     migrate::run(data_dir, &meta, &chunks)?;
-    Ok((meta, chunks))
+    Ok((Arc::new(meta), chunks))
 }
 
-pub fn open_metadata(data_dir: &Path) -> Result<Metadata, ServerError> {
+/// The metadata of a data folder (for the account commands; `serve` uses [`open_data`]).
+pub fn open_metadata(data_dir: &Path) -> Result<Arc<Metadata>, ServerError> {
+    Ok(Arc::new(open_sqlite(data_dir)?))
+}
+
+fn open_sqlite(data_dir: &Path) -> Result<store::sqlite::SqliteMeta, ServerError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|err| ServerError::DataDir { path: data_dir.to_path_buf(), err })?;
-    Ok(Metadata::open(&data_dir.join("deltasync.db"))?)
+    Ok(store::sqlite::SqliteMeta::open(&data_dir.join("deltasync.db"))?)
 }
 
 /// A new random 256-bit token, hex-encoded.
@@ -202,6 +207,7 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tracker.spawn(prune_in_background(shared.clone(), cancel.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -240,6 +246,40 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Between background prunes.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// A pack nothing refers to is deleted only once it is this old: an upload may be about to
+/// commit the chunks in it (or resume into it).
+pub const PRUNE_GRACE: Duration = Duration::from_secs(86_400);
+
+/// Applies the retention policy every [`PRUNE_EVERY`] (the first time a minute after the start).
+async fn prune_in_background(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = PRUNE_EVERY;
+        let sh = shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            history::prune_store(sh.meta.as_ref(), sh.chunks.as_ref(), &sh.sigs, &sh.keep, PRUNE_GRACE)
+        })
+        .await;
+        match r {
+            Ok(Ok(s)) if s.versions + s.packs > 0 => tracing::info!(
+                "prune: forgot {} versions, deleted {} packs ({})",
+                s.versions,
+                s.packs,
+                human_size(s.bytes)
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("prune stopped: {e}"),
+        }
+    }
 }
 
 /// `1.2 GiB`-style sizes for messages.

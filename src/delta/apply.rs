@@ -99,6 +99,13 @@ impl<B: Base, W: Write> Applier<B, W> {
         Ok(())
     }
 
+    /// Bytes of the result the receiver has already (the part of a cut-off upload it kept):
+    /// written, hashed and signed as if they had come as a literal.
+    pub fn prefix(&mut self, bytes: &[u8]) -> Result<(), DeltaError> {
+        self.to.reserve(bytes.len() as u64)?;
+        self.to.put(None, bytes)
+    }
+
     pub fn finish(mut self) -> Result<Applied<W>, DeltaError> {
         self.to.out.flush()?;
         Ok(Applied {

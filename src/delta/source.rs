@@ -36,6 +36,31 @@ impl Source for &[u8] {
     }
 }
 
+/// A [`Source`] seen from byte `from` on: what a resumed transfer sends.
+pub struct Skip<S> {
+    inner: S,
+    from: usize,
+}
+
+impl<S: Source> Skip<S> {
+    pub fn new(inner: S, from: usize) -> Self {
+        let from = from.min(inner.size());
+        Skip { inner, from }
+    }
+}
+
+impl<S: Source> Source for Skip<S> {
+    fn size(&self) -> usize {
+        self.inner.size() - self.from
+    }
+    fn bytes(&mut self, range: Range<usize>) -> Result<&[u8], DeltaError> {
+        self.inner.bytes(range.start + self.from..range.end + self.from)
+    }
+    fn advance(&mut self, at: usize) {
+        self.inner.advance(at + self.from)
+    }
+}
+
 /// Bytes read from the file at a time: enough that system calls cost nothing, small enough that
 /// what was just read is still in the CPU's cache when it is hashed.
 const READ_STEP: usize = 1 << 20;

@@ -160,6 +160,32 @@ pub enum Request {
     /// Ask to be sent `Notify` whenever the account changes (used by `watch`).
     Subscribe,
     Ping,
+    /// How much of this content the server kept from an upload of `path` that was cut off:
+    /// answered by [`Reply::Resume`]. Asked before uploading a big file.
+    Resume {
+        path: RelPath,
+        hash: ContentHash,
+        size: u64,
+    },
+    /// A [`Request::Put`] that continues a cut-off upload: its blocks cover the file from byte
+    /// `from` (what [`Reply::Resume`] said) to its end; the server has the bytes before.
+    PutRest {
+        path: RelPath,
+        base_rev: u64,
+        hash: ContentHash,
+        size: u64,
+        meta: Meta,
+        base: Option<ContentHash>,
+        from: u64,
+    },
+    /// The rest of a download that was cut off: the current file at `path`, which must still be
+    /// `hash` and `size`, sent whole from byte `from` (as [`Request::Get`], with `base: None`).
+    GetRest {
+        path: RelPath,
+        hash: ContentHash,
+        size: u64,
+        from: u64,
+    },
     /// History: `path`'s versions, newest first (or, without a path, the account's latest
     /// changes; with `deleted`, the paths whose current version is a delete and whose earlier
     /// content can be restored). At most `limit` entries (the server caps it at [`MAX_LOG`]).
@@ -242,6 +268,12 @@ pub enum Reply {
         size: u64,
     },
     Ok,
+    /// The server holds the first `from` bytes of the content from a cut-off upload (0: none);
+    /// `base` is the base that upload was a delta against, which a `PutRest` must use too.
+    Resume {
+        from: u64,
+        base: Option<ContentHash>,
+    },
     Log {
         versions: Vec<Version>,
         more: bool,

@@ -75,7 +75,7 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
     let _held = lock.lock().await;
     let done = tokio::task::spawn_blocking(move || -> Result<Vec<Result<u64, Refusal>>, Refusal> {
         // The chunks first, durable; then the versions that refer to them.
-        sink.lock().unwrap_or_else(|p| p.into_inner()).seal(&sh.meta).map_err(server_err)?;
+        sink.lock().unwrap_or_else(|p| p.into_inner()).seal(sh.meta.as_ref()).map_err(server_err)?;
         failpoint("commit-sealed");
         let r = sh.meta.commit(account, &device, &steps).map_err(server_err)?;
         failpoint("commit-recorded");
@@ -89,6 +89,32 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
     };
     if let Some(max) = results.iter().filter_map(|r| r.as_ref().ok()).max() {
         t.shared.notify(t.account, *max, t.session);
+    }
+    // Signatures are kept for a path's current and previous versions (a computer one version
+    // behind gets a delta at once); older ones go (made again from the chunks if asked for).
+    let big: Vec<RelPath> = staged
+        .iter()
+        .zip(&results)
+        .filter(|(s, r)| {
+            r.is_ok() && matches!(s.node, Node::File { size, .. } if size >= crate::delta::WHOLE_FILE_BELOW)
+        })
+        .map(|(s, _)| s.path.clone())
+        .collect();
+    if !big.is_empty() {
+        let (sh, account) = (t.shared.clone(), t.account);
+        tokio::task::spawn_blocking(move || {
+            for p in big {
+                if let Ok(v) = sh.meta.log(account, Some(&p), false, 3)
+                    && let [new, prev, old] = v.as_slice()
+                    && let Some(Node::File { hash, size, .. }) = &old.node
+                    && ![&new.node, &prev.node]
+                        .iter()
+                        .any(|n| matches!(n, Some(Node::File { hash: h, .. }) if h == hash))
+                {
+                    sh.sigs.remove(hash, *size);
+                }
+            }
+        });
     }
     staged.iter().zip(results).map(|(s, r)| (s.id, r.map(|rev| Reply::Committed { rev }))).collect()
 }

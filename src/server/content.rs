@@ -194,6 +194,14 @@ impl<'a> Chunker<'a> {
         Ok(())
     }
 
+    /// The chunks cut so far whose ends are certain (what a cut-off upload can keep), and the
+    /// bytes they hold; the rest of what was written is dropped.
+    pub fn complete(mut self) -> io::Result<(ChunkList, u64)> {
+        self.drain(false)?;
+        let bytes = self.list.iter().map(|(_, n)| u64::from(*n)).sum();
+        Ok((self.list, bytes))
+    }
+
     /// The chunks of everything written, in order.
     pub fn finish(mut self) -> io::Result<Vec<(ChunkKey, u32)>> {
         self.drain(true)?;

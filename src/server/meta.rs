@@ -1,21 +1,17 @@
-//! Metadata: accounts, the current state of every path, and the journal, in SQLite (WAL).
-//!
-//! All SQL of the server lives here, so a PostgreSQL backend is one more implementation of this
-//! module's API. Each commit is one transaction that takes the account's next sequence number,
-//! updates the path's row (its `rev` is that number) and appends a journal line, so "what changed
-//! since N" is `WHERE rev > N` and can never miss a commit.
+//! The metadata interface: accounts, the current state of every path, history, file contents
+//! and where their chunks are. The server sees only [`MetaStore`]; `store::sqlite` implements
+//! it (a PostgreSQL one is the next). Every commit is one transaction that takes the account's
+//! next sequence number per step, checks the step's rules against what is committed, and writes
+//! the paths' rows and history, so "what changed since N" is `WHERE rev > N` and can never miss
+//! a commit, and two server processes on one database cannot both win a base revision.
 
-use std::path::Path;
-use std::sync::Mutex;
-
-use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
-
-use super::content::{ChunkKey, ChunkList, ChunkLoc, Sealed};
-use super::store::PackId;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
-use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
+use crate::protocol::Refusal;
+use crate::protocol::{At, Entry, Node, Version};
+use crate::server::content::{ChunkKey, ChunkLoc, Sealed};
+use crate::server::retention::Keep;
+use crate::server::store::PackId;
 
 /// Entries per `Changes` page: ~100 bytes each keeps a page far below the frame limit.
 pub const PAGE: usize = 2000;
@@ -51,650 +47,6 @@ pub struct AccountInfo {
     pub quota: Option<u64>,
 }
 
-/// Brings a database made by an older version up to date: accounts gain `used` (bytes of live
-/// files, kept by every commit) and `quota` (NULL: none).
-fn migrate(conn: &Connection) -> Result<(), MetaError> {
-    let has_used = |conn: &Connection| -> rusqlite::Result<bool> {
-        conn.prepare("SELECT 1 FROM pragma_table_info('accounts') WHERE name='used'")?.exists([])
-    };
-    if has_used(conn)? {
-        return Ok(());
-    }
-    // Another process (`serve` and `account add` on a fresh folder) may be doing the same: check
-    // again inside the write transaction.
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let r = (|| -> rusqlite::Result<()> {
-        if !has_used(conn)? {
-            conn.execute_batch(
-                "ALTER TABLE accounts ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
-                 ALTER TABLE accounts ADD COLUMN quota INTEGER;
-                 UPDATE accounts SET used = (SELECT COALESCE(SUM(size), 0) FROM files
-                                             WHERE files.account = accounts.id AND kind = 1);",
-            )?;
-        }
-        conn.execute_batch("COMMIT")
-    })();
-    if r.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    Ok(r?)
-}
-
-/// One connection behind a mutex: SQLite serializes writers anyway, and every call is short.
-/// This is a `std::sync::Mutex` (not a Tokio one) because no `.await` happens while it is held;
-/// callers run it on the blocking pool.
-pub struct Metadata {
-    conn: Mutex<Connection>,
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS accounts (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    token_hash BLOB NOT NULL UNIQUE,
-    seq INTEGER NOT NULL DEFAULT 0,
-    created INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS files (
-    account INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    rev INTEGER NOT NULL,
-    kind INTEGER NOT NULL,          -- 0 deleted, 1 file, 2 dir, 3 symlink
-    hash BLOB,
-    size INTEGER NOT NULL DEFAULT 0,
-    mtime_ns INTEGER NOT NULL DEFAULT 0,
-    mode INTEGER NOT NULL DEFAULT 0,
-    target TEXT,
-    device TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (account, path)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS files_rev ON files(account, rev);
-CREATE INDEX IF NOT EXISTS files_hash ON files(account, hash);
--- Uploads between rename-into-place and their commit: a redo log, so a crash in between
--- is completed at start instead of leaving the mirror ahead of the metadata.
-CREATE TABLE IF NOT EXISTS pending (
-    id INTEGER PRIMARY KEY,
-    account INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    tmp TEXT NOT NULL,
-    node BLOB NOT NULL,
-    op TEXT NOT NULL,
-    device TEXT NOT NULL
-);
--- One row: this data folder's identity, made once (clients notice a server restored from an
--- older backup by it and the journal position).
-CREATE TABLE IF NOT EXISTS server (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    server_id BLOB NOT NULL
-);
--- The versioned store. `packs`: finished packs; `chunks`: where each chunk is (shared by all
--- accounts); `contents`: per account, the chunk list of each file content it holds (postcard
--- `Vec<(chunk id, length)>`); `history`: every version of every path (the journal: one row per
--- path a commit changed, with its time, device and operation).
-CREATE TABLE IF NOT EXISTS packs (
-    id BLOB PRIMARY KEY,
-    size INTEGER NOT NULL,
-    created INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
-    digest BLOB NOT NULL UNIQUE,
-    pack BLOB NOT NULL,
-    offset INTEGER NOT NULL,
-    stored INTEGER NOT NULL,
-    raw INTEGER NOT NULL,
-    zstd INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack);
-CREATE TABLE IF NOT EXISTS contents (
-    account INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    chunks BLOB NOT NULL,
-    PRIMARY KEY (account, hash)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history (
-    account INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    rev INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    hash BLOB,
-    size INTEGER NOT NULL DEFAULT 0,
-    mtime_ns INTEGER NOT NULL DEFAULT 0,
-    mode INTEGER NOT NULL DEFAULT 0,
-    target TEXT,
-    device TEXT NOT NULL DEFAULT '',
-    op TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    PRIMARY KEY (account, path, rev)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_rev ON history(account, rev);
-CREATE TABLE IF NOT EXISTS journal (
-    account INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    op TEXT NOT NULL,
-    path TEXT NOT NULL,
-    device TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    PRIMARY KEY (account, seq)
-) WITHOUT ROWID;
-";
-
-pub fn token_hash(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-impl Metadata {
-    pub fn open(path: &Path) -> Result<Self, MetaError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        // WAL lets `account add` write while the server runs; synchronous=FULL makes each commit
-        // durable, matching the fsync of the file it records. Switching a new database to WAL
-        // answers "locked" at once (no busy wait) while another process opens it too, as `serve`
-        // and `account add` do on a fresh data folder: retry for a while.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let r = conn
-                .pragma_update(None, "journal_mode", "WAL")
-                .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
-                .and_then(|_| conn.execute_batch(SCHEMA));
-            match r {
-                Ok(()) => break,
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if matches!(
-                        e.code,
-                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                    ) && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        migrate(&conn)?;
-        Ok(Metadata { conn: Mutex::new(conn) })
-    }
-
-    /// This data folder's 16 random bytes, made when its database was created (or first opened
-    /// by a version that knows them).
-    pub fn server_id(&self) -> Result<[u8; 16], MetaError> {
-        let c = self.conn();
-        let mut fresh = [0u8; 16];
-        getrandom::fill(&mut fresh).map_err(|e| MetaError::Random(e.to_string()))?;
-        c.execute("INSERT OR IGNORE INTO server (id, server_id) VALUES (1, ?1)", params![&fresh[..]])?;
-        let id: Vec<u8> = c.query_row("SELECT server_id FROM server WHERE id=1", [], |r| r.get(0))?;
-        id.try_into().map_err(|_| MetaError::CorruptRow("server id".into()))
-    }
-
-    /// Sets (or with `None` removes) an account's quota in bytes; `false` if there is no such
-    /// account.
-    pub fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<bool, MetaError> {
-        let c = self.conn();
-        let n = c.execute(
-            "UPDATE accounts SET quota=?2 WHERE name=?1",
-            params![name, quota.map(|q| q.min(i64::MAX as u64) as i64)],
-        )?;
-        Ok(n > 0)
-    }
-
-    /// The bytes of the account's live files and its quota, if any.
-    pub fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError> {
-        let c = self.conn();
-        Ok(c.query_row("SELECT used, quota FROM accounts WHERE id=?1", params![account], |r| {
-            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Option<i64>>(1)?.map(|q| q.max(0) as u64)))
-        })?)
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn add_account(&self, name: &str, token: &str) -> Result<Account, MetaError> {
-        let c = self.conn();
-        let r = c.execute(
-            "INSERT INTO accounts (name, token_hash, created) VALUES (?1, ?2, ?3)",
-            params![name, token_hash(token), now_secs()],
-        );
-        match r {
-            Ok(_) => Ok(Account { id: c.last_insert_rowid(), name: name.to_string() }),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(MetaError::AccountExists(name.to_string()))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub fn list_accounts(&self) -> Result<Vec<AccountInfo>, MetaError> {
-        let c = self.conn();
-        let mut st = c.prepare("SELECT id, name, seq, used, quota FROM accounts ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok(AccountInfo {
-                account: Account { id: r.get(0)?, name: r.get(1)? },
-                seq: r.get::<_, i64>(2)? as u64,
-                used: r.get::<_, i64>(3)?.max(0) as u64,
-                quota: r.get::<_, Option<i64>>(4)?.map(|q| q.max(0) as u64),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    pub fn authenticate(&self, token: &str) -> Result<Option<Account>, MetaError> {
-        let c = self.conn();
-        Ok(c.query_row(
-            "SELECT id, name FROM accounts WHERE token_hash = ?1",
-            params![token_hash(token)],
-            |r| Ok(Account { id: r.get(0)?, name: r.get(1)? }),
-        )
-        .optional()?)
-    }
-
-    /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
-    pub fn get(&self, account: AccountId, path: &RelPath) -> Result<Option<Entry>, MetaError> {
-        let c = self.conn();
-        let mut st = c.prepare_cached(
-            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
-        )?;
-        let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
-        row.transpose()
-    }
-
-    /// A live file in the account with this content, for server-side copies.
-    pub fn find_by_hash(&self, account: AccountId, hash: &ContentHash) -> Result<Option<RelPath>, MetaError> {
-        let c = self.conn();
-        let p: Option<String> = c
-            .query_row(
-                "SELECT path FROM files WHERE account=?1 AND hash=?2 AND kind=1 LIMIT 1",
-                params![account, &hash.0[..]],
-                |r| r.get(0),
-            )
-            .optional()?;
-        p.map(|p| RelPath::new(p.clone()).map_err(|_| MetaError::CorruptRow(p))).transpose()
-    }
-
-    /// One page of entries changed after `since`, the account's current sequence, and whether
-    /// more pages follow.
-    pub fn changes(&self, account: AccountId, since: u64) -> Result<(Vec<Entry>, u64, bool), MetaError> {
-        let c = self.conn();
-        let seq: i64 = c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get(0))?;
-        let mut st = c.prepare_cached(
-            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
-             WHERE account=?1 AND rev>?2 ORDER BY rev, path LIMIT ?3",
-        )?;
-        let mut entries = st
-            .query_map(params![account, since as i64, PAGE as i64 + 1], row_to_entry)?
-            .collect::<Result<Result<Vec<_>, _>, _>>()??;
-        let more = entries.len() > PAGE;
-        if more {
-            // The next page starts after the last revision of this one, so a page never ends
-            // inside a revision: one commit's entries (a move's two paths) share it.
-            let last = entries[PAGE].rev;
-            let keep = entries.iter().position(|e| e.rev == last).unwrap_or(PAGE);
-            if keep > 0 {
-                entries.truncate(keep);
-            } else {
-                // One revision larger than a page: send all of it.
-                let mut st = c.prepare_cached(
-                    "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
-                     WHERE account=?1 AND rev=?2",
-                )?;
-                entries =
-                    st.query_map(params![account, last as i64], row_to_entry)?
-                        .collect::<Result<Result<Vec<_>, _>, _>>()??;
-            }
-        }
-        Ok((entries, seq as u64, more))
-    }
-
-    pub fn seq(&self, account: AccountId) -> Result<u64, MetaError> {
-        let c = self.conn();
-        Ok(c.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get::<_, i64>(0))?
-            as u64)
-    }
-
-    /// Whether a chunk is stored (in a finished pack).
-    pub fn chunk_exists(&self, key: &ChunkKey) -> Result<bool, MetaError> {
-        let c = self.conn();
-        Ok(c.prepare_cached("SELECT 1 FROM chunks WHERE digest=?1")?.exists(params![&key[..]])?)
-    }
-
-    /// Records a finished pack and its chunks. A chunk another pack has already keeps its first
-    /// place (this copy is garbage for the next prune).
-    pub fn add_pack(&self, sealed: &Sealed) -> Result<(), MetaError> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
-        tx.execute(
-            "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
-            params![&sealed.pack.0[..], sealed.size as i64, now_secs()],
-        )?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chunks (digest, pack, offset, stored, raw, zstd) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for ch in &sealed.chunks {
-                let l = &ch.loc;
-                st.execute(params![&ch.key[..], &l.pack.0[..], l.offset as i64, l.stored, l.raw, l.zstd])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The account's stored content with this hash: its size and where its chunks are.
-    pub fn content(
-        &self,
-        account: AccountId,
-        hash: &ContentHash,
-    ) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError> {
-        let c = self.conn();
-        let row: Option<(i64, Vec<u8>)> = c
-            .prepare_cached("SELECT size, chunks FROM contents WHERE account=?1 AND hash=?2")?
-            .query_row(params![account, &hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((size, list)) = row else { return Ok(None) };
-        let list: Vec<(i64, u32)> = postcard::from_bytes(&list)
-            .map_err(|_| MetaError::CorruptRow(format!("content {}", hash.to_hex())))?;
-        let mut st = c.prepare_cached("SELECT pack, offset, stored, raw, zstd FROM chunks WHERE id=?1")?;
-        let mut locs = Vec::with_capacity(list.len());
-        for (id, _) in list {
-            let loc = st
-                .query_row(params![id], |r| {
-                    let pack: Vec<u8> = r.get(0)?;
-                    Ok((
-                        pack,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, u32>(3)?,
-                        r.get::<_, bool>(4)?,
-                    ))
-                })
-                .optional()?;
-            let Some((pack, offset, stored, raw, zstd)) = loc else {
-                return Err(MetaError::CorruptRow(format!(
-                    "content {} refers to a missing chunk",
-                    hash.to_hex()
-                )));
-            };
-            let pack = PackId(pack.try_into().map_err(|_| MetaError::CorruptRow("chunk".into()))?);
-            locs.push(ChunkLoc { pack, offset: offset as u64, stored, raw, zstd });
-        }
-        Ok(Some((size.max(0) as u64, locs)))
-    }
-
-    /// Commits steps in one transaction. Each step is one revision (the account's next sequence
-    /// number) for all its changes and is checked whole, inside the transaction, against what is
-    /// committed: a refused step changes nothing, the others commit. So the base-revision rule
-    /// holds even with several server processes on one database.
-    pub fn commit(
-        &self,
-        account: AccountId,
-        device: &str,
-        steps: &[Step],
-    ) -> Result<Vec<Result<u64, Refusal>>, MetaError> {
-        let mut c = self.conn();
-        let mut tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (mut used, quota): (i64, Option<i64>) =
-            tx.query_row("SELECT used, quota FROM accounts WHERE id=?1", params![account], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        let at = now_secs();
-        let mut out = Vec::with_capacity(steps.len());
-        for step in steps {
-            let sp = tx.savepoint()?;
-            let r = apply_step(&sp, account, device, step, at, &mut used, quota);
-            match r {
-                Ok(Ok(rev)) => {
-                    sp.commit()?;
-                    out.push(Ok(rev));
-                }
-                Ok(Err(refusal)) => {
-                    drop(sp); // rolls back
-                    out.push(Err(refusal));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        tx.commit()?;
-        Ok(out)
-    }
-
-    /// Versions for `log`: `path`'s, newest first; without a path the account's latest
-    /// changes; with `deleted`, the deletes of paths whose earlier content is still kept.
-    pub fn log(
-        &self,
-        account: AccountId,
-        path: Option<&RelPath>,
-        deleted: bool,
-        limit: u32,
-    ) -> Result<Vec<Version>, MetaError> {
-        let c = self.conn();
-        let limit = i64::from(limit.min(MAX_LOG));
-        let cols =
-            "h.path, h.rev, h.kind, h.hash, h.size, h.mtime_ns, h.mode, h.target, h.device, h.at, h.op";
-        let rows = if deleted {
-            let mut st = c.prepare(&format!(
-                "SELECT {cols} FROM files f JOIN history h ON h.account=f.account AND h.path=f.path AND h.rev=f.rev
-                 WHERE f.account=?1 AND f.kind=0 AND (?2 IS NULL OR f.path=?2 OR substr(f.path, 1, length(?2) + 1) = ?2 || '/')
-                 AND EXISTS (SELECT 1 FROM history e WHERE e.account=f.account AND e.path=f.path AND e.kind IN (1, 3))
-                 ORDER BY f.rev DESC LIMIT ?3"
-            ))?;
-            st.query_map(params![account, path.map(|p| p.as_str()), limit], row_to_version)?
-                .collect::<Result<Vec<_>, _>>()?
-        } else if let Some(p) = path {
-            let mut st = c.prepare(&format!(
-                "SELECT {cols} FROM history h WHERE h.account=?1 AND h.path=?2 ORDER BY h.rev DESC LIMIT ?3"
-            ))?;
-            st.query_map(params![account, p.as_str(), limit], row_to_version)?
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            let mut st = c.prepare(&format!(
-                "SELECT {cols} FROM history h WHERE h.account=?1 ORDER BY h.rev DESC, h.path LIMIT ?2"
-            ))?;
-            st.query_map(params![account, limit], row_to_version)?.collect::<Result<Vec<_>, _>>()?
-        };
-        rows.into_iter().collect()
-    }
-
-    /// The revision a point in history stands for: the last change at or before it.
-    pub fn rev_at(&self, account: AccountId, at: At) -> Result<u64, MetaError> {
-        match at {
-            At::Rev(r) => Ok(r),
-            At::Time(t) => {
-                let c = self.conn();
-                let r: Option<i64> = c.query_row(
-                    "SELECT MAX(rev) FROM history WHERE account=?1 AND at<=?2",
-                    params![account, t],
-                    |r| r.get(0),
-                )?;
-                Ok(r.unwrap_or(0).max(0) as u64)
-            }
-        }
-    }
-
-    /// The live paths at or under `path` (everything without one) as they were at revision
-    /// `rev`, in path order, after `after`; at most `limit`.
-    pub fn snapshot(
-        &self,
-        account: AccountId,
-        path: Option<&RelPath>,
-        rev: u64,
-        after: Option<&RelPath>,
-        limit: u32,
-    ) -> Result<Vec<Version>, MetaError> {
-        let c = self.conn();
-        let mut st = c.prepare_cached(
-            "SELECT h.path, h.rev, h.kind, h.hash, h.size, h.mtime_ns, h.mode, h.target, h.device, h.at, h.op
-             FROM history h
-             WHERE h.account=?1
-               AND (?2 IS NULL OR h.path=?2 OR substr(h.path, 1, length(?2) + 1) = ?2 || '/')
-               AND (?4 IS NULL OR h.path > ?4)
-               AND h.rev = (SELECT MAX(rev) FROM history x WHERE x.account=h.account AND x.path=h.path AND x.rev<=?3)
-               AND h.kind <> 0
-             ORDER BY h.path LIMIT ?5",
-        )?;
-        let rows = st
-            .query_map(
-                params![
-                    account,
-                    path.map(|p| p.as_str()),
-                    rev as i64,
-                    after.map(|p| p.as_str()),
-                    i64::from(limit)
-                ],
-                row_to_version,
-            )?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().collect()
-    }
-
-    /// The version of `path` committed at `rev`, if history has it.
-    pub fn version(
-        &self,
-        account: AccountId,
-        path: &RelPath,
-        rev: u64,
-    ) -> Result<Option<Version>, MetaError> {
-        let c = self.conn();
-        let v = c
-            .prepare_cached(
-                "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device, at, op FROM history
-                 WHERE account=?1 AND path=?2 AND rev=?3",
-            )?
-            .query_row(params![account, path.as_str(), rev as i64], row_to_version)
-            .optional()?;
-        v.transpose()
-    }
-
-    /// Every version of every path that `device` changed at or after `since`, oldest first, per
-    /// path: what an undo needs to decide.
-    pub fn histories_touched_by(
-        &self,
-        account: AccountId,
-        device: &str,
-        since: i64,
-    ) -> Result<Vec<Vec<Version>>, MetaError> {
-        let c = self.conn();
-        let mut st = c.prepare(
-            "SELECT h.path, h.rev, h.kind, h.hash, h.size, h.mtime_ns, h.mode, h.target, h.device, h.at, h.op
-             FROM history h WHERE h.account=?1 AND h.path IN
-                (SELECT path FROM history WHERE account=?1 AND device=?2 AND at>=?3)
-             ORDER BY h.path, h.rev",
-        )?;
-        let rows =
-            st.query_map(params![account, device, since], row_to_version)?.collect::<Result<Vec<_>, _>>()?;
-        let mut out: Vec<Vec<Version>> = Vec::new();
-        for v in rows {
-            let v = v?;
-            match out.last_mut() {
-                Some(last) if last[0].path == v.path => last.push(v),
-                _ => out.push(vec![v]),
-            }
-        }
-        Ok(out)
-    }
-
-    /// The live entries at or under `path` (everything without one), in path order.
-    pub fn live_under(&self, account: AccountId, path: Option<&RelPath>) -> Result<Vec<Entry>, MetaError> {
-        let c = self.conn();
-        let mut st = c.prepare_cached(
-            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files
-             WHERE account=?1 AND kind<>0
-               AND (?2 IS NULL OR path=?2 OR substr(path, 1, length(?2) + 1) = ?2 || '/')
-             ORDER BY path",
-        )?;
-        let rows = st
-            .query_map(params![account, path.map(|p| p.as_str())], row_to_entry)?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().collect()
-    }
-
-    /// Every path row of every account (for converting an old data folder).
-    pub fn all_files(&self) -> Result<Vec<(AccountId, Entry)>, MetaError> {
-        let c = self.conn();
-        let mut st = c.prepare(
-            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device, account FROM files ORDER BY account, path",
-        )?;
-        let rows = st
-            .query_map([], |r| Ok((r.get::<_, i64>(9)?, row_to_entry(r)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().map(|(a, e)| e.map(|e| (a, e))).collect()
-    }
-
-    /// Whether the layout of this database is the versioned store's (not the plain mirror's).
-    pub fn layout(&self) -> Result<i64, MetaError> {
-        Ok(self.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
-    }
-
-    /// Converts the plain mirror's rows: every current path becomes its first version in history
-    /// (file contents given by `contents`: hash → (size, chunk list)), and the layout is marked
-    /// converted, in one transaction.
-    pub fn convert_mirror(
-        &self,
-        contents: &[(AccountId, ContentHash, u64, ChunkList)],
-    ) -> Result<(), MetaError> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for (account, hash, size, list) in contents {
-            let ids = chunk_ids(&tx, list)?.ok_or_else(|| MetaError::CorruptRow("converted chunk".into()))?;
-            tx.execute(
-                "INSERT OR REPLACE INTO contents (account, hash, size, chunks) VALUES (?1, ?2, ?3, ?4)",
-                params![account, &hash.0[..], *size as i64, ids],
-            )?;
-        }
-        tx.execute_batch(
-            "INSERT OR IGNORE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
-               SELECT account, path, rev, kind, hash, size, mtime_ns, mode, target, device,
-                      CASE kind WHEN 0 THEN 'delete' WHEN 2 THEN 'mkdir' WHEN 3 THEN 'symlink' ELSE 'write' END,
-                      COALESCE((SELECT at FROM journal j WHERE j.account=files.account AND j.seq=files.rev), 0)
-               FROM files;
-             DELETE FROM pending;
-             PRAGMA user_version = 2;",
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Marks a fresh database as the versioned store's.
-    pub fn mark_layout(&self) -> Result<(), MetaError> {
-        self.conn().execute_batch("PRAGMA user_version = 2")?;
-        Ok(())
-    }
-
-    /// Whether the database has any account with files (a data folder in use).
-    pub fn has_files(&self) -> Result<bool, MetaError> {
-        Ok(self.conn().prepare("SELECT 1 FROM files LIMIT 1")?.exists([])?)
-    }
-
-    /// Live entries under a directory (for refusing to delete a non-empty one).
-    pub fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
-        let c = self.conn();
-        let prefix = format!("{}/", dir.as_str());
-        let n: i64 = c.query_row(
-            "SELECT COUNT(*) FROM files WHERE account=?1 AND kind<>0 AND path > ?2 AND path < ?3",
-            params![account, prefix, format!("{}0", dir.as_str())],
-            |r| r.get(0),
-        )?;
-        Ok(n > 0)
-    }
-}
-
-fn next_seq(tx: &rusqlite::Connection, account: AccountId) -> Result<u64, MetaError> {
-    let seq: i64 =
-        tx.query_row("UPDATE accounts SET seq = seq + 1 WHERE id=?1 RETURNING seq", params![account], |r| {
-            r.get(0)
-        })?;
-    Ok(seq as u64)
-}
-
 /// One change of a [`Step`]: `path` becomes `node` (`None`: deleted), made from revision
 /// `base_rev`. A file's content is the account's already, or `chunks` lists it.
 #[derive(Debug, Clone)]
@@ -712,244 +64,148 @@ pub struct Step {
     pub changes: Vec<Change>,
 }
 
-/// The ids of stored chunks, as a content row's list; `None` if one is not stored (any more).
-fn chunk_ids(tx: &rusqlite::Connection, list: &[(ChunkKey, u32)]) -> Result<Option<Vec<u8>>, MetaError> {
-    let mut st = tx.prepare_cached("SELECT id FROM chunks WHERE digest=?1")?;
-    let mut ids: Vec<(i64, u32)> = Vec::with_capacity(list.len());
-    for (key, len) in list {
-        match st.query_row(params![&key[..]], |r| r.get::<_, i64>(0)).optional()? {
-            Some(id) => ids.push((id, *len)),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(postcard::to_allocvec(&ids).map_err(|e| MetaError::CorruptRow(e.to_string()))?))
+/// The metadata store. Blocking calls (the server runs them on the blocking pool); every method
+/// is one transaction or a consistent read.
+pub trait MetaStore: Send + Sync {
+    /// This data folder's 16 random bytes, made when its database was created (or first opened
+    /// by a version that knows them).
+    fn server_id(&self) -> Result<[u8; 16], MetaError>;
+
+    /// Sets (or with `None` removes) an account's quota in bytes; `false` if there is no such
+    /// account.
+    fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<bool, MetaError>;
+
+    /// The bytes of the account's live files and its quota, if any.
+    fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError>;
+
+    fn add_account(&self, name: &str, token: &str) -> Result<Account, MetaError>;
+
+    fn list_accounts(&self) -> Result<Vec<AccountInfo>, MetaError>;
+
+    fn authenticate(&self, token: &str) -> Result<Option<Account>, MetaError>;
+
+    /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
+    fn get(&self, account: AccountId, path: &RelPath) -> Result<Option<Entry>, MetaError>;
+
+    /// One page of entries changed after `since`, the account's current sequence, and whether
+    /// more pages follow.
+    fn changes(&self, account: AccountId, since: u64) -> Result<(Vec<Entry>, u64, bool), MetaError>;
+
+    fn seq(&self, account: AccountId) -> Result<u64, MetaError>;
+
+    /// Whether a chunk is stored (in a finished pack).
+    fn chunk_exists(&self, key: &ChunkKey) -> Result<bool, MetaError>;
+
+    /// Records a finished pack and its chunks. A chunk another pack has already keeps its first
+    /// place (this copy is garbage for the next prune).
+    fn add_pack(&self, sealed: &Sealed) -> Result<(), MetaError>;
+
+    /// The account's stored content with this hash: its size and where its chunks are.
+    fn content(
+        &self,
+        account: AccountId,
+        hash: &ContentHash,
+    ) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError>;
+
+    /// Commits steps in one transaction. Each step is one revision (the account's next sequence
+    /// number) for all its changes and is checked whole, inside the transaction, against what is
+    /// committed: a refused step changes nothing, the others commit. So the base-revision rule
+    /// holds even with several server processes on one database.
+    fn commit(
+        &self,
+        account: AccountId,
+        device: &str,
+        steps: &[Step],
+    ) -> Result<Vec<Result<u64, Refusal>>, MetaError>;
+
+    /// Versions for `log`: `path`'s, newest first; without a path the account's latest
+    /// changes; with `deleted`, the deletes of paths whose earlier content is still kept.
+    fn log(
+        &self,
+        account: AccountId,
+        path: Option<&RelPath>,
+        deleted: bool,
+        limit: u32,
+    ) -> Result<Vec<Version>, MetaError>;
+
+    /// The revision a point in history stands for: the last change at or before it.
+    fn rev_at(&self, account: AccountId, at: At) -> Result<u64, MetaError>;
+
+    /// The live paths at or under `path` (everything without one) as they were at revision
+    /// `rev`, in path order, after `after`; at most `limit`.
+    fn snapshot(
+        &self,
+        account: AccountId,
+        path: Option<&RelPath>,
+        rev: u64,
+        after: Option<&RelPath>,
+        limit: u32,
+    ) -> Result<Vec<Version>, MetaError>;
+
+    /// The version of `path` committed at `rev`, if history has it.
+    fn version(&self, account: AccountId, path: &RelPath, rev: u64) -> Result<Option<Version>, MetaError>;
+
+    /// Every version of every path that `device` changed at or after `since`, oldest first, per
+    /// path: what an undo needs to decide.
+    fn histories_touched_by(
+        &self,
+        account: AccountId,
+        device: &str,
+        since: i64,
+    ) -> Result<Vec<Vec<Version>>, MetaError>;
+
+    /// The live entries at or under `path` (everything without one), in path order.
+    fn live_under(&self, account: AccountId, path: Option<&RelPath>) -> Result<Vec<Entry>, MetaError>;
+
+    /// One prune, in one transaction: forgets the versions `keep` does not keep (never a
+    /// current one), the contents no kept version uses, and the chunks of packs that hold only
+    /// unused chunks and were finished at least `grace` seconds ago. Returns the versions
+    /// forgotten and the packs (with sizes) whose files may now be deleted. Commits check
+    /// inside their own transaction that the chunks they refer to are still recorded, so an
+    /// upload racing a prune is refused (and retried by its client), never left pointing at a
+    /// deleted pack.
+    fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<(u64, Vec<(PackId, u64)>), MetaError>;
+
+    /// Whether a pack is recorded (finished and known to the metadata).
+    fn pack_known(&self, pack: PackId) -> Result<bool, MetaError>;
+
+    /// Live entries under a directory (for refusing to delete a non-empty one).
+    /// Remembers the first bytes of a cut-off upload of `path` (replacing an earlier one);
+    /// `false` if one of its chunks is not stored.
+    fn save_partial(
+        &self,
+        account: AccountId,
+        path: &RelPath,
+        hash: &ContentHash,
+        size: u64,
+        base: Option<&ContentHash>,
+        chunks: &[(ChunkKey, u32)],
+    ) -> Result<bool, MetaError>;
+
+    /// The kept part of a cut-off upload of `path`, if any. A commit at the path forgets it; a
+    /// prune forgets it after [`PARTIAL_KEEP`] seconds.
+    fn partial(&self, account: AccountId, path: &RelPath) -> Result<Option<Partial>, MetaError>;
+
+    /// Whether any account holds content with this hash.
+    fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError>;
+
+    fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError>;
 }
 
-fn stale(msg: String) -> Refusal {
-    Refusal::new(RefusalKind::Stale, msg)
+/// How long the kept part of a cut-off upload waits for its client to come back: two days.
+pub const PARTIAL_KEEP: i64 = 2 * 86_400;
+
+/// What the server kept of a cut-off upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// The base the upload was a delta against.
+    pub base: Option<ContentHash>,
+    /// The first `bytes` bytes of the content, in chunks.
+    pub bytes: u64,
+    pub chunks: Vec<ChunkLoc>,
 }
 
-/// Checks and writes one step inside the commit's transaction: `Ok(Err(_))` is a refusal.
-fn apply_step(
-    tx: &rusqlite::Connection,
-    account: AccountId,
-    device: &str,
-    step: &Step,
-    at: i64,
-    used: &mut i64,
-    quota: Option<i64>,
-) -> Result<Result<u64, Refusal>, MetaError> {
-    let seq = next_seq(tx, account)?;
-    let before = *used;
-    for ch in &step.changes {
-        let cur = get_row(tx, account, &ch.path)?;
-        let rev = cur.as_ref().map_or(0, |e| e.rev);
-        if rev != ch.base_rev {
-            *used = before;
-            return Ok(Err(stale(format!(
-                "`{}` changed on the server (now rev {rev}, your change was made on rev {}); pull first",
-                ch.path, ch.base_rev
-            ))));
-        }
-        let is_dir = matches!(cur, Some(Entry { node: Some(Node::Dir { .. }), .. }));
-        if is_dir && !matches!(ch.node, Some(Node::Dir { .. })) && children(tx, account, &ch.path)? {
-            *used = before;
-            let what = if ch.node.is_none() { "is not empty" } else { "is a non-empty directory" };
-            return Ok(Err(stale(format!("`{}` {what} on the server; delete its contents first", ch.path))));
-        }
-        if ch.node.is_some()
-            && let Some(parent) = ch.path.parent()
-        {
-            match get_row(tx, account, &parent)?.and_then(|e| e.node) {
-                Some(Node::Dir { .. }) => {}
-                Some(_) => {
-                    *used = before;
-                    return Ok(Err(stale(format!(
-                        "`{parent}` is not a directory on the server any more (another computer replaced it)"
-                    ))));
-                }
-                None => {
-                    *used = before;
-                    return Ok(Err(stale(format!(
-                        "directory `{parent}` does not exist on the server any more (another computer deleted it)"
-                    ))));
-                }
-            }
-        }
-        let old = match &cur {
-            Some(Entry { node: Some(Node::File { size, .. }), .. }) => *size as i64,
-            _ => 0,
-        };
-        if let Some(Node::File { hash, size, .. }) = &ch.node {
-            let known = tx
-                .prepare_cached("SELECT 1 FROM contents WHERE account=?1 AND hash=?2")?
-                .exists(params![account, &hash.0[..]])?;
-            if !known {
-                let ids = match &ch.chunks {
-                    Some(list) => chunk_ids(tx, list)?,
-                    None => None,
-                };
-                let Some(ids) = ids else {
-                    *used = before;
-                    return Ok(Err(Refusal::new(
-                        RefusalKind::NotFound,
-                        format!(
-                            "the server does not hold the content of `{}` (any more); upload it",
-                            ch.path
-                        ),
-                    )));
-                };
-                tx.prepare_cached(
-                    "INSERT INTO contents (account, hash, size, chunks) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![account, &hash.0[..], *size as i64, ids])?;
-            }
-            let size = *size as i64;
-            let after = *used - old + size;
-            if let Some(q) = quota
-                && size > old
-                && after > q
-            {
-                *used = before;
-                return Ok(Err(super::session::quota_refusal(
-                    account_name(tx, account)?.as_str(),
-                    *used as u64,
-                    q as u64,
-                    &ch.path,
-                    size as u64,
-                    old as u64,
-                )));
-            }
-            *used = after;
-        } else {
-            *used -= old;
-        }
-        write_change(tx, account, seq, &ch.path, ch.node.as_ref(), step.op, device, at)?;
-    }
-    tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2) WHERE id=?1")?
-        .execute(params![account, *used])?;
-    Ok(Ok(seq))
-}
-
-fn account_name(tx: &rusqlite::Connection, account: AccountId) -> Result<String, MetaError> {
-    Ok(tx.query_row("SELECT name FROM accounts WHERE id=?1", params![account], |r| r.get(0))?)
-}
-
-fn get_row(
-    tx: &rusqlite::Connection,
-    account: AccountId,
-    path: &RelPath,
-) -> Result<Option<Entry>, MetaError> {
-    let mut st = tx.prepare_cached(
-        "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
-    )?;
-    let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
-    row.transpose()
-}
-
-fn children(tx: &rusqlite::Connection, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
-    let prefix = format!("{}/", dir.as_str());
-    Ok(tx
-        .prepare_cached(
-            "SELECT 1 FROM files WHERE account=?1 AND kind<>0 AND path > ?2 AND path < ?3 LIMIT 1",
-        )?
-        .exists(params![account, prefix, format!("{}0", dir.as_str())])?)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_change(
-    tx: &rusqlite::Connection,
-    account: AccountId,
-    seq: u64,
-    path: &RelPath,
-    node: Option<&Node>,
-    op: &str,
-    device: &str,
-    at: i64,
-) -> Result<(), MetaError> {
-    let zero = NodeMeta { mtime_ns: 0, mode: 0 };
-    let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) = match node {
-        None => (0, None, 0, zero, None),
-        Some(Node::File { hash, size, meta }) => (1, Some(hash.0.to_vec()), *size, *meta, None),
-        Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
-        Some(Node::Symlink { target }) => (3, None, 0, zero, Some(target)),
-    };
-    let row = params![
-        account,
-        path.as_str(),
-        seq as i64,
-        kind,
-        hash,
-        size as i64,
-        meta.mtime_ns,
-        meta.mode,
-        target,
-        device
-    ];
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(row)?;
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )?
-    .execute(params![
-        account,
-        path.as_str(),
-        seq as i64,
-        kind,
-        node.and_then(|n| match n {
-            Node::File { hash, .. } => Some(hash.0.to_vec()),
-            _ => None,
-        }),
-        size as i64,
-        meta.mtime_ns,
-        meta.mode,
-        target,
-        device,
-        op,
-        at
-    ])?;
-    Ok(())
-}
-
-fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Version, MetaError>> {
-    let entry = row_to_entry(r)?;
-    let at: i64 = r.get(9)?;
-    let op: String = r.get(10)?;
-    Ok(entry.map(|e| Version { path: e.path, rev: e.rev, time: at, device: e.device, op, node: e.node }))
-}
-
-type RowResult = Result<Entry, MetaError>;
-
-fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
-    let path: String = r.get(0)?;
-    let rev: i64 = r.get(1)?;
-    let kind: i64 = r.get(2)?;
-    let hash: Option<Vec<u8>> = r.get(3)?;
-    let size: i64 = r.get(4)?;
-    // Only permission bits: rows written before modes were masked may hold more.
-    let meta = NodeMeta { mtime_ns: r.get(5)?, mode: r.get::<_, u32>(6)? & 0o777 };
-    let target: Option<String> = r.get(7)?;
-    let device: String = r.get(8)?;
-    let bad = || MetaError::CorruptRow(path.clone());
-    let node = match kind {
-        0 => None,
-        1 => match hash.as_deref().and_then(ContentHash::from_slice) {
-            Some(hash) => Some(Node::File { hash, size: size as u64, meta }),
-            None => return Ok(Err(bad())),
-        },
-        2 => Some(Node::Dir { mode: meta.mode }),
-        3 => match target {
-            Some(target) => Some(Node::Symlink { target }),
-            None => return Ok(Err(bad())),
-        },
-        _ => return Ok(Err(bad())),
-    };
-    let Ok(rel) = RelPath::new(path.clone()) else {
-        return Ok(Err(bad()));
-    };
-    Ok(Ok(Entry { path: rel, rev: rev as u64, node, device }))
-}
+/// The metadata store as the server holds it.
+pub type Metadata = dyn MetaStore;

@@ -12,14 +12,15 @@ use std::sync::Arc;
 
 use super::ServerError;
 use super::content::{ChunkKey, ChunkList, Chunker, PackSink};
-use super::meta::{AccountId, Metadata};
+use super::meta::AccountId;
 use super::store::ChunkStore;
+use super::store::sqlite::SqliteMeta;
 use crate::hash::{ContentHash, Hasher};
 use crate::protocol::Node;
 
 const LAYOUT: i64 = 2;
 
-pub fn run(data_dir: &Path, meta: &Metadata, chunks: &Arc<dyn ChunkStore>) -> Result<(), ServerError> {
+pub fn run(data_dir: &Path, meta: &SqliteMeta, chunks: &Arc<dyn ChunkStore>) -> Result<(), ServerError> {
     let err = |e: &dyn std::fmt::Display| ServerError::Convert(e.to_string());
     let mirror = data_dir.join("accounts");
     if meta.layout().map_err(|e| err(&e))? >= LAYOUT {

@@ -63,7 +63,7 @@ pub(super) fn over_quota(
 }
 
 /// The refusal of an upload that would take the account past its quota.
-pub(super) fn quota_refusal(
+pub(crate) fn quota_refusal(
     name: &str,
     used: u64,
     quota: u64,
@@ -225,7 +225,7 @@ pub async fn serve(
                     let _ = getrandom::fill(&mut suffix);
                     let name =
                         format!("{}-{}", if dev.is_empty() { "device" } else { &dev }, hex::encode(suffix));
-                    let (a, t) = super::add_account(&sh.meta, &name)?;
+                    let (a, t) = super::add_account(sh.meta.as_ref(), &name)?;
                     Some((a, Some(t)))
                 }
                 None => None,
@@ -323,12 +323,21 @@ impl Session {
                 }
             };
             mask_modes(&mut req);
+            let req_from = match &req {
+                Request::PutRest { from, .. } => Some(*from),
+                _ => None,
+            };
             let result = match req {
-                Request::Put { path, base_rev, hash, size, meta, base } => {
+                Request::Put { path, base_rev, hash, size, meta, base }
+                | Request::PutRest { path, base_rev, hash, size, meta, base, from: _ } => {
                     if self.staged.iter().any(|s| s.path == path) {
                         self.flush().await?;
                     }
-                    match self.put(id, path.clone(), base_rev, hash, size, base).await? {
+                    let from = match &req_from {
+                        Some(f) => *f,
+                        None => 0,
+                    };
+                    match self.put(id, path.clone(), base_rev, hash, size, base, from).await? {
                         Ok(chunks) => {
                             let node = Node::File { hash, size, meta };
                             let chunks = Some(chunks);
@@ -381,6 +390,21 @@ impl Session {
                             Ok(Reply::Ok)
                         }
                         Request::Ping => Ok(Reply::Ok),
+                        Request::GetRest { path, hash, size, from } => {
+                            self.get_rest(id, path, hash, size, from).await?;
+                            continue;
+                        }
+                        Request::Resume { path, hash, size } => {
+                            self.db(move |m, a| {
+                                Ok(match m.partial(a, &path)? {
+                                    Some(p) if p.hash == hash && p.size == size => {
+                                        Reply::Resume { from: p.bytes, base: p.base }
+                                    }
+                                    _ => Reply::Resume { from: 0, base: None },
+                                })
+                            })
+                            .await
+                        }
                         Request::GetVersion { path, rev } => {
                             self.get_version(id, path, rev).await?;
                             continue;
@@ -457,7 +481,10 @@ impl Session {
     ) -> Result<T, Refusal> {
         let sh = self.shared.clone();
         let a = self.account.id;
-        tokio::task::spawn_blocking(move || f(&sh.meta, a)).await.map_err(server_err)?.map_err(Refusal::from)
+        tokio::task::spawn_blocking(move || f(sh.meta.as_ref(), a))
+            .await
+            .map_err(server_err)?
+            .map_err(Refusal::from)
     }
 
     async fn current(&self, path: &RelPath) -> Result<Option<Entry>, Refusal> {
@@ -505,10 +532,11 @@ impl Session {
         hash: ContentHash,
         size: u64,
         base: Option<ContentHash>,
+        from: u64,
     ) -> Result<Result<Vec<(ChunkKey, u32)>, Refusal>, SessionError> {
         let (sh, account, sink) = (self.shared.clone(), self.account.id, self.sink.clone());
         let name = self.account.name.clone();
-        if base.is_none() && size <= SMALL_UPLOAD {
+        if base.is_none() && size <= SMALL_UPLOAD && from == 0 {
             // A small file arrives in a block or two: take it whole, then check and write it in
             // one trip to the blocking pool instead of one for the check and one for the write.
             let (mut blocks, mut ended, mut held) = (Vec::new(), false, 0usize);
@@ -526,31 +554,33 @@ impl Session {
                 )));
             }
             let done = tokio::task::spawn_blocking(move || {
-                check_put(&sh, account, &name, &path, base_rev, None, size)?;
-                reconstruct(&sh, &sink, None, blocks.into_iter(), size, hash)
+                check_put(&sh, account, &name, &path, base_rev, (hash, size), None, 0)?;
+                let to = Rebuild { account, path, hash, size, base: None, prefix: None };
+                reconstruct(&sh, &sink, to, blocks.into_iter())
             })
             .await;
             return Ok(done.unwrap_or_else(|e| Err(server_err(e))));
         }
         let p = path.clone();
-        let early =
-            tokio::task::spawn_blocking(move || check_put(&sh, account, &name, &p, base_rev, base, size))
-                .await
-                .unwrap_or_else(|e| Err(server_err(e)));
+        let early = tokio::task::spawn_blocking(move || {
+            check_put(&sh, account, &name, &p, base_rev, (hash, size), base, from)
+        })
+        .await
+        .unwrap_or_else(|e| Err(server_err(e)));
         let (tx, mut rx) = mpsc::channel::<Block>(4);
         let worker = match &early {
-            Ok(base_version) => {
+            Ok((base_version, prefix)) => {
                 let (sh, sink) = (self.shared.clone(), self.sink.clone());
-                let base_version = base_version.clone();
+                let to = Rebuild {
+                    account,
+                    path: path.clone(),
+                    hash,
+                    size,
+                    base: base_version.clone(),
+                    prefix: prefix.clone(),
+                };
                 Some(tokio::task::spawn_blocking(move || {
-                    reconstruct(
-                        &sh,
-                        &sink,
-                        base_version,
-                        std::iter::from_fn(|| rx.blocking_recv()),
-                        size,
-                        hash,
-                    )
+                    reconstruct(&sh, &sink, to, std::iter::from_fn(|| rx.blocking_recv()))
                 }))
             }
             Err(_) => {
@@ -735,7 +765,52 @@ impl Session {
         }
         .await;
         match opened {
-            Ok((entry, locs)) => self.send_file(id, entry, locs, have).await,
+            Ok((entry, locs)) => {
+                // The client's version, when its signature is not cached but the account holds
+                // it: the signature is made from it, so the download is still a delta.
+                let mut have_locs = None;
+                if let (Some((h, len)), Some(Node::File { hash, .. })) = (have, &entry.node)
+                    && h != *hash
+                    && len >= delta::WHOLE_FILE_BELOW
+                    && !self.shared.sigs.contains(&h, len)
+                    && let Ok(Some((n, locs))) = self.db(move |m, a| m.content(a, &h)).await
+                    && n == len
+                {
+                    have_locs = Some(locs);
+                }
+                self.send_file_from(id, entry, locs, have, 0, have_locs).await
+            }
+            Err(r) => Ok(self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?),
+        }
+    }
+
+    /// The rest of a cut-off download: the current file at `path`, still `hash`, from `from`.
+    async fn get_rest(
+        &mut self,
+        id: u64,
+        path: RelPath,
+        hash: ContentHash,
+        size: u64,
+        from: u64,
+    ) -> Result<(), SessionError> {
+        let opened = async {
+            let cur = self.current(&path).await?;
+            match cur {
+                Some(entry @ Entry { node: Some(Node::File { .. }), .. })
+                    if matches!(entry.node, Some(Node::File { hash: h, size: n, .. }) if h == hash && n == size && from <= n) =>
+                {
+                    let locs = self.locations(&entry).await?;
+                    Ok((entry, locs))
+                }
+                _ => Err(Refusal::new(
+                    RefusalKind::Stale,
+                    format!("`{path}` changed on the server since the download began; download it again"),
+                )),
+            }
+        }
+        .await;
+        match opened {
+            Ok((entry, locs)) => self.send_file_from(id, entry, locs, None, from, None).await,
             Err(r) => Ok(self.wr.send(&ServerMsg::Resp { id, result: Err(r) }).await?),
         }
     }
@@ -786,17 +861,38 @@ impl Session {
         locs: Vec<ChunkLoc>,
         have: Option<(ContentHash, u64)>,
     ) -> Result<(), SessionError> {
+        self.send_file_from(id, entry, locs, have, 0, None).await
+    }
+
+    /// [`send_file`](Self::send_file) of the bytes from `from` on (whole, no delta, when
+    /// `from` > 0).
+    async fn send_file_from(
+        &mut self,
+        id: u64,
+        entry: Entry,
+        locs: Vec<ChunkLoc>,
+        have: Option<(ContentHash, u64)>,
+        from: u64,
+        have_locs: Option<Vec<ChunkLoc>>,
+    ) -> Result<(), SessionError> {
         let Some(Node::File { hash, .. }) = entry.node else { return Ok(()) };
         let path = entry.path.clone();
         let sigs = self.shared.sigs.clone();
-        let base = have.filter(|(h, len)| *h != hash && sigs.contains(h, *len));
+        let base = have
+            .filter(|(h, len)| from == 0 && *h != hash && (have_locs.is_some() || sigs.contains(h, *len)));
         self.wr
             .feed(&ServerMsg::Resp { id, result: Ok(Reply::File { entry, base: base.map(|b| b.0) }) })
             .await?;
         let (tx, mut rx) = mpsc::channel::<(Block, u64)>(4);
         let chunks = self.shared.chunks.clone();
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut reader = Reader::new(chunks, locs);
+            if let (Some((h, len)), Some(have_locs)) = (base, have_locs) {
+                let sig =
+                    signature_of(Reader::new(chunks.clone(), have_locs), len).map_err(|e| e.to_string())?;
+                let _ = sigs.put(&h, len, &sig);
+            }
+            let reader = Reader::new(chunks, locs);
+            let mut reader = delta::source::Skip::new(reader, from as usize);
             let emit = |b, covered: u64| {
                 tx.blocking_send((b, covered)).map_err(|_| std::io::Error::other("receiver gone"))
             };
@@ -834,15 +930,7 @@ impl Session {
                             if let Some(sig) = sigs.get(&hash, size) {
                                 return Ok(sig.into_serialized());
                             }
-                            let mut reader = Reader::new(chunks, locs);
-                            let mut b = delta::signature::Builder::new(size);
-                            let mut at = 0usize;
-                            while at < size as usize {
-                                let to = (at + (1 << 20)).min(size as usize);
-                                b.update(delta::Source::bytes(&mut reader, at..to)?);
-                                at = to;
-                            }
-                            let sig = b.finish();
+                            let sig = signature_of(Reader::new(chunks, locs), size)?;
                             let _ = sigs.put(&hash, size, &sig);
                             Ok(sig.into_serialized())
                         })
@@ -882,6 +970,18 @@ impl From<delta::DeltaError> for Refusal {
     }
 }
 
+/// The signature of a stored version, made from its chunks.
+fn signature_of(mut reader: Reader, size: u64) -> Result<fast_rsync::Signature, delta::DeltaError> {
+    let mut b = delta::signature::Builder::new(size);
+    let mut at = 0usize;
+    while at < size as usize {
+        let to = (at + (1 << 20)).min(size as usize);
+        b.update(delta::Source::bytes(&mut reader, at..to)?);
+        at = to;
+    }
+    Ok(b.finish())
+}
+
 async fn blocking<T: Send + 'static, E: Into<Refusal> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Refusal> {
@@ -899,15 +999,17 @@ struct BaseVersion {
 /// The checks of an upload before its data is read (blocking): its base revision, no non-empty
 /// directory in the way, room for it, and for a delta the base version. The commit checks the
 /// rules again, inside its transaction.
+#[allow(clippy::too_many_arguments)]
 fn check_put(
     sh: &Shared,
     account: AccountId,
     name: &str,
     path: &RelPath,
     base_rev: u64,
+    (hash, size): (ContentHash, u64),
     base: Option<ContentHash>,
-    size: u64,
-) -> Result<Option<BaseVersion>, Refusal> {
+    from: u64,
+) -> Result<(Option<BaseVersion>, Option<Vec<ChunkLoc>>), Refusal> {
     let meta = &sh.meta;
     let cur = meta.get(account, path)?;
     check_base(path, &cur, base_rev)?;
@@ -919,8 +1021,23 @@ fn check_put(
             format!("`{path}` is a non-empty directory on the server; delete its contents first"),
         ));
     }
-    check_room(meta, account, name, sh.chunks.free_bytes(), path, size, &cur)?;
-    let Some(h) = base else { return Ok(None) };
+    check_room(meta.as_ref(), account, name, sh.chunks.free_bytes(), path, size, &cur)?;
+    let prefix = if from == 0 {
+        None
+    } else {
+        match meta.partial(account, path)? {
+            Some(p) if p.hash == hash && p.size == size && p.bytes == from && p.base == base => {
+                Some(p.chunks)
+            }
+            _ => {
+                return Err(Refusal::new(
+                    RefusalKind::NotFound,
+                    format!("the server no longer holds the start of this upload of `{path}`; send it whole"),
+                ));
+            }
+        }
+    };
+    let Some(h) = base else { return Ok((None, prefix)) };
     let not_held = || {
         Refusal::new(
             RefusalKind::NotFound,
@@ -929,7 +1046,7 @@ fn check_put(
     };
     match cur.and_then(|e| e.node) {
         Some(Node::File { hash, size, .. }) if hash == h => match meta.content(account, &hash)? {
-            Some((n, locs)) if n == size => Ok(Some(BaseVersion { hash, size, locs })),
+            Some((n, locs)) if n == size => Ok((Some(BaseVersion { hash, size, locs }), prefix)),
             _ => Err(not_held()),
         },
         _ => Err(not_held()),
@@ -950,29 +1067,75 @@ fn check_base(path: &RelPath, cur: &Option<Entry>, base_rev: u64) -> Result<(), 
     Ok(())
 }
 
+/// What an upload rebuilds: the content of `path` (`hash`, `size`) from a base and, for a
+/// resumed upload, the chunks of its first bytes the server kept.
+struct Rebuild {
+    account: AccountId,
+    path: RelPath,
+    hash: ContentHash,
+    size: u64,
+    base: Option<BaseVersion>,
+    prefix: Option<Vec<ChunkLoc>>,
+}
+
+/// Uploads cut off after at least this much are kept for a resume.
+const KEEP_PARTIAL_FROM: u64 = 8 << 20;
+
 /// Rebuilds an uploaded file from its blocks into chunks (new ones go to the session's open
-/// pack), verifies it, and returns its chunk list.
+/// pack), verifies it, and returns its chunk list. An upload cut off after
+/// [`KEEP_PARTIAL_FROM`] bytes keeps what it has for a resume.
 fn reconstruct(
     sh: &Shared,
     sink: &Mutex<PackSink>,
-    base: Option<BaseVersion>,
+    to: Rebuild,
     blocks: impl Iterator<Item = Block>,
-    size: u64,
-    hash: ContentHash,
 ) -> Result<Vec<(ChunkKey, u32)>, Refusal> {
+    let Rebuild { account, path, hash, size, base, prefix } = to;
+    let base_hash = base.as_ref().map(|b| b.hash);
     let base_sig = base.as_ref().and_then(|b| sh.sigs.get(&b.hash, b.size));
     let reader = base.map(|b| Reader::new(sh.chunks.clone(), b.locs));
     let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, &sh.meta), size)
+    let meta = sh.meta.as_ref();
+    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, meta), size)
         .with_signature(sh.sigs.builder_for(&hash, size), base_sig);
+    if let Some(locs) = prefix {
+        // The kept start goes through like a literal: hashed, signed and chunked again (its
+        // chunks are stored, so nothing is written for it).
+        let mut kept = Reader::new(sh.chunks.clone(), locs);
+        let mut at = 0u64;
+        while at < kept.len() {
+            let n = (kept.len() - at).min(1 << 20);
+            let bytes = delta::Source::bytes(&mut kept, at as usize..(at + n) as usize)?;
+            ap.prefix(bytes).map_err(server_err)?;
+            at += n;
+        }
+    }
+    let mut failed = None;
     for b in blocks {
-        ap.block(&b).map_err(|e| match e {
-            // Storing the chunks failed (a full disk): the server's fault, not the data's.
-            delta::DeltaError::Io(e) => server_err(e),
-            e => Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")),
-        })?;
+        if let Err(e) = ap.block(&b) {
+            failed = Some(match e {
+                // Storing the chunks failed (a full disk): the server's fault, not the data's.
+                delta::DeltaError::Io(e) => server_err(e),
+                e => Refusal::new(RefusalKind::Corrupt, format!("bad upload data: {e}")),
+            });
+            break;
+        }
     }
     let done = ap.finish().map_err(server_err)?;
+    if let Some(r) = failed {
+        return Err(r);
+    }
+    if done.len < size {
+        // Cut off: keep the whole chunks received for the next try.
+        let (list, bytes) = done.out.complete().map_err(server_err)?;
+        drop(sink.seal(meta));
+        if bytes >= KEEP_PARTIAL_FROM
+            && let Ok(true) = meta.save_partial(account, &path, &hash, size, base_hash.as_ref(), &list)
+        {
+            tracing::info!("kept {bytes} bytes of a cut-off upload of `{path}` for a resume");
+        }
+        return Err(Refusal::new(RefusalKind::Corrupt, "the upload ended early; send it again"));
+    }
     if done.hash != hash || done.len != size {
         return Err(Refusal::new(
             RefusalKind::Corrupt,

@@ -9,6 +9,7 @@
 //! - [`conformance`]: the contract every implementation passes (tests).
 
 pub mod local;
+pub mod sqlite;
 
 #[cfg(test)]
 pub mod conformance;

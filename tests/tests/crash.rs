@@ -1,7 +1,8 @@
 //! Crash points that are really tested: the server is stopped dead (an abort at a failpoint,
 //! built only with `--features failpoints`) at each phase of a group commit, restarted, and
 //! nothing may be lost or torn: every path reads back verified, as the old version or the new
-//! one, and an upload whose redo row was written before the crash is the new one.
+//! one; no unfinished pack is left once the server serves again (the start's recovery removes
+//! them), and no version refers to a chunk that is gone.
 
 use std::time::Duration;
 
@@ -9,11 +10,10 @@ use super::util::*;
 
 /// (failpoint, whether the crashed batch's uploads must be on the server after the restart).
 /// Uploads of later batches never reached a commit, so they are the old version either way.
-const PHASES: [(&str, bool); 4] = [
-    ("commit-before-stage", false), // verified and fsynced, no redo row yet: the client re-sends
-    ("commit-staged", true),        // redo rows written, nothing renamed: recovery renames
-    ("commit-renamed", true),       // renamed, metadata not yet: recovery records
-    ("commit-recorded", true),      // all done, replies not sent
+const PHASES: [(&str, bool); 3] = [
+    ("commit-before-seal", false), // chunks written into an unfinished pack: recovery removes it
+    ("commit-sealed", false),      // pack durable and recorded, versions not: the client re-sends
+    ("commit-recorded", true),     // all done, replies not sent
 ];
 
 fn content(version: &str, name: &str, len: usize) -> String {

@@ -139,7 +139,7 @@ fn refused(a: Answer, what: &str) -> Refusal {
 }
 
 fn files_dir(srv: &Server) -> PathBuf {
-    srv.account_dirs()[0].join("files")
+    srv.files()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,70 +443,6 @@ fn bounds_per_account_quota_refuses_uploads_past_it() {
 // ---------------------------------------------------------------------------------------------
 // 4. Path length
 
-/// A path the protocol allows (≤ 4096 bytes) but the server's OS cannot store once its data
-/// folder is put in front is refused with a message saying so, and nothing is created.
-#[tokio::test]
-async fn path_length_too_long_for_the_server_is_refused_cleanly() {
-    let srv = start_server();
-    let token = add_account(&srv.data, "alice");
-    let (mut rd, mut wr) = connect(srv.addr, &token).await;
-    committed(ask(&mut rd, &mut wr, 1, put(1, "ok.txt", 0, b"fine\n", 0o644), "ok").await, "ok");
-    let files = files_dir(&srv);
-    let room = 4095 - (files.as_os_str().len() + 1);
-    // Components of up to 250 bytes making a path just over the server's room (within 4096).
-    let target = room + 10;
-    let mut p = String::new();
-    let mut i = 0u8;
-    while p.len() < target {
-        if !p.is_empty() {
-            p.push('/');
-        }
-        let n = (target - p.len()).min(250);
-        p.push_str(&((b'a' + i % 26) as char).to_string().repeat(n));
-        i += 1;
-    }
-    assert!(p.len() <= 4096, "the test's path is too long for RelPath: {}", p.len());
-    let file = format!("{}/f", &p[..p.len() - 2]);
-    let cases = vec![
-        ("Put", put(2, &file, 0, b"deep\n", 0o644)),
-        (
-            "Mkdir",
-            vec![ClientMsg::Req { id: 2, req: Request::Mkdir { path: rel(&p), base_rev: 0, mode: 0o755 } }],
-        ),
-        (
-            "Symlink",
-            vec![ClientMsg::Req {
-                id: 2,
-                req: Request::Symlink { path: rel(&p), base_rev: 0, target: "x".into() },
-            }],
-        ),
-        (
-            "Copy",
-            vec![ClientMsg::Req {
-                id: 2,
-                req: Request::Copy {
-                    hash: ContentHash::of(b"fine\n"),
-                    size: 5,
-                    to: rel(&file),
-                    to_base_rev: 0,
-                    meta: META,
-                },
-            }],
-        ),
-    ];
-    for (what, msgs) in cases {
-        let r = refused(ask(&mut rd, &mut wr, 2, msgs, what).await, what);
-        assert_eq!(r.kind, RefusalKind::Invalid, "{what}: {r:?}");
-        assert!(
-            r.message.contains("path is too long for this server")
-                && r.message.contains(&format!("at most {room} bytes")),
-            "{what}: {r:?}"
-        );
-        assert_serves(&mut rd, &mut wr, 3, what).await;
-    }
-    assert_eq!(list_tree(&files), ["ok.txt"], "a refused path left something behind");
-}
-
 // ---------------------------------------------------------------------------------------------
 // 5. Stalls and timeouts
 
@@ -719,7 +655,7 @@ fn server_full_disk_is_reported_and_the_next_push_converges() {
     assert!(out.stderr.contains("server out of disk space"), "{}", out.dump());
     assert!(srv.temp_files().is_empty(), "temp files left on the full disk: {:?}", srv.temp_files());
     // Nothing torn: whatever alice's folder on the server holds is a whole version.
-    let files = srv.account_dirs()[0].join("files");
+    let files = srv.files();
     for name in list_tree(&files) {
         let got = read(&files.join(&name));
         let want = read(&dir.path().join(&name));

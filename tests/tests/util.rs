@@ -192,13 +192,25 @@ impl Server {
         read_log(&self.root)
     }
 
-    /// Each account's folder (`data/accounts/ID`).
-    pub fn account_dirs(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = fs::read_dir(self.data.join("accounts"))
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
+    /// What the server holds now for its first account, as plain files: the server keeps
+    /// chunks in packs, not a mirror, so this exports them (as `deltasync export` does) into
+    /// `ROOT/server-view`, replaced on each call. Empty while there is no account.
+    pub fn files(&self) -> PathBuf {
+        let view = self.root.join("server-view");
+        if view.exists() {
+            fs::remove_dir_all(&view).expect("remove the last server view");
+        }
+        let meta = deltasync::server::open_metadata(&self.data).expect("open the database");
+        let first = meta.list_accounts().expect("list accounts").into_iter().min_by_key(|a| a.account.id);
+        drop(meta);
+        match first {
+            Some(a) => {
+                deltasync::server::history::export(&self.data, &a.account.name, &view, None)
+                    .unwrap_or_else(|e| panic!("export of the server's files failed: {e}\n{}", self.log()));
+            }
+            None => fs::create_dir_all(&view).expect("make the view"),
+        }
+        view
     }
 
     /// The server process's peak resident memory so far (Linux `VmHWM`), in KiB.
@@ -209,15 +221,13 @@ impl Server {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
-    /// Files currently in the accounts' upload temp areas (`data/accounts/*/tmp`).
+    /// Unfinished packs in the server's temp area (`data/packs/tmp`).
     pub fn temp_files(&self) -> Vec<(PathBuf, u64)> {
         let mut out = Vec::new();
-        for a in self.account_dirs() {
-            if let Ok(rd) = fs::read_dir(a.join("tmp")) {
-                for e in rd.flatten() {
-                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                    out.push((e.path(), len));
-                }
+        if let Ok(rd) = fs::read_dir(self.data.join("packs").join("tmp")) {
+            for e in rd.flatten() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push((e.path(), len));
             }
         }
         out

@@ -186,29 +186,31 @@ impl Drop for Watcher {
     }
 }
 
-/// The account's plain mirror on the server (`data/accounts/ID/files`), once the account has one.
+/// The server's files as plain files (an export, refreshed by [`wait_converged`] on each
+/// look), once the account exists.
 fn mirror(srv: &mut Server) -> PathBuf {
     let deadline = Instant::now() + CONVERGE;
     loop {
         srv.assert_running();
-        let dirs = srv.account_dirs();
-        match dirs.as_slice() {
-            [one] if one.join("files").is_dir() => return one.join("files"),
-            [] | [_] => {}
-            many => panic!("expected one account folder on the server, found {many:?}"),
+        if srv.data.join("deltasync.db").exists() && account_exists(srv) {
+            return srv.files();
         }
         assert!(
             Instant::now() < deadline,
-            "the server made no account folder within {CONVERGE:?}; server log:\n{}",
+            "the server made no account within {CONVERGE:?}; server log:\n{}",
             srv.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Polls until every folder in `sides` holds the same tree (paths, kinds, contents, exec bits,
-/// mtimes) and `also` holds for the first one's snapshot; returns that snapshot. Panics after
-/// [`CONVERGE`] with the differences, `context()` and (on drop) the watchers' logs.
+fn account_exists(srv: &Server) -> bool {
+    deltasync::server::open_metadata(&srv.data)
+        .ok()
+        .and_then(|m| m.list_accounts().ok())
+        .is_some_and(|a| !a.is_empty())
+}
+
 fn wait_converged(
     what: &str,
     srv: &mut Server,
@@ -223,6 +225,9 @@ fn wait_converged(
         srv.assert_running();
         for w in watchers.iter_mut() {
             w.assert_alive();
+        }
+        if sides.iter().any(|(name, _)| *name == "server") {
+            srv.files();
         }
         last = Vec::new();
         let snaps: Vec<std::io::Result<Snap>> = sides.iter().map(|(_, p)| snapshot(p)).collect();
@@ -1387,7 +1392,7 @@ fn ignore_rules_are_respected() {
     for p in ["b-scratch.tmp", "build/from-b.bin"] {
         assert!(!a.join(p).exists(), "B's ignored {p} reached A");
     }
-    let on_server: BTreeSet<String> = list_tree(&m).into_iter().collect();
+    let on_server: BTreeSet<String> = list_tree(&srv.files()).into_iter().collect();
     assert_eq!(on_server, want.iter().map(|s| s.to_string()).collect(), "paths on the server");
     wa.stop();
     wb.stop();

@@ -163,5 +163,5 @@ fn local_chunk_store_keeps_the_contract() {
 #[test]
 fn sqlite_metadata_keeps_the_contract() {
     let d = tempfile::tempdir().unwrap();
-    metadata(&Metadata::open(&d.path().join("db")).unwrap());
+    metadata(&super::sqlite::SqliteMeta::open(&d.path().join("db")).unwrap());
 }
