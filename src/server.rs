@@ -30,7 +30,6 @@ use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::delta::SigCache;
 use crate::protocol;
 use meta::{Account, AccountId, Metadata};
 use store::ChunkStore;
@@ -94,8 +93,8 @@ pub enum ServerError {
 pub struct Shared {
     pub meta: Arc<Metadata>,
     pub chunks: Arc<dyn ChunkStore>,
-    /// Signatures of stored versions, by content hash (a cache: made again from the chunks).
-    pub sigs: SigCache,
+    /// Signatures of stored versions (see [`content::Sigs`]).
+    pub sigs: content::Sigs,
     pub keep: retention::Keep,
     pub open_registration: bool,
     /// This data folder's identity (kept in the database), sent in every `Welcome`.
@@ -117,7 +116,9 @@ impl Shared {
         if cleaned > 0 {
             tracing::info!("removed {cleaned} unfinished packs left by interrupted uploads");
         }
-        let sigs = SigCache::new(config.data_dir.join("sigs")).map_err(dd)?;
+        let sigs = content::Sigs::new(chunks.clone(), meta.clone());
+        // Signatures were files in `sigs/` before they were chunks: made again when needed.
+        let _ = std::fs::remove_dir_all(config.data_dir.join("sigs"));
         let server_id = meta.server_id()?;
         let io_timeout = io_timeout();
         Ok(Shared {
@@ -265,7 +266,7 @@ async fn prune_in_background(shared: Arc<Shared>, cancel: CancellationToken) {
         wait = PRUNE_EVERY;
         let sh = shared.clone();
         let r = tokio::task::spawn_blocking(move || {
-            history::prune_store(sh.meta.as_ref(), sh.chunks.as_ref(), &sh.sigs, &sh.keep, PRUNE_GRACE)
+            history::prune_store(sh.meta.as_ref(), sh.chunks.as_ref(), &sh.keep, PRUNE_GRACE)
         })
         .await;
         match r {

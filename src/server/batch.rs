@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::Shared;
-use super::content::{ChunkKey, PackSink};
+use super::content::{ChunkKey, ChunkList, PackSink};
 use super::meta::{AccountId, Change, Step};
 use crate::path::RelPath;
 use crate::protocol::{Node, Refusal, RefusalKind, Reply};
@@ -24,6 +24,8 @@ pub struct Staged {
     pub op: &'static str,
     /// The content's chunks, or `None` for content the account holds already (a copy).
     pub chunks: Option<Vec<(ChunkKey, u32)>>,
+    /// The new version's signature, in chunks of the same pack.
+    pub sig: Option<ChunkList>,
 }
 
 pub struct Target<'a> {
@@ -71,12 +73,23 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
             }],
         })
         .collect();
+    let sigs: Vec<_> = staged
+        .iter()
+        .filter_map(|s| match (&s.node, &s.sig) {
+            (Node::File { hash, size, .. }, Some(sig)) => Some((*hash, *size, sig.clone())),
+            _ => None,
+        })
+        .collect();
     let lock = t.shared.commit_lock(t.account);
     let _held = lock.lock().await;
     let done = tokio::task::spawn_blocking(move || -> Result<Vec<Result<u64, Refusal>>, Refusal> {
         // The chunks first, durable; then the versions that refer to them.
         sink.lock().unwrap_or_else(|p| p.into_inner()).seal(sh.meta.as_ref()).map_err(server_err)?;
         failpoint("commit-sealed");
+        for (hash, size, sig) in &sigs {
+            // A signature is only a saving; failing to record one fails nothing.
+            let _ = sh.sigs.record(hash, *size, sig);
+        }
         let r = sh.meta.commit(account, &device, &steps).map_err(server_err)?;
         failpoint("commit-recorded");
         Ok(r)

@@ -1,7 +1,7 @@
 //! File content as content-defined chunks in packs.
 //!
-//! A file's bytes are cut by FastCDC (v2020) into chunks of 16 KiB to 256 KiB (64 KiB on
-//! average; README explains the choice), each named by the SHA-256 of its bytes and stored once
+//! A file's bytes are cut by FastCDC (v2020) into chunks of 8 KiB to 128 KiB (32 KiB on
+//! average: [`CONTENT`]; README explains the choice), each named by the SHA-256 of its bytes and stored once
 //! across the whole server: compressed with zstd when that saves at least an eighth, appended
 //! to a pack. A version of a file is the ordered list of its chunks (in the metadata). An edit
 //! changes the chunks around it only: cutting depends on the bytes near each cut, so the cuts
@@ -26,10 +26,22 @@ use sha2::{Digest, Sha256};
 use super::meta::Metadata;
 use super::store::{ChunkStore, PackId, PackWriter};
 use crate::delta::{Base, DeltaError, Source};
+use crate::hash::ContentHash;
 
-pub const MIN_CHUNK: usize = 16 << 10;
-pub const AVG_CHUNK: usize = 64 << 10;
-pub const MAX_CHUNK: usize = 256 << 10;
+/// How a stream is cut: minimum, average and maximum chunk sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub min: usize,
+    pub avg: usize,
+    pub max: usize,
+}
+
+/// File content: 8 / 32 / 128 KiB (README, "Chunk sizes", has the measurements: the fewest
+/// bytes stored per edit, new chunks and chunk list together).
+pub const CONTENT: Sizes = Sizes { min: 8 << 10, avg: 32 << 10, max: 128 << 10 };
+/// Signatures (12 bytes per block of the file, so an edit changes a few hundred bytes of one):
+/// smaller chunks, so an edit rewrites little of it.
+pub const SIGNATURE: Sizes = Sizes { min: 2 << 10, avg: 8 << 10, max: 32 << 10 };
 /// A pack is finished once it holds this much; a batch's pack is finished at its commit anyway.
 pub const PACK_TARGET: u64 = 32 << 20;
 
@@ -73,25 +85,25 @@ pub struct Sealed {
     pub chunks: Vec<NewChunk>,
 }
 
-/// The fastcdc v2020 masks for [`AVG_CHUNK`] at normalization level 1.
-fn masks() -> (u64, u64) {
-    let bits = AVG_CHUNK.trailing_zeros();
+/// The fastcdc v2020 masks for an average size at normalization level 1.
+fn masks(avg: usize) -> (u64, u64) {
+    let bits = avg.trailing_zeros();
     (fastcdc::v2020::MASKS[(bits + 1) as usize], fastcdc::v2020::MASKS[(bits - 1) as usize])
 }
 
-/// The length of the first chunk of `data`: a cut point at most [`MAX_CHUNK`] in, or all of
-/// `data` when it is shorter than that and `last` says no more bytes follow.
-fn cut(data: &[u8]) -> usize {
-    let (s, l) = masks();
-    let (_, n) = fastcdc::v2020::cut(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, s, l, s << 1, l << 1);
+/// The length of the first chunk of `data`: a cut point at most `sizes.max` in, or all of
+/// `data` when it is shorter than that.
+fn cut(data: &[u8], sizes: Sizes) -> usize {
+    let (s, l) = masks(sizes.avg);
+    let (_, n) = fastcdc::v2020::cut(data, sizes.min, sizes.avg, sizes.max, s, l, s << 1, l << 1);
     n.clamp(1.min(data.len()), data.len())
 }
 
-/// Cuts `data` whole into chunks (for conversion and tests): their lengths.
-pub fn cut_all(mut data: &[u8]) -> Vec<usize> {
+/// Cuts `data` whole into chunks of `sizes` (for measurements and tests): their lengths.
+pub fn cut_all(mut data: &[u8], sizes: Sizes) -> Vec<usize> {
     let mut out = Vec::new();
     while !data.is_empty() {
-        let n = cut(data);
+        let n = cut(data, sizes);
         out.push(n);
         data = &data[n..];
     }
@@ -173,19 +185,24 @@ impl PackSink {
 pub struct Chunker<'a> {
     sink: &'a mut PackSink,
     meta: &'a Metadata,
+    sizes: Sizes,
     buf: Vec<u8>,
     list: Vec<(ChunkKey, u32)>,
 }
 
 impl<'a> Chunker<'a> {
     pub fn new(sink: &'a mut PackSink, meta: &'a Metadata) -> Self {
-        Chunker { sink, meta, buf: Vec::with_capacity(2 * MAX_CHUNK), list: Vec::new() }
+        Self::with_sizes(sink, meta, CONTENT)
+    }
+
+    pub fn with_sizes(sink: &'a mut PackSink, meta: &'a Metadata, sizes: Sizes) -> Self {
+        Chunker { sink, meta, sizes, buf: Vec::with_capacity(2 * sizes.max), list: Vec::new() }
     }
 
     fn drain(&mut self, all: bool) -> io::Result<()> {
         let mut at = 0;
-        while self.buf.len() - at >= MAX_CHUNK || (all && at < self.buf.len()) {
-            let n = cut(&self.buf[at..]);
+        while self.buf.len() - at >= self.sizes.max || (all && at < self.buf.len()) {
+            let n = cut(&self.buf[at..], self.sizes);
             let key = self.sink.add(self.meta, &self.buf[at..at + n])?;
             self.list.push((key, n as u32));
             at += n;
@@ -212,7 +229,7 @@ impl<'a> Chunker<'a> {
 impl io::Write for Chunker<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= 4 * MAX_CHUNK {
+        if self.buf.len() >= 4 * self.sizes.max {
             self.drain(false)?;
         }
         Ok(data.len())
@@ -349,4 +366,68 @@ pub fn parse_pack(pack: PackId, bytes: &[u8]) -> Result<Vec<NewChunk>, String> {
         at = at + HEADER_LEN + stored as usize;
     }
     Ok(out)
+}
+
+/// Signatures of stored versions, themselves stored as chunks (a signature is a grid of block
+/// hashes, so an edit changes a few of its chunks and the rest are shared with the previous
+/// version's: keeping one per version costs about as little as the edit). Kept for a path's
+/// current and previous versions; made again from the version's chunks when asked for another.
+#[derive(Clone)]
+pub struct Sigs {
+    chunks: Arc<dyn ChunkStore>,
+    meta: Arc<Metadata>,
+}
+
+impl Sigs {
+    pub fn new(chunks: Arc<dyn ChunkStore>, meta: Arc<Metadata>) -> Self {
+        Sigs { chunks, meta }
+    }
+
+    fn block(len: u64) -> u32 {
+        crate::delta::block_size(len)
+    }
+
+    /// The stored signature of the version with `hash` and length `len`, if any.
+    pub fn get(&self, hash: &ContentHash, len: u64) -> Option<fast_rsync::Signature> {
+        let locs = self.meta.signature(hash, Self::block(len)).ok()??;
+        let mut r = Reader::new(self.chunks.clone(), locs);
+        let n = r.len() as usize;
+        let bytes = Source::bytes(&mut r, 0..n).ok()?.to_vec();
+        fast_rsync::Signature::deserialize(bytes).ok()
+    }
+
+    pub fn contains(&self, hash: &ContentHash, len: u64) -> bool {
+        self.meta.signature(hash, Self::block(len)).is_ok_and(|l| l.is_some())
+    }
+
+    /// A builder for the signature of a version about to be stored, unless that version is
+    /// small enough to go whole or has one already.
+    pub fn builder_for(&self, hash: &ContentHash, len: u64) -> Option<crate::delta::signature::Builder> {
+        (len >= crate::delta::WHOLE_FILE_BELOW && !self.contains(hash, len))
+            .then(|| crate::delta::signature::Builder::new(len))
+    }
+
+    /// Writes a signature's chunks through `sink`; [`record`](Self::record) it once the sink's
+    /// pack is sealed.
+    pub fn write(&self, sink: &mut PackSink, sig: &fast_rsync::Signature) -> io::Result<ChunkList> {
+        let mut w = Chunker::with_sizes(sink, self.meta.as_ref(), SIGNATURE);
+        io::Write::write_all(&mut w, sig.serialized())?;
+        w.finish()
+    }
+
+    pub fn record(&self, hash: &ContentHash, len: u64, list: &[(ChunkKey, u32)]) -> io::Result<()> {
+        self.meta.save_signature(hash, Self::block(len), list).map(drop).map_err(io::Error::other)
+    }
+
+    /// Stores a signature at once (its own pack).
+    pub fn put(&self, hash: &ContentHash, len: u64, sig: &fast_rsync::Signature) -> io::Result<()> {
+        let mut sink = PackSink::new(self.chunks.clone());
+        let list = self.write(&mut sink, sig)?;
+        sink.seal(self.meta.as_ref())?;
+        self.record(hash, len, &list)
+    }
+
+    pub fn remove(&self, hash: &ContentHash, len: u64) {
+        let _ = self.meta.drop_signature(hash, Self::block(len));
+    }
 }

@@ -8,7 +8,7 @@ use super::batch::failpoint;
 use super::content::Reader;
 use super::meta::Metadata;
 use super::store::ChunkStore;
-use crate::delta::{SigCache, Source};
+use crate::delta::Source;
 use crate::fsutil;
 use crate::hash::Hasher;
 use crate::path::RelPath;
@@ -162,15 +162,13 @@ pub fn prune(data_dir: &Path, keep: &Keep, grace: Duration) -> Result<PruneSumma
         )));
     }
     let (meta, chunks) = super::open_data(data_dir)?;
-    let sigs = SigCache::new(data_dir.join("sigs")).map_err(|e| ServerError::History(e.to_string()))?;
-    prune_store(meta.as_ref(), chunks.as_ref(), &sigs, keep, grace)
+    prune_store(meta.as_ref(), chunks.as_ref(), keep, grace)
 }
 
 /// [`prune`] on an open store (the server's background prune).
 pub fn prune_store(
     meta: &Metadata,
     chunks: &dyn ChunkStore,
-    sigs: &SigCache,
     keep: &Keep,
     grace: Duration,
 ) -> Result<PruneSummary, ServerError> {
@@ -186,12 +184,6 @@ pub fn prune_store(
         chunks.delete(*pack).map_err(|e| fail(&e))?;
         sum.packs += 1;
         sum.bytes += size;
-    }
-    // Signatures of contents no account holds any more.
-    for (hash, path, _) in sigs.list().map_err(|e| fail(&e))? {
-        if !meta.content_known(&hash).map_err(|e| fail(&e))? {
-            let _ = std::fs::remove_file(path);
-        }
     }
     // Packs finished but never recorded (a crash between the two): nothing refers to them.
     for (pack, size, age) in chunks.list().map_err(|e| fail(&e))? {

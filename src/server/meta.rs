@@ -186,6 +186,19 @@ pub trait MetaStore: Send + Sync {
     /// prune forgets it after [`PARTIAL_KEEP`] seconds.
     fn partial(&self, account: AccountId, path: &RelPath) -> Result<Option<Partial>, MetaError>;
 
+    /// Where the chunks of the stored signature of content `hash` (block size `block`) are.
+    fn signature(&self, hash: &ContentHash, block: u32) -> Result<Option<Vec<ChunkLoc>>, MetaError>;
+
+    /// Records a signature stored in chunks; `false` if one of them is not stored.
+    fn save_signature(
+        &self,
+        hash: &ContentHash,
+        block: u32,
+        chunks: &[(ChunkKey, u32)],
+    ) -> Result<bool, MetaError>;
+
+    fn drop_signature(&self, hash: &ContentHash, block: u32) -> Result<(), MetaError>;
+
     /// Whether any account holds content with this hash.
     fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError>;
 

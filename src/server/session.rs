@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::batch::{self, Staged};
-use super::content::{ChunkKey, ChunkLoc, Chunker, PackSink, Reader};
+use super::content::{ChunkList, ChunkLoc, Chunker, PackSink, Reader};
 use super::meta::{Account, AccountId, Change, MetaError, Metadata, Step};
 use crate::delta::{self, Applier, Block};
 use crate::hash::ContentHash;
@@ -338,10 +338,10 @@ impl Session {
                         None => 0,
                     };
                     match self.put(id, path.clone(), base_rev, hash, size, base, from).await? {
-                        Ok(chunks) => {
+                        Ok((chunks, sig)) => {
                             let node = Node::File { hash, size, meta };
                             let chunks = Some(chunks);
-                            self.stage(Staged { id, path, base_rev, node, op: "write", chunks }).await?;
+                            self.stage(Staged { id, path, base_rev, node, op: "write", chunks, sig }).await?;
                             continue;
                         }
                         Err(r) => Err(r),
@@ -362,6 +362,7 @@ impl Session {
                                 node,
                                 op: "copy",
                                 chunks: None,
+                                sig: None,
                             })
                             .await?;
                             continue;
@@ -533,7 +534,7 @@ impl Session {
         size: u64,
         base: Option<ContentHash>,
         from: u64,
-    ) -> Result<Result<Vec<(ChunkKey, u32)>, Refusal>, SessionError> {
+    ) -> Result<Result<(ChunkList, Option<ChunkList>), Refusal>, SessionError> {
         let (sh, account, sink) = (self.shared.clone(), self.account.id, self.sink.clone());
         let name = self.account.name.clone();
         if base.is_none() && size <= SMALL_UPLOAD && from == 0 {
@@ -1089,7 +1090,7 @@ fn reconstruct(
     sink: &Mutex<PackSink>,
     to: Rebuild,
     blocks: impl Iterator<Item = Block>,
-) -> Result<Vec<(ChunkKey, u32)>, Refusal> {
+) -> Result<(ChunkList, Option<ChunkList>), Refusal> {
     let Rebuild { account, path, hash, size, base, prefix } = to;
     let base_hash = base.as_ref().map(|b| b.hash);
     let base_sig = base.as_ref().and_then(|b| sh.sigs.get(&b.hash, b.size));
@@ -1143,8 +1144,11 @@ fn reconstruct(
         ));
     }
     let list = done.out.finish().map_err(server_err)?;
-    if let Some(sig) = done.sig {
-        sh.sigs.put(&hash, size, &sig)?;
-    }
-    Ok(list)
+    // The new version's signature, built on the way, goes into the same pack; the batch
+    // records it once the pack is sealed.
+    let sig = match done.sig {
+        Some(sig) => Some(sh.sigs.write(&mut sink, &sig)?),
+        None => None,
+    };
+    Ok((list, sig))
 }

@@ -123,6 +123,13 @@ CREATE TABLE IF NOT EXISTS contents (
     PRIMARY KEY (account, hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS contents_hash ON contents(hash);
+-- Signatures of stored versions, as chunk lists (see content::Sigs).
+CREATE TABLE IF NOT EXISTS signatures (
+    hash BLOB NOT NULL,
+    block INTEGER NOT NULL,
+    chunks BLOB NOT NULL,
+    PRIMARY KEY (hash, block)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS history (
     account INTEGER NOT NULL,
     path TEXT NOT NULL,
@@ -679,9 +686,12 @@ impl MetaStore for SqliteMeta {
                 (SELECT 1 FROM files f WHERE f.account=contents.account AND f.hash=contents.hash AND f.kind=1)",
         )?;
         tx.execute("DELETE FROM partial WHERE created < ?1", params![now - PARTIAL_KEEP])?;
+        tx.execute_batch(
+            "DELETE FROM signatures WHERE NOT EXISTS (SELECT 1 FROM contents c WHERE c.hash=signatures.hash)",
+        )?;
         let mut used: std::collections::HashSet<i64> = std::collections::HashSet::new();
         {
-            let mut st = tx.prepare("SELECT chunks FROM contents UNION ALL SELECT chunks FROM partial")?;
+            let mut st = tx.prepare("SELECT chunks FROM contents UNION ALL SELECT chunks FROM partial UNION ALL SELECT chunks FROM signatures")?;
             let mut rows = st.query([])?;
             while let Some(r) = rows.next()? {
                 let list: Vec<u8> = r.get(0)?;
@@ -773,6 +783,38 @@ impl MetaStore for SqliteMeta {
         };
         let Some(chunks) = chunk_locs(&c, &list)? else { return Ok(None) };
         Ok(Some(Partial { hash, size: size.max(0) as u64, base, bytes: bytes.max(0) as u64, chunks }))
+    }
+
+    fn signature(&self, hash: &ContentHash, block: u32) -> Result<Option<Vec<ChunkLoc>>, MetaError> {
+        let c = self.conn();
+        let list: Option<Vec<u8>> = c
+            .prepare_cached("SELECT chunks FROM signatures WHERE hash=?1 AND block=?2")?
+            .query_row(params![&hash.0[..], block], |r| r.get(0))
+            .optional()?;
+        match list {
+            Some(l) => chunk_locs(&c, &l),
+            None => Ok(None),
+        }
+    }
+
+    fn save_signature(
+        &self,
+        hash: &ContentHash,
+        block: u32,
+        chunks: &[(ChunkKey, u32)],
+    ) -> Result<bool, MetaError> {
+        let c = self.conn();
+        let Some(ids) = chunk_ids(&c, chunks)? else { return Ok(false) };
+        c.prepare_cached("INSERT OR REPLACE INTO signatures (hash, block, chunks) VALUES (?1, ?2, ?3)")?
+            .execute(params![&hash.0[..], block, ids])?;
+        Ok(true)
+    }
+
+    fn drop_signature(&self, hash: &ContentHash, block: u32) -> Result<(), MetaError> {
+        let c = self.conn();
+        c.prepare_cached("DELETE FROM signatures WHERE hash=?1 AND block=?2")?
+            .execute(params![&hash.0[..], block])?;
+        Ok(())
     }
 
     fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError> {
