@@ -1,8 +1,12 @@
 //! The command line (clap is used only here). See README.md for the contract scripts rely on.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use deltasync::protocol::MAX_LOG;
+use deltasync::server::retention::{DEFAULT_POLICY, Keep};
+use deltasync::when;
 
 #[derive(Parser, Debug)]
 #[command(name = "deltasync", version, about = "Self-hosted file sync that sends rsync-style deltas")]
@@ -24,6 +28,10 @@ pub enum Command {
         /// Let a client without a token create a new account.
         #[arg(long)]
         open_registration: bool,
+        /// Which versions history keeps: `all`, `current`, or rules like the default (kinds all,
+        /// hourly, daily, weekly, monthly, deleted; ages like 90m, 36h, 30d, 2w, 1y).
+        #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
+        keep: Keep,
         #[arg(short, long)]
         verbose: bool,
     },
@@ -49,6 +57,99 @@ pub enum Command {
         /// The synced folder.
         dir: PathBuf,
     },
+    /// Show a path's versions (newest first), or the folder's recent changes, from the server.
+    Log {
+        /// The synced folder.
+        dir: PathBuf,
+        /// A path in the folder (relative to it, or absolute inside it); without it, every path.
+        path: Option<PathBuf>,
+        /// List deleted paths whose earlier versions can be restored.
+        #[arg(long)]
+        deleted: bool,
+        /// One JSON object per line (rev, time, device, op, path, kind, size, hash, ...).
+        #[arg(long)]
+        json: bool,
+        /// Show at most N versions.
+        #[arg(long, value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_LOG)))]
+        limit: u32,
+    },
+    /// Bring files or folders back as they were at a revision or a time.
+    #[command(group(ArgGroup::new("point").args(["rev", "at"]).required(true)))]
+    Restore {
+        /// The synced folder.
+        dir: PathBuf,
+        /// Paths in the folder (relative to it, or absolute inside it); `.` is the whole folder.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// The revision to go back to (see `deltasync log`).
+        #[arg(long, value_name = "N")]
+        rev: Option<u64>,
+        /// The time to go back to: RFC 3339 (2026-11-30T14:05:00Z) or an age (90m, 2h, 3d).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<i64>,
+        /// Write the old versions under DEST (as DEST/PATH) and leave the synced folder alone.
+        #[arg(long, value_name = "DEST")]
+        to: Option<PathBuf>,
+        /// No progress bars.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Revert every change one device made (since a time), then pull the result here.
+    Undo {
+        /// The synced folder.
+        dir: PathBuf,
+        /// The device whose changes to revert (as `deltasync log` shows it).
+        #[arg(long, value_name = "NAME")]
+        device: String,
+        /// Only its changes at or after TIME: RFC 3339 or an age (90m, 2h, 3d); default: all.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<i64>,
+        /// No progress bars.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Write an account's files as plain files (as they are now, or at a time), from the data
+    /// folder (works while the server runs).
+    Export {
+        #[arg(long, default_value = "./deltasync-data")]
+        data: PathBuf,
+        /// The account to export.
+        #[arg(long, value_name = "NAME")]
+        account: String,
+        /// Where to write them (made if missing; must be empty).
+        dest: PathBuf,
+        /// The time to export: RFC 3339 or an age (90m, 2h, 3d); default: now.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<i64>,
+    },
+    /// Forget the versions the retention policy does not keep and free their space (works while
+    /// the server runs).
+    Prune {
+        #[arg(long, default_value = "./deltasync-data")]
+        data: PathBuf,
+        /// Which versions to keep (as `serve --keep`).
+        #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
+        keep: Keep,
+        /// Leave leftovers of interrupted uploads younger than AGE alone.
+        #[arg(long, value_name = "AGE", default_value = "1d", value_parser = parse_grace)]
+        grace: Duration,
+    },
+}
+
+/// A point in time, as Unix seconds (`--at`, `--since`).
+fn parse_time(s: &str) -> Result<i64, String> {
+    when::parse_point(s, when::now_secs())
+}
+
+fn parse_keep(s: &str) -> Result<Keep, String> {
+    s.parse()
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    when::parse_age(s)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is not an age: give one like 90m, 12h, 1d, 2w"))
 }
 
 #[derive(Subcommand, Debug)]

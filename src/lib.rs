@@ -12,12 +12,14 @@
 //! - [`progress`]: progress bars.
 //! - [`status`]: `deltasync status`.
 //! - [`watch`]: continuous sync: file-system events and server notices start rounds.
+//! - [`history`]: `deltasync log`, `restore` and `undo`: the client's side of the server's history.
 //! - [`when`]: RFC 3339 times and ages (`2h`, `3d`) as people write them.
 
 pub mod client;
 pub mod delta;
 pub mod fsutil;
 pub mod hash;
+pub mod history;
 pub mod path;
 pub mod progress;
 pub mod protocol;

@@ -8,8 +8,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use deltasync::client::ClientError;
+use deltasync::history::{self, HistoryError};
 use deltasync::progress::Progress;
+use deltasync::protocol::At;
 use deltasync::server::{self, ServerConfig};
+use deltasync::sync::report::Report;
 use deltasync::sync::{Folder, Options, SyncError};
 use deltasync::watch::WatchOptions;
 
@@ -18,6 +21,7 @@ use cli::{AccountCommand, Cli, Command, SyncArgs};
 /// Exit codes, documented in README.md.
 mod code {
     pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
     pub const UNREACHABLE: u8 = 3;
     pub const AUTH: u8 = 4;
     pub const VERSION: u8 = 5;
@@ -54,17 +58,30 @@ fn main() -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(s) = cause.downcast_ref::<SyncError>() {
-            return match s {
-                SyncError::Client(c) => client_code(c),
-                SyncError::Io { .. } | SyncError::Index(_) => code::DISK,
-                _ => code::FAILED,
-            };
+            return sync_code(s);
         }
         if let Some(c) = cause.downcast_ref::<ClientError>() {
             return client_code(c);
         }
+        if let Some(h) = cause.downcast_ref::<HistoryError>() {
+            return match h {
+                HistoryError::Usage(_) => code::USAGE,
+                HistoryError::Client(c) => client_code(c),
+                HistoryError::Sync(s) => sync_code(s),
+                HistoryError::Io { .. } | HistoryError::Index(_) => code::DISK,
+                HistoryError::Other(_) => code::FAILED,
+            };
+        }
     }
     code::FAILED
+}
+
+fn sync_code(s: &SyncError) -> u8 {
+    match s {
+        SyncError::Client(c) => client_code(c),
+        SyncError::Io { .. } | SyncError::Index(_) => code::DISK,
+        _ => code::FAILED,
+    }
 }
 
 fn client_code(c: &ClientError) -> u8 {
@@ -78,7 +95,7 @@ fn client_code(c: &ClientError) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { listen, data, open_registration, .. } => {
+        Command::Serve { listen, data, open_registration, keep, .. } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
@@ -86,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The database exists (in WAL mode) before we say we listen, so a script may run
             // `account add` the moment it reads the line.
             drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
-            let config = ServerConfig { data_dir: data.clone(), open_registration, keep: Default::default() };
+            let config = ServerConfig { data_dir: data.clone(), open_registration, keep };
             println!("deltasync: data in {}, listening on {addr}", data.display());
             server::run(listener, config, async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -158,7 +175,237 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", deltasync::status::status(&dir)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Log { dir, path, deleted, json, limit } => {
+            log(&dir, path.as_deref(), deleted, json, limit).await
+        }
+        Command::Restore { dir, paths, rev, at, to, no_progress } => {
+            let at = match (rev, at) {
+                (Some(r), None) => At::Rev(r),
+                (None, Some(t)) => At::Time(t),
+                _ => {
+                    return Err(HistoryError::Usage(
+                        "give exactly one of --rev N and --at TIME (see `deltasync log DIR PATH`)".into(),
+                    )
+                    .into());
+                }
+            };
+            let targets = history::targets(&dir, &paths)?;
+            history::require_synced(&dir)?;
+            match to {
+                Some(dest) => restore_to(&dir, &targets, at, &dest).await,
+                None => restore(&dir, &targets, at, no_progress).await,
+            }
+        }
+        Command::Undo { dir, device, since, no_progress } => undo(&dir, &device, since, no_progress).await,
+        Command::Export { data, account, dest, at } => {
+            let (d, a, to) = (data.clone(), account.clone(), dest.clone());
+            let summary = tokio::task::spawn_blocking(move || server::history::export(&d, &a, &to, at))
+                .await
+                .context("the export stopped unexpectedly")?
+                .with_context(|| format!("cannot export account `{account}` from {}", data.display()))?;
+            let when = at.map_or_else(
+                || "as it is now".to_string(),
+                |t| format!("as of {}", deltasync::when::format_rfc3339(t)),
+            );
+            println!(
+                "Exported account `{account}` {when} to {}: {} ({}), {}, {}.",
+                dest.display(),
+                count(summary.files, "file"),
+                server::human_size(summary.bytes),
+                count(summary.dirs, "folder"),
+                count(summary.links, "link")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prune { data, keep, grace } => {
+            let d = data.clone();
+            let summary = tokio::task::spawn_blocking(move || server::history::prune(&d, &keep, grace))
+                .await
+                .context("the prune stopped unexpectedly")?
+                .with_context(|| format!("cannot prune {}", data.display()))?;
+            println!(
+                "Pruned {}: forgot {}, deleted {} ({} freed).",
+                data.display(),
+                count(summary.versions, "version"),
+                count(summary.packs, "pack"),
+                server::human_size(summary.bytes)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `1 file`, `2 files`.
+fn count(n: u64, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+}
+
+/// `deltasync log`: a table, or one JSON object per line.
+async fn log(
+    dir: &std::path::Path,
+    path: Option<&std::path::Path>,
+    deleted: bool,
+    json: bool,
+    limit: u32,
+) -> anyhow::Result<ExitCode> {
+    let target = match path {
+        Some(p) => history::target(dir, p)?,
+        None => None,
+    };
+    let (mut client, note) = history::connect(dir).await?;
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    let what = match (&target, deleted) {
+        (Some(p), false) => format!("the history of `{p}`"),
+        (Some(p), true) => format!("the deleted paths under `{p}`"),
+        (None, false) => "the folder's history".to_string(),
+        (None, true) => "the folder's deleted paths".to_string(),
+    };
+    let (versions, more) = history::log(&mut client, target.clone(), deleted, limit)
+        .await
+        .with_context(|| format!("cannot list {what}"))?;
+    if json {
+        let mut out = String::new();
+        for v in &versions {
+            out.push_str(&history::json_line(v));
+            out.push('\n');
+        }
+        print!("{out}");
+    } else if versions.is_empty() {
+        println!(
+            "{}",
+            match (&target, deleted) {
+                (Some(p), false) => format!("`{p}` has no history on the server"),
+                (_, true) => "no deleted paths to restore".to_string(),
+                (None, false) => "no changes on the server yet".to_string(),
+            }
+        );
+    } else {
+        print!("{}", history::table(&versions));
+        if deleted {
+            eprintln!(
+                "note: to bring a path back, run `deltasync restore {} PATH --rev N` with N one less than the \
+                 revision of its delete",
+                dir.display()
+            );
+        }
+    }
+    if more {
+        eprintln!(
+            "note: showing the newest {}; there may be more (--limit N shows up to {})",
+            versions.len(),
+            deltasync::protocol::MAX_LOG
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `deltasync restore --to DEST`: the synced folder is left alone.
+async fn restore_to(
+    dir: &std::path::Path,
+    targets: &[Option<deltasync::path::RelPath>],
+    at: At,
+    dest: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    history::check_dest(dir, dest)?;
+    let (mut client, note) = history::connect(dir).await?;
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    let point = history::describe_point(at);
+    let w = history::restore_to(&mut client, dir, targets, at, dest)
+        .await
+        .with_context(|| format!("cannot restore into {}", dest.display()))?;
+    for e in &w.errors {
+        eprintln!("error: {e}");
+    }
+    println!(
+        "Wrote {} ({}), {} and {} as of {point} to {}.",
+        count(w.files, "file"),
+        server::human_size(w.bytes),
+        count(w.dirs, "folder"),
+        count(w.links, "link"),
+        dest.display()
+    );
+    if !w.errors.is_empty() {
+        eprintln!("deltasync: {} paths could not be restored (see above)", w.errors.len());
+        return Ok(ExitCode::from(code::FAILED));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The folder opened for the pull round that follows a restore or an undo: its lock is taken
+/// before the server changes anything, so the round cannot be refused afterwards.
+async fn open_for_pull(
+    dir: &std::path::Path,
+    no_progress: bool,
+) -> anyhow::Result<(Folder, deltasync::client::Client, Options, String, Progress)> {
+    history::require_synced(dir)?;
+    let opts = Options { upload: false, download: true, ..Options::default() };
+    let mut folder = Folder::open(dir, false)?;
+    let settings = folder.settings(&opts)?;
+    let progress = Progress::new(!no_progress, false);
+    let client = folder.connect(&settings, &progress).await?;
+    Ok((folder, client, opts, settings.device, progress))
+}
+
+/// `deltasync restore` (without `--to`): the server commits the old state, then a pull brings it.
+async fn restore(
+    dir: &std::path::Path,
+    targets: &[Option<deltasync::path::RelPath>],
+    at: At,
+    no_progress: bool,
+) -> anyhow::Result<ExitCode> {
+    let (mut folder, mut client, opts, device, progress) = open_for_pull(dir, no_progress).await?;
+    let point = history::describe_point(at);
+    for t in targets {
+        let what = history::describe_target(t);
+        let r = history::restore(&mut client, t.clone(), at)
+            .await
+            .with_context(|| format!("cannot restore {what} as of {point}"))?;
+        if r.changed.is_empty() && r.skipped.is_empty() {
+            println!("{what} is already as it was at {point}; nothing to restore");
+        }
+        for p in &r.changed {
+            println!("restored {p}");
+        }
+        for p in &r.skipped {
+            println!(
+                "skipped {p}: could not be restored (its old content was pruned, or it changed meanwhile)"
+            );
+        }
+    }
+    let report = folder.round(&mut client, &opts, &device, &Arc::new(progress)).await?;
+    Ok(report_round(dir, &report, false, false, false, false))
+}
+
+/// `deltasync undo`: the server reverts a device's changes, then a pull brings the result.
+async fn undo(
+    dir: &std::path::Path,
+    device: &str,
+    since: Option<i64>,
+    no_progress: bool,
+) -> anyhow::Result<ExitCode> {
+    let (mut folder, mut client, opts, me, progress) = open_for_pull(dir, no_progress).await?;
+    let since_text =
+        since.map_or_else(|| "ever".to_string(), |t| format!("since {}", deltasync::when::format_rfc3339(t)));
+    let r = history::undo(&mut client, device, since.unwrap_or(0))
+        .await
+        .with_context(|| format!("cannot undo the changes of device `{device}`"))?;
+    if r.changed.is_empty() && r.skipped.is_empty() {
+        println!(
+            "nothing to undo: device `{device}` made no changes {since_text} that are not undone already"
+        );
+    }
+    for p in &r.changed {
+        println!("reverted {p}");
+    }
+    for p in &r.skipped {
+        println!("skipped {p}: changed later by another device");
+    }
+    let report = folder.round(&mut client, &opts, &me, &Arc::new(progress)).await?;
+    Ok(report_round(dir, &report, false, false, false, false))
 }
 
 async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<ExitCode> {
@@ -181,7 +428,19 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     let progress = Progress::new(!args.no_progress, args.verbose);
     let mut client = folder.connect(&settings, &progress).await?;
     let report = folder.round(&mut client, &opts, &settings.device, &Arc::new(progress)).await?;
-    if args.verbose {
+    Ok(report_round(&args.dir, &report, upload, args.verbose, args.dry_run, args.stats))
+}
+
+/// What a push, pull (or the pull after a restore or an undo) prints, and its exit code.
+fn report_round(
+    dir: &std::path::Path,
+    report: &Report,
+    upload: bool,
+    verbose: bool,
+    dry_run: bool,
+    stats: bool,
+) -> ExitCode {
+    if verbose {
         for n in &report.notes {
             eprintln!("note: {n}");
         }
@@ -189,13 +448,13 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     for e in &report.errors {
         eprintln!("error: {e}");
     }
-    if !args.dry_run {
+    if !dry_run {
         println!("{}", report.summary());
     }
-    if args.stats {
+    if stats {
         println!("{}", report.stats());
     }
-    if report.pending_other_way > 0 && !args.dry_run {
+    if report.pending_other_way > 0 && !dry_run {
         let other = if upload { "pull" } else { "push" };
         eprintln!("note: {} changes wait for `deltasync {other}`", report.pending_other_way);
     }
@@ -205,15 +464,15 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
             report.unresolved.len(),
             report.unresolved[0]
         );
-        return Ok(ExitCode::from(code::UNRESOLVED));
+        return ExitCode::from(code::UNRESOLVED);
     }
     if !report.errors.is_empty() {
         eprintln!("deltasync: {} paths failed (see above)", report.errors.len());
-        return Ok(ExitCode::from(if report.local_disk_full { code::DISK } else { code::FAILED }));
+        return ExitCode::from(if report.local_disk_full { code::DISK } else { code::FAILED });
     }
-    if let Some(h) = report.held {
-        eprintln!("deltasync: {}", h.message(&args.dir));
-        return Ok(ExitCode::from(code::HELD));
+    if let Some(h) = &report.held {
+        eprintln!("deltasync: {}", h.message(dir));
+        return ExitCode::from(code::HELD);
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }

@@ -11,6 +11,7 @@
 mod client_safety;
 #[cfg(feature = "failpoints")]
 mod crash;
+mod history;
 mod migration;
 mod model;
 mod push_pull;
