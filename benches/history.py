@@ -150,7 +150,35 @@ def main():
                 shutil.rmtree(work, ignore_errors=True)
 
 
-EXTRA = []
+def restore(work):
+    srv = Server(work)
+    tok = srv.account("a")
+    a = os.path.join(work, "a"); os.mkdir(a)
+    f = os.path.join(a, "big.bin")
+    random_file(f, 256 * MiB, 4)
+    sync("push", a, srv, tok)
+    random_file(f, 256 * MiB, 5)
+    sync("push", a, srv, tok)
+    out = subprocess.run([BIN, "log", a, "big.bin", "--json"], capture_output=True, text=True, check=True)
+    revs = [int(re.search(r'"rev":(\d+)', l).group(1)) for l in out.stdout.splitlines() if l.strip()]
+    first = min(revs)
+    pulls, restores = [], []
+    for i in range(3):
+        d = os.path.join(work, f"p{i}"); os.mkdir(d)
+        dt, _ = sync("pull", d, srv, tok)
+        pulls.append(dt)
+        to = os.path.join(work, f"r{i}")
+        t = time.monotonic()
+        subprocess.run([BIN, "restore", a, "big.bin", "--rev", str(first), "--to", to, "--no-progress"],
+                       capture_output=True, text=True, check=True)
+        restores.append(time.monotonic() - t)
+        shutil.rmtree(d); shutil.rmtree(to)
+    p, r = sorted(pulls)[1], sorted(restores)[1]
+    print(f"restore: a 256 MiB version with restore --to: {r:.2f} s; a pull of the current 256 MiB: {p:.2f} s (x{r / p:.2f}; medians of 3)")
+    srv.stop()
+
+
+EXTRA = [("restore", restore)]
 
 if __name__ == "__main__":
     main()

@@ -6,80 +6,8 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 /// Prefix of every temp file deltasync writes inside a synced folder, so scans and watchers skip them.
 pub const TEMP_PREFIX: &str = ".deltasync-tmp-";
-
-/// Maps a file read-only. An empty file cannot be mapped, so it gets an empty map of its own.
-pub fn map(f: &File) -> io::Result<Mapped> {
-    let len = f.metadata()?.len();
-    if len == 0 {
-        return Ok(Mapped::Empty);
-    }
-    if len < READ_BELOW {
-        // A map costs three system calls and a page fault: more than reading a small file.
-        let mut buf = Vec::with_capacity(len as usize + 1);
-        io::Read::read_to_end(&mut &*f, &mut buf)?;
-        return Ok(Mapped::Read(buf));
-    }
-    // SAFETY: the map is read-only. deltasync never writes a file in place (every write goes to a
-    // temp file that is renamed over), so the mapped inode only changes if another program truncates
-    // it under us; reads then fault with SIGBUS, which is why hashes are re-checked after every use.
-    #[allow(unsafe_code)]
-    let m = unsafe { Mmap::map(f)? };
-    #[cfg(unix)]
-    let _ = m.advise(memmap2::Advice::Sequential);
-    Ok(Mapped::Map(m))
-}
-
-/// Files smaller than this are read into memory by [`map`] instead.
-const READ_BELOW: u64 = 64 << 10;
-
-pub enum Mapped {
-    Empty,
-    Map(Mmap),
-    /// A small file, read.
-    Read(Vec<u8>),
-}
-
-impl Mapped {
-    /// Drops the pages of `[offset, offset + len)` from this process's resident set; they stay in
-    /// the page cache and fault back in if touched again. Streaming passes over huge files call it
-    /// behind them so resident memory stays flat instead of growing to the file's size.
-    pub fn release(&self, offset: usize, len: usize) {
-        const PAGE: usize = 4096;
-        if let Mapped::Map(m) = self {
-            let start = offset & !(PAGE - 1);
-            let end = offset.saturating_add(len).min(m.len());
-            if end <= start {
-                return;
-            }
-            // SAFETY: the map is a read-only shared file mapping (see `map`): MADV_DONTNEED only
-            // drops page-table entries, later reads fault the same file pages back in, and no
-            // write can be lost because there are none. Every slice into the map stays valid.
-            #[allow(unsafe_code)]
-            let _ =
-                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
-        }
-    }
-
-    /// Releases the whole map.
-    pub fn release_all(&self) {
-        self.release(0, self.len());
-    }
-}
-
-impl std::ops::Deref for Mapped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Mapped::Empty => &[],
-            Mapped::Map(m) => m,
-            Mapped::Read(v) => v,
-        }
-    }
-}
 
 /// A file writer that starts the kernel's writeback of each [`WRITE_BEHIND`] bytes as soon as
 /// they are written, so the fsync that makes a big file durable finds little left to write:

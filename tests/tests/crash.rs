@@ -69,7 +69,8 @@ fn a_server_killed_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
         pull(d.path(), &again, &token);
         assert_same_tree(a.path(), d.path());
         // Leftovers are collected, and no version refers to a chunk that went with them.
-        run(command().args(["prune", "--keep", "all", "--grace", "0s", "--data"]).arg(&again.data)).ok("prune");
+        run(command().args(["prune", "--keep", "all", "--grace", "0s", "--data"]).arg(&again.data))
+            .ok("prune");
         let e = temp_dir("e");
         sync_cmd("pull", e.path(), &again, &token, &[]).ok("pull after the prune");
         assert_same_tree(a.path(), e.path());
