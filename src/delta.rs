@@ -33,7 +33,7 @@ pub mod signature;
 pub mod source;
 pub mod stream;
 
-pub use apply::{Applied, Applier};
+pub use apply::{Applied, Applier, Sink};
 pub use block_size::{WHOLE_FILE_BELOW, block_size};
 pub use diff::{encode_delta, encode_delta_from};
 pub use ops::{Block, Codec, DeltaStats, encode_whole, encode_whole_from};

@@ -13,7 +13,20 @@ use super::signature::{self, Builder};
 use super::source::{Base, COPY_PIECE};
 use crate::hash::{ContentHash, Hasher};
 
-pub struct Applier<B, W: Write> {
+/// Where an [`Applier`] writes: a `Write` that may also use knowing which bytes were copied from
+/// where in the base (the server's chunker reuses the base's chunks for them).
+pub trait Sink: Write {
+    /// `bytes`, copied from the base at `offset`.
+    fn copied(&mut self, _offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
+    }
+}
+
+impl Sink for Vec<u8> {}
+impl Sink for &mut Vec<u8> {}
+impl<W: Write> Sink for std::io::BufWriter<W> {}
+
+pub struct Applier<B, W: Sink> {
     base: B,
     to: Output<W>,
     stats: DeltaStats,
@@ -42,7 +55,7 @@ pub struct Applied<W> {
     pub out: W,
 }
 
-impl<'a, W: Write> Applier<&'a [u8], W> {
+impl<'a, W: Sink> Applier<&'a [u8], W> {
     /// A base in memory. `limit` is the size the sender announced: a delta that would write more
     /// is refused.
     pub fn new(base: &'a [u8], out: W, limit: u64) -> Self {
@@ -50,7 +63,7 @@ impl<'a, W: Write> Applier<&'a [u8], W> {
     }
 }
 
-impl<B: Base, W: Write> Applier<B, W> {
+impl<B: Base, W: Sink> Applier<B, W> {
     /// Any [`Base`], such as a local file read by `pread` ([`super::FileBase`]).
     pub fn from_base(base: B, out: W, limit: u64) -> Self {
         Applier {
@@ -118,7 +131,7 @@ impl<B: Base, W: Write> Applier<B, W> {
     }
 }
 
-impl<W: Write> Output<W> {
+impl<W: Sink> Output<W> {
     /// Counts `len` more bytes against the announced size before they are produced.
     fn reserve(&mut self, len: u64) -> Result<(), DeltaError> {
         self.written = self.written.saturating_add(len);
@@ -132,7 +145,10 @@ impl<W: Write> Output<W> {
     fn put(&mut self, copy: Option<(u64, u64)>, bytes: &[u8]) -> Result<(), DeltaError> {
         self.hasher.update(bytes);
         self.sign(copy, bytes);
-        self.out.write_all(bytes)?;
+        match copy {
+            Some((offset, _)) => self.out.copied(offset, bytes)?,
+            None => self.out.write_all(bytes)?,
+        }
         Ok(())
     }
 

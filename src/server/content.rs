@@ -198,6 +198,10 @@ pub struct Chunker<'a> {
     sink: &'a mut PackSink,
     meta: &'a Metadata,
     sizes: Sizes,
+    /// Bytes of the chunks in `list`.
+    emitted: u64,
+    /// The base version's chunks (for an upload that is a delta), which copies reuse.
+    base: Option<BaseChunks>,
     buf: Vec<u8>,
     list: Vec<(ChunkKey, u32)>,
 }
@@ -208,19 +212,40 @@ impl<'a> Chunker<'a> {
     }
 
     pub fn with_sizes(sink: &'a mut PackSink, meta: &'a Metadata, sizes: Sizes) -> Self {
-        Chunker { sink, meta, sizes, buf: Vec::with_capacity(2 * sizes.max), list: Vec::new() }
+        Chunker {
+            sink,
+            meta,
+            sizes,
+            emitted: 0,
+            base: None,
+            buf: Vec::with_capacity(2 * sizes.max),
+            list: Vec::new(),
+        }
+    }
+
+    /// Copies from `base` (the base version's chunk list, cut with the same sizes) reuse its
+    /// chunks: see [`crate::delta::Sink::copied`].
+    pub fn with_base(mut self, base: Option<ChunkList>) -> Self {
+        self.base = base.map(BaseChunks::new);
+        self
     }
 
     fn drain(&mut self, all: bool) -> io::Result<()> {
         let mut at = 0;
         while self.buf.len() - at >= self.sizes.max || (all && at < self.buf.len()) {
-            let n = cut(&self.buf[at..], self.sizes);
-            let key = self.sink.add(self.meta, &self.buf[at..at + n])?;
-            self.list.push((key, n as u32));
-            at += n;
+            at += self.cut_one(at)?;
         }
         self.buf.drain(..at);
         Ok(())
+    }
+
+    /// Cuts the chunk starting at `buf[at]` and stores it; its length.
+    fn cut_one(&mut self, at: usize) -> io::Result<usize> {
+        let n = cut(&self.buf[at..], self.sizes);
+        let key = self.sink.add(self.meta, &self.buf[at..at + n])?;
+        self.list.push((key, n as u32));
+        self.emitted += n as u64;
+        Ok(n)
     }
 
     /// The chunks cut so far whose ends are certain (what a cut-off upload can keep), and the
@@ -235,6 +260,93 @@ impl<'a> Chunker<'a> {
     pub fn finish(mut self) -> io::Result<Vec<(ChunkKey, u32)>> {
         self.drain(true)?;
         Ok(self.list)
+    }
+}
+
+/// A base version's chunks by offset.
+struct BaseChunks {
+    /// Each chunk's start in the base, its key and length; the last chunk (cut by the end of the
+    /// base, not by its content) is left out: a new version that goes on past it cuts elsewhere.
+    chunks: Vec<(u64, ChunkKey, u32)>,
+}
+
+impl BaseChunks {
+    fn new(list: ChunkList) -> Self {
+        let mut at = 0u64;
+        let mut chunks: Vec<_> = list
+            .into_iter()
+            .map(|(k, n)| {
+                let c = (at, k, n);
+                at += u64::from(n);
+                c
+            })
+            .collect();
+        chunks.pop();
+        BaseChunks { chunks }
+    }
+
+    /// The index of the chunk that starts at `offset`.
+    fn starting_at(&self, offset: u64) -> Option<usize> {
+        self.chunks.binary_search_by_key(&offset, |c| c.0).ok()
+    }
+}
+
+impl crate::delta::Sink for Chunker<'_> {
+    /// Copied bytes: wherever this version's chunking stands at the start of one of the base's
+    /// chunks inside the copy, the chunks that follow are the base's chunks (the same bytes cut
+    /// the same way), so they are taken from its list without being cut, hashed or looked up.
+    fn copied(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if self.base.is_none() {
+            return io::Write::write_all(self, bytes);
+        }
+        // The new version's offset of `bytes[0]`.
+        let start = self.emitted + self.buf.len() as u64;
+        let mut i = 0usize;
+        loop {
+            if self.buf.is_empty()
+                && let Some(base) = &self.base
+                && let Some(mut k) = base.starting_at(offset + i as u64)
+            {
+                while let Some(&(at, key, n)) = base.chunks.get(k) {
+                    if at + u64::from(n) > offset + bytes.len() as u64 {
+                        break;
+                    }
+                    self.list.push((key, n));
+                    self.emitted += u64::from(n);
+                    i += n as usize;
+                    k += 1;
+                }
+            }
+            if i == bytes.len() {
+                return Ok(());
+            }
+            // Cut what is buffered with the rest, looking after each cut for a base chunk's start.
+            self.buf.extend_from_slice(&bytes[i..]);
+            let mut at = 0usize;
+            let mut synced = None;
+            while self.buf.len() - at >= self.sizes.max {
+                at += self.cut_one(at)?;
+                let p = self.emitted;
+                if p >= start + i as u64
+                    && let Some(base) = &self.base
+                    && base.starting_at(offset + (p - start)).is_some()
+                {
+                    synced = Some((p - start) as usize);
+                    break;
+                }
+            }
+            match synced {
+                Some(next) => {
+                    // Everything buffered from here is base bytes the loop above takes whole.
+                    self.buf.clear();
+                    i = next;
+                }
+                None => {
+                    self.buf.drain(..at);
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -441,5 +553,73 @@ impl Sigs {
 
     pub fn remove(&self, hash: &ContentHash, len: u64) {
         let _ = self.meta.drop_signature(hash, Self::block(len));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::{Applier, encode_delta, pseudo_random, signature};
+    use crate::server::store::local::LocalChunks;
+    use crate::server::store::sqlite::SqliteMeta;
+
+    fn list_of(data: &[u8]) -> ChunkList {
+        let mut at = 0;
+        cut_all(data, CONTENT)
+            .into_iter()
+            .map(|n| {
+                let k = key_of(&data[at..at + n]);
+                at += n;
+                (k, n as u32)
+            })
+            .collect()
+    }
+
+    /// Rebuilding `new` from a delta against `base` through a chunker that reuses the base's
+    /// chunks gives exactly the chunks of cutting `new` whole, and stores only the new ones.
+    fn rebuild(base: &[u8], new: &[u8]) -> (ChunkList, u64) {
+        let d = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&d.path().join("db")).unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalChunks::open(&d.path().join("packs")).unwrap());
+        let mut sink = PackSink::new(store);
+        let sig = signature::compute(base);
+        let mut blocks = Vec::new();
+        encode_delta(&sig, new, None, |b, _| {
+            blocks.push(b);
+            Ok(())
+        })
+        .unwrap();
+        let chunker = Chunker::new(&mut sink, &meta).with_base(Some(list_of(base)));
+        let mut ap = Applier::new(base, chunker, new.len() as u64);
+        for b in &blocks {
+            ap.block(b).unwrap();
+        }
+        let done = ap.finish().unwrap();
+        let list = done.out.finish().unwrap();
+        (list, sink.new_raw)
+    }
+
+    #[test]
+    fn copies_reuse_the_base_chunks_and_cut_exactly_as_a_whole_cut() {
+        let base = pseudo_random(6 << 20, 1);
+        let mut edits: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut overwrite = base.clone();
+        overwrite[3_000_000..3_065_536].copy_from_slice(&pseudo_random(65_536, 2));
+        edits.push(("overwrite", overwrite));
+        let mut insert = base.clone();
+        insert.splice(1_000_000..1_000_000, pseudo_random(1000, 3));
+        edits.push(("insert", insert));
+        let mut append = base.clone();
+        append.extend_from_slice(&pseudo_random(300_000, 4));
+        edits.push(("append", append));
+        let mut cut_front = base[500_000..].to_vec();
+        cut_front[10] ^= 1;
+        edits.push(("cut front", cut_front));
+        edits.push(("same", base.clone()));
+        for (what, new) in edits {
+            let (list, stored) = rebuild(&base, &new);
+            assert_eq!(list, list_of(&new), "{what}: the chunks differ from a whole cut");
+            assert!(stored < 1 << 20, "{what}: {stored} bytes of new chunks for a small change");
+        }
     }
 }

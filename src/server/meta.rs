@@ -9,7 +9,7 @@ use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::Refusal;
 use crate::protocol::{At, Entry, Node, Version};
-use crate::server::content::{ChunkKey, ChunkLoc, Sealed};
+use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, Sealed};
 use crate::server::retention::Keep;
 use crate::server::store::PackId;
 
@@ -106,6 +106,9 @@ pub trait MetaStore: Send + Sync {
         account: AccountId,
         hash: &ContentHash,
     ) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError>;
+
+    /// The chunk list (keys and lengths) of the account's content with this hash.
+    fn content_keys(&self, account: AccountId, hash: &ContentHash) -> Result<Option<ChunkList>, MetaError>;
 
     /// Commits steps in one transaction. Each step is one revision (the account's next sequence
     /// number) for all its changes and is checked whole, inside the transaction, against what is

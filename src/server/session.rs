@@ -995,6 +995,8 @@ struct BaseVersion {
     hash: ContentHash,
     size: u64,
     locs: Vec<ChunkLoc>,
+    /// Its chunks' keys and lengths, which copies from it reuse.
+    keys: Option<ChunkList>,
 }
 
 /// The checks of an upload before its data is read (blocking): its base revision, no non-empty
@@ -1047,7 +1049,10 @@ fn check_put(
     };
     match cur.and_then(|e| e.node) {
         Some(Node::File { hash, size, .. }) if hash == h => match meta.content(account, &hash)? {
-            Some((n, locs)) if n == size => Ok((Some(BaseVersion { hash, size, locs }), prefix)),
+            Some((n, locs)) if n == size => {
+                let keys = meta.content_keys(account, &hash)?;
+                Ok((Some(BaseVersion { hash, size, locs, keys }), prefix))
+            }
             _ => Err(not_held()),
         },
         _ => Err(not_held()),
@@ -1094,10 +1099,11 @@ fn reconstruct(
     let Rebuild { account, path, hash, size, base, prefix } = to;
     let base_hash = base.as_ref().map(|b| b.hash);
     let base_sig = base.as_ref().and_then(|b| sh.sigs.get(&b.hash, b.size));
+    let base_keys = base.as_ref().and_then(|b| b.keys.clone());
     let reader = base.map(|b| Reader::new(sh.chunks.clone(), b.locs));
     let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
     let meta = sh.meta.as_ref();
-    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, meta), size)
+    let mut ap = Applier::from_base(reader, Chunker::new(&mut sink, meta).with_base(base_keys), size)
         .with_signature(sh.sigs.builder_for(&hash, size), base_sig);
     if let Some(locs) = prefix {
         // The kept start goes through like a literal: hashed, signed and chunked again (its

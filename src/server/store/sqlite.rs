@@ -449,6 +449,27 @@ impl MetaStore for SqliteMeta {
     /// number) for all its changes and is checked whole, inside the transaction, against what is
     /// committed: a refused step changes nothing, the others commit. So the base-revision rule
     /// holds even with several server processes on one database.
+    fn content_keys(&self, account: AccountId, hash: &ContentHash) -> Result<Option<ChunkList>, MetaError> {
+        let c = self.conn();
+        let list: Option<Vec<u8>> = c
+            .prepare_cached("SELECT chunks FROM contents WHERE account=?1 AND hash=?2")?
+            .query_row(params![account, &hash.0[..]], |r| r.get(0))
+            .optional()?;
+        let Some(list) = list else { return Ok(None) };
+        let ids: Vec<(i64, u32)> =
+            postcard::from_bytes(&list).map_err(|_| MetaError::CorruptRow("a chunk list".into()))?;
+        let mut st = c.prepare_cached("SELECT digest FROM chunks WHERE id=?1")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, n) in ids {
+            let Some(d) = st.query_row(params![id], |r| r.get::<_, Vec<u8>>(0)).optional()? else {
+                return Ok(None);
+            };
+            let key: ChunkKey = d.try_into().map_err(|_| MetaError::CorruptRow("chunk digest".into()))?;
+            out.push((key, n));
+        }
+        Ok(Some(out))
+    }
+
     fn commit(
         &self,
         account: AccountId,
