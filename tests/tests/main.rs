@@ -15,6 +15,7 @@ mod migration;
 mod model;
 mod push_pull;
 mod regression;
+mod resume;
 mod security;
 mod server_faults;
 mod util;
