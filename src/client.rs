@@ -135,6 +135,38 @@ impl Client {
         }
     }
 
+    /// How much of each content (path, hash, size) the server kept from cut-off uploads: per ask,
+    /// in order, the bytes it holds from the start (0: none, or it would not say) and the base
+    /// that upload was a delta against. The requests go out together: one round trip per
+    /// [`RESUME_BATCH`] asks.
+    pub async fn resume_points(
+        &mut self,
+        asks: &[(crate::path::RelPath, crate::hash::ContentHash, u64)],
+    ) -> Result<Vec<(u64, Option<crate::hash::ContentHash>)>, ClientError> {
+        let mut out = Vec::with_capacity(asks.len());
+        for batch in asks.chunks(RESUME_BATCH) {
+            let mut ids = Vec::with_capacity(batch.len());
+            for (path, hash, size) in batch {
+                let id = self.next_id();
+                let req = Request::Resume { path: path.clone(), hash: *hash, size: *size };
+                self.wr.feed(&ClientMsg::Req { id, req }).await?;
+                ids.push(id);
+            }
+            self.wr.flush().await?;
+            for (id, (_, _, size)) in ids.into_iter().zip(batch) {
+                match self.recv().await? {
+                    // More than the file has is no point to continue from.
+                    ServerMsg::Resp { id: i, result: Ok(Reply::Resume { from, base }) } if i == id => {
+                        out.push(if from <= *size { (from, base) } else { (0, None) })
+                    }
+                    ServerMsg::Resp { id: i, result: Err(_) } if i == id => out.push((0, None)),
+                    other => return Err(unexpected(&other, id)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Fetches the server's signature of its version of `path` (rsync's fallback when the local
     /// signature cache lost it).
     pub async fn signature(
@@ -168,6 +200,10 @@ impl Client {
         }
     }
 }
+
+/// `Resume` requests sent together before their answers are read: far fewer bytes than either
+/// side's socket buffers hold, so neither waits on the other.
+pub const RESUME_BATCH: usize = 256;
 
 /// Most entries one `Changes` answer may bring: far more than any real folder holds (10 million
 /// files), and bounded, so a broken or malicious server cannot grow the client without end.

@@ -119,6 +119,16 @@ impl<B: Base, W: Sink> Applier<B, W> {
         self.to.put(None, bytes)
     }
 
+    /// The receiver has the first `len` bytes of the result already, in its output (the kept
+    /// part of a cut-off download), read and hashed into `hasher` (and fed to the signature
+    /// builder given to [`with_signature`](Self::with_signature)): the blocks that follow
+    /// produce the rest, and [`finish`](Self::finish) gives the hash of the whole.
+    pub fn resume_after(mut self, hasher: Hasher, len: u64) -> Result<Self, DeltaError> {
+        self.to.hasher = hasher;
+        self.to.reserve(len)?;
+        Ok(self)
+    }
+
     pub fn finish(mut self) -> Result<Applied<W>, DeltaError> {
         self.to.out.flush()?;
         Ok(Applied {
@@ -224,6 +234,36 @@ mod tests {
             a.block(b).unwrap();
         }
         assert_eq!(a.finish().unwrap().out, data);
+    }
+
+    #[test]
+    fn a_resumed_apply_hashes_and_signs_the_whole() {
+        let data = pseudo_random(3 << 20, 5);
+        let from = 1_234_567;
+        let mut blocks = Vec::new();
+        encode_whole(&data[from..], None, |b, _| {
+            blocks.push(b);
+            Ok(())
+        })
+        .unwrap();
+        let mut h = Hasher::new();
+        h.update(&data[..from]);
+        let mut sig = signature::Builder::new(data.len() as u64);
+        sig.update(&data[..from]);
+        let mut a = Applier::new(&[], Vec::new(), data.len() as u64)
+            .with_signature(Some(sig), None)
+            .resume_after(h, from as u64)
+            .unwrap();
+        for b in &blocks {
+            a.block(b).unwrap();
+        }
+        let done = a.finish().unwrap();
+        assert_eq!(done.out, &data[from..], "only the rest is written");
+        assert_eq!((done.hash, done.len), (ContentHash::of(&data), data.len() as u64));
+        assert_eq!(done.sig.unwrap().into_serialized(), signature::compute(&data).into_serialized());
+        // Kept plus received may not exceed the announced size.
+        let a = Applier::new(&[], Vec::new(), 10);
+        assert!(a.resume_after(Hasher::new(), 11).is_err());
     }
 
     #[test]

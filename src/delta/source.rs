@@ -47,6 +47,11 @@ impl<S: Source> Skip<S> {
         let from = from.min(inner.size());
         Skip { inner, from }
     }
+
+    /// The source seen from its start again (to finish a [`FileWindow`]'s hash).
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Source> Source for Skip<S> {
@@ -101,6 +106,24 @@ impl FileWindow {
             filled: 0,
             keep: 0,
             hasher: Hasher::new(),
+        }
+    }
+
+    /// A window whose first `from` bytes were read and hashed into `hasher` already (the start of
+    /// a resumed upload, read before the transfer began): it reads on from `from`, and
+    /// [`finish`](Self::finish) gives the hash of the whole file. Nothing before `from` may be
+    /// asked for.
+    pub fn resume(file: File, len: u64, from: u64, hasher: Hasher) -> Self {
+        let from = from.min(len) as usize;
+        let len = len as usize;
+        FileWindow {
+            file,
+            len,
+            buf: vec![0; WINDOW_CAPACITY.min(len - from)],
+            start: from,
+            filled: 0,
+            keep: from,
+            hasher,
         }
     }
 
@@ -292,6 +315,21 @@ mod tests {
             w.advance(at);
         }
         assert_eq!(w.finish().unwrap(), ContentHash::of(&data));
+    }
+
+    #[test]
+    fn a_resumed_window_reads_on_and_hashes_the_whole_file() {
+        let data = pseudo_random(5 << 20, 3);
+        let (_d, f) = file_with(&data);
+        let from = (2 << 20) + 5;
+        let mut h = Hasher::new();
+        h.update(&data[..from]);
+        let mut w = Skip::new(FileWindow::resume(f, data.len() as u64, from as u64, h), from);
+        assert_eq!(w.size(), data.len() - from);
+        assert_eq!(w.bytes(0..4096).unwrap(), &data[from..from + 4096]);
+        w.advance(1 << 20);
+        assert_eq!(w.bytes((1 << 20)..(2 << 20)).unwrap(), &data[from + (1 << 20)..from + (2 << 20)]);
+        assert_eq!(w.into_inner().finish().unwrap(), ContentHash::of(&data));
     }
 
     #[test]

@@ -4,13 +4,23 @@
 //! streams each upload's blocks) without waiting; the reader takes the replies, which the server
 //! sends in request order, and commits each result. So many small files cost one round trip,
 //! not one each. A delta that fails verification is retried whole, once.
+//!
+//! Big transfers that were cut off continue where they stopped. The server keeps the start of a
+//! cut-off upload of [`RESUME_FROM`] bytes or more: before the pipeline the client asks how much
+//! (`Resume`, one round trip for all big uploads) and sends only the rest (`PutRest`). A whole
+//! download of such a file is written to `.deltasync/partial/<hash>-<size>`, which a cut-off run
+//! leaves behind; the next download of that content asks for the rest (`GetRest`) and appends it.
+//! Either way the bytes already there are read and hashed before the pipeline starts (while the
+//! connection is idle), so the whole file is verified in the end. Downloads are written in
+//! `.deltasync/tmp/` and renamed into place: a run cut off at any point leaves nothing in the
+//! user's folder.
 
-use std::collections::BTreeMap;
-use std::io::BufWriter;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufWriter, Seek};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
@@ -18,11 +28,13 @@ use super::SyncError;
 use super::index::{Batch, Stat, Synced};
 use super::plan::Action;
 use super::report::Report;
-use super::scan::StatCache;
+use super::scan::{StatCache, partial_dir, temp_dir};
 use crate::client::{Client, ClientError, recv_reply, while_moving};
+use crate::delta::signature::Builder;
+use crate::delta::source::Skip;
 use crate::delta::{self, Applier, Block, DeltaStats, FileBase, SigCache};
 use crate::fsutil::{self, TempGuard};
-use crate::hash::ContentHash;
+use crate::hash::{ContentHash, Hasher};
 use crate::path::RelPath;
 use crate::progress::Progress;
 use crate::protocol::*;
@@ -31,7 +43,102 @@ use crate::protocol::*;
 #[derive(Debug, Clone)]
 enum Job {
     Up(Action),
-    Get { entry: Entry, have: Option<(ContentHash, u64)> },
+    Get { entry: Entry, have: Option<(ContentHash, u64)>, land: Landing },
+}
+
+/// Files of at least this size continue where a cut-off transfer of them stopped (the server
+/// keeps the start of cut-off uploads from this size on).
+pub const RESUME_FROM: u64 = 8 << 20;
+
+/// A partial download continues from a multiple of this many bytes (what a killed run wrote
+/// last may be a torn write; the hash of the whole catches anything else).
+const PARTIAL_STEP: u64 = 1 << 20;
+
+/// Where a download is written before it is moved into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    /// A fresh temp file in `.deltasync/tmp/` (beside the target when that is on another file
+    /// system than `.deltasync/`), removed if the download fails.
+    Temp,
+    /// `.deltasync/partial/<hash>-<size>`, left there if the download is cut off; continued from
+    /// byte `from` (0: from the start).
+    Partial { from: u64 },
+}
+
+/// The first `from` bytes of a transfer that continues a cut-off one, read and hashed (and fed
+/// to the new version's signature) before the transfer starts.
+struct Prefix {
+    from: u64,
+    hasher: Hasher,
+    sig: Option<Builder>,
+}
+
+/// What the transfers of one round continue from.
+#[derive(Default)]
+struct Resumes {
+    /// Uploads whose start the server kept, by path: the base that upload was a delta against,
+    /// and that start as read here.
+    up: HashMap<RelPath, (Option<ContentHash>, Prefix)>,
+    /// Downloads that continue a partial file, by content.
+    down: HashMap<(ContentHash, u64), Prefix>,
+}
+
+/// `.deltasync/partial/<hash>-<size>`: the partial download of that content.
+fn partial_path(root: &Path, hash: &ContentHash, size: u64) -> PathBuf {
+    partial_dir(root).join(format!("{}-{size}", hash.to_hex()))
+}
+
+/// Whether `a` and `b` (or, for a path that does not exist yet, its nearest existing ancestor)
+/// are on one file system, so a file renames from one to the other.
+fn same_fs(a: &Path, b: &Path) -> bool {
+    let dev = |p: &Path| p.ancestors().find_map(|d| std::fs::metadata(d).ok()).map(|m| m.dev());
+    matches!((dev(a), dev(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Where the temp file of a write to `full` goes: `.deltasync/tmp/`, so a run cut off there
+/// leaves nothing in the user's folder, unless `full` is on another file system (a mount inside
+/// the folder): then beside it, where the rename into place works.
+fn landing_dir(root: &Path, full: &Path) -> PathBuf {
+    let parent = full.parent().unwrap_or(root);
+    let tmp = temp_dir(root);
+    if std::fs::create_dir_all(&tmp).is_ok() && same_fs(&tmp, parent) { tmp } else { parent.to_path_buf() }
+}
+
+/// Reads and hashes the first `from` bytes of `file` (which must have at least that many),
+/// feeding them to a builder of the signature of the version (`hash`, `size`) unless that
+/// signature is cached.
+fn read_prefix(
+    file: &std::fs::File,
+    hash: &ContentHash,
+    size: u64,
+    from: u64,
+    sigs: &SigCache,
+) -> std::io::Result<Prefix> {
+    let mut hasher = Hasher::new();
+    let mut sig = sigs.builder_for(hash, size);
+    let mut buf = vec![0u8; (from as usize).min(1 << 20)];
+    let mut at = 0u64;
+    while at < from {
+        let n = (from - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        if let Some(b) = sig.as_mut() {
+            b.update(&buf[..n]);
+        }
+        at += n as u64;
+    }
+    Ok(Prefix { from, hasher, sig })
+}
+
+/// A prefix to read before the pipeline: of job `job`'s local file (an upload the server kept
+/// the start of, against `base`) or of its partial download.
+struct PrefixRead {
+    job: usize,
+    file: PathBuf,
+    hash: ContentHash,
+    size: u64,
+    from: u64,
+    upload: Option<Option<ContentHash>>,
 }
 
 pub struct Exec {
@@ -88,9 +195,12 @@ impl Exec {
             }
         }
         self.prefetch_signatures(client, &jobs).await?;
-        let retry = self.pipeline(client, jobs).await?;
+        let mut resumes = self.prepare_resumes(client, &mut jobs).await?;
+        let retry = self.pipeline(client, jobs, &mut resumes).await?;
         if !retry.is_empty() {
-            let failed = self.pipeline(client, retry).await?;
+            // Retries start over: an upload is sent whole, without the server's kept start.
+            resumes.up.clear();
+            let failed = self.pipeline(client, retry, &mut resumes).await?;
             for j in failed {
                 self.report
                     .errors
@@ -237,9 +347,10 @@ impl Exec {
                     self.changed_meanwhile(&path);
                     return Ok(());
                 }
-                let tmp = fsutil::temp_path(full.parent().unwrap_or(&self.root));
-                std::os::unix::fs::symlink(target, &tmp).map_err(|e| self.io_err(&path, e))?;
-                std::fs::rename(&tmp, &full).map_err(|e| self.io_err(&path, e))?;
+                let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full)));
+                std::os::unix::fs::symlink(target, tmp.path()).map_err(|e| self.io_err(&path, e))?;
+                std::fs::rename(tmp.path(), &full).map_err(|e| self.io_err(&path, e))?;
+                tmp.keep();
                 self.local.insert(path.clone(), node);
                 self.record(&entry);
                 self.progress.file_done(path.as_str(), "link");
@@ -282,7 +393,7 @@ impl Exec {
                     Some(Node::File { hash, size, .. }) => Some((hash, size)),
                     _ => None,
                 };
-                jobs.push(Job::Get { entry, have });
+                jobs.push(Job::Get { entry, have, land: Landing::Temp });
             }
         }
         Ok(())
@@ -324,7 +435,7 @@ impl Exec {
     fn copy_local(&self, src: &RelPath, dst: &RelPath, hash: ContentHash, meta: Meta) -> std::io::Result<()> {
         fsutil::ensure_dirs(&self.root, dst)?;
         let full = self.full(dst);
-        let tmp = TempGuard::new(fsutil::temp_path(full.parent().unwrap_or(&self.root)));
+        let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full)));
         std::fs::copy(self.full(src), tmp.path())?;
         if ContentHash::of_file(tmp.path())?.0 != hash {
             return Err(std::io::Error::other("source changed"));
@@ -481,15 +592,120 @@ impl Exec {
         Ok(())
     }
 
+    /// Before the pipeline: which transfers continue a cut-off one. A whole download of a big
+    /// file lands in `.deltasync/partial/` and continues from what an earlier run left there
+    /// (one download per content: it is the file's name); a big upload asks the server how much
+    /// it kept (one round trip for all), and continues if that upload was against the base this
+    /// one uses. The bytes already there are read and hashed now, while the connection is idle
+    /// (the server waits an hour for a next request, but only a minute inside a transfer).
+    async fn prepare_resumes(&mut self, client: &mut Client, jobs: &mut [Job]) -> Result<Resumes, SyncError> {
+        let state = super::state_dir(&self.root);
+        let mut reads = Vec::new();
+        let mut claimed = HashSet::new();
+        for (i, j) in jobs.iter_mut().enumerate() {
+            if let Job::Get { entry, have: None, land } = j
+                && let Some(Node::File { hash, size, .. }) = &entry.node
+                && *size >= RESUME_FROM
+                && same_fs(&state, &entry.path.under(&self.root))
+                && claimed.insert((*hash, *size))
+            {
+                let file = partial_path(&self.root, hash, *size);
+                let kept =
+                    std::fs::symlink_metadata(&file).map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+                let from = kept.min(*size) / PARTIAL_STEP * PARTIAL_STEP;
+                *land = Landing::Partial { from: 0 };
+                if from > 0 {
+                    reads.push(PrefixRead { job: i, file, hash: *hash, size: *size, from, upload: None });
+                }
+            }
+        }
+        let asks: Vec<(usize, RelPath, ContentHash, u64, Option<ContentHash>)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match j {
+                Job::Up(Action::Put { path, hash, size, delta_base, .. }) if *size >= RESUME_FROM => {
+                    // The base this upload will be a delta against: the one whose signature is here.
+                    let base = delta_base.filter(|(h, s)| self.sigs.contains(h, *s)).map(|(h, _)| h);
+                    Some((i, path.clone(), *hash, *size, base))
+                }
+                _ => None,
+            })
+            .collect();
+        if !asks.is_empty() {
+            let q: Vec<(RelPath, ContentHash, u64)> = asks.iter().map(|a| (a.1.clone(), a.2, a.3)).collect();
+            let points = client.resume_points(&q).await?;
+            for ((i, path, hash, size, base), (from, kept_base)) in asks.into_iter().zip(points) {
+                if from > 0 && from < size && kept_base == base {
+                    let file = path.under(&self.root);
+                    reads.push(PrefixRead { job: i, file, hash, size, from, upload: Some(base) });
+                }
+            }
+        }
+        if reads.is_empty() {
+            return Ok(Resumes::default());
+        }
+        let sigs = self.sigs.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            reads
+                .into_iter()
+                .map(|r| {
+                    let prefix = std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&r.file)
+                        .and_then(|f| {
+                            let len = f.metadata()?.len();
+                            // An upload's file must still have the size the scan saw.
+                            if len < r.from || (r.upload.is_some() && len != r.size) {
+                                return Err(std::io::Error::other("changed since the scan"));
+                            }
+                            read_prefix(&f, &r.hash, r.size, r.from, &sigs)
+                        });
+                    (r, prefix)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| SyncError::Other(format!("reading the start of a cut-off transfer failed: {e}")))?;
+        let mut resumes = Resumes::default();
+        for (r, prefix) in read {
+            match (r.upload, prefix) {
+                (Some(base), Ok(p)) => {
+                    if let Job::Up(a) = &jobs[r.job] {
+                        resumes.up.insert(a.path().clone(), (base, p));
+                    }
+                }
+                (None, Ok(p)) => {
+                    if let Job::Get { land, .. } = &mut jobs[r.job] {
+                        *land = Landing::Partial { from: r.from };
+                        resumes.down.insert((r.hash, r.size), p);
+                    }
+                }
+                // Unreadable: the upload goes whole; the download starts its partial file again.
+                (_, Err(e)) => tracing::debug!("cannot continue from {}: {e}", r.file.display()),
+            }
+        }
+        Ok(resumes)
+    }
+
     /// Sends all jobs without waiting and handles replies as they come; returns jobs to retry.
-    async fn pipeline(&mut self, client: &mut Client, jobs: Vec<Job>) -> Result<Vec<Job>, SyncError> {
+    async fn pipeline(
+        &mut self,
+        client: &mut Client,
+        jobs: Vec<Job>,
+        resumes: &mut Resumes,
+    ) -> Result<Vec<Job>, SyncError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<u64> = jobs.iter().map(|_| client.next_id()).collect();
         let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job, Outcome)>();
-        let sender =
-            Sender { root: self.root.clone(), sigs: self.sigs.clone(), progress: self.progress.clone() };
+        let sender = Sender {
+            root: self.root.clone(),
+            sigs: self.sigs.clone(),
+            progress: self.progress.clone(),
+            resumed: Mutex::new(std::mem::take(&mut resumes.up)),
+        };
         let wr = &mut client.wr;
         let rd = &mut client.rd;
         let notified = client.notified.clone();
@@ -516,7 +732,7 @@ impl Exec {
             while let Some((id, job, sent)) =
                 while_moving(&counters, "the server to take an upload", prx.recv()).await?
             {
-                if let Some(j) = self.receive(rd, &notified, &counters, id, job, sent).await? {
+                if let Some(j) = self.receive(rd, &notified, &counters, id, job, sent, resumes).await? {
                     retry.push(j);
                 }
             }
@@ -556,6 +772,7 @@ impl Exec {
     }
 
     /// Handles the reply to one job. Returns the job again if it should be retried whole.
+    #[allow(clippy::too_many_arguments)]
     async fn receive(
         &mut self,
         rd: &mut FrameReader,
@@ -564,6 +781,7 @@ impl Exec {
         id: u64,
         job: Job,
         sent: Outcome,
+        resumes: &mut Resumes,
     ) -> Result<Option<Job>, SyncError> {
         let result = match recv_reply(rd, notified, counters).await? {
             ServerMsg::Resp { id: i, result } if i == id => result,
@@ -584,11 +802,23 @@ impl Exec {
             return Ok(None);
         }
         match job {
-            Job::Up(action) => Ok(self.uploaded(action, result)),
-            Job::Get { entry, have } => match result {
+            Job::Up(action) => Ok(self.uploaded(action, result, sent == Outcome::SentRest)),
+            Job::Get { entry, have, land } => match result {
                 Ok(Reply::File { entry: got, base }) => {
                     check_file_reply(&entry, &got)?;
-                    self.download(rd, notified, counters, id, entry, got, base, have).await
+                    if let Landing::Partial { from } = land
+                        && from > 0
+                        && (got.node.as_ref().map(file_id) != entry.node.as_ref().map(file_id)
+                            || base.is_some())
+                    {
+                        return Err(ClientError::Unexpected(format!(
+                            "asked for the rest of `{}` from byte {from}, the server sent another version or a \
+                             delta instead; stopping (a broken or malicious server?)",
+                            entry.path
+                        ))
+                        .into());
+                    }
+                    self.download(rd, notified, counters, id, entry, got, base, have, land, resumes).await
                 }
                 Ok(other) => Err(ClientError::Unexpected(format!(
                     "{} to the download of `{}`",
@@ -597,6 +827,20 @@ impl Exec {
                 ))
                 .into()),
                 Err(r) => {
+                    if let Landing::Partial { from } = land
+                        && from > 0
+                        && let Some(Node::File { hash, size, .. }) = &entry.node
+                    {
+                        // The server no longer has that content there: what was kept of it is of
+                        // no use. Fetch whatever the path holds now.
+                        let _ = std::fs::remove_file(partial_path(&self.root, hash, *size));
+                        resumes.down.remove(&(*hash, *size));
+                        self.report.notes.push(format!(
+                            "{}: cannot continue the cut-off download ({}); downloading it again",
+                            entry.path, r.message
+                        ));
+                        return Ok(Some(Job::Get { entry, have: None, land: Landing::Temp }));
+                    }
                     self.report.notes.push(format!("{}: {}", entry.path, r.message));
                     Ok(None)
                 }
@@ -604,14 +848,15 @@ impl Exec {
         }
     }
 
-    fn uploaded(&mut self, action: Action, result: Result<Reply, Refusal>) -> Option<Job> {
+    /// An upload's reply. `resumed`: it was sent as the rest of a cut-off upload.
+    fn uploaded(&mut self, action: Action, result: Result<Reply, Refusal>, resumed: bool) -> Option<Job> {
         let rev = match result {
             Ok(Reply::Committed { rev }) => rev,
             Ok(other) => {
                 self.report.errors.push(format!("unexpected reply {other:?}"));
                 return None;
             }
-            Err(r) => return self.refused(action, r),
+            Err(r) => return self.refused(action, r, resumed),
         };
         self.own_revs.insert(rev);
         let device = self.device.clone();
@@ -657,12 +902,23 @@ impl Exec {
         None
     }
 
-    fn refused(&mut self, action: Action, r: Refusal) -> Option<Job> {
+    /// A refused upload: retried whole if it was a delta or the rest of a cut-off upload and the
+    /// server could not rebuild it (it lost the base or the kept start, or the result did not
+    /// verify).
+    fn refused(&mut self, action: Action, r: Refusal, resumed: bool) -> Option<Job> {
         match (r.kind, action) {
             (
                 RefusalKind::Corrupt | RefusalKind::NotFound,
-                Action::Put { path, base_rev, hash, size, meta, delta_base: Some(_) },
-            ) => Some(Job::Up(Action::Put { path, base_rev, hash, size, meta, delta_base: None })),
+                Action::Put { path, base_rev, hash, size, meta, delta_base },
+            ) if delta_base.is_some() || resumed => {
+                if resumed {
+                    self.report.notes.push(format!(
+                        "{path}: the server could not continue the cut-off upload ({}); sending it whole",
+                        r.message
+                    ));
+                }
+                Some(Job::Up(Action::Put { path, base_rev, hash, size, meta, delta_base: None }))
+            }
             (RefusalKind::NotFound, Action::Copy { path, base_rev, hash, size, meta }) => {
                 Some(Job::Up(Action::Put { path, base_rev, hash, size, meta, delta_base: None }))
             }
@@ -688,7 +944,8 @@ impl Exec {
         }
     }
 
-    /// Receives a file's blocks into a temp file beside it, verifies, and moves it into place.
+    /// Receives a file's blocks into a temp file (or its partial file), verifies, and queues it
+    /// to be moved into place.
     #[allow(clippy::too_many_arguments)]
     async fn download(
         &mut self,
@@ -700,12 +957,30 @@ impl Exec {
         got: Entry,
         base: Option<ContentHash>,
         have: Option<(ContentHash, u64)>,
+        land: Landing,
+        resumes: &mut Resumes,
     ) -> Result<Option<Job>, SyncError> {
         let path = got.path.clone();
         let Some(Node::File { hash, size, meta }) = got.node.clone() else {
             return Err(ClientError::Unexpected("file reply without a file".into()).into());
         };
         self.progress.file_started(path.as_str(), size);
+        // A partial file holds one content: a fresh one only for the content planned (the server
+        // may have sent a newer one), and only for a whole download.
+        let dest = match land {
+            Landing::Partial { from }
+                if have.is_none()
+                    && base.is_none()
+                    && (from > 0 || want.node.as_ref().and_then(file_id) == Some((hash, size))) =>
+            {
+                if from > 0 {
+                    self.progress.advance(path.as_str(), from);
+                }
+                Dest::Partial { from, prefix: resumes.down.remove(&(hash, size)).map(Box::new) }
+            }
+            _ => Dest::Temp,
+        };
+        let resumed = matches!(dest, Dest::Partial { from, .. } if from > 0);
         let (tx, rx) = mpsc::channel::<Block>(4);
         let root = self.root.clone();
         let sigs = self.sigs.clone();
@@ -713,40 +988,72 @@ impl Exec {
         let use_base = base.is_some() && have.map(|h| Some(h.0) == base).unwrap_or(false);
         let local_base = have.filter(|_| use_base);
         let worker = tokio::task::spawn_blocking(move || {
-            receive_file(&root, &p, local_base, rx, size, hash, meta, &sigs)
+            receive_file(&root, &p, local_base, rx, (hash, size, meta), &sigs, dest)
         });
         let mut bad_base = base.is_some() && !use_base;
-        loop {
-            match recv_reply(rd, notified, counters).await? {
+        let received = loop {
+            let m = match recv_reply(rd, notified, counters).await {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
+            match m {
                 ServerMsg::Data { id: i, block } if i == id => {
                     self.progress.advance(path.as_str(), block.bytes.len() as u64);
-                    let block = rd.open(block).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                    let block = match rd.open(block) {
+                        Ok(b) => b,
+                        Err(e) => break Err(ClientError::Unexpected(e.to_string())),
+                    };
                     if tx.send(block).await.is_err() {
                         bad_base = true; // the worker gave up; keep draining
                     }
                 }
-                ServerMsg::End { id: i } if i == id => break,
+                ServerMsg::End { id: i } if i == id => break Ok(()),
                 other => {
-                    return Err(ClientError::Unexpected(format!(
+                    break Err(ClientError::Unexpected(format!(
                         "{} inside the download of `{path}`",
                         crate::client::describe(&other)
-                    ))
-                    .into());
+                    )));
                 }
             }
-        }
+        };
         drop(tx);
+        // Waited for even when the connection failed: a cut-off partial download is then
+        // written out to where it stopped, for the next run to continue.
         let outcome = worker.await.map_err(|e| SyncError::Other(e.to_string()))?;
+        if let Err(e) = received {
+            // Complete and verified all the same (the connection failed after its last block):
+            // it goes into place with the others.
+            if let Ok((tmp, stats)) = outcome
+                && !bad_base
+            {
+                self.ready.push(Ready { got, tmp, stats });
+            }
+            return Err(e.into());
+        }
         let (tmp, stats) = match outcome {
             Ok(x) if !bad_base => x,
-            Err(e) if fsutil::says_disk_full(&e) => {
+            Err(Received::Failed(e)) if fsutil::says_disk_full(&e) => {
                 self.local_disk_full(&path, &e);
                 return Ok(None);
+            }
+            Err(Received::CutOff { got: n }) => {
+                self.report.errors.push(format!(
+                    "{path}: the server sent {n} of its {size} bytes; the next run continues the download"
+                ));
+                return Ok(None);
+            }
+            Err(e) if resumed => {
+                // The kept part (removed by now) and the rest do not make the file.
+                self.report.notes.push(format!(
+                    "{path}: the continued download did not verify ({}); downloading it whole",
+                    e.message()
+                ));
+                return Ok(Some(Job::Get { entry: want, have: None, land: Landing::Partial { from: 0 } }));
             }
             _ => {
                 // Wrong base or failed verification: fetch it whole.
                 return Ok(if have.is_some() {
-                    Some(Job::Get { entry: want, have: None })
+                    Some(Job::Get { entry: want, have: None, land: Landing::Temp })
                 } else {
                     self.report.errors.push(format!("{path}: download did not verify"));
                     None
@@ -835,11 +1142,17 @@ struct Sender {
     root: PathBuf,
     sigs: SigCache,
     progress: Arc<Progress>,
+    /// Uploads whose start the server kept (see [`Resumes::up`]), taken by their upload.
+    resumed: Mutex<HashMap<RelPath, (Option<ContentHash>, Prefix)>>,
 }
 
 enum Item {
-    /// The file still has its planned size; the blocks are a delta against this base, if any.
-    Start(Option<ContentHash>),
+    /// The file still has its planned size; the blocks are a delta against `base`, if any, and
+    /// cover the file from byte `from` (the server kept the bytes before).
+    Start {
+        base: Option<ContentHash>,
+        from: u64,
+    },
     Block(Block, u64),
     Skip,
 }
@@ -848,6 +1161,8 @@ enum Item {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Outcome {
     Sent,
+    /// Sent as the rest of a cut-off upload (`PutRest`).
+    SentRest,
     /// Not sent: the file was gone or had another size.
     Skipped,
     /// Sent, but the bytes read did not hash to what the scan saw: the server will refuse them.
@@ -871,7 +1186,12 @@ impl Sender {
         stats: &mut DeltaStats,
     ) -> Result<Outcome, ClientError> {
         let req = match job {
-            Job::Get { entry, have } => Request::Get { path: entry.path.clone(), have: *have },
+            Job::Get { entry, have, land } => match (land, entry.node.as_ref().and_then(file_id)) {
+                (Landing::Partial { from }, Some((hash, size))) if *from > 0 => {
+                    Request::GetRest { path: entry.path.clone(), hash, size, from: *from }
+                }
+                _ => Request::Get { path: entry.path.clone(), have: *have },
+            },
             Job::Up(a) => match a.clone() {
                 Action::Mkdir { path, base_rev, mode } => Request::Mkdir { path, base_rev, mode },
                 Action::Symlink { path, base_rev, target } => Request::Symlink { path, base_rev, target },
@@ -912,19 +1232,23 @@ impl Sender {
         let full = path.under(&self.root);
         let sigs = self.sigs.clone();
         self.progress.file_started(path.as_str(), size);
-        let producer = tokio::task::spawn_blocking(move || produce(&full, hash, size, delta_base, &sigs, tx));
-        let base = match rx.recv().await {
-            Some(Item::Start(base)) => base,
+        let resume = self.resumed.lock().unwrap_or_else(|p| p.into_inner()).remove(&path);
+        let producer =
+            tokio::task::spawn_blocking(move || produce(&full, hash, size, delta_base, resume, &sigs, tx));
+        let (base, from) = match rx.recv().await {
+            Some(Item::Start { base, from }) => (base, from),
             _ => {
                 let _ = producer.await;
                 return Ok(Outcome::Skipped);
             }
         };
-        wr.feed(&ClientMsg::Req {
-            id,
-            req: Request::Put { path: path.clone(), base_rev, hash, size, meta, base },
-        })
-        .await?;
+        let req = if from > 0 {
+            self.progress.advance(path.as_str(), from);
+            Request::PutRest { path: path.clone(), base_rev, hash, size, meta, base, from }
+        } else {
+            Request::Put { path: path.clone(), base_rev, hash, size, meta, base }
+        };
+        wr.feed(&ClientMsg::Req { id, req }).await?;
         let mut next = rx.recv().await;
         let mut ended = false;
         while let Some(Item::Block(block, covered)) = next {
@@ -949,18 +1273,21 @@ impl Sender {
             Ok(Produced::Failed(e)) => tracing::debug!("encoding `{path}` stopped: {e}"),
             Err(e) => tracing::debug!("encoding `{path}` stopped: {e}"),
         }
-        Ok(Outcome::Sent)
+        Ok(if from > 0 { Outcome::SentRest } else { Outcome::Sent })
     }
 }
 
 /// Encodes a local file for upload on the blocking pool, in one pass over it: the blocks (a delta
 /// against the base's cached signature when there is one), the hash that proves the file is still
-/// what the scan saw, and the new version's signature for the next upload.
+/// what the scan saw, and the new version's signature for the next upload. With `resume` (the
+/// base of an upload whose start the server kept, and that start as read here) and the same base,
+/// only the rest is encoded; the hash and the signature are still of the whole file.
 fn produce(
     full: &Path,
     hash: ContentHash,
     size: u64,
     delta_base: Option<(ContentHash, u64)>,
+    resume: Option<(Option<ContentHash>, Prefix)>,
     sigs: &SigCache,
     tx: mpsc::Sender<Item>,
 ) -> Produced {
@@ -978,14 +1305,21 @@ fn produce(
         Err(e) => return skip(&tx, e.to_string()),
     }
     let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
-    if tx.blocking_send(Item::Start(sig.as_ref().map(|(h, _)| *h))).is_err() {
+    let base = sig.as_ref().map(|(h, _)| *h);
+    // The server's kept start is of use only to an upload against the same base.
+    let resume = resume.filter(|(b, p)| *b == base && p.from < size).map(|(_, p)| p);
+    let from = resume.as_ref().map_or(0, |p| p.from);
+    if tx.blocking_send(Item::Start { base, from }).is_err() {
         return Produced::Failed("connection gone".into());
     }
     // Read, never mapped: a user's file can be truncated under us, and a map then kills the
     // process with SIGBUS. The window hashes what it reads, so the check below is of exactly the
-    // bytes encoded.
-    let mut data = delta::FileWindow::new(file, size);
-    let mut new_sig = sigs.builder_for(&hash, size);
+    // bytes encoded (and, resumed, of the start read before).
+    let (window, mut new_sig) = match resume {
+        Some(p) => (delta::FileWindow::resume(file, size, p.from, p.hasher), p.sig),
+        None => (delta::FileWindow::new(file, size), sigs.builder_for(&hash, size)),
+    };
+    let mut data = Skip::new(window, from as usize);
     let emit = |b, covered: u64| {
         tx.blocking_send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"))
     };
@@ -993,7 +1327,7 @@ fn produce(
         Some((_, sig)) => delta::encode_delta_from(&sig, &mut data, new_sig.as_mut(), emit),
         None => delta::encode_whole_from(&mut data, new_sig.as_mut(), emit),
     };
-    let read = stats.and_then(|s| Ok((s, data.finish()?)));
+    let read = stats.and_then(|s| Ok((s, data.into_inner().finish()?)));
     let (stats, read_hash) = match read {
         Ok(x) => x,
         // Shorter than the scan saw: what was sent ends early, the server refuses it, and the
@@ -1010,55 +1344,145 @@ fn produce(
     Produced::Done(stats)
 }
 
-/// Applies a download's blocks into a temp file beside the destination and verifies it; `base` is
-/// the local version (hash and size) the blocks are a delta against, if any.
-#[allow(clippy::too_many_arguments)]
+/// Where [`receive_file`] writes.
+enum Dest {
+    /// A fresh temp file ([`landing_dir`]).
+    Temp,
+    /// The content's partial file, from byte `from` on: the bytes before are there already and
+    /// `prefix` has them read and hashed (`None` when `from` is 0).
+    Partial { from: u64, prefix: Option<Box<Prefix>> },
+}
+
+/// Why [`receive_file`] has no file.
+#[derive(Debug)]
+enum Received {
+    /// The blocks ended before the file did; the partial file keeps what came.
+    CutOff {
+        got: u64,
+    },
+    Failed(String),
+}
+
+impl Received {
+    fn message(&self) -> String {
+        match self {
+            Received::CutOff { got } => format!("cut off after {got} bytes"),
+            Received::Failed(e) => e.clone(),
+        }
+    }
+}
+
+impl<E: std::fmt::Display> From<E> for Received {
+    fn from(e: E) -> Self {
+        Received::Failed(e.to_string())
+    }
+}
+
+/// The content hash and size of a file node.
+fn file_id(n: &Node) -> Option<(ContentHash, u64)> {
+    match n {
+        Node::File { hash, size, .. } => Some((*hash, *size)),
+        _ => None,
+    }
+}
+
+/// Applies a download's blocks into a temp file or the content's partial file (`dest`) and
+/// verifies it; `base` is the local version (hash and size) the blocks are a delta against, if
+/// any. The verified file is returned as a temp file in [`landing_dir`]. A partial file is kept
+/// if the blocks end early (the transfer was cut off) and removed on any other failure.
 fn receive_file(
     root: &Path,
     path: &RelPath,
     base: Option<(ContentHash, u64)>,
     mut rx: mpsc::Receiver<Block>,
-    size: u64,
-    hash: ContentHash,
-    meta: Meta,
+    (hash, size, meta): (ContentHash, u64, Meta),
     sigs: &SigCache,
-) -> Result<(TempGuard, DeltaStats), String> {
+    dest: Dest,
+) -> Result<(TempGuard, DeltaStats), Received> {
     let full = path.under(root);
-    fsutil::ensure_dirs(root, path).map_err(|e| e.to_string())?;
+    fsutil::ensure_dirs(root, path)?;
     let base_sig = base.and_then(|(h, len)| sigs.get(&h, len));
     // Read by pread, never mapped (see `produce`): if the base is cut short while the copies are
     // read, the delta fails and the file is fetched whole.
     let base = match base {
         Some(_) => {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&full)
-                .map_err(|e| e.to_string())?;
-            Some(FileBase::new(f).map_err(|e| e.to_string())?)
+            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&full)?;
+            Some(FileBase::new(f)?)
         }
         None => None,
     };
-    let (file, t) = fsutil::create_temp(full.parent().unwrap_or(root)).map_err(|e| e.to_string())?;
-    let guard = TempGuard::new(t);
+    let landing = landing_dir(root, &full);
+    let partial = matches!(dest, Dest::Partial { .. });
+    let (file, guard, prefix) = match dest {
+        Dest::Temp => {
+            let (file, t) = fsutil::create_temp(&landing)?;
+            (file, TempGuard::new(t), None)
+        }
+        Dest::Partial { from, prefix } => {
+            let at = partial_path(root, &hash, size);
+            std::fs::create_dir_all(partial_dir(root))?;
+            // Removed on failure from here on, kept only when cut off.
+            let guard = TempGuard::new(at.clone());
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true).custom_flags(libc::O_NOFOLLOW);
+            match prefix {
+                None if from == 0 => (open.create(true).truncate(true).open(&at)?, guard, None),
+                Some(p) if p.from == from => {
+                    let mut f = open.open(&at)?;
+                    if f.metadata()?.len() < from {
+                        return Err(Received::Failed(format!(
+                            "the partial download {} got shorter",
+                            at.display()
+                        )));
+                    }
+                    // What a killed run wrote after the resume point goes.
+                    f.set_len(from)?;
+                    f.seek(std::io::SeekFrom::Start(from))?;
+                    (f, guard, Some(p))
+                }
+                _ => return Err(Received::Failed("the start of the partial download was not read".into())),
+            }
+        }
+    };
     let out = BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file));
-    let mut ap = Applier::from_base(base, out, size).with_signature(sigs.builder_for(&hash, size), base_sig);
-    while let Some(b) = rx.blocking_recv() {
-        ap.block(&b).map_err(|e| e.to_string())?;
+    let (new_sig, start) = match prefix {
+        Some(p) => (p.sig, Some((p.hasher, p.from))),
+        None => (sigs.builder_for(&hash, size), None),
+    };
+    let mut ap = Applier::from_base(base, out, size).with_signature(new_sig, base_sig);
+    if let Some((hasher, from)) = start {
+        ap = ap.resume_after(hasher, from)?;
     }
-    let done = ap.finish().map_err(|e| e.to_string())?;
+    while let Some(b) = rx.blocking_recv() {
+        ap.block(&b)?;
+    }
+    let done = ap.finish()?;
+    if partial && done.len < size {
+        // Cut off: what came stays for the next run.
+        guard.keep();
+        return Err(Received::CutOff { got: done.len });
+    }
     if done.hash != hash || done.len != size {
-        return Err("content hash mismatch".into());
+        return Err(Received::Failed("content hash mismatch".into()));
     }
     // fsynced later, together with the other files of the batch (`flush_ready`).
     let file = done.out.into_inner().map_err(|e| e.error().to_string())?.into_inner();
-    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns).map_err(|e| e.to_string())?;
+    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
     drop(file);
     if let Some(sig) = done.sig {
         let _ = sigs.put(&hash, size, &sig);
     }
-    let stats = done.stats;
-    Ok((guard, stats))
+    let guard = if partial {
+        // Complete: the partial file becomes an ordinary temp file, so the content's name is
+        // free for the next download of it.
+        let t = fsutil::temp_path(&landing);
+        std::fs::rename(guard.path(), &t)?;
+        guard.keep();
+        TempGuard::new(t)
+    } else {
+        guard
+    };
+    Ok((guard, done.stats))
 }
 
 /// A download's answer must be the file asked for: the same path (a broken or malicious server
@@ -1096,15 +1520,70 @@ mod tests {
 
     /// Runs the encoder to its end, draining its blocks as the sender would.
     fn run_produce(full: &Path, hash: ContentHash, size: u64, sigs: &SigCache) -> (Produced, usize) {
+        let (p, items) = run_produce_from(full, hash, size, None, sigs);
+        (p, items.iter().filter(|i| matches!(i, Item::Block(..))).count())
+    }
+
+    /// [`run_produce`] of an upload that may continue a cut-off one; every item sent.
+    fn run_produce_from(
+        full: &Path,
+        hash: ContentHash,
+        size: u64,
+        resume: Option<(Option<ContentHash>, Prefix)>,
+        sigs: &SigCache,
+    ) -> (Produced, Vec<Item>) {
         let (tx, mut rx) = mpsc::channel(4);
         std::thread::scope(|s| {
-            let h = s.spawn(|| produce(full, hash, size, None, sigs, tx));
-            let mut blocks = 0;
+            let h = s.spawn(|| produce(full, hash, size, None, resume, sigs, tx));
+            let mut items = Vec::new();
             while let Some(item) = rx.blocking_recv() {
-                blocks += matches!(item, Item::Block(..)) as usize;
+                items.push(item);
             }
-            (h.join().expect("producer thread"), blocks)
+            (h.join().expect("producer thread"), items)
         })
+    }
+
+    #[test]
+    fn a_continued_upload_sends_the_rest_and_checks_the_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let sigs = SigCache::new(d.path().join("sigs")).unwrap();
+        let full = d.path().join("f");
+        let data: Vec<u8> =
+            (0..(9u32 << 20) + 12_345).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(&full, &data).unwrap();
+        let (hash, size) = (ContentHash::of(&data), data.len() as u64);
+        let from = (5 << 20) + 777;
+        let prefix = |sigs: &SigCache| {
+            let f = std::fs::File::open(&full).unwrap();
+            read_prefix(&f, &hash, size, from, sigs).unwrap()
+        };
+
+        let (r, items) = run_produce_from(&full, hash, size, Some((None, prefix(&sigs))), &sigs);
+        assert!(matches!(r, Produced::Done(s) if s.literal == size - from), "only the rest is encoded");
+        assert!(matches!(items[0], Item::Start { base: None, from: f } if f == from));
+        let mut ap = Applier::new(&[], Vec::new(), size - from);
+        for i in &items[1..] {
+            let Item::Block(b, _) = i else { panic!("not a block") };
+            ap.block(b).unwrap();
+        }
+        assert!(ap.finish().unwrap().out == data[from as usize..]);
+        let cached = sigs.get(&hash, size).expect("the signature of the whole file");
+        assert_eq!(cached.serialized(), delta::signature::compute(&data).serialized());
+
+        // The start read before the upload is not the file's: the whole no longer checks.
+        let other = d.path().join("g");
+        let mut changed = data.clone();
+        changed[1000] ^= 1;
+        std::fs::write(&other, &changed).unwrap();
+        let f = std::fs::File::open(&other).unwrap();
+        let wrong = read_prefix(&f, &hash, size, from, &sigs).unwrap();
+        let (r, _) = run_produce_from(&full, hash, size, Some((None, wrong)), &sigs);
+        assert!(matches!(r, Produced::Changed));
+
+        // Kept against another base than this upload's: sent whole.
+        let (r, items) = run_produce_from(&full, hash, size, Some((Some(hash), prefix(&sigs))), &sigs);
+        assert!(matches!(r, Produced::Done(s) if s.literal == size));
+        assert!(matches!(items[0], Item::Start { from: 0, .. }));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use super::index::Stat;
 use super::rules::IgnoreRules;
@@ -31,6 +32,49 @@ pub struct Scan {
     pub temps_removed: usize,
 }
 
+/// `.deltasync/tmp/`: the temp files of downloads and local copies, renamed into place from here.
+pub fn temp_dir(root: &Path) -> PathBuf {
+    root.join(STATE_DIR).join("tmp")
+}
+
+/// `.deltasync/partial/`: whole downloads of big files, kept when cut off so the next run
+/// continues them.
+pub fn partial_dir(root: &Path) -> PathBuf {
+    root.join(STATE_DIR).join("partial")
+}
+
+/// A partial download not continued for this long is removed.
+pub const PARTIAL_KEEP: Duration = Duration::from_secs(2 * 86_400);
+
+/// Removes what interrupted runs left in `.deltasync/`: every file in `tmp/` (while the folder's
+/// lock is held nobody else writes there) and the partial downloads not written to for
+/// [`PARTIAL_KEEP`] (before `now`). Returns how many.
+pub fn clean_state(root: &Path, now: SystemTime) -> usize {
+    let mut removed = 0;
+    let mut clean = |dir: PathBuf, old_only: bool| {
+        let Ok(rd) = fs::read_dir(&dir) else { return };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                continue;
+            }
+            if old_only {
+                let age = md.modified().ok().and_then(|m| now.duration_since(m).ok());
+                if age.is_none_or(|a| a < PARTIAL_KEEP) {
+                    continue;
+                }
+            }
+            match fs::remove_file(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => tracing::debug!("cannot remove {}: {err}", e.path().display()),
+            }
+        }
+    };
+    clean(temp_dir(root), false);
+    clean(partial_dir(root), true);
+    removed
+}
+
 /// Is this a name deltasync never syncs?
 pub fn is_ignored_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
@@ -38,9 +82,13 @@ pub fn is_ignored_name(name: &str) -> bool {
 
 /// Walks `root`. With `clean`, deltasync temp files met on the way are removed: only for a folder
 /// whose lock is held (no other deltasync writes there), where they are what an interrupted run
-/// left behind (a pull killed mid-download leaves its temp beside the file it was writing).
+/// left behind (older versions wrote downloads to a temp beside the file); so are the temp files
+/// in `.deltasync/` and its stale partial downloads ([`clean_state`]).
 pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules, clean: bool) -> std::io::Result<Scan> {
     let mut s = Scan::default();
+    if clean {
+        s.temps_removed += clean_state(root, SystemTime::now());
+    }
     walk(root, root, old, rules, clean, &mut s)?;
     Ok(s)
 }

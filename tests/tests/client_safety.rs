@@ -88,7 +88,7 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
     let b = temp_dir("ds-b-");
     let (a, b) = (a.path(), b.path());
     let size = 96 << 20;
-    let mut killed_with_temps = 0;
+    let mut killed_midway = 0;
     for round in 0..4u64 {
         // New content each time, so every pull has a big download to be killed in.
         write(&a.join("sub/big.bin"), random_bytes(100 + round, size));
@@ -99,18 +99,20 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn deltasync pull");
-        // Wait until the download has written part of its temp file, then kill the client.
+        // Wait until the download has written part of its file (in `.deltasync/`, never in the
+        // folder itself), then kill the client.
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut seen = false;
         while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
                 break;
             }
-            let sub = b.join("sub");
-            seen = std::fs::read_dir(&sub).into_iter().flatten().flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with(".deltasync-tmp-")
-                    && e.metadata().is_ok_and(|m| m.len() > 0)
-            });
+            let partial = b.join(".deltasync/partial");
+            seen = std::fs::read_dir(&partial)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.metadata().is_ok_and(|m| m.len() > 0 && m.len() < size as u64));
             if seen {
                 break;
             }
@@ -118,13 +120,12 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
         }
         child.kill().unwrap(); // SIGKILL: no destructor runs
         child.wait().unwrap();
-        if seen && !temp_files(b).is_empty() {
-            killed_with_temps += 1;
+        assert_eq!(temp_files(b), Vec::<String>::new(), "a killed pull left temp files in the folder");
+        if seen && !b.join("sub/big.bin").exists() {
+            killed_midway += 1;
         }
     }
-    assert!(killed_with_temps > 0, "no pull was killed mid-download; the test proves nothing");
-    let left = temp_files(b);
-    assert!(!left.is_empty());
+    assert!(killed_midway > 0, "no pull was killed mid-download; the test proves nothing");
 
     let out = pull(b, &srv, &token);
     assert_eq!(
@@ -133,6 +134,13 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
         "leftovers stayed after a completed pull\n{}",
         out.dump()
     );
+    let tmp: Vec<_> = std::fs::read_dir(b.join(".deltasync/tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(tmp.is_empty(), "temp files stayed in .deltasync/tmp: {tmp:?}");
     assert_same_tree(a, b);
 }
 

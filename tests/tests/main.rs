@@ -16,6 +16,7 @@ mod migration;
 mod model;
 mod push_pull;
 mod regression;
+mod resume;
 mod retention;
 mod security;
 mod server_faults;
