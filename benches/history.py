@@ -51,6 +51,16 @@ class Server:
                 if l.startswith("write_bytes:"):
                     return int(l.split()[1])
 
+    def peak_mib(self):
+        with open(f"/proc/{self.p.pid}/status") as f:
+            for l in f:
+                if l.startswith("VmHWM:"):
+                    return int(l.split()[1]) / 1024
+
+    def reset_peak(self):
+        with open(f"/proc/{self.p.pid}/clear_refs", "w") as f:
+            f.write("5")
+
     def stop(self):
         self.p.send_signal(signal.SIGINT)
         self.p.wait(timeout=60)
@@ -58,11 +68,13 @@ class Server:
 
 def sync(cmd, d, srv, token, *extra, check=True):
     t = time.monotonic()
-    out = subprocess.run([BIN, cmd, d, "--server", srv.addr, "--token", token, "--no-progress", "--stats", *extra],
-                         capture_output=True, text=True)
+    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", BIN, cmd, d, "--server", srv.addr, "--token", token,
+                          "--no-progress", "--stats", *extra], capture_output=True, text=True)
     dt = time.monotonic() - t
     if check and out.returncode != 0:
         sys.exit(f"{cmd} failed: {out.stdout}\n{out.stderr}")
+    m = re.search(r"MAXRSS (\d+)", out.stderr)
+    out.maxrss_mib = int(m.group(1)) / 1024 if m else float("nan")
     return dt, out
 
 
@@ -112,15 +124,22 @@ def bigedit(work):
     a = os.path.join(work, "a"); os.mkdir(a)
     f = os.path.join(a, "huge.bin")
     random_file(f, 4096 * MiB, 2)
-    t0, _ = sync("push", a, srv, tok)
+    t0, out = sync("push", a, srv, tok)
+    print(f"bigedit: first push of 4 GiB {t0:.1f} s; client peak {out.maxrss_mib:.0f} MiB, server peak {srv.peak_mib():.0f} MiB")
     times = []
     for i in range(3):
         overwrite(f, 2048 * MiB + i * 7 * MiB, MiB, 50 + i)
         before = srv.write_bytes()
+        srv.reset_peak()
         dt, out = sync("push", a, srv, tok)
         times.append(dt)
-        print(f"bigedit: 1 MiB edit of 4 GiB: push {dt:.2f} s, server wrote {(srv.write_bytes() - before) / MiB:.1f} MiB")
-    print(f"bigedit: first push of 4 GiB {t0:.1f} s; 1 MiB edit median {sorted(times)[1]:.2f} s")
+        print(f"bigedit: 1 MiB edit of 4 GiB: push {dt:.2f} s, server wrote {(srv.write_bytes() - before) / MiB:.1f} MiB; "
+              f"client peak {out.maxrss_mib:.0f} MiB, server peak {srv.peak_mib():.0f} MiB")
+    print(f"bigedit: 1 MiB edit median {sorted(times)[1]:.2f} s")
+    b = os.path.join(work, "b"); os.mkdir(b)
+    srv.reset_peak()
+    dt, out = sync("pull", b, srv, tok)
+    print(f"bigedit: 4 GiB pull into an empty folder {dt:.1f} s; client peak {out.maxrss_mib:.0f} MiB, server peak {srv.peak_mib():.0f} MiB")
     srv.stop()
 
 
