@@ -83,15 +83,16 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
     let lock = t.shared.commit_lock(t.account);
     let _held = lock.lock().await;
     let done = tokio::task::spawn_blocking(move || -> Result<Vec<Result<u64, Refusal>>, Refusal> {
-        // The chunks first, durable; then the versions that refer to them.
-        sink.lock().unwrap_or_else(|p| p.into_inner()).seal(sh.meta.as_ref()).map_err(server_err)?;
+        // The chunks first, durable; then, in one transaction, the pack and the versions that
+        // refer to it.
+        let sealed = sink.lock().unwrap_or_else(|p| p.into_inner()).finish_pack().map_err(server_err)?;
         failpoint("commit-sealed");
+        let r = sh.meta.commit_with_pack(account, &device, sealed.as_ref(), &steps).map_err(server_err)?;
+        failpoint("commit-recorded");
         for (hash, size, sig) in &sigs {
             // A signature is only a saving; failing to record one fails nothing.
             let _ = sh.sigs.record(hash, *size, sig);
         }
-        let r = sh.meta.commit(account, &device, &steps).map_err(server_err)?;
-        failpoint("commit-recorded");
         Ok(r)
     })
     .await;

@@ -195,12 +195,21 @@ impl PackSink {
 
     /// Finishes the open pack (durable) and records it and its chunks in the metadata.
     pub fn seal(&mut self, meta: &Metadata) -> io::Result<()> {
-        let Some(w) = self.open.take() else { return Ok(()) };
+        match self.finish_pack()? {
+            Some(sealed) => meta.add_pack(&sealed).map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+
+    /// Finishes the open pack (durable) without recording it: the caller records it, in the
+    /// transaction that commits the versions using it.
+    pub fn finish_pack(&mut self) -> io::Result<Option<Sealed>> {
+        let Some(w) = self.open.take() else { return Ok(None) };
         let (pack, size) = (w.id(), w.len());
         w.finish()?;
         let chunks = std::mem::take(&mut self.written);
         self.keys.clear();
-        meta.add_pack(&Sealed { pack, size, chunks }).map_err(io::Error::other)
+        Ok(Some(Sealed { pack, size, chunks }))
     }
 }
 

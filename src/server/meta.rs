@@ -119,6 +119,18 @@ pub trait MetaStore: Send + Sync {
         account: AccountId,
         device: &str,
         steps: &[Step],
+    ) -> Result<Vec<Result<u64, Refusal>>, MetaError> {
+        self.commit_with_pack(account, device, None, steps)
+    }
+
+    /// [`commit`](Self::commit), recording a just finished pack (as `add_pack`) in the same
+    /// transaction: a batch of small uploads then costs one transaction, not two.
+    fn commit_with_pack(
+        &self,
+        account: AccountId,
+        device: &str,
+        pack: Option<&Sealed>,
+        steps: &[Step],
     ) -> Result<Vec<Result<u64, Refusal>>, MetaError>;
 
     /// Versions for `log`: `path`'s, newest first; without a path the account's latest

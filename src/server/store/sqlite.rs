@@ -407,19 +407,7 @@ impl MetaStore for SqliteMeta {
     fn add_pack(&self, sealed: &Sealed) -> Result<(), MetaError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
-        tx.execute(
-            "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
-            params![&sealed.pack.0[..], sealed.size as i64, now_secs()],
-        )?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chunks (digest, pack, offset, stored, raw, zstd) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for ch in &sealed.chunks {
-                let l = &ch.loc;
-                st.execute(params![&ch.key[..], &l.pack.0[..], l.offset as i64, l.stored, l.raw, l.zstd])?;
-            }
-        }
+        record_pack(&tx, sealed)?;
         tx.commit()?;
         Ok(())
     }
@@ -470,14 +458,18 @@ impl MetaStore for SqliteMeta {
         Ok(Some(out))
     }
 
-    fn commit(
+    fn commit_with_pack(
         &self,
         account: AccountId,
         device: &str,
+        pack: Option<&Sealed>,
         steps: &[Step],
     ) -> Result<Vec<Result<u64, Refusal>>, MetaError> {
         let mut c = self.conn();
         let mut tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(p) = pack {
+            record_pack(&tx, p)?;
+        }
         let (mut used, quota): (i64, Option<i64>) =
             tx.query_row("SELECT used, quota FROM accounts WHERE id=?1", params![account], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -1052,6 +1044,23 @@ fn apply_step(
     tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2) WHERE id=?1")?
         .execute(params![account, *used])?;
     Ok(Ok(seq))
+}
+
+/// Records a finished pack and its chunks. A chunk another pack has already keeps its first
+/// place (this copy is garbage for the next prune).
+fn record_pack(tx: &rusqlite::Connection, sealed: &Sealed) -> Result<(), MetaError> {
+    tx.execute(
+        "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
+        params![&sealed.pack.0[..], sealed.size as i64, now_secs()],
+    )?;
+    let mut st = tx.prepare_cached(
+        "INSERT OR IGNORE INTO chunks (digest, pack, offset, stored, raw, zstd) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for ch in &sealed.chunks {
+        let l = &ch.loc;
+        st.execute(params![&ch.key[..], &l.pack.0[..], l.offset as i64, l.stored, l.raw, l.zstd])?;
+    }
+    Ok(())
 }
 
 /// Every chunk id a content, a partial upload or a signature refers to.
