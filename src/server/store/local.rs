@@ -1,9 +1,11 @@
 //! Packs as files in the data folder: `packs/<first two hex digits>/<id>.pack`, written in
 //! `packs/tmp/` and renamed into place once durable.
 
+use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::{ChunkStore, PackId, PackWriter};
 use crate::fsutil;
@@ -11,13 +13,18 @@ use crate::fsutil;
 pub struct LocalChunks {
     root: PathBuf,
     tmp: PathBuf,
+    /// Packs kept open for reading: a download reads thousands of chunks from few packs.
+    open: Mutex<HashMap<PackId, Arc<fs::File>>>,
 }
+
+/// Packs kept open at most.
+const OPEN_PACKS: usize = 64;
 
 impl LocalChunks {
     pub fn open(dir: &Path) -> io::Result<Self> {
         let tmp = dir.join("tmp");
         fs::create_dir_all(&tmp)?;
-        Ok(LocalChunks { root: dir.to_path_buf(), tmp })
+        Ok(LocalChunks { root: dir.to_path_buf(), tmp, open: Mutex::default() })
     }
 
     fn path(&self, id: PackId) -> PathBuf {
@@ -49,13 +56,26 @@ impl ChunkStore for LocalChunks {
 
     fn read(&self, pack: PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let f = fs::File::open(self.path(pack))?;
+        let cached = self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&pack).cloned();
+        let f = match cached {
+            Some(f) => f,
+            None => {
+                let f = Arc::new(fs::File::open(self.path(pack))?);
+                let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+                if open.len() >= OPEN_PACKS {
+                    open.clear();
+                }
+                open.insert(pack, f.clone());
+                f
+            }
+        };
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, offset)?;
         Ok(buf)
     }
 
     fn delete(&self, pack: PackId) -> io::Result<()> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&pack);
         match fs::remove_file(self.path(pack)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -126,13 +146,4 @@ impl PackWriter for LocalPack {
         }
         Ok(())
     }
-}
-
-/// Reads a whole pack (for checks and tests).
-pub fn read_all(store: &LocalChunks, id: PackId) -> io::Result<Vec<u8>> {
-    let mut f = fs::File::open(store.path(id))?;
-    f.seek(SeekFrom::Start(0))?;
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
-    Ok(v)
 }
