@@ -28,6 +28,8 @@ use crate::sync::{Folder, Options, Settings, SyncError};
 /// How long the folder must be quiet before a round starts: coalesces an editor's
 /// write-temp-then-rename and the thousands of events of a `git checkout`, yet keeps a single
 /// save's latency well under the 200 ms target.
+/// A round that took longer than this returns the memory it freed to the OS.
+const BIG_ROUND: Duration = Duration::from_secs(2);
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Server deletes wait until the folder has been quiet this long, so the mass-delete guard sees a
 /// `rm -rf` whole rather than in the pieces the debouncer cuts it into.
@@ -126,11 +128,18 @@ pub async fn watch(
                 defer_deletes: last_event.is_some_and(|t| t.elapsed() < DELETE_QUIET),
                 ..opts.clone()
             };
+            let started = std::time::Instant::now();
             let round = folder.round(c, &ropts, &settings.device, &progress);
             let result = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 r = round => r,
             };
+            // A big round (the first over a big folder) frees much more than a watch keeps while
+            // idle: give the freed memory back to the OS (103 MiB -> 15 MiB after a first round of
+            // 100,000 files). Not after small rounds: trimming costs ~10 ms of their latency.
+            if started.elapsed() > BIG_ROUND {
+                crate::fsutil::release_free_memory();
+            }
             match result {
                 Ok(report) => {
                     for e in &report.errors {
