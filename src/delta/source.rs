@@ -66,6 +66,32 @@ impl<S: Source> Source for Skip<S> {
     }
 }
 
+/// The bytes `[from, to)` of a [`Source`], as a source of their own.
+pub struct Slice<'a, S> {
+    inner: &'a mut S,
+    from: usize,
+    to: usize,
+}
+
+impl<'a, S: Source> Slice<'a, S> {
+    pub fn new(inner: &'a mut S, from: usize, to: usize) -> Self {
+        let to = to.min(inner.size());
+        Slice { inner, from: from.min(to), to }
+    }
+}
+
+impl<S: Source> Source for Slice<'_, S> {
+    fn size(&self) -> usize {
+        self.to - self.from
+    }
+    fn bytes(&mut self, range: Range<usize>) -> Result<&[u8], DeltaError> {
+        self.inner.bytes(range.start + self.from..range.end + self.from)
+    }
+    fn advance(&mut self, at: usize) {
+        self.inner.advance(at + self.from)
+    }
+}
+
 /// Bytes read from the file at a time: enough that system calls cost nothing, small enough that
 /// what was just read is still in the CPU's cache when it is hashed.
 const READ_STEP: usize = 1 << 20;

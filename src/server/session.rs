@@ -877,6 +877,7 @@ impl Session {
         have_locs: Option<Vec<ChunkLoc>>,
     ) -> Result<(), SessionError> {
         let Some(Node::File { hash, .. }) = entry.node else { return Ok(()) };
+        let entry_node = entry.node.clone();
         let path = entry.path.clone();
         let sigs = self.shared.sigs.clone();
         let base = have
@@ -884,6 +885,19 @@ impl Session {
         self.wr
             .feed(&ServerMsg::Resp { id, result: Ok(Reply::File { entry, base: base.map(|b| b.0) }) })
             .await?;
+        // The chunks both versions share go as copies without a diff (see `content::delta_by_chunks`).
+        let mut shared_chunks = None;
+        if let (Some((h, len)), Some(Node::File { size, .. })) = (base, &entry_node)
+            && len >= delta::WHOLE_FILE_BELOW
+            && *size >= delta::WHOLE_FILE_BELOW
+        {
+            let n = hash;
+            if let Ok((Some(mine), Some(theirs))) =
+                self.db(move |m, a| Ok((m.content_keys(a, &n)?, m.content_keys(a, &h)?))).await
+            {
+                shared_chunks = Some((mine, theirs));
+            }
+        }
         let (tx, mut rx) = mpsc::channel::<(Block, u64)>(4);
         let chunks = self.shared.chunks.clone();
         let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -892,12 +906,20 @@ impl Session {
                     signature_of(Reader::new(chunks.clone(), have_locs), len).map_err(|e| e.to_string())?;
                 let _ = sigs.put(&h, len, &sig);
             }
+            let reader_locs = locs.clone();
             let reader = Reader::new(chunks, locs);
             let mut reader = delta::source::Skip::new(reader, from as usize);
             let emit = |b, covered: u64| {
                 tx.blocking_send((b, covered)).map_err(|_| std::io::Error::other("receiver gone"))
             };
             match base.and_then(|(h, len)| sigs.get(&h, len)) {
+                Some(sig) if from == 0 && shared_chunks.is_some() => {
+                    let (mine, theirs) = shared_chunks.unwrap_or_default();
+                    // Random access to the new version (the skipped offset is 0 here).
+                    let mut reader = Reader::new(reader.into_inner().into_store(), reader_locs);
+                    super::content::delta_by_chunks(&sig, &mut reader, &mine, &theirs, emit)
+                        .map_err(|e| e.to_string())?;
+                }
                 Some(sig) => {
                     delta::encode_delta_from(&sig, &mut reader, None, emit).map_err(|e| e.to_string())?;
                 }
