@@ -591,9 +591,9 @@ fn make_dir(dest: &Path, p: &RelPath) -> std::io::Result<()> {
     }
 }
 
-/// Makes `dest/p` a symlink to `target` (made beside it, then renamed over whatever non-folder
-/// is there); the link itself is never followed.
-fn make_link(dest: &Path, p: &RelPath, target: &str) -> std::io::Result<()> {
+/// Where `p` goes under `dest`, its folders made (never through a symlink); an existing folder
+/// there is not replaced.
+fn place_for(dest: &Path, p: &RelPath) -> std::io::Result<PathBuf> {
     fsutil::ensure_dirs(dest, p)?;
     let full = p.under(dest);
     if std::fs::symlink_metadata(&full).is_ok_and(|md| md.is_dir()) {
@@ -602,6 +602,13 @@ fn make_link(dest: &Path, p: &RelPath, target: &str) -> std::io::Result<()> {
             format!("{} is a folder; move it away or choose another --to", full.display()),
         ));
     }
+    Ok(full)
+}
+
+/// Makes `dest/p` a symlink to `target` (made beside it, then renamed over whatever non-folder
+/// is there); the link itself is never followed.
+fn make_link(dest: &Path, p: &RelPath, target: &str) -> std::io::Result<()> {
+    let full = place_for(dest, p)?;
     let tmp = fsutil::temp_path(&parent_of(dest, p));
     std::os::unix::fs::symlink(target, &tmp)?;
     let guard = TempGuard::new(tmp);
@@ -619,14 +626,7 @@ struct Incoming {
 
 impl Incoming {
     fn start(dest: &Path, p: &RelPath, size: u64) -> std::io::Result<Incoming> {
-        fsutil::ensure_dirs(dest, p)?;
-        let full = p.under(dest);
-        if std::fs::symlink_metadata(&full).is_ok_and(|md| md.is_dir()) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} is a folder; move it away or choose another --to", full.display()),
-            ));
-        }
+        let full = place_for(dest, p)?;
         let (file, t) = fsutil::create_temp(&parent_of(dest, p))?;
         let tmp = TempGuard::new(t);
         let out = BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file));

@@ -176,30 +176,6 @@ impl SigCache {
         fs::rename(&tmp, self.path(hash, len))
     }
 
-    /// Forgets a version's signature (it can be computed again from the version).
-    pub fn remove(&self, hash: &ContentHash, len: u64) {
-        let _ = fs::remove_file(self.path(hash, len));
-    }
-
-    /// The content hashes of every cached signature, with their files' sizes.
-    pub fn list(&self) -> io::Result<Vec<(ContentHash, PathBuf, u64)>> {
-        let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir)? {
-            let e = e?;
-            let name = e.file_name();
-            let Some(hash) = name
-                .to_str()
-                .and_then(|n| n.split('-').next())
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| ContentHash::from_slice(&b))
-            else {
-                continue;
-            };
-            out.push((hash, e.path(), e.metadata().map_or(0, |m| m.len())));
-        }
-        Ok(out)
-    }
-
     /// A builder for the signature of a version about to be sent or written, unless that version
     /// is small enough to go whole or is cached already.
     pub fn builder_for(&self, hash: &ContentHash, len: u64) -> Option<Builder> {

@@ -137,9 +137,8 @@ pub struct PackSink {
     open: Option<Box<dyn PackWriter>>,
     written: Vec<NewChunk>,
     keys: HashSet<ChunkKey>,
-    /// Bytes of new chunks written (before compression) and stored, for figures.
+    /// Bytes of new chunks written (before compression).
     pub new_raw: u64,
-    pub new_stored: u64,
 }
 
 impl PackSink {
@@ -152,7 +151,6 @@ impl PackSink {
             written: Vec::new(),
             keys: HashSet::new(),
             new_raw: 0,
-            new_stored: 0,
         }
     }
 
@@ -186,7 +184,6 @@ impl PackSink {
         self.written.push(NewChunk { key, loc });
         self.keys.insert(key);
         self.new_raw += bytes.len() as u64;
-        self.new_stored += stored.len() as u64;
         if w.len() >= PACK_TARGET {
             self.seal(meta)?;
         }
@@ -560,26 +557,6 @@ pub fn delta_by_chunks(
         }
     }
     Ok(())
-}
-
-/// Every chunk in a pack's bytes, from its headers: (key, location).
-pub fn parse_pack(pack: PackId, bytes: &[u8]) -> Result<Vec<NewChunk>, String> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let h = bytes.get(at..at + HEADER_LEN).ok_or("a pack ends inside a chunk header")?;
-        if &h[..4] != HEADER_MAGIC {
-            return Err(format!("no chunk header at offset {at} of pack {}", pack.hex()));
-        }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&h[4..36]);
-        let raw = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
-        let stored = u32::from_le_bytes([h[40], h[41], h[42], h[43]]);
-        let offset = (at + HEADER_LEN) as u64;
-        out.push(NewChunk { key, loc: ChunkLoc { pack, offset, stored, raw, zstd: h[44] == 1 } });
-        at = at + HEADER_LEN + stored as usize;
-    }
-    Ok(out)
 }
 
 /// Signatures of stored versions, themselves stored as chunks (a signature is a grid of block

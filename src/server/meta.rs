@@ -189,7 +189,6 @@ pub trait MetaStore: Send + Sync {
     /// Whether a pack is recorded (finished and known to the metadata).
     fn pack_known(&self, pack: PackId) -> Result<bool, MetaError>;
 
-    /// Live entries under a directory (for refusing to delete a non-empty one).
     /// Remembers the first bytes of a cut-off upload of `path` (replacing an earlier one);
     /// `false` if one of its chunks is not stored.
     fn save_partial(
@@ -219,9 +218,8 @@ pub trait MetaStore: Send + Sync {
 
     fn drop_signature(&self, hash: &ContentHash, block: u32) -> Result<(), MetaError>;
 
-    /// Whether any account holds content with this hash.
-    fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError>;
-
+    /// Whether a directory has live entries under it (a non-empty one is never deleted or
+    /// replaced).
     fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError>;
 }
 

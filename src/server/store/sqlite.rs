@@ -791,7 +791,6 @@ impl MetaStore for SqliteMeta {
         Ok(self.conn().prepare_cached("SELECT 1 FROM packs WHERE id=?1")?.exists(params![&pack.0[..]])?)
     }
 
-    /// Live entries under a directory (for refusing to delete a non-empty one).
     fn save_partial(
         &self,
         account: AccountId,
@@ -873,11 +872,6 @@ impl MetaStore for SqliteMeta {
         c.prepare_cached("DELETE FROM signatures WHERE hash=?1 AND block=?2")?
             .execute(params![&hash.0[..], block])?;
         Ok(())
-    }
-
-    fn content_known(&self, hash: &ContentHash) -> Result<bool, MetaError> {
-        let c = self.conn();
-        Ok(c.prepare_cached("SELECT 1 FROM contents WHERE hash=?1")?.exists(params![&hash.0[..]])?)
     }
 
     fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
