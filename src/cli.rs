@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use deltasync::protocol::MAX_LOG;
 use deltasync::server::retention::{DEFAULT_POLICY, Keep};
+use deltasync::transport::Fingerprint;
 use deltasync::when;
 
 #[derive(Parser, Debug)]
@@ -25,9 +26,17 @@ pub enum Command {
         /// Folder for the database and the accounts' files.
         #[arg(long, default_value = "./deltasync-data")]
         data: PathBuf,
-        /// Let a client without a token create a new account.
+        /// Let a client without a token create a new account (at most 3 per source address,
+        /// then one per 20 minutes).
         #[arg(long)]
         open_registration: bool,
+        /// Serve this certificate (PEM; chain allowed) instead of the data folder's own
+        /// self-signed one: clients then check it against their CA roots, no pinning needed.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Which versions history keeps: `all`, `current`, or rules like the default (kinds all,
         /// hourly, daily, weekly, monthly, deleted; ages like 90m, 36h, 30d, 2w, 1y).
         #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
@@ -142,6 +151,10 @@ fn parse_time(s: &str) -> Result<i64, String> {
     when::parse_point(s, when::now_secs())
 }
 
+fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    s.parse()
+}
+
 fn parse_keep(s: &str) -> Result<Keep, String> {
     s.parse()
 }
@@ -182,9 +195,21 @@ pub struct SyncArgs {
     /// Server address (remembered in DIR/.deltasync after the first successful run).
     #[arg(long, env = "DELTASYNC_SERVER")]
     pub server: Option<String>,
-    /// Account token (remembered after the first successful run).
+    /// Device token (remembered after the first successful run). Visible in `ps`: prefer
+    /// --token-file or DELTASYNC_TOKEN.
     #[arg(long, env = "DELTASYNC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from FILE (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// The server's certificate fingerprint, as `deltasync serve` prints it: the connection is
+    /// refused unless it matches. Without it, the first connection trusts the server and pins it.
+    #[arg(long, value_name = "FP", env = "DELTASYNC_FINGERPRINT", value_parser = parse_fingerprint)]
+    pub fingerprint: Option<Fingerprint>,
+    /// Seconds to connect and complete the handshakes before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
     /// Name of this computer in conflict copies and the journal (default: host name).
     #[arg(long)]
     pub device: Option<String>,

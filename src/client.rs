@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
 use crate::protocol::*;
+use crate::transport::{self, ConnectError, Fingerprint, Seen, Trust};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect, TLS and deltasync handshakes together (`--timeout`): long enough for a slow link, short
+/// enough that a wrong address fails before a person wonders.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -17,6 +18,12 @@ pub enum ClientError {
         "cannot reach the server at {addr}: {err}; is `deltasync serve` running there? (set it with --server or DELTASYNC_SERVER)"
     )]
     Unreachable { addr: String, err: String },
+    /// Something answered, but not a deltasync server (another service, or no TLS handshake).
+    #[error("{0}")]
+    NotDeltasync(String),
+    /// The server's certificate is not the trusted one; nothing was sent.
+    #[error("{}", identity_message(.addr, .seen, .trusted, *.from_flag))]
+    IdentityChanged { addr: String, seen: Option<Fingerprint>, trusted: Trust, from_flag: bool },
     #[error("{0}")]
     Auth(String),
     #[error("{0}")]
@@ -47,26 +54,78 @@ pub struct Client {
     pub server_id: [u8; 16],
     /// The account's journal sequence at the handshake.
     pub server_seq: u64,
+    /// What the TLS handshake found of the server's certificate.
+    pub seen: Seen,
     next_id: u64,
 }
 
+/// How to reach the server and what to trust.
+pub struct Connect<'a> {
+    pub addr: &'a str,
+    pub token: Option<&'a str>,
+    pub device: &'a str,
+    pub trust: Trust,
+    /// `trust` came from `--fingerprint` (not from the folder's memory).
+    pub from_flag: bool,
+    pub timeout: Duration,
+}
+
+fn identity_message(addr: &str, seen: &Option<Fingerprint>, trusted: &Trust, from_flag: bool) -> String {
+    let now = seen.map_or("unknown".to_string(), |f| f.to_string());
+    let what = match (trusted, from_flag) {
+        (Trust::Pinned(f), true) => {
+            format!("its certificate's fingerprint is {now}, not {f} as given with --fingerprint")
+        }
+        (Trust::Pinned(f), false) => {
+            format!("its certificate's fingerprint is now {now}, but this folder trusted {f}")
+        }
+        (Trust::Ca, _) => format!(
+            "its certificate (fingerprint {now}) is no longer valid under this computer's CA roots, as it was"
+        ),
+        (Trust::New, _) => format!("its certificate has fingerprint {now}"),
+    };
+    format!(
+        "the server at {addr} is not the one this folder trusts: {what}. Nothing was sent to it (the token stays \
+         secret). If its certificate was replaced on purpose (a new data folder, or a new --tls-cert), compare \
+         {now} with the `fingerprint:` line `deltasync serve` prints and run again with --fingerprint {now}; \
+         otherwise someone may be intercepting the connection"
+    )
+}
+
 impl Client {
-    pub async fn connect(addr: &str, token: Option<&str>, device: &str) -> Result<Client, ClientError> {
-        let unreachable = |err: String| ClientError::Unreachable { addr: addr.to_string(), err };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Err(_) => return Err(unreachable("timed out".into())),
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Ok(Ok(s)) => s,
-        };
-        let (mut rd, mut wr, counters) = split(stream);
+    pub async fn connect(c: &Connect<'_>) -> Result<Client, ClientError> {
+        let addr = c.addr;
+        let counters = Arc::new(Counters::default());
+        let (stream, seen) =
+            transport::connect(addr, &c.trust, c.timeout, counters.clone()).await.map_err(|e| match e {
+                ConnectError::Unreachable(err) => ClientError::Unreachable { addr: addr.to_string(), err },
+                ConnectError::NotDeltasync(m) => ClientError::NotDeltasync(m),
+                ConnectError::Identity { seen, trusted } => ClientError::IdentityChanged {
+                    addr: addr.to_string(),
+                    seen,
+                    trusted,
+                    from_flag: c.from_flag,
+                },
+            })?;
+        let (mut rd, mut wr) = split(stream, counters.clone());
         let hello = Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
-            token: token.map(String::from),
-            device: device.to_string(),
+            token: c.token.map(String::from),
+            device: c.device.to_string(),
         };
-        wr.send(&hello).await?;
-        match rd.recv::<Welcome>().await? {
+        let welcome = tokio::time::timeout(c.timeout, async {
+            wr.send(&hello).await?;
+            rd.recv::<Welcome>().await
+        })
+        .await
+        .map_err(|_| {
+            ClientError::NotDeltasync(format!(
+                "{addr} finished the TLS handshake but did not answer the deltasync one within {}",
+                transport::secs(c.timeout)
+            ))
+        })?;
+        match welcome? {
             None => Err(ClientError::Rejected("closed during the handshake".into())),
             Some(Welcome::Accepted { account, new_token, server_id, seq }) => Ok(Client {
                 rd,
@@ -77,6 +136,7 @@ impl Client {
                 notified: Arc::default(),
                 server_id,
                 server_seq: seq,
+                seen,
                 next_id: 1,
             }),
             Some(Welcome::Rejected { reason: Rejection::Auth, message, .. }) => {
@@ -308,6 +368,7 @@ pub fn describe(m: &ServerMsg) -> String {
         ServerMsg::End { id } => format!("the end of the content of request {id}"),
         ServerMsg::Notify { seq } => format!("a change notice ({seq})"),
         ServerMsg::Fatal { message } => format!("a fatal error ({message})"),
+        ServerMsg::Revoked { message } => format!("a revocation ({message})"),
     }
 }
 
@@ -373,6 +434,7 @@ pub async fn recv_reply(
                 notified.fetch_max(seq, Ordering::Relaxed);
             }
             Some(ServerMsg::Fatal { message }) => return Err(ClientError::Fatal(message)),
+            Some(ServerMsg::Revoked { message }) => return Err(ClientError::Auth(message)),
             Some(m) => return Ok(m),
         }
     }

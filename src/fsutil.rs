@@ -2,7 +2,7 @@
 //! plus metadata (mtime, exec bit) and no-follow checks.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -96,6 +96,28 @@ pub fn commit_temp(tmp: &Path, dest: &Path) -> io::Result<()> {
         sync_dir(parent)?;
     }
     Ok(())
+}
+
+/// Makes `dir` (and missing parents) and leaves it readable by its owner only (0700): it holds
+/// a token, a key or other people's files.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a file readable by its owner only (0600) durably: the content never exists with
+/// wider permissions, not even for a moment.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = temp_path(dir);
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let r = f.write_all(bytes).and_then(|_| commit_temp(&tmp, path));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -148,6 +148,8 @@ pub struct Remembered {
     pub device: String,
     pub account: Option<String>,
     pub server_id: Option<String>,
+    /// The server's certificate, as trusted at the last sync (`fingerprint` setting).
+    pub trust: crate::transport::Trust,
 }
 
 /// Reads the folder's remembered server, token, device and account, without its lock.
@@ -160,6 +162,7 @@ pub fn remembered(dir: &Path) -> Result<Remembered, HistoryError> {
         device: index.setting("device")?.unwrap_or_else(hostname),
         account: index.setting("account")?,
         server_id: index.setting("server_id")?,
+        trust: crate::transport::Trust::from_setting(index.setting("fingerprint")?.as_deref()),
     })
 }
 
@@ -177,7 +180,15 @@ pub async fn connect(dir: &Path) -> Result<(Client, Option<String>), HistoryErro
             r.server
         )));
     };
-    let client = Client::connect(&r.server, Some(token), &r.device).await?;
+    let client = Client::connect(&crate::client::Connect {
+        addr: &r.server,
+        token: Some(token),
+        device: &r.device,
+        trust: r.trust.clone(),
+        from_flag: false,
+        timeout: crate::client::CONNECT_TIMEOUT,
+    })
+    .await?;
     let mut note = None;
     if r.account.as_deref().is_some_and(|a| a != client.account) {
         note = Some(format!(

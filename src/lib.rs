@@ -26,5 +26,6 @@ pub mod protocol;
 pub mod server;
 pub mod status;
 pub mod sync;
+pub mod transport;
 pub mod watch;
 pub mod when;

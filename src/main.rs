@@ -27,7 +27,8 @@ mod code {
     pub const VERSION: u8 = 5;
     pub const UNRESOLVED: u8 = 6;
     pub const DISK: u8 = 7;
-    pub const HELD: u8 = 8;
+    pub const IDENTITY: u8 = 8;
+    pub const HELD: u8 = 9;
 }
 
 fn main() -> ExitCode {
@@ -86,7 +87,8 @@ fn sync_code(s: &SyncError) -> u8 {
 
 fn client_code(c: &ClientError) -> u8 {
     match c {
-        ClientError::Unreachable { .. } => code::UNREACHABLE,
+        ClientError::Unreachable { .. } | ClientError::NotDeltasync(_) => code::UNREACHABLE,
+        ClientError::IdentityChanged { .. } => code::IDENTITY,
         ClientError::Auth(_) => code::AUTH,
         ClientError::Version(_) => code::VERSION,
         _ => code::FAILED,
@@ -95,7 +97,7 @@ fn client_code(c: &ClientError) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { listen, data, open_registration, keep, .. } => {
+        Command::Serve { listen, data, open_registration, keep, tls_cert, tls_key, .. } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
@@ -103,8 +105,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The database exists (in WAL mode) before we say we listen, so a script may run
             // `account add` the moment it reads the line.
             drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
-            let config = ServerConfig { data_dir: data.clone(), open_registration, keep };
+            let tls_files = tls_cert.zip(tls_key);
+            let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep };
+            let identity = server::identity(&config).context("cannot set up TLS")?;
+            server::record_fingerprint(&data, &identity.fingerprint)
+                .with_context(|| format!("cannot write to {}", data.display()))?;
             println!("deltasync: data in {}, listening on {addr}", data.display());
+            println!("fingerprint: {}", identity.fingerprint);
+            if identity.from_ca {
+                println!("(a certificate from --tls-cert: clients check it against their CA roots)");
+            }
             server::run(listener, config, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
@@ -150,17 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push(args) => sync(args, true, false).await,
         Command::Pull(args) => sync(args, false, true).await,
         Command::Watch { args, rescan } => {
-            let opts = Options {
-                upload: true,
-                download: true,
-                dry_run: false,
-                server: args.server.clone(),
-                token: args.token.clone(),
-                device: args.device.clone(),
-                max_delete: args.max_delete,
-                restore_deleted: false,
-                defer_deletes: false,
-            };
+            let opts = Options { upload: true, download: true, ..connect_options(&args)? };
             let progress = Arc::new(Progress::new(!args.no_progress, args.verbose));
             let wopts = WatchOptions { rescan: std::time::Duration::from_secs(rescan.max(1)) };
             eprintln!("deltasync: watching {} (Ctrl-C to stop)", args.dir.display());
@@ -408,6 +408,36 @@ async fn undo(
     Ok(report_round(dir, &report, false, false, false, false))
 }
 
+/// The options every push, pull and watch shares: server, credentials, trust, timeout.
+fn connect_options(args: &SyncArgs) -> anyhow::Result<Options> {
+    let token = match &args.token_file {
+        Some(path) => Some(read_token_file(path)?),
+        None => args.token.clone(),
+    };
+    Ok(Options {
+        server: args.server.clone(),
+        token,
+        device: args.device.clone(),
+        fingerprint: args.fingerprint,
+        timeout: Some(std::time::Duration::from_secs(args.timeout)),
+        max_delete: args.max_delete,
+        ..Options::default()
+    })
+}
+
+/// `--token-file`: the token is the file's first line.
+fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {} (--token-file)", path.display()))?;
+    match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(t) => Ok(t.to_string()),
+        None => anyhow::bail!(
+            "the token file {} is empty; put the token `deltasync account add` printed in it",
+            path.display()
+        ),
+    }
+}
+
 async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<ExitCode> {
     if upload && !args.dir.exists() {
         anyhow::bail!("{} does not exist; push uploads an existing folder", args.dir.display());
@@ -416,12 +446,8 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
         upload,
         download,
         dry_run: args.dry_run,
-        server: args.server.clone(),
-        token: args.token.clone(),
-        device: args.device.clone(),
-        max_delete: args.max_delete,
         restore_deleted: args.restore_deleted && download,
-        defer_deletes: false,
+        ..connect_options(&args)?
     };
     let mut folder = Folder::open(&args.dir, download)?;
     let settings = folder.settings(&opts)?;

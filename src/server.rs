@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol;
+use crate::{protocol, transport};
 use meta::{Account, AccountId, Metadata};
 use store::ChunkStore;
 
@@ -68,6 +68,8 @@ fn io_timeout() -> Duration {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// `serve --tls-cert FILE --tls-key FILE`; without them, the data folder's own certificate.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
     pub open_registration: bool,
     /// Which versions history keeps (`serve --keep`).
     pub keep: retention::Keep,
@@ -87,6 +89,8 @@ pub enum ServerError {
     History(String),
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::transport::TlsError),
 }
 
 /// State shared by all sessions.
@@ -178,9 +182,17 @@ pub fn open_metadata(data_dir: &Path) -> Result<Arc<Metadata>, ServerError> {
 }
 
 fn open_sqlite(data_dir: &Path) -> Result<store::sqlite::SqliteMeta, ServerError> {
-    std::fs::create_dir_all(data_dir)
+    // Everyone's files, and the server's key: the owner's only.
+    crate::fsutil::private_dir(data_dir)
         .map_err(|err| ServerError::DataDir { path: data_dir.to_path_buf(), err })?;
-    Ok(store::sqlite::SqliteMeta::open(&data_dir.join("deltasync.db"))?)
+    let db = data_dir.join("deltasync.db");
+    let meta = store::sqlite::SqliteMeta::open(&db)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+            .map_err(|err| ServerError::DataDir { path: db.clone(), err })?;
+    }
+    Ok(meta)
 }
 
 /// A new random 256-bit token, hex-encoded.
@@ -197,6 +209,33 @@ pub fn add_account(meta: &Metadata, name: &str) -> Result<(Account, String), met
     Ok((acct, token))
 }
 
+/// The server's TLS identity: the certificate from `--tls-cert`, or the data folder's own (made
+/// on first use).
+pub fn identity(config: &ServerConfig) -> Result<transport::ServerIdentity, ServerError> {
+    Ok(match &config.tls_files {
+        Some((cert, key)) => transport::identity_from_files(cert, key)?,
+        None => transport::own_identity(&config.data_dir)?,
+    })
+}
+
+/// Writes the fingerprint the server serves with to `DATA/tls/fingerprint`, for `account add` to
+/// print beside a new token.
+pub fn record_fingerprint(data_dir: &Path, fp: &transport::Fingerprint) -> std::io::Result<()> {
+    let dir = transport::tls_dir(data_dir);
+    crate::fsutil::private_dir(&dir)?;
+    crate::fsutil::write_private(&dir.join("fingerprint"), format!("{fp}\n").as_bytes())
+}
+
+/// The fingerprint to give to a new device: the one the server last served with, or else the
+/// data folder's own (made now if missing, so the server will serve it).
+pub fn serving_fingerprint(data_dir: &Path) -> Result<transport::Fingerprint, ServerError> {
+    let recorded = std::fs::read_to_string(transport::tls_dir(data_dir).join("fingerprint")).ok();
+    if let Some(fp) = recorded.and_then(|t| t.trim().parse().ok()) {
+        return Ok(fp);
+    }
+    Ok(transport::own_identity(data_dir)?.fingerprint)
+}
+
 /// Serves until `shutdown` completes, then stops accepting, tells sessions to finish, and waits
 /// for them.
 pub async fn run(
@@ -205,6 +244,7 @@ pub async fn run(
     shutdown: impl Future,
 ) -> Result<(), ServerError> {
     let shared = Arc::new(Shared::open(&config)?);
+    let acceptor = identity(&config)?.acceptor;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -229,9 +269,24 @@ pub async fn run(
         };
         let shared = shared.clone();
         let cancel = cancel.clone();
+        let acceptor = acceptor.clone();
         tracker.spawn(async move {
-            if let Err(e) = session::serve(stream, shared, cancel).await {
-                tracing::info!("{peer}: {e}");
+            let _ = stream.set_nodelay(true);
+            let counters = Arc::new(protocol::Counters::default());
+            let deadline = tokio::time::Instant::now() + session::HANDSHAKE_TIMEOUT;
+            let tls = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, acceptor.accept(protocol::Counted::new(stream, counters.clone()))) => r,
+            };
+            match tls {
+                Ok(Ok(tls)) => {
+                    if let Err(e) = session::serve(tls, counters, deadline, shared, cancel).await {
+                        tracing::info!("{peer}: {e}");
+                    }
+                }
+                // Port scanners and the like: not worth more than a debug line.
+                Ok(Err(e)) => tracing::debug!("{peer}: TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!("{peer}: no TLS handshake within {} s", session::HANDSHAKE_TIMEOUT.as_secs()),
             }
             drop(permit);
         });

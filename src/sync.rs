@@ -34,6 +34,7 @@ use crate::delta::SigCache;
 use crate::path::{RelPath, STATE_DIR};
 use crate::progress::Progress;
 use crate::protocol::{Entry, Node};
+use crate::transport::Trust;
 use index::{Batch, Index, IndexError, Synced};
 use plan::Action;
 use report::Report;
@@ -63,6 +64,10 @@ pub struct Options {
     pub server: Option<String>,
     pub token: Option<String>,
     pub device: Option<String>,
+    /// `--fingerprint`: the server's certificate must have it.
+    pub fingerprint: Option<crate::transport::Fingerprint>,
+    /// `--timeout`: for connect and handshake (default [`crate::client::CONNECT_TIMEOUT`]).
+    pub timeout: Option<std::time::Duration>,
     /// `--max-delete`: let a round through the mass-delete guard.
     pub max_delete: Option<guard::Limit>,
     /// `pull --restore-deleted`: download files deleted here instead of deleting them there.
@@ -78,6 +83,24 @@ pub struct Settings {
     pub server: String,
     pub token: Option<String>,
     pub device: String,
+    /// What to trust of the server's certificate.
+    pub trust: Trust,
+    /// `trust` is `--fingerprint`'s.
+    pub trust_from_flag: bool,
+    pub timeout: std::time::Duration,
+}
+
+impl Settings {
+    fn connect(&self) -> crate::client::Connect<'_> {
+        crate::client::Connect {
+            addr: &self.server,
+            token: self.token.as_deref(),
+            device: &self.device,
+            trust: self.trust.clone(),
+            from_flag: self.trust_from_flag,
+            timeout: self.timeout,
+        }
+    }
 }
 
 pub fn state_dir(root: &Path) -> PathBuf {
@@ -110,7 +133,7 @@ impl Folder {
         }
         let root = root.canonicalize().map_err(io)?;
         let sd = state_dir(&root);
-        std::fs::create_dir_all(&sd).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
+        crate::fsutil::private_dir(&sd).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -139,12 +162,27 @@ impl Folder {
             Some(d) => d.clone(),
             None => self.index.setting("device")?.unwrap_or_else(hostname),
         };
-        Ok(Settings { server, token, device })
+        let (trust, trust_from_flag) = match opts.fingerprint {
+            Some(f) => (Trust::Pinned(f), true),
+            None => (Trust::from_setting(self.index.setting("fingerprint")?.as_deref()), false),
+        };
+        let timeout = opts.timeout.unwrap_or(crate::client::CONNECT_TIMEOUT);
+        Ok(Settings { server, token, device, trust, trust_from_flag, timeout })
     }
 
     /// Connects and, only once the server accepted, remembers server, token and account.
     pub async fn connect(&mut self, s: &Settings, progress: &Progress) -> Result<Client, SyncError> {
-        let mut client = Client::connect(&s.server, s.token.as_deref(), &s.device).await?;
+        let mut client = Client::connect(&s.connect()).await?;
+        let trust = client.seen.trust(&s.trust);
+        if s.trust == Trust::New
+            && let Trust::Pinned(f) = &trust
+        {
+            progress.say(&format!(
+                "note: trusting the server at {} on first use; its certificate's fingerprint is {f} (compare it with \
+                 the `fingerprint:` line `deltasync serve` prints; --fingerprint checks it instead of trusting)",
+                s.server
+            ));
+        }
         let token = client.new_token.clone().or_else(|| s.token.clone());
         if let Some(t) = &client.new_token {
             progress.say(&format!("Created a new account `{}` on {}.", client.account, s.server));
@@ -173,6 +211,9 @@ impl Folder {
                 client.server_seq
             ));
             self.rewind(&mut client).await?;
+        }
+        if let Some(t) = trust.to_setting() {
+            self.index.set_setting("fingerprint", &t)?;
         }
         self.index.set_setting("server_id", &server_id)?;
         self.index.set_setting("server", &s.server)?;

@@ -1,5 +1,5 @@
-//! Framed reader and writer halves over a TCP stream, counting every byte that crosses the socket
-//! (framing included) for `--stats`.
+//! Framed reader and writer halves over any byte stream (TLS over TCP in practice), and the
+//! counting of every byte that crosses the socket (TLS and framing included) for `--stats`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,8 +12,6 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::{MAX_FRAME, ProtocolError};
@@ -35,33 +33,16 @@ impl Counters {
     }
 }
 
-struct Counted<S> {
+/// A byte stream that counts what crosses it. It sits right on the TCP socket, under TLS, so
+/// `--stats` shows the bytes on the wire, handshake and record overhead included.
+pub struct Counted<S> {
     inner: S,
     counters: Arc<Counters>,
-    /// Writes only: how long the peer may leave a write waiting (not reading) before it fails.
-    stall: Option<Duration>,
-    /// Armed while a write waits; allocated only then, so idle connections hold none.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Counted<S> {
-    fn new(inner: S, counters: Arc<Counters>) -> Self {
-        Counted { inner, counters, stall: None, timer: None }
-    }
-
-    /// After the inner write or flush said `Pending`: fails once the peer has not taken a byte
-    /// for `stall`.
-    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
-        let stall = self.stall?;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
-        if timer.as_mut().poll(cx).is_pending() {
-            return None;
-        }
-        self.timer = None;
-        Some(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("the peer took nothing we sent for {} s", stall.as_secs()),
-        ))
+    pub fn new(inner: S, counters: Arc<Counters>) -> Self {
+        Counted { inner, counters }
     }
 }
 
@@ -86,12 +67,54 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The writing half with a stall limit: a write the peer leaves waiting (not reading) for
+/// `stall` fails.
+struct Stalled<W> {
+    inner: W,
+    stall: Option<Duration>,
+    /// Armed while a write waits; allocated only then, so idle connections hold none.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<W> Stalled<W> {
+    /// After the inner write or flush said `Pending`: fails once the peer has not taken a byte
+    /// for `stall`.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let stall = self.stall?;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.timer = None;
+        Some(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took nothing we sent for {} s", stall.as_secs()),
+        ))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Stalled<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         match &r {
-            Poll::Ready(Ok(n)) => {
-                self.timer = None;
-                self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
-            }
-            Poll::Ready(Err(_)) => self.timer = None,
+            Poll::Ready(_) => self.timer = None,
             Poll::Pending => {
                 if let Some(e) = self.stalled(cx) {
                     return Poll::Ready(Err(e));
@@ -117,12 +140,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+type ReadSide = Box<dyn AsyncRead + Send + Sync + Unpin>;
+type WriteSide = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
 }
 
 pub struct FrameReader {
-    inner: FramedRead<Counted<OwnedReadHalf>, LengthDelimitedCodec>,
+    inner: FramedRead<ReadSide, LengthDelimitedCodec>,
+    counters: Arc<Counters>,
     /// Made on first use: a zstd context costs about a megabyte, too much for idle connections.
     stream: Option<StreamDecoder>,
 }
@@ -131,7 +158,7 @@ pub struct FrameReader {
 /// `FramedWrite`: that copies every frame into its own buffer, a third copy of each uploaded byte;
 /// here small frames gather in the buffer and large ones go straight to the socket.
 pub struct FrameWriter {
-    inner: BufWriter<Counted<OwnedWriteHalf>>,
+    inner: BufWriter<Stalled<WriteSide>>,
     stream: Option<StreamEncoder>,
 }
 
@@ -142,17 +169,27 @@ const WRITE_BUF: usize = 16 << 10;
 /// See [`FrameWriter::feed_content`]; small files' blocks stay batched.
 const FLUSH_COVERED: u64 = 1 << 20;
 
-/// Splits a stream into a reader and a writer that can live in different tasks.
-pub fn split(stream: TcpStream) -> (FrameReader, FrameWriter, Arc<Counters>) {
-    let _ = stream.set_nodelay(true);
-    let counters = Arc::new(Counters::default());
-    let (r, w) = stream.into_split();
-    let reader = FramedRead::new(Counted::new(r, counters.clone()), codec());
-    let writer = BufWriter::with_capacity(WRITE_BUF, Counted::new(w, counters.clone()));
-    (FrameReader { inner: reader, stream: None }, FrameWriter { inner: writer, stream: None }, counters)
+/// Splits a connection (any byte stream: TLS over TCP in practice) into a reader and a writer
+/// that can live in different tasks. `counters` are the ones counting under it (see [`Counted`]).
+pub fn split<S>(stream: S, counters: Arc<Counters>) -> (FrameReader, FrameWriter)
+where
+    S: AsyncRead + AsyncWrite + Send + Sync + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    let reader = FramedRead::new(Box::new(r) as ReadSide, codec());
+    let w = Stalled { inner: Box::new(w) as WriteSide, stall: None, timer: None };
+    let writer = BufWriter::with_capacity(WRITE_BUF, w);
+    (FrameReader { inner: reader, counters, stream: None }, FrameWriter { inner: writer, stream: None })
 }
 
 impl FrameReader {
+    /// TLS reports a peer that closed the socket without its `close_notify` as an unexpected
+    /// end; between frames that is no truncation (a frame's length says where it ends), so it
+    /// is a close like any other. Inside a frame it stays an error.
+    fn closed_between_frames(&self, e: &std::io::Error) -> bool {
+        e.kind() == std::io::ErrorKind::UnexpectedEof && self.inner.read_buffer().is_empty()
+    }
+
     /// Decodes a block of the peer's connection stream (other blocks pass unchanged). Blocks
     /// must be opened in the order they arrived.
     pub fn open(&mut self, b: Block) -> Result<Block, DeltaError> {
@@ -169,6 +206,7 @@ impl FrameReader {
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtocolError> {
         match self.inner.next().await {
             None => Ok(None),
+            Some(Err(e)) if self.closed_between_frames(&e) => Ok(None),
             Some(Err(e)) => Err(ProtocolError::Io(e)),
             Some(Ok(frame)) => postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode),
         }
@@ -183,18 +221,19 @@ impl FrameReader {
         stall: Duration,
     ) -> Result<Option<M>, ProtocolError> {
         let tick = (stall.min(idle) / 4).max(Duration::from_millis(50));
-        let mut seen = self.inner.get_ref().counters.received();
+        let mut seen = self.counters.received();
         let mut since = Instant::now();
         loop {
             match tokio::time::timeout(tick, self.inner.next()).await {
                 Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) if self.closed_between_frames(&e) => return Ok(None),
                 Ok(Some(Err(e))) => return Err(ProtocolError::Io(e)),
                 Ok(Some(Ok(frame))) => {
                     return postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode);
                 }
                 // `FramedRead::next` is cancel-safe: a partial frame stays in its buffer.
                 Err(_) => {
-                    let now = self.inner.get_ref().counters.received();
+                    let now = self.counters.received();
                     if now != seen {
                         (seen, since) = (now, Instant::now());
                         continue;

@@ -11,7 +11,9 @@ use crate::path::RelPath;
 
 pub const MAGIC: [u8; 8] = *b"DLTASYNC";
 /// 2: `Welcome::Accepted` carries the server's identity and the account's journal position.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 3: history (`Log`, `Restore`, `Undo`, ...) and resumable transfers. 4: over TLS only;
+/// `ServerMsg::Revoked`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -242,6 +244,11 @@ pub enum ServerMsg {
     },
     /// The server is closing this connection, and why.
     Fatal {
+        message: String,
+    },
+    /// The device's credential was revoked (or its account removed): the connection closes, and
+    /// the client stops rather than retry.
+    Revoked {
         message: String,
     },
 }

@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +18,7 @@ use crate::protocol::*;
 use futures_util::FutureExt;
 
 /// A silent peer is dropped after this long without completing the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest symlink target accepted (Linux `PATH_MAX`).
 const MAX_LINK_TARGET: usize = 4096;
 
@@ -176,14 +175,21 @@ struct Session {
     wr: FrameWriter,
 }
 
-pub async fn serve(
-    stream: TcpStream,
+/// Serves one connection whose TLS handshake is done. `deadline` is the end of the time the
+/// peer has for the whole handshake (TLS and `Hello`).
+pub async fn serve<S>(
+    stream: S,
+    counters: Arc<Counters>,
+    deadline: tokio::time::Instant,
     shared: Arc<Shared>,
     cancel: CancellationToken,
-) -> Result<(), SessionError> {
-    let (mut rd, mut wr, _) = split(stream);
+) -> Result<(), SessionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
+{
+    let (mut rd, mut wr) = split(stream, counters);
     wr.set_write_stall(shared.io_timeout);
-    let hello: Hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.recv()).await {
+    let hello: Hello = match tokio::time::timeout_at(deadline, rd.recv()).await {
         Err(_) => return Err(SessionError::Handshake("timed out".into())),
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return Ok(()),

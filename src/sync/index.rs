@@ -118,9 +118,17 @@ impl Index {
     /// Opens (or creates) the index. An index of an older layout is replaced by an empty one of
     /// this layout, keeping only the settings: the next round rebuilds it (see the module doc).
     pub fn open(state_dir: &Path) -> Result<Self, IndexError> {
-        std::fs::create_dir_all(state_dir)
+        // It holds the token: the owner's only (0700, and 0600 for the database, whose WAL and
+        // shared-memory files SQLite makes with the same mode).
+        crate::fsutil::private_dir(state_dir)
             .map_err(|err| IndexError::Create { path: state_dir.display().to_string(), err })?;
-        let conn = Connection::open(state_dir.join("index.db"))?;
+        let db = state_dir.join("index.db");
+        let conn = Connection::open(&db)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+                .map_err(|err| IndexError::Create { path: db.display().to_string(), err })?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // The index can always be rebuilt from the folder and the server, so NORMAL (no fsync per
         // commit) is enough: a lost update only makes the next round re-check a path.
