@@ -24,7 +24,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: String,
         /// Folder for the database and the accounts' files.
-        #[arg(long, default_value = "./deltasync-data")]
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
         data: PathBuf,
         /// Let a client without a token create a new account (at most 3 per source address,
         /// then one per 20 minutes).
@@ -121,7 +121,7 @@ pub enum Command {
     /// Write an account's files as plain files (as they are now, or at a time), from the data
     /// folder (works while the server runs).
     Export {
-        #[arg(long, default_value = "./deltasync-data")]
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
         data: PathBuf,
         /// The account to export.
         #[arg(long, value_name = "NAME")]
@@ -135,7 +135,7 @@ pub enum Command {
     /// Forget the versions the retention policy does not keep and free their space (works while
     /// the server runs).
     Prune {
-        #[arg(long, default_value = "./deltasync-data")]
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
         data: PathBuf,
         /// Which versions to keep (as `serve --keep`).
         #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
@@ -167,15 +167,48 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
 
 #[derive(Subcommand, Debug)]
 pub enum AccountCommand {
-    /// Create an account; its token is the last line printed.
+    /// Create an account and a token for its first device; the token is the last line printed.
     Add {
         name: String,
-        #[arg(long, default_value = "./deltasync-data")]
+        /// The first device's name (see `account devices`).
+        #[arg(long, value_name = "DEVICE", default_value = "first")]
+        device: String,
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+    /// Issue a token for another device of an account; the token is the last line printed.
+    Token {
+        name: String,
+        #[arg(long, value_name = "DEVICE")]
+        device: String,
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+    /// List an account's devices: created, last seen and from which address, revoked.
+    Devices {
+        name: String,
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+    /// Revoke a device's token; its connections (a running watch too) are closed at once.
+    Revoke {
+        name: String,
+        device: String,
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
+        data: PathBuf,
+    },
+    /// Delete an account, its devices and all its files and history (asks first).
+    Remove {
+        name: String,
+        /// Do not ask (for scripts).
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
         data: PathBuf,
     },
     /// List accounts, with their changes, bytes used and quota.
     List {
-        #[arg(long, default_value = "./deltasync-data")]
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
         data: PathBuf,
     },
     /// Limit the bytes an account's files may take (works while the server runs).
@@ -183,7 +216,7 @@ pub enum AccountCommand {
         name: String,
         /// Like 500M, 10G, 1.5T (binary units), or `none` for no limit.
         size: String,
-        #[arg(long, default_value = "./deltasync-data")]
+        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
         data: PathBuf,
     },
 }

@@ -122,12 +122,90 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("deltasync: stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Add { name, data } } => {
+        Command::Account { command: AccountCommand::Add { name, device, data } } => {
+            check_names(&name, &device)?;
             let meta = server::open_metadata(&data)?;
-            let (acct, token) = server::add_account(meta.as_ref(), &name)
+            let fp = server::serving_fingerprint(&data).context("cannot set up the server's TLS identity")?;
+            let (acct, token) = server::add_account(meta.as_ref(), &name, &device)
                 .with_context(|| format!("cannot add account `{name}`"))?;
-            println!("Created account `{}`. Its token (shown only now; only a hash is stored):", acct.name);
-            println!("{token}");
+            println!("Created account `{}` with device `{device}`.", acct.name);
+            print_token(&fp, &token);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Account { command: AccountCommand::Token { name, device, data } } => {
+            check_names(&name, &device)?;
+            let meta = server::open_metadata(&data)?;
+            let fp = server::serving_fingerprint(&data).context("cannot set up the server's TLS identity")?;
+            let token = server::new_token();
+            match meta.add_device(&name, &device, &token) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(no_account(&name, &data)),
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot add device `{device}`"))),
+            }
+            println!("Added device `{device}` to account `{name}`.");
+            print_token(&fp, &token);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Account { command: AccountCommand::Devices { name, data } } => {
+            let meta = server::open_metadata(&data)?;
+            let Some(devices) = meta.list_devices(&name)? else { return Err(no_account(&name, &data)) };
+            for d in devices {
+                let seen = match (d.last_seen, &d.last_addr) {
+                    (Some(t), Some(a)) => format!("last seen {} from {a}", deltasync::when::format_rfc3339(t)),
+                    (Some(t), None) => format!("last seen {}", deltasync::when::format_rfc3339(t)),
+                    _ => "never seen".to_string(),
+                };
+                let state = match d.revoked {
+                    Some(t) => format!("revoked {}", deltasync::when::format_rfc3339(t)),
+                    None => "active".to_string(),
+                };
+                println!("{}\t{state}\t{seen}\tcreated {}", d.name, deltasync::when::format_rfc3339(d.created));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Account { command: AccountCommand::Revoke { name, device, data } } => {
+            let meta = server::open_metadata(&data)?;
+            if !meta.revoke_device(&name, &device)? {
+                anyhow::bail!(
+                    "account `{name}` has no active device `{device}`; see `deltasync account devices {name} --data {}`",
+                    data.display()
+                );
+            }
+            println!(
+                "Revoked device `{device}` of account `{name}`: its token no longer works, and a running server closes its connections within a second."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Account { command: AccountCommand::Remove { name, yes, data } } => {
+            let meta = server::open_metadata(&data)?;
+            let Some(info) = meta.list_accounts()?.into_iter().find(|a| a.account.name == name) else {
+                return Err(no_account(&name, &data));
+            };
+            if !yes {
+                use std::io::IsTerminal;
+                if !std::io::stdin().is_terminal() {
+                    eprintln!(
+                        "deltasync: refusing to remove account `{name}` without confirmation: pass --yes (stdin is not a terminal)"
+                    );
+                    return Ok(ExitCode::from(code::USAGE));
+                }
+                eprint!(
+                    "Remove account `{name}`: its devices, its files ({}) and all their history? This cannot be undone. Type the account's name to confirm: ",
+                    server::human_size(info.used)
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer).context("cannot read the confirmation")?;
+                if answer.trim() != name {
+                    eprintln!("deltasync: not confirmed; nothing was removed");
+                    return Ok(ExitCode::from(code::FAILED));
+                }
+            }
+            if !meta.remove_account(&name)? {
+                return Err(no_account(&name, &data));
+            }
+            println!(
+                "Removed account `{name}`. The space its files took is freed by the next prune (hourly in a running server, or `deltasync prune`)."
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Account { command: AccountCommand::List { data } } => {
@@ -406,6 +484,23 @@ async fn undo(
     }
     let report = folder.round(&mut client, &opts, &me, &Arc::new(progress)).await?;
     Ok(report_round(dir, &report, false, false, false, false))
+}
+
+fn check_names(account: &str, device: &str) -> anyhow::Result<()> {
+    server::auth::check_name("account name", account).map_err(anyhow::Error::msg)?;
+    server::auth::check_name("device name", device).map_err(anyhow::Error::msg)
+}
+
+fn no_account(name: &str, data: &std::path::Path) -> anyhow::Error {
+    anyhow::anyhow!("no account named `{name}` in {}; see `deltasync account list --data {}`", data.display(), data.display())
+}
+
+/// What a new device needs: the server's fingerprint, and its token as the last line.
+fn print_token(fp: &deltasync::transport::Fingerprint, token: &str) {
+    println!("The server's fingerprint (give it to the device's --fingerprint, or compare it at the first connection):");
+    println!("fingerprint: {fp}");
+    println!("The device's token (shown only now; only a hash is stored):");
+    println!("{token}");
 }
 
 /// The options every push, pull and watch shares: server, credentials, trust, timeout.
