@@ -4,10 +4,13 @@
 //! - [`meta`]: accounts, path states and the journal (SQLite). All SQL lives there.
 //! - [`store`]: the per-account plain mirror, temp area and signature cache. All file I/O.
 //! - [`session`]: one task per connection: handshake, then requests in order.
+//! - [`auth`]: account and device names; the per-address brakes on authentication and open
+//!   registration.
 //!
 //! Commits to one account are serialized by a per-account lock; accounts never wait on each other
 //! except for the short SQLite transaction.
 
+pub mod auth;
 pub mod batch;
 pub mod content;
 pub mod history;
