@@ -114,7 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Account { command: AccountCommand::Add { name, data } } => {
             let meta = server::open_metadata(&data)?;
-            let (acct, token) = server::add_account(meta.as_ref(), &name)
+            let (acct, token) = server::add_account(meta.as_ref(), &name, "first")
                 .with_context(|| format!("cannot add account `{name}`"))?;
             println!("Created account `{}`. Its token (shown only now; only a hash is stored):", acct.name);
             println!("{token}");

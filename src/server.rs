@@ -193,10 +193,11 @@ pub fn new_token() -> String {
     hex::encode(b)
 }
 
-/// Creates an account and returns its token (shown once; only its hash is stored).
-pub fn add_account(meta: &Metadata, name: &str) -> Result<(Account, String), meta::MetaError> {
+/// Creates an account with its first device and returns that device's token (shown once; only
+/// its hash is stored).
+pub fn add_account(meta: &Metadata, name: &str, device: &str) -> Result<(Account, String), meta::MetaError> {
     let token = new_token();
-    let acct = meta.add_account(name, &token)?;
+    let acct = meta.add_account(name, device, &token)?;
     Ok((acct, token))
 }
 
