@@ -4,10 +4,13 @@
 //! - [`meta`]: accounts, path states and the journal (SQLite). All SQL lives there.
 //! - [`store`]: the per-account plain mirror, temp area and signature cache. All file I/O.
 //! - [`session`]: one task per connection: handshake, then requests in order.
+//! - [`auth`]: account and device names; the per-address brakes on authentication and open
+//!   registration.
 //!
 //! Commits to one account are serialized by a per-account lock; accounts never wait on each other
 //! except for the short SQLite transaction.
 
+pub mod auth;
 pub mod batch;
 pub mod content;
 pub mod history;
@@ -202,10 +205,11 @@ pub fn new_token() -> String {
     hex::encode(b)
 }
 
-/// Creates an account and returns its token (shown once; only its hash is stored).
-pub fn add_account(meta: &Metadata, name: &str) -> Result<(Account, String), meta::MetaError> {
+/// Creates an account with its first device and returns that device's token (shown once; only
+/// its hash is stored).
+pub fn add_account(meta: &Metadata, name: &str, device: &str) -> Result<(Account, String), meta::MetaError> {
     let token = new_token();
-    let acct = meta.add_account(name, &token)?;
+    let acct = meta.add_account(name, device, &token)?;
     Ok((acct, token))
 }
 

@@ -673,7 +673,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&d.path().join("db")).unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(LocalChunks::open(&d.path().join("packs")).unwrap());
-        let acct = meta.add_account("a", "t").unwrap().id;
+        let acct = meta.add_account("a", "d", "t").unwrap().id;
         let base = pseudo_random(5 << 20, 11);
         let mut new = base.clone();
         new.splice(2_000_000..2_000_000, pseudo_random(3000, 12));

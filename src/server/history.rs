@@ -220,3 +220,107 @@ pub fn prune_store(
     }
     Ok(sum)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::delta::pseudo_random;
+    use crate::hash::ContentHash;
+    use crate::protocol::Meta;
+    use crate::server::content::{ChunkKey, Chunker, PackSink};
+    use crate::server::meta::{AccountId, Change, Step};
+    use crate::server::store::PackId;
+    use crate::server::store::local::LocalChunks;
+    use crate::server::store::sqlite::SqliteMeta;
+
+    /// Stores `data` in packs of its own; its chunk list.
+    fn store(meta: &Metadata, chunks: &Arc<dyn ChunkStore>, data: &[u8]) -> Vec<(ChunkKey, u32)> {
+        let mut sink = PackSink::new(chunks.clone());
+        let mut w = Chunker::new(&mut sink, meta);
+        std::io::Write::write_all(&mut w, data).unwrap();
+        let list = w.finish().unwrap();
+        sink.seal(meta).unwrap();
+        list
+    }
+
+    fn put(meta: &Metadata, account: AccountId, path: &str, data: &[u8], list: &[(ChunkKey, u32)]) {
+        let node = Node::File {
+            hash: ContentHash::of(data),
+            size: data.len() as u64,
+            meta: Meta { mtime_ns: 0, mode: 0o644 },
+        };
+        let change = Change {
+            path: RelPath::new(path).unwrap(),
+            base_rev: 0,
+            node: Some(node),
+            chunks: Some(list.to_vec()),
+        };
+        let next = meta.seq(account).unwrap() + 1;
+        let step = Step { op: "write", changes: vec![change] };
+        assert_eq!(meta.commit(account, "d", &[step]).unwrap(), [Ok(next)]);
+    }
+
+    fn read(meta: &Metadata, chunks: &Arc<dyn ChunkStore>, account: AccountId, data: &[u8]) -> Vec<u8> {
+        let (size, locs) = meta.content(account, &ContentHash::of(data)).unwrap().unwrap();
+        let mut r = Reader::new(chunks.clone(), locs);
+        Source::bytes(&mut r, 0..size as usize).unwrap().to_vec()
+    }
+
+    fn packs(chunks: &Arc<dyn ChunkStore>) -> std::collections::BTreeSet<PackId> {
+        chunks.list().unwrap().into_iter().map(|p| p.0).collect()
+    }
+
+    #[test]
+    fn a_prune_after_removing_an_account_frees_its_data_and_keeps_what_others_use() {
+        let d = tempfile::tempdir().unwrap();
+        let sqlite = SqliteMeta::open(&d.path().join("db")).unwrap();
+        let meta: &Metadata = &sqlite;
+        let chunks: Arc<dyn ChunkStore> = Arc::new(LocalChunks::open(&d.path().join("packs")).unwrap());
+        let a = meta.add_account("a", "d", "ta").unwrap().id;
+        let b = meta.add_account("b", "d", "tb").unwrap().id;
+        let (shared, mine, theirs) =
+            (pseudo_random(300_000, 1), pseudo_random(300_000, 2), pseudo_random(300_000, 3));
+        let shared_list = store(meta, &chunks, &shared);
+        let kept = packs(&chunks);
+        let mine_list = store(meta, &chunks, &mine);
+        let mine_packs: Vec<PackId> = packs(&chunks).difference(&kept).copied().collect();
+        let theirs_list = store(meta, &chunks, &theirs);
+        put(meta, a, "s", &shared, &shared_list);
+        put(meta, a, "m", &mine, &mine_list);
+        put(meta, b, "s", &shared, &shared_list);
+        put(meta, b, "t", &theirs, &theirs_list);
+        // Its signature and a cut-off upload refer to chunks too.
+        let sig = pseudo_random(50_000, 4);
+        let sig_list = store(meta, &chunks, &sig);
+        assert!(meta.save_signature(&ContentHash::of(&mine), 4096, &sig_list).unwrap());
+        let part = pseudo_random(50_000, 5);
+        let part_list = store(meta, &chunks, &part);
+        let p = RelPath::new("p").unwrap();
+        assert!(meta.save_partial(a, &p, &ContentHash::of(b"x"), 1 << 20, None, &part_list).unwrap());
+        let before = packs(&chunks);
+
+        // Nothing to free while the account is there.
+        let s = prune_store(meta, chunks.as_ref(), &Keep::All, Duration::ZERO).unwrap();
+        assert_eq!((s.packs, s.repacked), (0, 0));
+        assert_eq!(packs(&chunks), before);
+
+        assert!(meta.remove_account("a").unwrap());
+        let s = prune_store(meta, chunks.as_ref(), &Keep::All, Duration::ZERO).unwrap();
+        assert_eq!(s.packs, 3, "the account's content, signature and partial upload packs");
+        for (key, _) in mine_list.iter().chain(&sig_list).chain(&part_list) {
+            assert!(!meta.chunk_exists(key).unwrap(), "a chunk of the removed account is still recorded");
+        }
+        let after = packs(&chunks);
+        assert!(mine_packs.iter().all(|p| !after.contains(p)), "its pack is still on disk");
+        assert_eq!(after.len(), before.len() - 3);
+        assert!(meta.signature(&ContentHash::of(&mine), 4096).unwrap().is_none());
+        // The other account's files, the shared one too, read back whole.
+        assert_eq!(read(meta, &chunks, b, &shared), shared);
+        assert_eq!(read(meta, &chunks, b, &theirs), theirs);
+        for (key, _) in shared_list.iter().chain(&theirs_list) {
+            assert!(meta.chunk_exists(key).unwrap());
+        }
+    }
+}

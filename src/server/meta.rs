@@ -22,6 +22,8 @@ pub enum MetaError {
     Sql(#[from] rusqlite::Error),
     #[error("an account named `{0}` exists already")]
     AccountExists(String),
+    #[error("the account has a device named `{0}` already; revoke it first or choose another name")]
+    DeviceExists(String),
     #[error("corrupt row for `{0}` in the database")]
     CorruptRow(String),
     #[error("the OS random number generator failed: {0}")]
@@ -34,6 +36,27 @@ pub type AccountId = i64;
 pub struct Account {
     pub id: AccountId,
     pub name: String,
+}
+
+pub type DeviceId = i64;
+
+/// One device of an account: it holds its own token (only its hash is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub name: String,
+}
+
+/// A device as `account devices` shows it. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub created: i64,
+    /// When it last authenticated, and from where (as [`MetaStore::device_seen`] recorded).
+    pub last_seen: Option<i64>,
+    pub last_addr: Option<String>,
+    /// When it was revoked: its token no longer works, and its name may be issued again.
+    pub revoked: Option<i64>,
 }
 
 /// An account as `account list` shows it.
@@ -78,11 +101,36 @@ pub trait MetaStore: Send + Sync {
     /// The bytes of the account's live files and its quota, if any.
     fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError>;
 
-    fn add_account(&self, name: &str, token: &str) -> Result<Account, MetaError>;
+    /// Creates an account and its first device (holding `token`) in one transaction;
+    /// [`MetaError::AccountExists`] if the name is taken.
+    fn add_account(&self, name: &str, device: &str, token: &str) -> Result<Account, MetaError>;
+
+    /// A new device of `account` holding `token`; `None` if there is no such account,
+    /// [`MetaError::DeviceExists`] if a device of that name is live (a revoked name may be reused).
+    fn add_device(&self, account: &str, device: &str, token: &str) -> Result<Option<DeviceId>, MetaError>;
 
     fn list_accounts(&self) -> Result<Vec<AccountInfo>, MetaError>;
 
-    fn authenticate(&self, token: &str) -> Result<Option<Account>, MetaError>;
+    /// The account and device holding `token`; `None` for an unknown or revoked token.
+    fn authenticate(&self, token: &str) -> Result<Option<(Account, Device)>, MetaError>;
+
+    /// Records that a device authenticated at `at` (Unix seconds) from `addr`.
+    fn device_seen(&self, device: DeviceId, addr: &str, at: i64) -> Result<(), MetaError>;
+
+    /// The account's devices, revoked ones too, oldest first; `None` if there is no such account.
+    fn list_devices(&self, account: &str) -> Result<Option<Vec<DeviceInfo>>, MetaError>;
+
+    /// Revokes the account's live device of that name; `false` if there is none.
+    fn revoke_device(&self, account: &str, device: &str) -> Result<bool, MetaError>;
+
+    /// Deletes the account and everything of it (paths, history, contents, partial uploads,
+    /// devices) in one transaction; `false` if there is no such account. Its chunks are freed
+    /// by the next prune.
+    fn remove_account(&self, name: &str) -> Result<bool, MetaError>;
+
+    /// Which of `ids` are still valid (not revoked, account not removed), in the order given:
+    /// the server asks this now and then to cut off the sessions of revoked devices.
+    fn live_devices(&self, ids: &[DeviceId]) -> Result<Vec<DeviceId>, MetaError>;
 
     /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
     fn get(&self, account: AccountId, path: &RelPath) -> Result<Option<Entry>, MetaError>;

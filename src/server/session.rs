@@ -225,13 +225,15 @@ where
     let auth =
         tokio::task::spawn_blocking(move || -> Result<Option<(Account, Option<String>, u64)>, MetaError> {
             let found = match token {
-                Some(t) => sh.meta.authenticate(&t)?.map(|a| (a, None)),
+                Some(t) => sh.meta.authenticate(&t)?.map(|(a, _device)| (a, None)),
                 None if sh.open_registration => {
                     let mut suffix = [0u8; 3];
                     let _ = getrandom::fill(&mut suffix);
-                    let name =
-                        format!("{}-{}", if dev.is_empty() { "device" } else { &dev }, hex::encode(suffix));
-                    let (a, t) = super::add_account(sh.meta.as_ref(), &name)?;
+                    // The account is named after the device (room left for the suffix).
+                    let label = super::auth::sanitize_name(&dev);
+                    let short: String = label.chars().take(super::auth::MAX_NAME - 7).collect();
+                    let name = format!("{short}-{}", hex::encode(suffix));
+                    let (a, t) = super::add_account(sh.meta.as_ref(), &name, &label)?;
                     Some((a, Some(t)))
                 }
                 None => None,

@@ -8,7 +8,7 @@ use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::{At, Meta, Node, RefusalKind};
 use crate::server::content::{ChunkLoc, NewChunk, Sealed};
-use crate::server::meta::{Change, Metadata, Step};
+use crate::server::meta::{Change, MetaError, Metadata, Step};
 
 /// Packs: invisible until finished, immutable, readable by range, deletable; an interrupted
 /// pack is removed by `clean_unfinished` and never listed.
@@ -70,8 +70,8 @@ fn put(path: &str, base_rev: u64, content: &[u8], key: [u8; 32]) -> Step {
 /// Metadata: every rule of a commit is decided inside its transaction; a refused step changes
 /// nothing; every version stays in history; a content refers only to stored chunks.
 pub fn metadata(m: &Metadata) {
-    let acct = m.add_account("alice", "token-a").unwrap().id;
-    let other = m.add_account("bob", "token-b").unwrap().id;
+    let acct = m.add_account("alice", "laptop", "token-a").unwrap().id;
+    let other = m.add_account("bob", "phone", "token-b").unwrap().id;
     let key = [1u8; 32];
     // A content whose chunk is not stored is refused, and nothing is written.
     let r = m.commit(acct, "dev", &[put("a.txt", 0, b"v1", key)]).unwrap();
@@ -152,6 +152,108 @@ pub fn metadata(m: &Metadata) {
     assert_eq!(m.rev_at(acct, At::Rev(3)).unwrap(), 3);
     assert_eq!(m.rev_at(acct, At::Time(0)).unwrap(), 0);
     assert_eq!(m.version(acct, &rel("a.txt"), 1).unwrap().unwrap().node, Some(file(b"v1")));
+
+    devices(m);
+}
+
+/// Devices: each has its own token, revoked alone; a removed account leaves nothing usable.
+fn devices(m: &Metadata) {
+    let alice = m.add_account("carol", "laptop", "tok-laptop").unwrap();
+    assert!(
+        matches!(m.add_account("carol", "x", "tok-other"), Err(MetaError::AccountExists(n)) if n == "carol")
+    );
+    assert!(m.authenticate("tok-other").unwrap().is_none(), "a refused account made a device");
+    let phone = m.add_device("carol", "phone", "tok-phone").unwrap().unwrap();
+    assert_eq!(m.add_device("nobody", "phone", "tok-x").unwrap(), None);
+    let (a1, d1) = m.authenticate("tok-laptop").unwrap().unwrap();
+    let (a2, d2) = m.authenticate("tok-phone").unwrap().unwrap();
+    assert_eq!((a1.id, a1.name.as_str(), d1.name.as_str()), (alice.id, "carol", "laptop"));
+    assert_eq!((a2.id, d2.id, d2.name.as_str()), (alice.id, phone, "phone"));
+    assert_ne!(d1.id, d2.id);
+    assert!(m.authenticate("tok-unknown").unwrap().is_none());
+    assert!(m.authenticate("").unwrap().is_none());
+    // A live name is taken; the same name on another account is not.
+    assert!(
+        matches!(m.add_device("carol", "phone", "tok-phone2"), Err(MetaError::DeviceExists(n)) if n == "phone")
+    );
+    assert!(m.authenticate("tok-phone2").unwrap().is_none());
+    let dave = m.add_account("dave", "phone", "tok-dave").unwrap();
+    assert_eq!(m.live_devices(&[d1.id, d2.id]).unwrap(), [d1.id, d2.id]);
+
+    // Seen: time and address.
+    m.device_seen(d2.id, "198.51.100.7:5000", 1_700_000_000).unwrap();
+    let list = m.list_devices("carol").unwrap().unwrap();
+    assert_eq!(list.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["laptop", "phone"]);
+    assert_eq!((list[0].last_seen, list[0].last_addr.as_deref()), (None, None));
+    assert_eq!(
+        (list[1].last_seen, list[1].last_addr.as_deref()),
+        (Some(1_700_000_000), Some("198.51.100.7:5000"))
+    );
+    assert!(list.iter().all(|d| d.revoked.is_none() && d.created > 0));
+    assert_eq!(m.list_devices("nobody").unwrap().map(|l| l.len()), None);
+
+    // Revoking one device stops its token only.
+    assert!(m.revoke_device("carol", "phone").unwrap());
+    assert!(!m.revoke_device("carol", "phone").unwrap(), "revoked twice");
+    assert!(!m.revoke_device("carol", "tablet").unwrap());
+    assert!(!m.revoke_device("nobody", "phone").unwrap());
+    assert!(m.authenticate("tok-phone").unwrap().is_none(), "a revoked token still works");
+    assert_eq!(m.authenticate("tok-laptop").unwrap().unwrap().1.id, d1.id);
+    assert_eq!(m.authenticate("tok-dave").unwrap().unwrap().0.id, dave.id, "another account's `phone`");
+    assert_eq!(m.live_devices(&[d2.id, d1.id, 987_654]).unwrap(), [d1.id]);
+    let list = m.list_devices("carol").unwrap().unwrap();
+    assert!(list[1].revoked.is_some() && list[0].revoked.is_none(), "{list:?}");
+
+    // A revoked name may be issued again, with a new token and a new id.
+    let again = m.add_device("carol", "phone", "tok-phone2").unwrap().unwrap();
+    assert!(again != d2.id);
+    assert_eq!(
+        m.authenticate("tok-phone2").unwrap().unwrap().1,
+        crate::server::meta::Device { id: again, name: "phone".into() }
+    );
+    assert!(m.authenticate("tok-phone").unwrap().is_none());
+    assert_eq!(m.list_devices("carol").unwrap().unwrap().len(), 3);
+
+    // Removing the account: every token of it fails, its names are free, others are untouched.
+    let key = [3u8; 32];
+    let pack = PackId([8; 16]);
+    let loc = ChunkLoc { pack, offset: 45, stored: 2, raw: 2, zstd: false };
+    m.add_pack(&Sealed { pack, size: 47, chunks: vec![NewChunk { key, loc }] }).unwrap();
+    assert_eq!(m.commit(alice.id, "laptop", &[put("c.txt", 0, b"c1", key)]).unwrap(), vec![Ok(1)]);
+    assert_eq!(m.commit(dave.id, "phone", &[put("d.txt", 0, b"c1", key)]).unwrap(), vec![Ok(1)]);
+    assert!(m.remove_account("carol").unwrap());
+    assert!(!m.remove_account("carol").unwrap());
+    assert!(!m.remove_account("nobody").unwrap());
+    for t in ["tok-laptop", "tok-phone", "tok-phone2"] {
+        assert!(m.authenticate(t).unwrap().is_none(), "{t} works after the account was removed");
+    }
+    assert!(m.live_devices(&[d1.id, again]).unwrap().is_empty());
+    assert_eq!(m.list_devices("carol").unwrap().map(|l| l.len()), None);
+    assert!(m.list_accounts().unwrap().iter().all(|a| a.account.name != "carol"));
+    assert_eq!(m.content(alice.id, &ContentHash::of(b"c1")).unwrap(), None);
+    assert!(m.log(alice.id, None, false, 10).unwrap().is_empty());
+    assert!(!m.set_quota("carol", Some(1)).unwrap());
+    let dave_dev = m.authenticate("tok-dave").unwrap().unwrap().1.id;
+    assert_eq!(m.live_devices(&[dave_dev]).unwrap(), [dave_dev]);
+    assert_eq!(m.content(dave.id, &ContentHash::of(b"c1")).unwrap(), Some((2, vec![loc])));
+    assert!(m.get(dave.id, &rel("d.txt")).unwrap().unwrap().node.is_some());
+    // The name is free: a new account of that name has a new id and nothing of the old one.
+    let back = m.add_account("carol", "laptop", "tok-back").unwrap();
+    assert!(back.id != alice.id);
+    assert_eq!(m.seq(back.id).unwrap(), 0);
+    assert!(m.get(back.id, &rel("c.txt")).unwrap().is_none());
+    assert!(m.authenticate("tok-laptop").unwrap().is_none());
+    assert_eq!(m.list_devices("carol").unwrap().unwrap().len(), 1);
+
+    // Ids are never reused, not even the newest's: a session of a removed account, still
+    // running until the server polls `live_devices`, must not become a newcomer's.
+    let gone = m.add_account("erin", "pc", "tok-erin").unwrap();
+    let gone_dev = m.authenticate("tok-erin").unwrap().unwrap().1.id;
+    assert!(m.remove_account("erin").unwrap());
+    let next = m.add_account("frank", "pc", "tok-frank").unwrap();
+    let next_dev = m.authenticate("tok-frank").unwrap().unwrap().1.id;
+    assert!(next.id != gone.id && next_dev != gone_dev, "ids reused");
+    assert!(m.live_devices(&[gone_dev]).unwrap().is_empty());
 }
 
 #[test]

@@ -16,30 +16,94 @@ use crate::path::RelPath;
 use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
 use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, NewChunk, Sealed};
 use crate::server::meta::{
-    Account, AccountId, AccountInfo, MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
+    Account, AccountId, AccountInfo, Device, DeviceId, DeviceInfo, MetaError, MetaStore, PAGE, PARTIAL_KEEP,
+    Partial, Pruned, Step,
 };
 use crate::server::retention::Keep;
 
-/// Brings a database made by an older version up to date: accounts gain `used` (bytes of live
-/// files, kept by every commit) and `quota` (NULL: none).
-fn migrate(conn: &Connection) -> Result<(), MetaError> {
-    let has_used = |conn: &Connection| -> rusqlite::Result<bool> {
-        conn.prepare("SELECT 1 FROM pragma_table_info('accounts') WHERE name='used'")?.exists([])
+/// The schema's version in `PRAGMA user_version`: 0 and 1 are the plain-mirror layout (converted
+/// by `server::migrate`), 2 the versioned store, 3 with per-device tokens (`devices`).
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The `accounts` table as version 3 makes it (also when [`migrate`] rebuilds it). Ids are
+/// `AUTOINCREMENT` so a removed account's id is never given to a new one: a session of the removed
+/// account still running until it is cut off must not reach a newcomer's files.
+macro_rules! accounts_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE IF NOT EXISTS ",
+            $name,
+            " (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    seq INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,   -- bytes of live files, kept by every commit
+    quota INTEGER                      -- NULL: none
+);"
+        )
     };
-    if has_used(conn)? {
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name=?2")?.exists(params![table, column])
+}
+
+/// Whether [`migrate`] has something to do.
+fn outdated(conn: &Connection) -> rusqlite::Result<bool> {
+    Ok(!has_column(conn, "accounts", "used")? || has_column(conn, "accounts", "token_hash")?)
+}
+
+/// Brings a database made by an older version up to date, in one transaction: accounts gain
+/// `used` (bytes of live files) and `quota`; then (version 2 → 3) each account's token becomes
+/// the token of its device `first`, so old tokens keep working, and `accounts.token_hash` goes.
+/// A database of the plain-mirror layout keeps its `user_version` (its conversion sets it).
+fn migrate(conn: &Connection) -> Result<(), MetaError> {
+    if !outdated(conn)? {
         return Ok(());
     }
     // Another process (`serve` and `account add` on a fresh folder) may be doing the same: check
     // again inside the write transaction.
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let r = (|| -> rusqlite::Result<()> {
-        if !has_used(conn)? {
+        if !has_column(conn, "accounts", "used")? {
             conn.execute_batch(
                 "ALTER TABLE accounts ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
                  ALTER TABLE accounts ADD COLUMN quota INTEGER;
                  UPDATE accounts SET used = (SELECT COALESCE(SUM(size), 0) FROM files
                                              WHERE files.account = accounts.id AND kind = 1);",
             )?;
+        }
+        if has_column(conn, "accounts", "token_hash")? {
+            conn.execute(
+                "INSERT INTO devices (account, name, token_hash, created)
+                 SELECT id, ?1, token_hash, created FROM accounts ORDER BY id",
+                params![FIRST_DEVICE],
+            )?;
+            // SQLite cannot drop a UNIQUE column: a new table gets every other column, ids kept.
+            // A column this version does not know makes the copy fail (and the whole migration
+            // roll back) rather than vanish.
+            let columns: Vec<String> = conn
+                .prepare(
+                    "SELECT name FROM pragma_table_info('accounts') WHERE name <> 'token_hash' ORDER BY cid",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let columns = columns
+                .iter()
+                .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
+                .collect::<Vec<_>>()
+                .join(", ");
+            conn.execute_batch(accounts_table!("accounts_v3"))?;
+            conn.execute_batch(&format!(
+                "INSERT INTO accounts_v3 ({columns}) SELECT {columns} FROM accounts;
+                 DROP TABLE accounts;
+                 ALTER TABLE accounts_v3 RENAME TO accounts;"
+            ))?;
+        }
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version == 2 {
+            conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         }
         conn.execute_batch("COMMIT")
     })();
@@ -49,6 +113,9 @@ fn migrate(conn: &Connection) -> Result<(), MetaError> {
     Ok(r?)
 }
 
+/// The device an account's token becomes when a version-2 database is migrated.
+pub const FIRST_DEVICE: &str = "first";
+
 /// One connection behind a mutex: SQLite serializes writers anyway, and every call is short.
 /// This is a `std::sync::Mutex` (not a Tokio one) because no `.await` happens while it is held;
 /// callers run it on the blocking pool.
@@ -56,14 +123,24 @@ pub struct SqliteMeta {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS accounts (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
+const SCHEMA: &str = concat!(
+    accounts_table!("accounts"),
+    "
+-- Each device of an account holds its own token (only its SHA-256 is kept). A revoked device's
+-- row stays (`revoked`: when) for `account devices`; its name may be issued again. Ids are never
+-- reused: the server cuts off sessions whose device id is no longer live.
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account INTEGER NOT NULL,
+    name TEXT NOT NULL,
     token_hash BLOB NOT NULL UNIQUE,
-    seq INTEGER NOT NULL DEFAULT 0,
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    last_seen INTEGER,
+    last_addr TEXT,
+    revoked INTEGER
 );
+CREATE UNIQUE INDEX IF NOT EXISTS devices_live_name ON devices(account, name) WHERE revoked IS NULL;
+CREATE INDEX IF NOT EXISTS devices_account ON devices(account);
 CREATE TABLE IF NOT EXISTS files (
     account INTEGER NOT NULL,
     path TEXT NOT NULL,
@@ -167,7 +244,8 @@ CREATE TABLE IF NOT EXISTS journal (
     at INTEGER NOT NULL,
     PRIMARY KEY (account, seq)
 ) WITHOUT ROWID;
-";
+"
+);
 
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
@@ -255,16 +333,16 @@ impl SqliteMeta {
                       CASE kind WHEN 0 THEN 'delete' WHEN 2 THEN 'mkdir' WHEN 3 THEN 'symlink' ELSE 'write' END,
                       COALESCE((SELECT at FROM journal j WHERE j.account=files.account AND j.seq=files.rev), 0)
                FROM files;
-             DELETE FROM pending;
-             PRAGMA user_version = 2;",
+             DELETE FROM pending;",
         )?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         tx.commit()?;
         Ok(())
     }
 
     /// Marks a fresh database as the versioned store's.
     pub fn mark_layout(&self) -> Result<(), MetaError> {
-        self.conn().execute_batch("PRAGMA user_version = 2")?;
+        self.conn().execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         Ok(())
     }
 
@@ -305,21 +383,33 @@ impl MetaStore for SqliteMeta {
         })?)
     }
 
-    fn add_account(&self, name: &str, token: &str) -> Result<Account, MetaError> {
-        let c = self.conn();
-        let r = c.execute(
-            "INSERT INTO accounts (name, token_hash, created) VALUES (?1, ?2, ?3)",
-            params![name, token_hash(token), now_secs()],
-        );
-        match r {
-            Ok(_) => Ok(Account { id: c.last_insert_rowid(), name: name.to_string() }),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(MetaError::AccountExists(name.to_string()))
-            }
-            Err(e) => Err(e.into()),
+    fn add_account(&self, name: &str, device: &str, token: &str) -> Result<Account, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if account_id(&tx, name)?.is_some() {
+            return Err(MetaError::AccountExists(name.to_string()));
         }
+        let now = now_secs();
+        tx.execute("INSERT INTO accounts (name, created) VALUES (?1, ?2)", params![name, now])?;
+        let id = tx.last_insert_rowid();
+        insert_device(&tx, id, device, token, now)?;
+        tx.commit()?;
+        Ok(Account { id, name: name.to_string() })
+    }
+
+    fn add_device(&self, account: &str, device: &str, token: &str) -> Result<Option<DeviceId>, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Some(acct) = account_id(&tx, account)? else { return Ok(None) };
+        let live = tx
+            .prepare_cached("SELECT 1 FROM devices WHERE account=?1 AND name=?2 AND revoked IS NULL")?
+            .exists(params![acct, device])?;
+        if live {
+            return Err(MetaError::DeviceExists(device.to_string()));
+        }
+        let id = insert_device(&tx, acct, device, token, now_secs())?;
+        tx.commit()?;
+        Ok(Some(id))
     }
 
     fn list_accounts(&self) -> Result<Vec<AccountInfo>, MetaError> {
@@ -336,14 +426,84 @@ impl MetaStore for SqliteMeta {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn authenticate(&self, token: &str) -> Result<Option<Account>, MetaError> {
+    fn authenticate(&self, token: &str) -> Result<Option<(Account, Device)>, MetaError> {
         let c = self.conn();
-        Ok(c.query_row(
-            "SELECT id, name FROM accounts WHERE token_hash = ?1",
-            params![token_hash(token)],
-            |r| Ok(Account { id: r.get(0)?, name: r.get(1)? }),
-        )
+        Ok(c.prepare_cached(
+            "SELECT a.id, a.name, d.id, d.name FROM devices d JOIN accounts a ON a.id = d.account
+             WHERE d.token_hash = ?1 AND d.revoked IS NULL",
+        )?
+        .query_row(params![token_hash(token)], |r| {
+            Ok((Account { id: r.get(0)?, name: r.get(1)? }, Device { id: r.get(2)?, name: r.get(3)? }))
+        })
         .optional()?)
+    }
+
+    fn device_seen(&self, device: DeviceId, addr: &str, at: i64) -> Result<(), MetaError> {
+        let c = self.conn();
+        c.prepare_cached("UPDATE devices SET last_seen=?2, last_addr=?3 WHERE id=?1")?
+            .execute(params![device, at, addr])?;
+        Ok(())
+    }
+
+    fn list_devices(&self, account: &str) -> Result<Option<Vec<DeviceInfo>>, MetaError> {
+        let c = self.conn();
+        let Some(acct) = account_id(&c, account)? else { return Ok(None) };
+        let mut st = c.prepare(
+            "SELECT name, created, last_seen, last_addr, revoked FROM devices WHERE account=?1 ORDER BY id",
+        )?;
+        let rows = st.query_map(params![acct], |r| {
+            Ok(DeviceInfo {
+                name: r.get(0)?,
+                created: r.get(1)?,
+                last_seen: r.get(2)?,
+                last_addr: r.get(3)?,
+                revoked: r.get(4)?,
+            })
+        })?;
+        Ok(Some(rows.collect::<Result<_, _>>()?))
+    }
+
+    fn revoke_device(&self, account: &str, device: &str) -> Result<bool, MetaError> {
+        let c = self.conn();
+        let n = c.execute(
+            "UPDATE devices SET revoked=?3
+             WHERE account=(SELECT id FROM accounts WHERE name=?1) AND name=?2 AND revoked IS NULL",
+            params![account, device, now_secs()],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn remove_account(&self, name: &str) -> Result<bool, MetaError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Some(id) = account_id(&tx, name)? else { return Ok(false) };
+        // Every table with an `account` column; signatures (shared, by content hash) and chunks
+        // nothing uses any more are forgotten by the next prune.
+        for table in ["files", "history", "contents", "partial", "journal", "pending", "devices"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE account=?1"), params![id])?;
+        }
+        tx.execute("DELETE FROM accounts WHERE id=?1", params![id])?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn live_devices(&self, ids: &[DeviceId]) -> Result<Vec<DeviceId>, MetaError> {
+        let c = self.conn();
+        let mut live = std::collections::HashSet::new();
+        // Well below SQLite's limit on parameters per statement.
+        for part in ids.chunks(500) {
+            let marks = vec!["?"; part.len()].join(",");
+            // Not cached: the text differs with the number of ids.
+            let mut st = c.prepare(&format!(
+                "SELECT d.id FROM devices d JOIN accounts a ON a.id = d.account
+                 WHERE d.revoked IS NULL AND d.id IN ({marks})"
+            ))?;
+            let found = st.query_map(rusqlite::params_from_iter(part), |r| r.get::<_, DeviceId>(0))?;
+            for id in found {
+                live.insert(id?);
+            }
+        }
+        Ok(ids.iter().copied().filter(|id| live.contains(id)).collect())
     }
 
     /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
@@ -886,6 +1046,26 @@ impl MetaStore for SqliteMeta {
     }
 }
 
+/// The id of the account named `name`.
+fn account_id(c: &rusqlite::Connection, name: &str) -> Result<Option<AccountId>, MetaError> {
+    Ok(c.prepare_cached("SELECT id FROM accounts WHERE name=?1")?
+        .query_row(params![name], |r| r.get(0))
+        .optional()?)
+}
+
+/// Adds a device row (inside the caller's transaction) and returns its id.
+fn insert_device(
+    tx: &rusqlite::Connection,
+    account: AccountId,
+    name: &str,
+    token: &str,
+    now: i64,
+) -> Result<DeviceId, MetaError> {
+    tx.prepare_cached("INSERT INTO devices (account, name, token_hash, created) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![account, name, token_hash(token), now])?;
+    Ok(tx.last_insert_rowid())
+}
+
 fn next_seq(tx: &rusqlite::Connection, account: AccountId) -> Result<u64, MetaError> {
     let seq: i64 =
         tx.query_row("UPDATE accounts SET seq = seq + 1 WHERE id=?1 RETURNING seq", params![account], |r| {
@@ -1204,4 +1384,183 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
         return Ok(Err(bad()));
     };
     Ok(Ok(Entry { path: rel, rev: rev as u64, node, device }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `accounts` table as version 2 left it (`used` and `quota` added by a migration).
+    const V2_ACCOUNTS: &str = "
+        CREATE TABLE accounts (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            token_hash BLOB NOT NULL UNIQUE,
+            seq INTEGER NOT NULL DEFAULT 0,
+            created INTEGER NOT NULL
+        , used INTEGER NOT NULL DEFAULT 0, quota INTEGER);";
+
+    fn old_db(path: &Path, accounts: &str, version: i64) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(accounts).unwrap();
+        for (id, name, token) in [(1, "alice", "token-alice"), (2, "bob", "token-bob")] {
+            c.execute(
+                "INSERT INTO accounts (id, name, token_hash, seq, created) VALUES (?1, ?2, ?3, 7, 1000)",
+                params![id, name, token_hash(token)],
+            )
+            .unwrap();
+        }
+        c.execute_batch(&format!("PRAGMA user_version = {version}")).unwrap();
+    }
+
+    fn columns(m: &SqliteMeta) -> Vec<String> {
+        m.conn()
+            .prepare("SELECT name FROM pragma_table_info('accounts') ORDER BY cid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn version_2_tokens_become_device_first_and_keep_working() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        old_db(&path, V2_ACCOUNTS, 2);
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch("UPDATE accounts SET used=123, quota=4096 WHERE name='alice'").unwrap();
+        }
+        let m = SqliteMeta::open(&path).unwrap();
+        assert_eq!(m.layout().unwrap(), 3);
+        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota"]);
+        let (a, dev) = m.authenticate("token-alice").unwrap().unwrap();
+        assert_eq!((a.id, a.name.as_str(), dev.name.as_str()), (1, "alice", FIRST_DEVICE));
+        let (b, _) = m.authenticate("token-bob").unwrap().unwrap();
+        assert_eq!((b.id, b.name.as_str()), (2, "bob"));
+        assert_eq!(m.usage(1).unwrap(), (123, Some(4096)));
+        assert_eq!(m.seq(2).unwrap(), 7);
+        let list = m.list_devices("alice").unwrap().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!((list[0].name.as_str(), list[0].created), (FIRST_DEVICE, 1000));
+        assert!(matches!(m.add_device("alice", FIRST_DEVICE, "t"), Err(MetaError::DeviceExists(_))));
+        drop(m);
+
+        // Opening again changes nothing; new ids follow the old ones and are never reused.
+        let m = SqliteMeta::open(&path).unwrap();
+        assert_eq!(m.list_devices("alice").unwrap().unwrap().len(), 1);
+        let carol = m.add_account("carol", "pc", "token-carol").unwrap();
+        assert_eq!(carol.id, 3);
+        assert!(m.remove_account("carol").unwrap());
+        assert_eq!(m.add_account("dave", "pc", "token-dave").unwrap().id, 4);
+        assert!(m.authenticate("token-alice").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_plain_mirror_database_keeps_its_layout_version_until_it_is_converted() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        // As the plain-mirror release made it: no `used`, `quota`, user_version 0.
+        let v1 = V2_ACCOUNTS.replace(", used INTEGER NOT NULL DEFAULT 0, quota INTEGER", "");
+        old_db(&path, &v1, 0);
+        let m = SqliteMeta::open(&path).unwrap();
+        assert_eq!(m.layout().unwrap(), 0, "the mirror conversion would be skipped");
+        assert!(!columns(&m).contains(&"token_hash".to_string()));
+        assert_eq!(m.authenticate("token-bob").unwrap().unwrap().1.name, FIRST_DEVICE);
+        m.convert_mirror(&[]).unwrap();
+        assert_eq!(m.layout().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_column_the_migration_does_not_know_stops_it_and_nothing_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("db");
+        old_db(&path, &V2_ACCOUNTS.replace("quota INTEGER", "quota INTEGER, note TEXT"), 2);
+        assert!(SqliteMeta::open(&path).is_err());
+        let c = Connection::open(&path).unwrap();
+        let has: bool = c
+            .prepare("SELECT 1 FROM pragma_table_info('accounts') WHERE name='token_hash'")
+            .unwrap()
+            .exists([])
+            .unwrap();
+        let devices: i64 = c.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0)).unwrap();
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!((has, devices, version), (true, 0, 2));
+    }
+
+    /// Rows in every table with an `account` column, per account (found from the schema, so a
+    /// table added later is checked too).
+    fn rows_of(m: &SqliteMeta, account: AccountId) -> Vec<(String, i64)> {
+        let c = m.conn();
+        let tables: Vec<String> = c
+            .prepare(
+                "SELECT m.name FROM sqlite_master m, pragma_table_info(m.name) p
+                 WHERE m.type = 'table' AND p.name = 'account' ORDER BY m.name",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        tables
+            .into_iter()
+            .map(|t| {
+                let n = c
+                    .query_row(&format!("SELECT COUNT(*) FROM {t} WHERE account=?1"), [account], |r| r.get(0))
+                    .unwrap();
+                (t, n)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn removing_an_account_leaves_no_row_of_it() {
+        use crate::protocol::Meta;
+        use crate::server::meta::Change;
+        let d = tempfile::tempdir().unwrap();
+        let m = SqliteMeta::open(&d.path().join("db")).unwrap();
+        let mut ids = Vec::new();
+        for name in ["a", "b"] {
+            let id = m.add_account(name, "laptop", &format!("t-{name}")).unwrap().id;
+            m.add_device(name, "phone", &format!("p-{name}")).unwrap().unwrap();
+            let key = [name.as_bytes()[0]; 32];
+            let pack = PackId([name.as_bytes()[0]; 16]);
+            let loc = ChunkLoc { pack, offset: 0, stored: 2, raw: 2, zstd: false };
+            m.add_pack(&Sealed { pack, size: 2, chunks: vec![NewChunk { key, loc }] }).unwrap();
+            let node =
+                Node::File { hash: ContentHash::of(b"xy"), size: 2, meta: Meta { mtime_ns: 0, mode: 0 } };
+            let path = RelPath::new("f").unwrap();
+            let change =
+                Change { path: path.clone(), base_rev: 0, node: Some(node), chunks: Some(vec![(key, 2)]) };
+            assert_eq!(
+                m.commit(id, "laptop", &[Step { op: "write", changes: vec![change] }]).unwrap(),
+                [Ok(1)]
+            );
+            let p = RelPath::new("p").unwrap();
+            assert!(m.save_partial(id, &p, &ContentHash::of(b"z"), 9, None, &[(key, 2)]).unwrap());
+            m.conn()
+                .execute_batch(&format!(
+                    "INSERT INTO journal (account, seq, op, path, device, at) VALUES ({id}, 1, 'write', 'f', 'laptop', 0);
+                     INSERT INTO pending (account, path, tmp, node, op, device) VALUES ({id}, 'f', 't', x'00', 'write', 'laptop');"
+                ))
+                .unwrap();
+            ids.push(id);
+        }
+        let full = rows_of(&m, ids[0]);
+        assert!(full.len() >= 7 && full.iter().all(|(_, n)| *n > 0), "{full:?}");
+        assert!(m.remove_account("a").unwrap());
+        let left = rows_of(&m, ids[0]);
+        assert!(left.iter().all(|(_, n)| *n == 0), "rows left: {left:?}");
+        assert_eq!(rows_of(&m, ids[1]), full, "the other account lost rows");
+    }
+
+    #[test]
+    fn a_fresh_database_has_the_current_schema() {
+        let d = tempfile::tempdir().unwrap();
+        let m = SqliteMeta::open(&d.path().join("db")).unwrap();
+        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota"]);
+        m.mark_layout().unwrap();
+        assert_eq!(m.layout().unwrap(), SCHEMA_VERSION);
+    }
 }
