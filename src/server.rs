@@ -109,6 +109,10 @@ pub struct Shared {
     /// See [`IO_TIMEOUT`] and [`IDLE_TIMEOUT`].
     pub io_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Failed-authentication slowdown and open-registration limits, per source address.
+    pub limits: auth::Limits,
+    /// Connected sessions by credential, so a revoked device is cut off (see [`cut_off_revoked`]).
+    devices: Arc<Mutex<HashMap<meta::DeviceId, Vec<(u64, CancellationToken)>>>>,
     locks: Mutex<HashMap<AccountId, Arc<tokio::sync::Mutex<()>>>>,
     hub: Mutex<HashMap<AccountId, broadcast::Sender<(u64, u64)>>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -137,10 +141,22 @@ impl Shared {
             server_id,
             io_timeout,
             idle_timeout: IDLE_TIMEOUT.max(io_timeout),
+            limits: auth::Limits::new(),
+            devices: Arc::default(),
             locks: Mutex::default(),
             hub: Mutex::default(),
             next_session: Default::default(),
         })
+    }
+
+    /// Records a session of `device`; the token is cancelled when the device is revoked, and
+    /// the guard forgets the session when dropped.
+    pub fn register_device(&self, device: meta::DeviceId) -> (CancellationToken, Registered) {
+        let kill = CancellationToken::new();
+        let key = REGISTRATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut m = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(device).or_default().push((key, kill.clone()));
+        (kill, Registered { devices: self.devices.clone(), device, key })
     }
 
     /// The lock that serializes commits to one account.
@@ -164,6 +180,65 @@ impl Shared {
         let m = self.hub.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = m.get(&account) {
             let _ = tx.send((seq, origin));
+        }
+    }
+}
+
+static REGISTRATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A session's place in [`Shared`]'s device registry; dropping it leaves.
+pub struct Registered {
+    devices: Arc<Mutex<HashMap<meta::DeviceId, Vec<(u64, CancellationToken)>>>>,
+    device: meta::DeviceId,
+    key: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut m = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = m.get_mut(&self.device) {
+            v.retain(|(k, _)| *k != self.key);
+            if v.is_empty() {
+                m.remove(&self.device);
+            }
+        }
+    }
+}
+
+/// How often the server checks whether a connected device was revoked. `account revoke` runs in
+/// another process (it only writes the database), so this poll is how it reaches live sessions:
+/// one small indexed query per second, only while devices are connected.
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+/// Closes the sessions of devices revoked (or accounts removed) since they connected.
+async fn cut_off_revoked(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(REVOCATION_POLL) => {}
+        }
+        let ids: Vec<meta::DeviceId> = {
+            let m = shared.devices.lock().unwrap_or_else(|p| p.into_inner());
+            m.keys().copied().collect()
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        let sh = shared.clone();
+        let asked = ids.clone();
+        let live = match tokio::task::spawn_blocking(move || sh.meta.live_devices(&asked)).await {
+            Ok(Ok(live)) => live,
+            Ok(Err(e)) => {
+                tracing::warn!("cannot check for revoked devices: {e}");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let m = shared.devices.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids.iter().filter(|id| !live.contains(id)) {
+            for (_, kill) in m.get(id).into_iter().flatten() {
+                kill.cancel();
+            }
         }
     }
 }
@@ -253,6 +328,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tracker.spawn(prune_in_background(shared.clone(), cancel.clone()));
+    tracker.spawn(cut_off_revoked(shared.clone(), cancel.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -284,7 +360,7 @@ pub async fn run(
             };
             match tls {
                 Ok(Ok(tls)) => {
-                    if let Err(e) = session::serve(tls, counters, deadline, shared, cancel).await {
+                    if let Err(e) = session::serve(tls, peer, counters, deadline, shared, cancel).await {
                         tracing::info!("{peer}: {e}");
                     }
                 }

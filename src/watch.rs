@@ -211,6 +211,10 @@ pub async fn watch(
                         dirty = true;
                     }
                 }
+                // Not a reason to retry: the token is dead.
+                Ok(Some(ServerMsg::Revoked { message })) => {
+                    return Err(SyncError::Client(ClientError::Auth(message)));
+                }
                 Ok(Some(_)) => {} // the reply to a keep-alive
                 Ok(None) | Err(_) => {
                     progress.say(&format!("deltasync: the server at {} went away; still watching, retrying", settings.server));

@@ -175,10 +175,19 @@ struct Session {
     wr: FrameWriter,
 }
 
+/// Who a connection authenticated as.
+struct Authed {
+    account: Account,
+    device: super::meta::Device,
+    new_token: Option<String>,
+    seq: u64,
+}
+
 /// Serves one connection whose TLS handshake is done. `deadline` is the end of the time the
 /// peer has for the whole handshake (TLS and `Hello`).
 pub async fn serve<S>(
     stream: S,
+    peer: std::net::SocketAddr,
     counters: Arc<Counters>,
     deadline: tokio::time::Instant,
     shared: Arc<Shared>,
@@ -218,46 +227,76 @@ where
         wr.send(&reject(Rejection::Version, msg.clone())).await?;
         return Err(SessionError::Handshake(msg));
     }
+    // The label the journal records: printed by `log` and `status`, so no control characters
+    // (a terminal escape in a device name would be an escape in someone's terminal).
+    let device = hello.device.chars().filter(|c| !c.is_control()).take(64).collect::<String>();
+    let ip = peer.ip();
+    // An address that keeps failing waits longer and longer before each answer, right or
+    // wrong: guessing gets slow, and a fail2ban-style tool has the log lines below to act on.
+    let delay = shared.limits.auth_delay(ip);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if hello.token.is_none() && shared.open_registration {
+        if let Err(wait) = shared.limits.may_register(ip) {
+            tracing::warn!("{peer}: open registration refused: too many new accounts from this address");
+            let msg = format!(
+                "authentication failed: this server makes only a few accounts per address; try again in {} min, or ask its administrator for a token",
+                wait.as_secs().div_ceil(60)
+            );
+            wr.send(&reject(Rejection::Auth, msg)).await?;
+            return Err(SessionError::Handshake("open registration refused".into()));
+        }
+    }
     let sh = shared.clone();
     let token = hello.token.clone();
-    let device = hello.device.chars().take(64).collect::<String>();
     let dev = device.clone();
-    let auth =
-        tokio::task::spawn_blocking(move || -> Result<Option<(Account, Option<String>, u64)>, MetaError> {
-            let found = match token {
-                Some(t) => sh.meta.authenticate(&t)?.map(|(a, _device)| (a, None)),
-                None if sh.open_registration => {
-                    let mut suffix = [0u8; 3];
-                    let _ = getrandom::fill(&mut suffix);
-                    // The account is named after the device (room left for the suffix).
-                    let label = super::auth::sanitize_name(&dev);
-                    let short: String = label.chars().take(super::auth::MAX_NAME - 7).collect();
-                    let name = format!("{short}-{}", hex::encode(suffix));
-                    let (a, t) = super::add_account(sh.meta.as_ref(), &name, &label)?;
-                    Some((a, Some(t)))
+    let addr = peer.to_string();
+    let auth = tokio::task::spawn_blocking(move || -> Result<Option<Authed>, MetaError> {
+        let found = match token {
+            Some(t) => sh.meta.authenticate(&t)?.map(|(a, d)| (a, d, None)),
+            None if sh.open_registration => {
+                let mut suffix = [0u8; 3];
+                let _ = getrandom::fill(&mut suffix);
+                // The account is named after the device (room left for the suffix).
+                let label = super::auth::sanitize_name(&dev);
+                let short: String = label.chars().take(super::auth::MAX_NAME - 7).collect();
+                let name = format!("{short}-{}", hex::encode(suffix));
+                let (a, t) = super::add_account(sh.meta.as_ref(), &name, &label)?;
+                match sh.meta.authenticate(&t)? {
+                    Some((a, d)) => Some((a, d, Some(t))),
+                    None => return Err(MetaError::CorruptRow(format!("the new account {}", a.name))),
                 }
-                None => None,
-            };
-            match found {
-                Some((a, t)) => {
-                    let seq = sh.meta.seq(a.id)?;
-                    Ok(Some((a, t, seq)))
-                }
-                None => Ok(None),
             }
-        })
-        .await
-        .map_err(|e| SessionError::Internal(e.to_string()))?
-        .map_err(|e| SessionError::Internal(e.to_string()))?;
-    let Some((account, new_token, seq)) = auth else {
+            None => None,
+        };
+        let Some((account, dev, new_token)) = found else { return Ok(None) };
+        sh.meta.device_seen(dev.id, &addr, crate::when::now_secs())?;
+        let seq = sh.meta.seq(account.id)?;
+        Ok(Some(Authed { account, device: dev, new_token, seq }))
+    })
+    .await
+    .map_err(|e| SessionError::Internal(e.to_string()))?
+    .map_err(|e| SessionError::Internal(e.to_string()))?;
+    let Some(Authed { account, device: credential, new_token, seq }) = auth else {
+        let failures = shared.limits.auth_failed(ip);
         let msg = if hello.token.is_none() {
             "authentication failed: no token given and this server does not have open registration; create an account with `deltasync account add NAME` on the server"
         } else {
-            "authentication failed: unknown token; check --token / DELTASYNC_TOKEN"
+            "authentication failed: unknown or revoked token; check --token-file / DELTASYNC_TOKEN / --token, or ask for a new one (`deltasync account token NAME --device DEVICE` on the server)"
         };
+        // One line per failure, with the address first, for fail2ban-style tools.
+        tracing::warn!(
+            "authentication failed from {peer}: {} ({failures} failures from this address recently; its next attempt waits {} ms)",
+            if hello.token.is_none() { "no token" } else { "unknown or revoked token" },
+            shared.limits.auth_delay(ip).as_millis()
+        );
         wr.send(&reject(Rejection::Auth, msg.into())).await?;
         return Err(SessionError::Handshake("authentication failed".into()));
     };
+    shared.limits.auth_ok(ip);
+    // Registered before the welcome, so a revocation from here on reaches this session.
+    let (kill, _registered) = shared.register_device(credential.id);
     let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
     wr.send(&Welcome::Accepted {
         account: account.name.clone(),
@@ -277,7 +316,19 @@ where
         rd,
         wr,
     };
-    let r = s.requests(cancel).await;
+    let r = tokio::select! {
+        r = s.requests(cancel) => r,
+        _ = kill.cancelled() => {
+            tracing::info!("{peer}: device `{}` of account `{}` was revoked: closing", credential.name, s.account.name);
+            let _ = s.wr.send(&ServerMsg::Revoked {
+                message: format!(
+                    "authentication failed: this device's token (device `{}` of account `{}`) was revoked on the server; ask its administrator for a new one",
+                    credential.name, s.account.name
+                ),
+            }).await;
+            return Err(SessionError::Handshake("device revoked".into()));
+        }
+    };
     if let Err(SessionError::Protocol(ProtocolError::Decode(e))) = &r {
         let _ = s.wr.send(&ServerMsg::Fatal { message: format!("malformed message ({e}): closing") }).await;
     }
