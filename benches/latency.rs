@@ -58,9 +58,13 @@ fn start_server(data: &Path) -> Res<(Proc, String)> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let out = child.stdout.take().ok_or("no stdout")?;
+    let mut out = BufReader::new(out);
     let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).map_err(|e| e.to_string())?;
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
     let addr = line.rsplit("listening on ").next().ok_or("no address")?.trim().to_string();
+    // The server prints more (its `fingerprint:` line): keep reading, so it never writes into a
+    // closed pipe (which would kill it).
+    std::thread::spawn(move || out.lines().for_each(drop));
     Ok((Proc(child), addr))
 }
 

@@ -3,8 +3,8 @@
 //! written here with the real protocol types) can neither make it write elsewhere, nor grow it
 //! without end, nor hang it, nor make set-uid files.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,8 +13,6 @@ use deltasync::delta::{Block, encode_whole};
 use deltasync::hash::ContentHash;
 use deltasync::path::RelPath;
 use deltasync::protocol::{ClientMsg, Entry, Hello, Meta, Node, Reply, Request, ServerMsg, Welcome};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::util::*;
 
@@ -147,41 +145,25 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
 // ---------------------------------------------------------------------------------------------
 // A fake server
 
-fn send<M: Serialize>(s: &mut TcpStream, m: &M) -> std::io::Result<()> {
-    let body = postcard::to_allocvec(m).expect("encode");
-    let mut v = (body.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(&body);
-    s.write_all(&v)
-}
-
-/// The next frame as `M`; `None` when the client closed the connection.
-fn recv<M: DeserializeOwned>(s: &mut TcpStream) -> Option<M> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).ok()?;
-    Some(postcard::from_bytes(&body).expect("a well-formed client message"))
-}
-
 /// The next request (content frames of uploads are skipped).
-fn next_request(s: &mut TcpStream) -> Option<(u64, Request)> {
+fn next_request(s: &mut impl Read) -> Option<(u64, Request)> {
     loop {
-        match recv::<ClientMsg>(s)? {
+        match recv_frame::<ClientMsg>(s)? {
             ClientMsg::Req { id, req } => return Some((id, req)),
             _ => continue,
         }
     }
 }
 
-/// Listens on a free port; accepts one client, answers its `Hello`, then lets `behave` have the
-/// connection. Returns the address for `--server`.
-fn fake_server(behave: impl FnOnce(TcpStream) + Send + 'static) -> String {
+/// Listens on a free port; accepts one client (TLS with the fake servers' certificate), answers
+/// its `Hello`, then lets `behave` have the connection. Returns the address for `--server`.
+fn fake_server(behave: impl FnOnce(FakeServerStream) + Send + 'static) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
-        let Ok((mut s, _)) = l.accept() else { return };
-        let Some(_hello) = recv::<Hello>(&mut s) else { return };
-        if send(
+        let Ok(mut s) = fake_accept(&l) else { return };
+        let Some(_hello) = recv_frame::<Hello>(&mut s) else { return };
+        if send_frame(
             &mut s,
             &Welcome::Accepted { account: "fake".into(), new_token: None, server_id: [7; 16], seq: 0 },
         )
@@ -193,8 +175,9 @@ fn fake_server(behave: impl FnOnce(TcpStream) + Send + 'static) -> String {
     addr
 }
 
-/// Reads and drops whatever the client sends until it closes.
-fn drain(mut s: TcpStream) {
+/// Reads and drops whatever the client sends until it closes (EOF, or any error: a reset, or
+/// over TLS a close without `close_notify`).
+fn drain(mut s: FakeServerStream) {
     let mut buf = [0u8; 1 << 16];
     while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
 }
@@ -233,16 +216,16 @@ fn a_download_answered_with_another_path_is_refused() {
     let addr = fake_server(move |mut s| {
         let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
         let page = Reply::Changes { entries: vec![file_entry("wanted.txt", 1, &data)], seq: 1, more: false };
-        send(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
+        send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
         let Some((id, Request::Get { path, .. })) = next_request(&mut s) else { return };
         assert_eq!(path.as_str(), "wanted.txt");
         // The reply names another path: a file this computer never synced.
         let reply = Reply::File { entry: file_entry("victim.txt", 1, &data), base: None };
-        let _ = send(&mut s, &ServerMsg::Resp { id, result: Ok(reply) });
+        let _ = send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(reply) });
         for block in blocks(&data) {
-            let _ = send(&mut s, &ServerMsg::Data { id, block });
+            let _ = send_frame(&mut s, &ServerMsg::Data { id, block });
         }
-        let _ = send(&mut s, &ServerMsg::End { id });
+        let _ = send_frame(&mut s, &ServerMsg::End { id });
         drain(s);
     });
     let b = temp_dir("ds-b-");
@@ -268,7 +251,7 @@ fn a_silent_server_does_not_hang_the_client() {
     let addr = fake_server(|mut s| {
         let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
         let page = Reply::Changes { entries: vec![], seq: 0, more: false };
-        send(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
+        send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
         // Holds the connection open, unread, until the client gives up and closes it.
         std::thread::sleep(Duration::from_secs(100));
     });
@@ -290,7 +273,7 @@ fn endless_pages_of_changes_are_refused() {
         // the check is not grown without end by this test.
         for n in 0..500 {
             let page = Reply::Changes { entries: entries.clone(), seq: 100, more: n < 499 };
-            if send(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).is_err() {
+            if send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).is_err() {
                 return;
             }
         }

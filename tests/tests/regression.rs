@@ -180,7 +180,7 @@ fn deleting_most_of_a_folder_is_held_back_until_allowed() {
     }
     write(&a.path().join("new.txt"), b"a new file still goes up");
     let held = sync_cmd("push", a.path(), &srv, &token, &[]);
-    assert_eq!(held.status.code(), Some(8), "{}", held.dump());
+    assert_eq!(held.status.code(), Some(9), "{}", held.dump());
     for needle in ["60 of the folder's 60 files", "--max-delete 60", "--restore-deleted"] {
         assert!(held.stderr.contains(needle), "missing `{needle}`:\n{}", held.dump());
     }
@@ -197,7 +197,7 @@ fn deleting_most_of_a_folder_is_held_back_until_allowed() {
     for i in 0..60 {
         std::fs::remove_file(a.path().join(format!("docs/f{i:02}.txt"))).unwrap();
     }
-    assert_eq!(sync_cmd("push", a.path(), &srv, &token, &["--max-delete", "50"]).status.code(), Some(8));
+    assert_eq!(sync_cmd("push", a.path(), &srv, &token, &["--max-delete", "50"]).status.code(), Some(9));
     sync_cmd("push", a.path(), &srv, &token, &["--max-delete", "99%"]).ok("push --max-delete 99%");
     pull(c.path(), &srv, &token);
     assert!(!c.path().join("docs/f07.txt").exists(), "a meant delete goes through");

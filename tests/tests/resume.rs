@@ -8,16 +8,14 @@
 //! while the client stands still, and kills it once that is far enough. A slice moves the transfer
 //! by a few MiB at most (what fits in the socket buffers), so it never ends between two looks.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use deltasync::hash::ContentHash;
 use deltasync::protocol::{ClientMsg, Hello, Refusal, RefusalKind, Reply, Request, ServerMsg, Welcome};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::util::*;
 
@@ -338,26 +336,11 @@ fn stale_partials_and_temp_files_in_the_state_folder_are_removed() {
 // ---------------------------------------------------------------------------------------------
 // The server lost the start of the upload between `Resume` and `PutRest`: a fake server.
 
-fn send<M: Serialize>(s: &mut TcpStream, m: &M) -> std::io::Result<()> {
-    let body = postcard::to_allocvec(m).expect("encode");
-    let mut v = (body.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(&body);
-    s.write_all(&v)
-}
-
-fn recv<M: DeserializeOwned>(s: &mut TcpStream) -> Option<M> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).ok()?;
-    Some(postcard::from_bytes(&body).expect("a well-formed client message"))
-}
-
 /// Reads upload `id`'s content to its end; returns the bytes of its blocks.
-fn upload_bytes(s: &mut TcpStream, id: u64) -> u64 {
+fn upload_bytes(s: &mut impl Read, id: u64) -> u64 {
     let mut n = 0;
     loop {
-        match recv::<ClientMsg>(s).expect("the rest of the upload") {
+        match recv_frame::<ClientMsg>(s).expect("the rest of the upload") {
             ClientMsg::Data { id: i, block } if i == id => n += block.bytes.len() as u64,
             ClientMsg::Last { id: i, block } if i == id => return n + block.bytes.len() as u64,
             ClientMsg::End { id: i } if i == id => return n,
@@ -373,13 +356,13 @@ fn a_refused_continuation_is_sent_whole() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let server = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let _hello: Hello = recv(&mut s).unwrap();
+        let mut s = fake_accept(&l).unwrap();
+        let _hello: Hello = recv_frame(&mut s).unwrap();
         let welcome =
             Welcome::Accepted { account: "fake".into(), new_token: None, server_id: [9; 16], seq: 0 };
-        send(&mut s, &welcome).unwrap();
+        send_frame(&mut s, &welcome).unwrap();
         let mut seen = Vec::new();
-        while let Some(msg) = recv::<ClientMsg>(&mut s) {
+        while let Some(msg) = recv_frame::<ClientMsg>(&mut s) {
             let ClientMsg::Req { id, req } = msg else { panic!("content outside an upload: {msg:?}") };
             let result = match req {
                 Request::Changes { .. } => Ok(Reply::Changes { entries: vec![], seq: 0, more: false }),
@@ -402,7 +385,7 @@ fn a_refused_continuation_is_sent_whole() {
                 }
                 other => panic!("unexpected request {other:?}"),
             };
-            send(&mut s, &ServerMsg::Resp { id, result }).unwrap();
+            send_frame(&mut s, &ServerMsg::Resp { id, result }).unwrap();
         }
         seen
     });

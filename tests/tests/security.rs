@@ -2,7 +2,6 @@
 //! folder, symlinks inside the account, and a client killed in the middle of an upload.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use deltasync::hash::ContentHash;
 use deltasync::path::RelPath;
 use deltasync::protocol::{
     ClientMsg, FrameReader, FrameWriter, Hello, MAGIC, MAX_FRAME, Meta, PROTOCOL_VERSION, Refusal, Reply,
-    Request, ServerMsg, Welcome, split,
+    Request, ServerMsg, Welcome,
 };
 use serde::Serialize;
 
@@ -41,11 +40,11 @@ fn assert_server_still_serves(srv: &Server, token: &str) {
     }
 }
 
-/// Reads until the server closes the connection (EOF or reset); returns what it sent. Panics if it
-/// is still open after [`CLOSE_DEADLINE`].
-fn expect_closed(s: &mut TcpStream, what: &str) -> Vec<u8> {
+/// Reads until the server closes the connection (EOF, reset, or over TLS an end without
+/// `close_notify`); returns what it sent. Panics if it is still open after [`CLOSE_DEADLINE`].
+fn expect_closed(s: &mut impl Socket, what: &str) -> Vec<u8> {
     let deadline = Instant::now() + CLOSE_DEADLINE;
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.tcp().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -59,11 +58,11 @@ fn expect_closed(s: &mut TcpStream, what: &str) -> Vec<u8> {
                 ) =>
             {
                 if Instant::now() > deadline {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    let _ = s.tcp().shutdown(std::net::Shutdown::Both);
                     panic!("{what}: the server kept the connection open for {CLOSE_DEADLINE:?}");
                 }
             }
-            Err(_) => return got, // reset: closed too
+            Err(_) => return got, // reset, or TLS closed without close_notify: closed too
         }
     }
 }
@@ -99,9 +98,9 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// A handshake over a blocking socket, by hand.
-fn handshake_std(srv: &Server, token: &str) -> TcpStream {
-    let mut s = TcpStream::connect(srv.addr).unwrap();
+/// A handshake over a blocking TLS connection, by hand.
+fn handshake_std(srv: &Server, token: &str) -> TlsStream {
+    let mut s = srv.tls();
     let hello =
         Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
     s.write_all(&frame(&postcard::to_allocvec(&hello).unwrap())).unwrap();
@@ -131,24 +130,35 @@ fn garbage_bytes_are_rejected_and_server_keeps_serving() {
         inputs.push((format!("random bytes (seed {seed})"), random_bytes(100 + seed, 4096)));
     }
     for (what, bytes) in &inputs {
-        let mut s = TcpStream::connect(srv.addr).unwrap();
+        // Inside TLS, where the deltasync protocol starts.
+        let mut s = srv.tls();
         let _ = s.write_all(bytes);
+        let _ = s.flush();
         let got = expect_closed(&mut s, what);
         assert_only_rejections(&got, what);
+        // And instead of a TLS handshake. Four bytes are less than a TLS record's header: the
+        // server rightly waits for the rest then (until its handshake timeout).
+        if bytes.len() >= 5 {
+            let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+            let _ = s.write_all(bytes);
+            expect_closed(&mut s, &format!("{what} instead of a TLS handshake"));
+        }
     }
 
     // An endless random stream: whatever length its first four bytes announce is satisfied
-    // sooner or later, so the server must decide about it without waiting for a timeout.
+    // sooner or later, so the server must decide about it without waiting for a timeout. The
+    // writer thread owns the TLS connection (it only writes); this thread watches the socket
+    // under it for the server's close.
     for seed in 0..3u64 {
-        let mut s = TcpStream::connect(srv.addr).unwrap();
-        let mut w = s.try_clone().unwrap();
+        let mut w = srv.tls();
+        let mut s = w.get_ref().try_clone().unwrap();
         let writer = std::thread::spawn(move || {
             let mut rng = XorShift::new(200 + seed);
             let mut chunk = vec![0u8; 64 << 10];
             let mut sent = 0usize;
             while sent < MAX_FRAME + (1 << 20) {
                 rng.fill(&mut chunk);
-                if w.write_all(&chunk).is_err() {
+                if w.write_all(&chunk).and_then(|()| w.flush()).is_err() {
                     break;
                 }
                 sent += chunk.len();
@@ -171,8 +181,9 @@ fn oversized_frame_is_rejected_before_and_after_handshake() {
     msg.extend_from_slice(&random_bytes(12, 1024));
 
     // Instead of a Hello.
-    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let mut s = srv.tls();
     s.write_all(&msg).unwrap();
+    s.flush().unwrap();
     let got = expect_closed(&mut s, "a 512 MiB frame header instead of a Hello");
     assert_only_rejections(&got, "a 512 MiB frame header");
 
@@ -182,6 +193,7 @@ fn oversized_frame_is_rejected_before_and_after_handshake() {
         let mut m = len.to_be_bytes().to_vec();
         m.extend_from_slice(&random_bytes(13, 1024));
         let _ = s.write_all(&m);
+        let _ = s.flush();
         let got = expect_closed(&mut s, &format!("a {len}-byte frame header after the handshake"));
         for f in frames(&got) {
             let msg = postcard::from_bytes::<ServerMsg>(f);
@@ -296,9 +308,8 @@ enum Outcome {
     Closed,
 }
 
-async fn connect(addr: std::net::SocketAddr, token: &str) -> (FrameReader, FrameWriter) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut rd, mut wr, _) = split(stream);
+async fn connect(addr: Endpoint, token: &str) -> (FrameReader, FrameWriter) {
+    let (mut rd, mut wr) = addr.frames().await;
     wr.send(&Hello {
         magic: MAGIC,
         version: PROTOCOL_VERSION,
@@ -314,7 +325,7 @@ async fn connect(addr: std::net::SocketAddr, token: &str) -> (FrameReader, Frame
 }
 
 /// A fresh connection, `msgs` sent, and the server's first answer.
-async fn exchange<M: Serialize>(addr: std::net::SocketAddr, token: &str, msgs: &[M]) -> Outcome {
+async fn exchange<M: Serialize>(addr: Endpoint, token: &str, msgs: &[M]) -> Outcome {
     let (mut rd, mut wr) = connect(addr, token).await;
     for m in msgs {
         if wr.feed(m).await.is_err() {
@@ -397,7 +408,7 @@ const ESCAPE_NAMES: &[&str] = &["escape", "abs-escape", "b", "stolen", "pwned"];
 async fn path_traversal_requests_are_refused() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let addr = srv.addr;
+    let addr = srv.endpoint();
 
     // The look-alike messages work: valid paths sent through them are committed.
     let sanity = hostile_requests("sanity.txt", 0).swap_remove(0).1;
@@ -498,7 +509,7 @@ fn put_msgs(path: RelPath, base_rev: u64, data: &[u8]) -> Vec<ClientMsg> {
 async fn symlinks_in_the_account_are_never_followed() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let addr = srv.addr;
+    let addr = srv.endpoint();
     let rel = |s: &str| RelPath::new(s).unwrap();
     // A file outside the account that a followed link would expose or overwrite.
     let outside = srv.root.join("f");
@@ -740,7 +751,7 @@ async fn upload_far_larger_than_announced_is_refused_without_buffering_it() {
         msgs.push(ClientMsg::Data { id: 1, block: block.clone() });
     }
     msgs.push(end);
-    match exchange(srv.addr, &token, &msgs).await {
+    match exchange(srv.endpoint(), &token, &msgs).await {
         Outcome::Answered(r) => assert!(r.is_err(), "an oversized upload was accepted: {r:?}"),
         Outcome::Fatal(_) | Outcome::Closed => {}
     }
@@ -751,4 +762,39 @@ async fn upload_far_larger_than_announced_is_refused_without_buffering_it() {
         assert!(peak < 96 << 10, "the server held {peak} KiB while refusing {} MiB", (BLOCK * BLOCKS) >> 20);
     }
     tokio::task::spawn_blocking(move || assert_server_still_serves(&srv, &token)).await.unwrap();
+}
+
+/// A folder that trusts its server (on first use) refuses another certificate before its token
+/// is sent: someone in the middle, or a server on a new data folder, is exit 8, and only
+/// `--fingerprint` of the new server lets the folder use it.
+#[test]
+fn a_server_with_another_certificate_is_refused_before_the_token_is_sent() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-pin-");
+    write(&a.path().join("f.txt"), "pinned\n");
+    push(a.path(), &srv, &token);
+
+    // Answers TLS with its own certificate; reports the first frame the client sends it.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let impostor_addr = l.local_addr().unwrap().to_string();
+    let impostor = std::thread::spawn(move || {
+        let mut s = fake_accept(&l).ok()?;
+        recv_frame::<Hello>(&mut s)
+    });
+    let out = run(&mut sync_command("push", a.path(), &impostor_addr, &token, &[]));
+    assert_eq!(out.status.code(), Some(8), "{}", out.dump());
+    assert!(out.stderr.contains("is not the one this folder trusts"), "{}", out.dump());
+    let hello = impostor.join().unwrap();
+    assert!(hello.is_none(), "the client sent {hello:?} to a server it does not trust");
+
+    let other = start_server();
+    let token2 = add_account(&other.data, "alice");
+    let out = sync_cmd("push", a.path(), &other, &token2, &[]);
+    assert_eq!(out.status.code(), Some(8), "{}", out.dump());
+    assert!(list_tree(&other.files()).is_empty(), "a refused push reached the new server");
+    sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint]).ok("--fingerprint");
+    let b = temp_dir("ds-pin-b-");
+    pull(b.path(), &other, &token2);
+    assert_same_tree(a.path(), b.path());
 }

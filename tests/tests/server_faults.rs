@@ -4,7 +4,6 @@
 //! Every test runs the real `deltasync serve`.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,8 +13,9 @@ use deltasync::hash::ContentHash;
 use deltasync::path::RelPath;
 use deltasync::protocol::{
     ClientMsg, FrameReader, FrameWriter, Hello, MAGIC, Meta, Node, PROTOCOL_VERSION, Refusal, RefusalKind,
-    Reply, Request, ServerMsg, Welcome, split,
+    Reply, Request, ServerMsg, Welcome,
 };
+use deltasync::transport::Trust;
 
 use crate::util::*;
 
@@ -29,9 +29,8 @@ enum Answer {
     Closed,
 }
 
-async fn connect(addr: std::net::SocketAddr, token: &str) -> (FrameReader, FrameWriter) {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut rd, mut wr, _) = split(stream);
+async fn connect(addr: Endpoint, token: &str) -> (FrameReader, FrameWriter) {
+    let (mut rd, mut wr) = addr.frames().await;
     let hello =
         Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
     wr.send(&hello).await.expect("send hello");
@@ -152,7 +151,7 @@ fn files_dir(srv: &Server) -> PathBuf {
 async fn session_deadlock_stale_upload_of_many_blocks_is_refused_and_session_keeps_serving() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let (mut rd, mut wr) = connect(srv.endpoint(), &token).await;
     let data = random_bytes(1, 12 << 20);
     let req = Request::Put {
         path: rel("big.bin"),
@@ -197,7 +196,7 @@ async fn session_deadlock_stale_upload_of_many_blocks_is_refused_and_session_kee
 async fn session_deadlock_refused_upload_is_drained_only_to_its_announced_size() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let (mut rd, mut wr) = connect(srv.endpoint(), &token).await;
     let block = literal(&random_bytes(2, 1 << 20));
     let req = Request::Put {
         path: rel("liar.bin"),
@@ -214,7 +213,7 @@ async fn session_deadlock_refused_upload_is_drained_only_to_its_announced_size()
         Answer::Closed => {}
         other => panic!("the server kept reading an upload far longer than announced: {other:?}"),
     }
-    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let (mut rd, mut wr) = connect(srv.endpoint(), &token).await;
     assert_serves(&mut rd, &mut wr, 1, "another connection").await;
 }
 
@@ -238,7 +237,7 @@ fn session_deadlock_ctrl_c_stops_the_server_despite_a_stuck_session() {
     for c in data.chunks(1 << 20).take(6) {
         bytes.extend(frame_of(&ClientMsg::Data { id: 1, block: literal(c) }));
     }
-    stuck.write_all(&bytes).expect("start of an upload");
+    stuck.write_all(&bytes).and_then(|()| stuck.flush()).expect("start of an upload");
     // The server has started on the upload (or is stuck in it); now stop it.
     std::thread::sleep(Duration::from_millis(500));
     let st = srv.interrupt(Duration::from_secs(40));
@@ -253,7 +252,7 @@ fn session_deadlock_ctrl_c_stops_the_server_despite_a_stuck_session() {
 async fn mode_bits_outside_permissions_are_never_stored_or_applied() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let (mut rd, mut wr) = connect(srv.endpoint(), &token).await;
     let small = b"#!/bin/sh\necho hi\n".to_vec();
     let big = random_bytes(3, 200 << 10); // the streamed (not held in memory) upload path
     let cases: [(&str, &[u8], u32); 4] = [
@@ -353,7 +352,7 @@ async fn mode_bits_outside_permissions_are_never_stored_or_applied() {
 async fn bounds_per_account_huge_announcements_are_refused_before_writing() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let (mut rd, mut wr) = connect(srv.addr, &token).await;
+    let (mut rd, mut wr) = connect(srv.endpoint(), &token).await;
     let base = random_bytes(4, 64 << 10);
     let mut msgs = put(1, "base.bin", 0, &base, 0o644);
     msgs.truncate(1);
@@ -446,15 +445,15 @@ fn bounds_per_account_quota_refuses_uploads_past_it() {
 // ---------------------------------------------------------------------------------------------
 // 5. Stalls and timeouts
 
-/// Handshake over a blocking socket.
-fn handshake_std(srv: &Server, token: &str) -> TcpStream {
-    let mut s = TcpStream::connect(srv.addr).expect("connect");
+/// Handshake over a blocking TLS connection.
+fn handshake_std(srv: &Server, token: &str) -> TlsStream {
+    let mut s = srv.tls();
     let hello =
         Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
     let body = postcard::to_allocvec(&hello).expect("encode");
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(&body);
-    s.write_all(&f).expect("send hello");
+    s.write_all(&f).and_then(|()| s.flush()).expect("send hello");
     let mut len = [0u8; 4];
     s.read_exact(&mut len).expect("welcome length");
     let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -473,9 +472,9 @@ fn frame_of(msg: &ClientMsg) -> Vec<u8> {
 }
 
 /// Waits until the server closes `s`; panics after `deadline`.
-fn wait_closed(s: &mut TcpStream, deadline: Duration, what: &str) {
+fn wait_closed(s: &mut TlsStream, deadline: Duration, what: &str) {
     let end = Instant::now() + deadline;
-    s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    s.get_ref().set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
@@ -492,7 +491,7 @@ fn wait_closed(s: &mut TcpStream, deadline: Duration, what: &str) {
                     "{what}: the server kept the connection open for {deadline:?}"
                 );
             }
-            Err(_) => return, // reset: closed too
+            Err(_) => return, // reset, or TLS closed without close_notify: closed too
         }
     }
 }
@@ -509,10 +508,12 @@ fn stalls_and_timeouts_a_client_that_stops_reading_is_dropped() {
     push(dir.path(), &srv, &token);
     let mut s = handshake_std(&srv, &token);
     let path = RelPath::new("big.bin").expect("path");
-    s.write_all(&frame_of(&ClientMsg::Req { id: 1, req: Request::Get { path, have: None } })).expect("get");
+    s.write_all(&frame_of(&ClientMsg::Req { id: 1, req: Request::Get { path, have: None } }))
+        .and_then(|()| s.flush())
+        .expect("get");
     std::thread::sleep(Duration::from_secs(6));
     // Everything the server managed to send sits in the socket buffers; then the end.
-    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    s.get_ref().set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     let mut buf = vec![0u8; 1 << 16];
     let mut got = 0;
     loop {
@@ -522,7 +523,7 @@ fn stalls_and_timeouts_a_client_that_stops_reading_is_dropped() {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 panic!("the server still held the stalled session after sending {got} bytes")
             }
-            Err(_) => break, // reset: closed too
+            Err(_) => break, // reset, or TLS closed without close_notify: closed too
         }
     }
     assert!(got < size, "the whole file arrived although the client stopped reading ({got} bytes)");
@@ -542,13 +543,13 @@ fn stalls_and_timeouts_half_a_frame_closes_the_session_only() {
     let mut half = handshake_std(&srv, &token);
     let ping = frame_of(&ClientMsg::Req { id: 1, req: Request::Ping });
     let big = frame_of(&ClientMsg::Data { id: 1, block: literal(&random_bytes(9, 4096)) });
-    half.write_all(&big[..big.len() / 2]).expect("half a frame");
+    half.write_all(&big[..big.len() / 2]).and_then(|()| half.flush()).expect("half a frame");
 
     let mut mid_upload = handshake_std(&srv, &token);
     let data = random_bytes(10, 1 << 20);
     let mut start = frame_of(&put(1, "stalled.bin", 0, &data, 0o644)[0]);
     start.extend(frame_of(&ClientMsg::Data { id: 1, block: literal(&data[..4096]) }));
-    mid_upload.write_all(&start).expect("start of an upload");
+    mid_upload.write_all(&start).and_then(|()| mid_upload.flush()).expect("start of an upload");
 
     // Other sessions work meanwhile.
     let dir = temp_dir("ds-stall-");
@@ -562,8 +563,8 @@ fn stalls_and_timeouts_half_a_frame_closes_the_session_only() {
     // The idle connection (longer than the 2 s stall timeout by now) still answers a Ping.
     let mut idle = idle;
     std::thread::sleep(Duration::from_secs(3));
-    idle.write_all(&ping).expect("ping on the idle connection");
-    idle.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    idle.write_all(&ping).and_then(|()| idle.flush()).expect("ping on the idle connection");
+    idle.get_ref().set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     let mut len = [0u8; 4];
     idle.read_exact(&mut len).expect("the idle connection was closed");
     let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -580,14 +581,30 @@ fn stalls_and_timeouts_half_a_frame_closes_the_session_only() {
 // ---------------------------------------------------------------------------------------------
 // 6. Server identity and journal position in the handshake
 
+/// deltasync's own client, connected to `addr` trusting `trust`.
+async fn client(addr: &str, token: &str, trust: Trust) -> deltasync::client::Client {
+    let c = deltasync::client::Connect {
+        addr,
+        token: Some(token),
+        device: "t",
+        trust,
+        from_flag: false,
+        timeout: Duration::from_secs(10),
+    };
+    deltasync::client::Client::connect(&c).await.expect("connect")
+}
+
 #[tokio::test]
 async fn handshake_carries_server_identity_and_journal_position() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
-    let c1 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
+    let c1 = client(&srv.address(), &token, Trust::New).await;
     assert_ne!(c1.server_id, [0u8; 16]);
     assert_eq!(c1.server_seq, 0);
+    assert_eq!(c1.seen.fingerprint, Some(srv.endpoint().fingerprint), "not the certificate it printed");
     let first_id = c1.server_id;
+    // Trusted from now on, as a folder remembers it.
+    let pinned = Trust::Pinned(c1.seen.fingerprint.expect("seen"));
     drop(c1);
     let (srv, token) = tokio::task::spawn_blocking(move || {
         let dir = temp_dir("ds-id-");
@@ -599,15 +616,16 @@ async fn handshake_carries_server_identity_and_journal_position() {
     .await
     .expect("push");
     let changes = account_changes(&srv.data, "alice");
-    let c2 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
+    let c2 = client(&srv.address(), &token, pinned.clone()).await;
     assert_eq!(c2.server_seq, changes, "the handshake's seq is not the account's journal position");
     assert!(c2.server_seq >= 3);
     assert_eq!(c2.server_id, first_id, "the server's identity changed across a restart");
     let other = start_server();
     let token2 = add_account(&other.data, "alice");
-    let c3 = deltasync::client::Client::connect(&other.address(), Some(&token2), "t").await.expect("connect");
+    let c3 = client(&other.address(), &token2, Trust::New).await;
     assert_ne!(c3.server_id, c2.server_id, "two data folders share an identity");
-    let c4 = deltasync::client::Client::connect(&srv.address(), Some(&token), "t").await.expect("connect");
+    assert_ne!(c3.seen.fingerprint, c2.seen.fingerprint, "two data folders share a certificate");
+    let c4 = client(&srv.address(), &token, pinned).await;
     assert_eq!(c4.server_id, c2.server_id);
 }
 

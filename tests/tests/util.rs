@@ -1,5 +1,6 @@
 //! Shared helpers: a `deltasync serve` child process, accounts, running push/pull, comparing
-//! folders, parsing `--stats`, and deterministic pseudo-random bytes.
+//! folders, parsing `--stats`, deterministic pseudo-random bytes, and TLS for the tests' own
+//! raw clients and fake servers.
 
 #![allow(dead_code)]
 
@@ -7,14 +8,20 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
+use deltasync::protocol::{FrameReader, FrameWriter};
+use deltasync::transport::{self, Fingerprint, Trust};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tempfile::TempDir;
 
 /// The binary under test.
@@ -41,6 +48,9 @@ pub struct Server {
     pub data: PathBuf,
     /// The temp folder holding `data/` and `server.log`; nothing else is written here.
     pub root: PathBuf,
+    /// Its certificate's fingerprint, from the `fingerprint:` line it printed (for
+    /// `--fingerprint`).
+    pub fingerprint: String,
     tmp: Option<TempDir>,
 }
 
@@ -99,19 +109,33 @@ impl Server {
             .expect("spawn deltasync serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
-        // Reads stdout to its end, so the server never blocks on a full pipe.
+        // Reads stdout to its end, so the server never blocks on a full pipe. The address comes
+        // first, then the `fingerprint:` line.
         std::thread::spawn(move || {
+            let mut addr = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some((_, rest)) = line.split_once("listening on ") {
-                    let _ = tx.send(rest.trim().to_string());
+                    addr = Some(rest.trim().to_string());
+                } else if let Some(fp) = line.strip_prefix("fingerprint: ")
+                    && let Some(a) = addr.take()
+                {
+                    let _ = tx.send((a, fp.trim().to_string()));
                 }
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
+        let (addr, fingerprint) = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(a) => break a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a:?}: {e}")),
+                Ok((a, fp)) => {
+                    let addr = a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a:?}: {e}"));
+                    if let Err(e) = fp.parse::<Fingerprint>() {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!("the server printed a bad fingerprint: {e}");
+                    }
+                    break (addr, fp);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Ok(Some(st)) = child.try_wait() {
                         return Err(st);
@@ -119,17 +143,30 @@ impl Server {
                     if Instant::now() > deadline {
                         let _ = child.kill();
                         let _ = child.wait();
-                        panic!("server did not print its address within 30 s; log:\n{}", read_log(root));
+                        panic!(
+                            "server did not print its address and fingerprint within 30 s; log:\n{}",
+                            read_log(root)
+                        );
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("server closed stdout without an address; log:\n{}", read_log(root));
+                    panic!(
+                        "server closed stdout without an address and fingerprint; log:\n{}",
+                        read_log(root)
+                    );
                 }
             }
         };
-        Ok(Server { child: Some(child), addr, data: data.to_path_buf(), root: root.to_path_buf(), tmp: None })
+        Ok(Server {
+            child: Some(child),
+            addr,
+            data: data.to_path_buf(),
+            root: root.to_path_buf(),
+            fingerprint,
+            tmp: None,
+        })
     }
 
     /// Kills the server (SIGKILL, like a crash or a power cut) and leaves it down until
@@ -149,6 +186,10 @@ impl Server {
             match Server::try_spawn(&self.root, &self.data, &listen) {
                 Ok(mut s) => {
                     assert_eq!(s.addr, self.addr, "the server came back on another address");
+                    assert_eq!(
+                        s.fingerprint, self.fingerprint,
+                        "the server came back on its data folder with another certificate"
+                    );
                     self.child = s.child.take();
                     return;
                 }
@@ -177,6 +218,19 @@ impl Server {
     /// `IP:PORT` for `--server`.
     pub fn address(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// Address and certificate, for the tests' own TLS clients.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: self.addr,
+            fingerprint: self.fingerprint.parse().expect("checked when the server started"),
+        }
+    }
+
+    /// A blocking TLS connection to this server (handshake done, certificate checked).
+    pub fn tls(&self) -> TlsStream {
+        self.endpoint().tls()
     }
 
     /// Kills this server and starts a new one on the same data folder (a new port).
@@ -899,4 +953,198 @@ pub fn mount_tmpfs(size: &str) -> (TempDir, Mount) {
         .status();
     assert!(st.is_ok_and(|s| s.success()), "mount -t tmpfs failed although we are root");
     (holder, Mount(mnt))
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS for the tests' own peers: raw clients of a real server, and fake servers for the real client
+
+/// A blocking TLS client connection (to a real `deltasync serve`).
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+/// A blocking TLS server connection (a fake server's end).
+pub type FakeServerStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Where a real server listens and the certificate it must present.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+}
+
+impl Endpoint {
+    /// What a client that pinned this server trusts.
+    pub fn trust(&self) -> Trust {
+        Trust::Pinned(self.fingerprint)
+    }
+
+    /// A blocking TLS connection: TCP, then the whole TLS handshake (the certificate must have
+    /// the server's fingerprint, the server must agree to ALPN `deltasync`). Nothing of the
+    /// deltasync protocol is sent yet.
+    pub fn tls(&self) -> TlsStream {
+        let mut sock = TcpStream::connect(self.addr).unwrap_or_else(|e| panic!("connect {}: {e}", self.addr));
+        sock.set_nodelay(true).expect("nodelay");
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        let mut conn =
+            rustls::ClientConnection::new(client_config(self.fingerprint), name).expect("a TLS client");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).unwrap_or_else(|e| panic!("TLS handshake with {}: {e}", self.addr));
+        }
+        assert_eq!(conn.alpn_protocol(), Some(transport::ALPN), "the server did not agree to ALPN deltasync");
+        rustls::StreamOwned::new(conn, sock)
+    }
+
+    /// [`Endpoint::tls`] through deltasync's own client transport (tokio), split into frames;
+    /// the deltasync handshake is the caller's.
+    pub async fn frames(&self) -> (FrameReader, FrameWriter) {
+        let counters = Arc::new(deltasync::protocol::Counters::default());
+        let (stream, seen) = transport::connect(
+            &self.addr.to_string(),
+            &self.trust(),
+            Duration::from_secs(10),
+            counters.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("TLS connection to {}: {e:?}", self.addr));
+        assert_eq!(seen.fingerprint, Some(self.fingerprint));
+        deltasync::protocol::split(stream, counters)
+    }
+}
+
+/// Accepts exactly the certificate with fingerprint `want` (and checks its handshake signature).
+#[derive(Debug)]
+struct PinnedCert {
+    want: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = Fingerprint::of(end_entity);
+        if got == self.want {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!("certificate {got}, expected {}", self.want)))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// TLS 1.3, ALPN `deltasync`, and only the certificate with fingerprint `want`.
+fn client_config(want: Fingerprint) -> Arc<rustls::ClientConfig> {
+    let provider = provider();
+    let verifier = PinnedCert { want, algorithms: provider.signature_verification_algorithms };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![transport::ALPN.to_vec()];
+    Arc::new(config)
+}
+
+/// The fake servers' identity: one self-signed certificate per test process, and its
+/// fingerprint.
+fn fake_identity() -> &'static (Arc<rustls::ServerConfig>, String) {
+    static ID: OnceLock<(Arc<rustls::ServerConfig>, String)> = OnceLock::new();
+    ID.get_or_init(|| {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+        let cert: CertificateDer<'static> = made.cert.der().clone();
+        let fingerprint = Fingerprint::of(&cert).to_string();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("a TLS server config");
+        config.alpn_protocols = vec![transport::ALPN.to_vec()];
+        // As the real server: no session tickets (clients never resume).
+        config.send_tls13_tickets = 0;
+        (Arc::new(config), fingerprint)
+    })
+}
+
+/// The fingerprint of the fake servers' certificate (for `--fingerprint`).
+pub fn fake_fingerprint() -> String {
+    fake_identity().1.clone()
+}
+
+/// Accepts one client on `l` and completes the TLS handshake as a fake deltasync server would;
+/// `Err` if the client went away or refused the certificate.
+pub fn fake_accept(l: &TcpListener) -> std::io::Result<FakeServerStream> {
+    let (mut sock, _) = l.accept()?;
+    sock.set_nodelay(true)?;
+    let mut conn = rustls::ServerConnection::new(fake_identity().0.clone()).map_err(std::io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+/// A blocking connection the tests read and write by hand: plain TCP, or TLS over it.
+pub trait Socket: Read + Write {
+    /// The TCP socket under it (timeouts, shutdown).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for TlsStream {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref()
+    }
+}
+
+/// Writes `m` as one frame (4-byte big-endian length, then postcard) and flushes it.
+pub fn send_frame<M: serde::Serialize>(s: &mut impl Write, m: &M) -> std::io::Result<()> {
+    let body = postcard::to_allocvec(m).expect("encode");
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(&body);
+    s.write_all(&v)?;
+    s.flush()
+}
+
+/// The next frame as `M`; `None` when the peer closed the connection (or it broke).
+pub fn recv_frame<M: serde::de::DeserializeOwned>(s: &mut impl Read) -> Option<M> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(postcard::from_bytes(&body).expect("a well-formed message"))
 }
