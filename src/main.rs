@@ -151,7 +151,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(devices) = meta.list_devices(&name)? else { return Err(no_account(&name, &data)) };
             for d in devices {
                 let seen = match (d.last_seen, &d.last_addr) {
-                    (Some(t), Some(a)) => format!("last seen {} from {a}", deltasync::when::format_rfc3339(t)),
+                    (Some(t), Some(a)) => {
+                        format!("last seen {} from {a}", deltasync::when::format_rfc3339(t))
+                    }
                     (Some(t), None) => format!("last seen {}", deltasync::when::format_rfc3339(t)),
                     _ => "never seen".to_string(),
                 };
@@ -159,7 +161,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(t) => format!("revoked {}", deltasync::when::format_rfc3339(t)),
                     None => "active".to_string(),
                 };
-                println!("{}\t{state}\t{seen}\tcreated {}", d.name, deltasync::when::format_rfc3339(d.created));
+                println!(
+                    "{}\t{state}\t{seen}\tcreated {}",
+                    d.name,
+                    deltasync::when::format_rfc3339(d.created)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -492,12 +498,18 @@ fn check_names(account: &str, device: &str) -> anyhow::Result<()> {
 }
 
 fn no_account(name: &str, data: &std::path::Path) -> anyhow::Error {
-    anyhow::anyhow!("no account named `{name}` in {}; see `deltasync account list --data {}`", data.display(), data.display())
+    anyhow::anyhow!(
+        "no account named `{name}` in {}; see `deltasync account list --data {}`",
+        data.display(),
+        data.display()
+    )
 }
 
 /// What a new device needs: the server's fingerprint, and its token as the last line.
 fn print_token(fp: &deltasync::transport::Fingerprint, token: &str) {
-    println!("The server's fingerprint (give it to the device's --fingerprint, or compare it at the first connection):");
+    println!(
+        "The server's fingerprint (give it to the device's --fingerprint, or compare it at the first connection):"
+    );
     println!("fingerprint: {fp}");
     println!("The device's token (shown only now; only a hash is stored):");
     println!("{token}");

@@ -50,7 +50,7 @@ pub fn sanitize_name(s: &str) -> String {
 /// Failed authentications from one address that cost nothing: a client with a mistyped or
 /// revoked token retries a few times before its user notices.
 const FREE_FAILURES: u32 = 5;
-/// The delay after the first failure beyond the free ones; it doubles with each further one.
+/// The wait of the first attempt after the free failures; it doubles with each further one.
 const FIRST_DELAY: Duration = Duration::from_millis(250);
 /// The longest delay: tokens are 256 random bits, so the delay is not what stops guessing; it
 /// keeps a misbehaving client from making the server hash and look up tokens in a tight loop,
@@ -172,7 +172,7 @@ impl Limits {
     }
 
     /// How long to wait before answering an authentication attempt from `ip`: nothing up to
-    /// [`FREE_FAILURES`] recent failures, then 250 ms doubling with each failure, at most 5 s.
+    /// [`FREE_FAILURES`] recent failures, then 250 ms doubling with each further one, at most 5 s.
     pub fn auth_delay(&self, ip: IpAddr) -> Duration {
         self.auth_delay_at(ip, Instant::now())
     }
@@ -227,11 +227,12 @@ impl Limits {
 
 /// The delay after `failures` recent failures.
 fn delay_after(failures: u32) -> Duration {
-    if failures <= FREE_FAILURES {
+    // After the 5th failure, the next attempt already waits.
+    if failures < FREE_FAILURES {
         return Duration::ZERO;
     }
     // Capped shift: 250 ms << 5 is past the 5 s cap already.
-    let doublings = (failures - FREE_FAILURES - 1).min(16);
+    let doublings = (failures - FREE_FAILURES).min(16);
     (FIRST_DELAY * (1u32 << doublings)).min(MAX_DELAY)
 }
 
@@ -278,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn the_delay_starts_after_five_failures_doubles_and_is_capped() {
+    fn after_five_failures_each_attempt_waits_doubling_and_capped() {
         let l = Limits::new();
         let t = Instant::now();
         let a = ip("192.0.2.1");
@@ -287,7 +288,7 @@ mod tests {
             assert_eq!(l.auth_failed_at(a, t), i);
             delays.push(l.auth_delay_at(a, t).as_millis());
         }
-        assert_eq!(delays, [0, 0, 0, 0, 0, 250, 500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(delays, [0, 0, 0, 0, 250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
         for _ in 0..100 {
             l.auth_failed_at(a, t);
         }
@@ -307,7 +308,7 @@ mod tests {
         // Each failure restarts the memory.
         assert_eq!(l.auth_failed_at(a, t + FAILURE_MEMORY - Duration::from_secs(1)), 9);
         let later = t + 2 * FAILURE_MEMORY - Duration::from_secs(2);
-        assert_eq!(l.auth_delay_at(a, later), Duration::from_secs(2));
+        assert_eq!(l.auth_delay_at(a, later), Duration::from_secs(4));
         let quiet = t + 2 * FAILURE_MEMORY;
         assert_eq!(l.auth_delay_at(a, quiet), Duration::ZERO);
         assert_eq!(l.auth_failed_at(a, quiet), 1);
@@ -324,12 +325,12 @@ mod tests {
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
         let l = Limits::new();
         let t = Instant::now();
-        for i in 0..6 {
+        for i in 0..5 {
             l.auth_failed_at(ip(&format!("2001:db8:1:2::{i:x}")), t);
         }
         assert_eq!(l.auth_delay_at(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), t), FIRST_DELAY);
         assert_eq!(l.auth_delay_at(ip("2001:db8:1:3::1"), t), Duration::ZERO, "another /64");
-        for _ in 0..6 {
+        for _ in 0..5 {
             l.auth_failed_at(ip("::ffff:198.51.100.7"), t);
         }
         assert_eq!(l.auth_delay_at(ip("198.51.100.7"), t), FIRST_DELAY);
@@ -343,7 +344,7 @@ mod tests {
         let t = Instant::now();
         let v4 = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
         for i in 0..250 {
-            for _ in 0..6 {
+            for _ in 0..5 {
                 l.auth_failed_at(v4(i), t + Duration::from_millis(i.into()));
             }
         }

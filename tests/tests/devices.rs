@@ -46,8 +46,16 @@ fn a_revoked_device_is_cut_off_while_its_watch_runs_and_the_others_go_on() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !b.path().join("one.txt").exists() {
-        assert!(Instant::now() < deadline, "the watch never synced; log:\n{}", fs::read_to_string(&log).unwrap());
-        assert!(watch.try_wait().unwrap().is_none(), "the watch exited: {}", fs::read_to_string(&log).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "the watch never synced; log:\n{}",
+            fs::read_to_string(&log).unwrap()
+        );
+        assert!(
+            watch.try_wait().unwrap().is_none(),
+            "the watch exited: {}",
+            fs::read_to_string(&log).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -74,7 +82,7 @@ fn a_revoked_device_is_cut_off_while_its_watch_runs_and_the_others_go_on() {
 
     // The revoked token is refused from now on; the first device is untouched.
     let c = temp_dir("dev-c");
-    let out = pull(c.path(), &srv, &laptop);
+    let out = sync_cmd("pull", c.path(), &srv, &laptop, &[]);
     assert_eq!(out.status.code(), Some(4), "{}", out.dump());
     write(&a.path().join("two.txt"), b"two");
     assert!(push(a.path(), &srv, &first).success());
@@ -93,18 +101,24 @@ fn guessing_tokens_is_slowed_and_each_failure_logged_with_the_address() {
     let d = temp_dir("dev-guess");
     write(&d.path().join("f"), b"x");
     for i in 0..8 {
-        let out = push(d.path(), &srv, &format!("{i:064x}"));
+        let out = sync_cmd("push", d.path(), &srv, &format!("{i:064x}"), &[]);
         assert_eq!(out.status.code(), Some(4), "{}", out.dump());
     }
     let log = srv.log();
-    let fails: Vec<&str> = log.lines().filter(|l| l.contains("authentication failed from 127.0.0.1:")).collect();
+    let fails: Vec<&str> =
+        log.lines().filter(|l| l.contains("authentication failed from 127.0.0.1:")).collect();
     assert_eq!(fails.len(), 8, "one line per failure:\n{log}");
     let waits: Vec<u64> = fails
         .iter()
-        .map(|l| l.split("next attempt waits ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap())
+        .map(|l| {
+            l.split("next attempt waits ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap()
+        })
         .collect();
     assert_eq!(waits[..4], [0, 0, 0, 0], "a few mistakes cost nothing: {waits:?}");
-    assert!(waits[4] > 0 && waits.windows(2).skip(4).all(|w| w[1] > w[0]), "then slower and slower: {waits:?}");
+    assert!(
+        waits[4] > 0 && waits.windows(2).skip(4).all(|w| w[1] > w[0]),
+        "then slower and slower: {waits:?}"
+    );
     // The right token still gets in (after its wait).
     assert!(push(d.path(), &srv, &token).success());
 }
@@ -131,7 +145,7 @@ fn removing_an_account_asks_first_then_deletes_its_tokens_files_and_data() {
 
     let out = account(&srv.data, &["remove", "alice", "--yes"]);
     assert!(out.success(), "{}", out.dump());
-    let out = pull(temp_dir("dev-rm-d").path(), &srv, &alice);
+    let out = sync_cmd("pull", temp_dir("dev-rm-d").path(), &srv, &alice, &[]);
     assert_eq!(out.status.code(), Some(4), "its tokens are gone: {}", out.dump());
     let listed = account(&srv.data, &["list"]);
     assert!(!listed.stdout.contains("alice"), "{}", listed.dump());

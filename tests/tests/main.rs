@@ -11,6 +11,7 @@
 mod client_safety;
 #[cfg(feature = "failpoints")]
 mod crash;
+mod devices;
 mod history;
 mod migration;
 mod model;
@@ -20,5 +21,6 @@ mod resume;
 mod retention;
 mod security;
 mod server_faults;
+mod tls;
 mod util;
 mod watch;

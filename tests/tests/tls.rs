@@ -82,6 +82,9 @@ fn neither_the_token_nor_file_content_crosses_the_wire_in_the_clear() {
     assert_eq!(read(&b.path().join("secret.bin")), secret);
 
     let wire = relay.seen();
+    // What a TLS 1.3 ClientHello leaves in the clear (the ALPN name) is seen: the relay looks
+    // at the real bytes.
+    assert!(contains(&wire, b"deltasync"), "the relay sees the handshake's clear parts");
     assert!(wire.len() > 2 * secret.len(), "the transfers went through the relay ({} bytes)", wire.len());
     assert!(!contains(&wire, token.as_bytes()), "the token crossed the wire in the clear");
     assert!(!contains(&wire, b"launch code"), "a file's text crossed the wire in the clear");
@@ -149,7 +152,13 @@ fn a_wrong_fingerprint_is_refused() {
     assert!(out.stderr.contains(&srv.fingerprint), "names the fingerprint it saw: {}", out.dump());
     assert_eq!(account_changes(&srv.data, "alice"), 0, "nothing was pushed");
     // The right one works, and is what the folder pins from then on.
-    let out = run(&mut sync_command("push", d.path(), &srv.address(), &token, &["--fingerprint", &srv.fingerprint]));
+    let out = run(&mut sync_command(
+        "push",
+        d.path(),
+        &srv.address(),
+        &token,
+        &["--fingerprint", &srv.fingerprint],
+    ));
     assert!(out.success(), "{}", out.dump());
     assert!(!out.stderr.contains("trusting"), "a given fingerprint is checked, not trusted: {}", out.dump());
 }
@@ -162,7 +171,11 @@ fn a_changed_server_certificate_is_refused_until_the_new_one_is_given() {
     write(&d.path().join("f"), b"one");
     let first = run(&mut sync_command("push", d.path(), &srv.address(), &token, &[]));
     assert!(first.success(), "{}", first.dump());
-    assert!(first.stderr.contains(&format!("trusting the server at {} on first use", srv.address())), "{}", first.dump());
+    assert!(
+        first.stderr.contains(&format!("trusting the server at {} on first use", srv.address())),
+        "{}",
+        first.dump()
+    );
     assert!(first.stderr.contains(&srv.fingerprint), "{}", first.dump());
     let again = run(&mut sync_command("push", d.path(), &srv.address(), &token, &[]));
     assert!(again.success() && !again.stderr.contains("trusting"), "pinned: {}", again.dump());
@@ -174,10 +187,20 @@ fn a_changed_server_certificate_is_refused_until_the_new_one_is_given() {
     let out = run(&mut sync_command("push", d.path(), &srv.address(), &token, &[]));
     assert_eq!(out.status.code(), Some(8), "{}", out.dump());
     assert!(out.stderr.contains("is not the one this folder trusts"), "{}", out.dump());
-    assert!(out.stderr.contains(&format!("--fingerprint {}", srv.fingerprint)), "says what to do: {}", out.dump());
+    assert!(
+        out.stderr.contains(&format!("--fingerprint {}", srv.fingerprint)),
+        "says what to do: {}",
+        out.dump()
+    );
     assert_eq!(account_changes(&srv.data, "alice"), 1, "the second version was not sent");
 
-    let out = run(&mut sync_command("push", d.path(), &srv.address(), &token, &["--fingerprint", &srv.fingerprint]));
+    let out = run(&mut sync_command(
+        "push",
+        d.path(),
+        &srv.address(),
+        &token,
+        &["--fingerprint", &srv.fingerprint],
+    ));
     assert!(out.success(), "{}", out.dump());
     assert_eq!(account_changes(&srv.data, "alice"), 2);
     let out = run(&mut sync_command("push", d.path(), &srv.address(), &token, &[]));

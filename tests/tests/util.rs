@@ -30,7 +30,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_deltasync");
 /// A `deltasync` command that does not inherit settings from the environment.
 pub fn command() -> Command {
     let mut c = Command::new(BIN);
-    c.env_remove("DELTASYNC_SERVER").env_remove("DELTASYNC_TOKEN").env("NO_COLOR", "1");
+    c.env_remove("DELTASYNC_SERVER")
+        .env_remove("DELTASYNC_TOKEN")
+        .env_remove("DELTASYNC_FINGERPRINT")
+        .env_remove("DELTASYNC_DATA")
+        .env("NO_COLOR", "1");
     c
 }
 
@@ -93,6 +97,17 @@ impl Server {
         listen: &str,
         envs: &[(&str, &str)],
     ) -> Result<Server, ExitStatus> {
+        Server::try_spawn_full(root, data, listen, envs, &[])
+    }
+
+    /// [`Server::try_spawn_with`] with extra `serve` arguments.
+    fn try_spawn_full(
+        root: &Path,
+        data: &Path,
+        listen: &str,
+        envs: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Server, ExitStatus> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,6 +116,7 @@ impl Server {
         let mut child = command()
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
+            .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -236,6 +252,15 @@ impl Server {
     /// Kills this server and starts a new one on the same data folder (a new port).
     pub fn restart(mut self) -> Server {
         self.kill();
+        let mut s = Server::spawn(&self.root, &self.data);
+        s.tmp = self.tmp.take();
+        s
+    }
+
+    /// [`Server::restart`], running `between` while it is stopped.
+    pub fn restart_with(mut self, between: impl FnOnce()) -> Server {
+        self.kill();
+        between();
         let mut s = Server::spawn(&self.root, &self.data);
         s.tmp = self.tmp.take();
         s
@@ -861,6 +886,16 @@ mod self_tests {
 
 // ---------------------------------------------------------------------------------------------
 // Servers with a chosen data folder or environment (server_faults.rs)
+
+/// Starts a server on a fresh data folder with extra `serve` arguments.
+pub fn start_server_args(args: &[&str]) -> Server {
+    let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
+    let root = tmp.path().to_path_buf();
+    let mut s = Server::try_spawn_full(&root, &root.join("data"), "127.0.0.1:0", &[], args)
+        .unwrap_or_else(|st| panic!("server exited early ({st}); log:\n{}", read_log(&root)));
+    s.tmp = Some(tmp);
+    s
+}
 
 /// Starts `deltasync serve` on `data` (any folder, e.g. a small mounted file system) with extra
 /// environment variables; its log and temp root are a fresh temp folder.
