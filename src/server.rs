@@ -112,7 +112,7 @@ pub struct Shared {
     /// Failed-authentication slowdown and open-registration limits, per source address.
     pub limits: auth::Limits,
     /// Connected sessions by credential, so a revoked device is cut off (see [`cut_off_revoked`]).
-    devices: Arc<Mutex<HashMap<meta::DeviceId, Vec<(u64, CancellationToken)>>>>,
+    devices: DeviceSessions,
     locks: Mutex<HashMap<AccountId, Arc<tokio::sync::Mutex<()>>>>,
     hub: Mutex<HashMap<AccountId, broadcast::Sender<(u64, u64)>>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -184,11 +184,14 @@ impl Shared {
     }
 }
 
+/// Per credential, its live sessions: (registration key, the token that closes the session).
+type DeviceSessions = Arc<Mutex<HashMap<meta::DeviceId, Vec<(u64, CancellationToken)>>>>;
+
 static REGISTRATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A session's place in [`Shared`]'s device registry; dropping it leaves.
 pub struct Registered {
-    devices: Arc<Mutex<HashMap<meta::DeviceId, Vec<(u64, CancellationToken)>>>>,
+    devices: DeviceSessions,
     device: meta::DeviceId,
     key: u64,
 }

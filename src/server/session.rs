@@ -237,16 +237,17 @@ where
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if hello.token.is_none() && shared.open_registration {
-        if let Err(wait) = shared.limits.may_register(ip) {
-            tracing::warn!("{peer}: open registration refused: too many new accounts from this address");
-            let msg = format!(
-                "authentication failed: this server makes only a few accounts per address; try again in {} min, or ask its administrator for a token",
-                wait.as_secs().div_ceil(60)
-            );
-            wr.send(&reject(Rejection::Auth, msg)).await?;
-            return Err(SessionError::Handshake("open registration refused".into()));
-        }
+    if hello.token.is_none()
+        && shared.open_registration
+        && let Err(wait) = shared.limits.may_register(ip)
+    {
+        tracing::warn!("{peer}: open registration refused: too many new accounts from this address");
+        let msg = format!(
+            "authentication failed: this server makes only a few accounts per address; try again in {} min, or ask its administrator for a token",
+            wait.as_secs().div_ceil(60)
+        );
+        wr.send(&reject(Rejection::Auth, msg)).await?;
+        return Err(SessionError::Handshake("open registration refused".into()));
     }
     let sh = shared.clone();
     let token = hello.token.clone();
