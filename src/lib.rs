@@ -7,7 +7,8 @@
 //! - [`delta`]: fast_rsync wrapped for huge files: block-size rule, signature cache, windowed diff,
 //!   streaming apply.
 //! - [`protocol`]: frames, messages and the counted connection.
-//! - [`server`]: `deltasync serve`: accounts, metadata (SQLite), content store (plain folders).
+//! - [`transport`]: TLS 1.3 for every connection: the server's certificate, the client's pinning.
+//! - [`server`]: `deltasync serve`: accounts and devices, metadata (SQLite), content store (packs).
 //! - [`sync`]: the client's engine: index, scan, plan (pure decisions), execute.
 //! - [`progress`]: progress bars.
 //! - [`status`]: `deltasync status`.

@@ -237,3 +237,54 @@ fn secrets_are_the_owners_only() {
     let out = run(&mut cmd);
     assert!(!out.success() && out.stderr.contains("is empty"), "{}", out.dump());
 }
+
+/// A CA, and a certificate it signed for 127.0.0.1: `(ca.pem, cert.pem, key.pem)` in `dir`.
+fn ca_and_certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "deltasync test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert =
+        CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    write(&paths.0, ca_cert.pem());
+    write(&paths.1, cert.pem());
+    write(&paths.2, key.serialize_pem());
+    (paths.0, paths.1, paths.2)
+}
+
+#[test]
+fn a_ca_certificate_is_checked_against_the_roots_not_pinned() {
+    let certs = temp_dir("tls-ca");
+    let (ca, cert, key) = ca_and_certificate(certs.path());
+    let (cert, key) = (cert.to_str().unwrap().to_string(), key.to_str().unwrap().to_string());
+    let srv = start_server_args(&["--tls-cert", &cert, "--tls-key", &key]);
+    let token = add_account(&srv.data, "alice");
+    let d = temp_dir("tls-ca-d");
+    write(&d.path().join("f"), b"one");
+    let push_with_roots = |dir: &Path, addr: &str| {
+        let mut c = sync_command("push", dir, addr, &token, &[]);
+        c.env("SSL_CERT_FILE", &ca);
+        run(&mut c)
+    };
+    let out = push_with_roots(d.path(), &srv.address());
+    assert!(out.success(), "{}", out.dump());
+    assert!(
+        !out.stderr.contains("trusting"),
+        "valid under the roots: nothing to trust on first use: {}",
+        out.dump()
+    );
+
+    // The same data folder served with its own self-signed certificate instead: no longer valid
+    // under the roots, so refused, though this folder never pinned a fingerprint.
+    let srv = srv.restart();
+    write(&d.path().join("f"), b"two");
+    let out = push_with_roots(d.path(), &srv.address());
+    assert_eq!(out.status.code(), Some(8), "{}", out.dump());
+    assert!(out.stderr.contains("no longer valid under this computer's CA roots"), "{}", out.dump());
+    assert_eq!(account_changes(&srv.data, "alice"), 1);
+}
