@@ -1,18 +1,22 @@
-//! `deltasync serve`: a TCP server that keeps each account's folder.
+//! `deltasync serve`: a TLS server that keeps each account's files and their history.
 //!
 //! # Layout
-//! - [`meta`]: accounts, path states and the journal (SQLite). All SQL lives there.
-//! - [`store`]: the per-account plain mirror, temp area and signature cache. All file I/O.
-//! - [`session`]: one task per connection: handshake, then requests in order.
+//! - [`meta`]: the metadata interface: accounts and devices, path states, history, contents.
+//! - [`store`]: the storage interfaces' implementations (packs in a folder, SQLite) and their
+//!   conformance tests.
+//! - [`handshake`]: a connection's first seconds: TLS, `Hello`, who it is.
+//! - [`session`]: one task per connection after that: requests in order.
 //! - [`auth`]: account and device names; the per-address brakes on authentication and open
 //!   registration.
+//! - [`content`], [`batch`], [`revert`], [`retention`], [`history`], [`migrate`]: chunks and
+//!   packs, group commit, restore/undo, `--keep`, export/prune, conversion of old data folders.
 //!
-//! Commits to one account are serialized by a per-account lock; accounts never wait on each other
-//! except for the short SQLite transaction.
-
+//! Every commit rule is decided inside the metadata transaction; the per-account lock only
+//! keeps one account's uploads from racing each other for nothing.
 pub mod auth;
 pub mod batch;
 pub mod content;
+mod handshake;
 pub mod history;
 pub mod meta;
 mod migrate;
@@ -354,23 +358,7 @@ pub async fn run(
         let cancel = cancel.clone();
         let acceptor = acceptor.clone();
         tracker.spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let counters = Arc::new(protocol::Counters::default());
-            let deadline = tokio::time::Instant::now() + session::HANDSHAKE_TIMEOUT;
-            let tls = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = tokio::time::timeout_at(deadline, acceptor.accept(protocol::Counted::new(stream, counters.clone()))) => r,
-            };
-            match tls {
-                Ok(Ok(tls)) => {
-                    if let Err(e) = session::serve(tls, peer, counters, deadline, shared, cancel).await {
-                        tracing::info!("{peer}: {e}");
-                    }
-                }
-                // Port scanners and the like: not worth more than a debug line.
-                Ok(Err(e)) => tracing::debug!("{peer}: TLS handshake failed: {e}"),
-                Err(_) => tracing::debug!("{peer}: no TLS handshake within {} s", session::HANDSHAKE_TIMEOUT.as_secs()),
-            }
+            handshake::connection(stream, peer, acceptor, shared, cancel).await;
             drop(permit);
         });
     }

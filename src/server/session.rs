@@ -2,7 +2,6 @@
 //! with a reason and the session goes on; bytes that do not parse end this session only.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -10,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::batch::{self, Staged};
 use super::content::{ChunkList, ChunkLoc, Chunker, PackSink, Reader};
+use super::handshake::Authed;
 use super::meta::{Account, AccountId, Change, MetaError, Metadata, Step};
 use crate::delta::{self, Applier, Block};
 use crate::hash::ContentHash;
@@ -17,8 +17,6 @@ use crate::path::RelPath;
 use crate::protocol::*;
 use futures_util::FutureExt;
 
-/// A silent peer is dropped after this long without completing the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest symlink target accepted (Linux `PATH_MAX`).
 const MAX_LINK_TARGET: usize = 4096;
 
@@ -175,137 +173,18 @@ struct Session {
     wr: FrameWriter,
 }
 
-/// Who a connection authenticated as.
-struct Authed {
-    account: Account,
-    device: super::meta::Device,
-    new_token: Option<String>,
-    seq: u64,
-}
-
-/// Serves one connection whose TLS handshake is done. `deadline` is the end of the time the
-/// peer has for the whole handshake (TLS and `Hello`).
-pub async fn serve<S>(
-    stream: S,
+/// Serves the requests of a connection that passed the [`handshake`](super::handshake), until
+/// the client leaves, the server stops (`cancel`) or the device is revoked (`authed.kill`).
+pub async fn serve(
+    rd: FrameReader,
+    wr: FrameWriter,
     peer: std::net::SocketAddr,
-    counters: Arc<Counters>,
-    deadline: tokio::time::Instant,
+    authed: Authed,
     shared: Arc<Shared>,
     cancel: CancellationToken,
-) -> Result<(), SessionError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
-{
-    let (mut rd, mut wr) = split(stream, counters);
-    wr.set_write_stall(shared.io_timeout);
-    let hello: Hello = match tokio::time::timeout_at(deadline, rd.recv()).await {
-        Err(_) => return Err(SessionError::Handshake("timed out".into())),
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => {
-            let _ = wr
-                .send(&Welcome::Rejected {
-                    reason: Rejection::BadMagic,
-                    message: "not a deltasync client".into(),
-                    server_version: PROTOCOL_VERSION,
-                })
-                .await;
-            return Err(e.into());
-        }
-    };
-    let reject =
-        |reason, message: String| Welcome::Rejected { reason, message, server_version: PROTOCOL_VERSION };
-    if hello.magic != MAGIC {
-        wr.send(&reject(Rejection::BadMagic, "not a deltasync client".into())).await?;
-        return Err(SessionError::Handshake("bad magic".into()));
-    }
-    if hello.version != PROTOCOL_VERSION {
-        let msg = format!(
-            "protocol version mismatch: client speaks {}, server speaks {PROTOCOL_VERSION}; install the same deltasync version on both",
-            hello.version
-        );
-        wr.send(&reject(Rejection::Version, msg.clone())).await?;
-        return Err(SessionError::Handshake(msg));
-    }
-    // The label the journal records: printed by `log` and `status`, so no control characters
-    // (a terminal escape in a device name would be an escape in someone's terminal).
-    let device = hello.device.chars().filter(|c| !c.is_control()).take(64).collect::<String>();
-    let ip = peer.ip();
-    // An address that keeps failing waits longer and longer before each answer, right or
-    // wrong: guessing gets slow, and a fail2ban-style tool has the log lines below to act on.
-    let delay = shared.limits.auth_delay(ip);
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    if hello.token.is_none()
-        && shared.open_registration
-        && let Err(wait) = shared.limits.may_register(ip)
-    {
-        tracing::warn!("{peer}: open registration refused: too many new accounts from this address");
-        let msg = format!(
-            "authentication failed: this server makes only a few accounts per address; try again in {} min, or ask its administrator for a token",
-            wait.as_secs().div_ceil(60)
-        );
-        wr.send(&reject(Rejection::Auth, msg)).await?;
-        return Err(SessionError::Handshake("open registration refused".into()));
-    }
-    let sh = shared.clone();
-    let token = hello.token.clone();
-    let dev = device.clone();
-    let addr = peer.to_string();
-    let auth = tokio::task::spawn_blocking(move || -> Result<Option<Authed>, MetaError> {
-        let found = match token {
-            Some(t) => sh.meta.authenticate(&t)?.map(|(a, d)| (a, d, None)),
-            None if sh.open_registration => {
-                let mut suffix = [0u8; 3];
-                let _ = getrandom::fill(&mut suffix);
-                // The account is named after the device (room left for the suffix).
-                let label = super::auth::sanitize_name(&dev);
-                let short: String = label.chars().take(super::auth::MAX_NAME - 7).collect();
-                let name = format!("{short}-{}", hex::encode(suffix));
-                let (a, t) = super::add_account(sh.meta.as_ref(), &name, &label)?;
-                match sh.meta.authenticate(&t)? {
-                    Some((a, d)) => Some((a, d, Some(t))),
-                    None => return Err(MetaError::CorruptRow(format!("the new account {}", a.name))),
-                }
-            }
-            None => None,
-        };
-        let Some((account, dev, new_token)) = found else { return Ok(None) };
-        sh.meta.device_seen(dev.id, &addr, crate::when::now_secs())?;
-        let seq = sh.meta.seq(account.id)?;
-        Ok(Some(Authed { account, device: dev, new_token, seq }))
-    })
-    .await
-    .map_err(|e| SessionError::Internal(e.to_string()))?
-    .map_err(|e| SessionError::Internal(e.to_string()))?;
-    let Some(Authed { account, device: credential, new_token, seq }) = auth else {
-        let failures = shared.limits.auth_failed(ip);
-        let msg = if hello.token.is_none() {
-            "authentication failed: no token given and this server does not have open registration; create an account with `deltasync account add NAME` on the server"
-        } else {
-            "authentication failed: unknown or revoked token; check --token-file / DELTASYNC_TOKEN / --token, or ask for a new one (`deltasync account token NAME --device DEVICE` on the server)"
-        };
-        // One line per failure, with the address first, for fail2ban-style tools.
-        tracing::warn!(
-            "authentication failed from {peer}: {} ({failures} failures from this address recently; its next attempt waits {} ms)",
-            if hello.token.is_none() { "no token" } else { "unknown or revoked token" },
-            shared.limits.auth_delay(ip).as_millis()
-        );
-        wr.send(&reject(Rejection::Auth, msg.into())).await?;
-        return Err(SessionError::Handshake("authentication failed".into()));
-    };
-    shared.limits.auth_ok(ip);
-    // Registered before the welcome, so a revocation from here on reaches this session.
-    let (kill, _registered) = shared.register_device(credential.id);
+) -> Result<(), SessionError> {
+    let Authed { account, credential, label: device, kill, registered: _registered, .. } = authed;
     let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
-    wr.send(&Welcome::Accepted {
-        account: account.name.clone(),
-        new_token,
-        server_id: shared.server_id,
-        seq,
-    })
-    .await?;
     let mut s = Session {
         staged: Vec::new(),
         staged_bytes: 0,
