@@ -24,7 +24,12 @@ pub fn status(root: &Path) -> Result<String, SyncError> {
     let get = |k: &str| index.setting(k).map(|v| v.unwrap_or_else(|| "-".into()));
     let mut out = String::new();
     let _ = writeln!(out, "Folder:   {}", root.display());
-    let _ = writeln!(out, "Server:   {}", get("server")?);
+    let trust = match index.setting("fingerprint")?.as_deref() {
+        Some("ca") => " (certificate checked against the CA roots)".to_string(),
+        Some(fp) => format!(" (fingerprint {fp})"),
+        None => String::new(),
+    };
+    let _ = writeln!(out, "Server:   {}{trust}", get("server")?);
     let _ = writeln!(out, "Account:  {}", get("account")?);
     let _ = writeln!(out, "Device:   {}", get("device")?);
     let last = index.setting("last_sync")?.and_then(|s| s.parse::<u64>().ok());

@@ -161,6 +161,11 @@ fn a_wrong_fingerprint_is_refused() {
     ));
     assert!(out.success(), "{}", out.dump());
     assert!(!out.stderr.contains("trusting"), "a given fingerprint is checked, not trusted: {}", out.dump());
+    let status = run(command().arg("status").arg(d.path())).ok("status").stdout;
+    assert!(
+        status.contains(&format!("(fingerprint {})", srv.fingerprint)),
+        "status shows the pin:\n{status}"
+    );
 }
 
 #[test]
