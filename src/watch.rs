@@ -36,6 +36,9 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const DELETE_QUIET: Duration = Duration::from_secs(1);
 /// Keep-alive on an idle connection, so a dead server or NAT drop is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// After this long without a round, the connection's zstd stream is ended (see
+/// `FrameWriter::end_stream`).
+const STREAM_QUIET: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Immediate re-rounds after refused (stale) changes before waiting for the next event.
 const MAX_RETRIES: u32 = 3;
@@ -223,6 +226,12 @@ pub async fn watch(
                 }
             },
             _ = tokio::time::sleep_until(next_rescan) => dirty = true,
+            // Quiet: free this side's compression stream (the server frees its own).
+            _ = tokio::time::sleep(STREAM_QUIET), if c.wr.streaming() => {
+                if c.wr.end_stream().await.is_err() {
+                    client = None;
+                }
+            }
             _ = tokio::time::sleep(KEEPALIVE) => {
                 let id = c.next_id();
                 if c.wr.send(&ClientMsg::Req { id, req: Request::Ping }).await.is_err() {

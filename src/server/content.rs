@@ -142,11 +142,17 @@ pub struct PackSink {
 }
 
 impl PackSink {
+    /// Frees the zstd contexts (an idle session should not hold a megabyte it is not using).
+    pub fn release_contexts(&mut self) {
+        self.compressor = None;
+        self.probe = None;
+    }
+
     pub fn new(chunks: Arc<dyn ChunkStore>) -> Self {
         PackSink {
             chunks,
-            compressor: zstd::bulk::Compressor::new(3).ok(),
-            probe: zstd::bulk::Compressor::new(1).ok(),
+            compressor: None,
+            probe: None,
             open: None,
             written: Vec::new(),
             keys: HashSet::new(),
@@ -164,6 +170,11 @@ impl PackSink {
         let key = key_of(bytes);
         if self.has(meta, &key)? {
             return Ok(key);
+        }
+        // Made on first use and kept for the session's uploads; freed when it goes idle.
+        if self.compressor.is_none() {
+            self.compressor = zstd::bulk::Compressor::new(3).ok();
+            self.probe = zstd::bulk::Compressor::new(1).ok();
         }
         let packed = match &mut self.compressor {
             Some(c) if worth_compressing(&mut self.probe, bytes) => c.compress(bytes).ok(),

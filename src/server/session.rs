@@ -153,6 +153,10 @@ impl From<std::io::Error> for Refusal {
     }
 }
 
+/// A connection without requests for this long frees its compression contexts (they are made
+/// again, in about a millisecond, by the next transfer).
+const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Uploads committed together at most: bounds the time a reply waits and the open temp files.
 const MAX_BATCH: usize = 256;
 /// Uploads up to this size (sent whole) are received before they are checked and written, so
@@ -161,6 +165,8 @@ const SMALL_UPLOAD: u64 = 64 << 10;
 const MAX_BATCH_BYTES: u64 = 64 << 20;
 
 struct Session {
+    /// Set once a quiet connection has freed its transfer state (see [`QUIET`]).
+    idle: bool,
     staged: Vec<Staged>,
     staged_bytes: u64,
     id: u64,
@@ -186,6 +192,7 @@ pub async fn serve(
     let Authed { account, credential, label: device, kill, registered: _registered, .. } = authed;
     let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
     let mut s = Session {
+        idle: false,
         staged: Vec::new(),
         staged_bytes: 0,
         id: shared.session_id(),
@@ -229,6 +236,15 @@ impl Session {
             let msg = if self.staged.is_empty() {
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
+                    // Quiet for a while: free what only transfers need (an idle `watch`
+                    // connection stays open for hours).
+                    _ = tokio::time::sleep(QUIET), if !self.idle => {
+                        self.idle = true;
+                        self.wr.end_stream().await?;
+                        self.sink.lock().unwrap_or_else(|p| p.into_inner()).release_contexts();
+                        self.shared.quiet.notify_one();
+                        continue;
+                    }
                     seq = async { match notices.as_mut() { Some(n) => n.recv().await, None => std::future::pending().await } } => {
                         match seq {
                             Ok((_, origin)) if origin == self.id => {}
@@ -255,6 +271,7 @@ impl Session {
                 }
             };
             let Some(msg) = msg else { return Ok(()) };
+            self.idle = false;
             let (id, mut req) = match msg {
                 ClientMsg::Req { id, req } => (id, req),
                 other => {
