@@ -65,7 +65,7 @@ pub async fn watch(
     shutdown: impl Future,
 ) -> Result<(), SyncError> {
     let mut folder = Folder::open(root, true)?;
-    let settings = folder.settings(&opts)?;
+    let mut settings = folder.settings(&opts)?;
     let opts = Options { upload: true, download: true, ..opts };
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel::<()>();
     let mut rescan_every = wopts.rescan;
@@ -98,7 +98,7 @@ pub async fn watch(
     let mut next_rescan = Instant::now() + rescan_every;
     loop {
         let Some(c) = client.as_mut() else {
-            match connect(&mut folder, &settings, &progress).await {
+            match connect(&mut folder, &mut settings, &progress).await {
                 Ok(c) => {
                     if down_since_said {
                         progress.say(&format!("deltasync: reconnected to {}", settings.server));
@@ -242,8 +242,19 @@ pub async fn watch(
     }
 }
 
-async fn connect(folder: &mut Folder, settings: &Settings, progress: &Progress) -> Result<Client, SyncError> {
+/// Connects, then remembers for the next reconnect what this connection settled: the server's
+/// certificate is trusted now (no second "trusting on first use"), and a token open
+/// registration just issued is this folder's (not a reason to register again).
+async fn connect(
+    folder: &mut Folder,
+    settings: &mut Settings,
+    progress: &Progress,
+) -> Result<Client, SyncError> {
     let mut c = folder.connect(settings, progress).await?;
+    settings.trust = c.seen.trust(&settings.trust);
+    if let Some(t) = &c.new_token {
+        settings.token = Some(t.clone());
+    }
     c.call(Request::Subscribe).await?;
     Ok(c)
 }

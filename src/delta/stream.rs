@@ -27,9 +27,15 @@ impl StreamEncoder {
         Ok(StreamEncoder(Encoder::new(LEVEL)?))
     }
 
+    /// Whether [`seal`](Self::seal) puts `b` in the stream: small raw blocks, but not tiny ones
+    /// (under 64 bytes a flushed piece costs more than it saves).
+    pub fn takes(b: &Block) -> bool {
+        b.codec == Codec::Raw && (64..=STREAM_MAX).contains(&b.bytes.len())
+    }
+
     /// Small raw blocks become the next flushed piece of the stream; others pass unchanged.
     pub fn seal(&mut self, b: Block) -> std::io::Result<Block> {
-        if b.codec != Codec::Raw || b.bytes.len() > STREAM_MAX || b.bytes.len() < 64 {
+        if !Self::takes(&b) {
             return Ok(b);
         }
         let mut out: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(b.bytes.len()) + 1024);

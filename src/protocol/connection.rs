@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::{MAX_FRAME, ProtocolError};
-use crate::delta::stream::{STREAM_MAX, StreamDecoder, StreamEncoder};
+use crate::delta::stream::{StreamDecoder, StreamEncoder};
 use crate::delta::{Block, Codec, DeltaError};
 
 #[derive(Debug, Default)]
@@ -292,7 +292,9 @@ impl FrameWriter {
     /// Compresses a small raw block as the next piece of this connection's stream. Every block
     /// passed here must then be sent, in order.
     pub fn seal(&mut self, b: Block) -> std::io::Result<Block> {
-        if b.codec != Codec::Raw || b.bytes.len() > STREAM_MAX {
+        // Only a block that goes into the stream starts one: `streaming` means the peer has a
+        // decoder to free (an empty frame where it has none is malformed).
+        if !StreamEncoder::takes(&b) {
             return Ok(b);
         }
         if self.stream.is_none() {
@@ -353,6 +355,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (_, mut wr) = split(a, Arc::default());
         let (mut rd, _w) = split(b, Arc::default());
+        // A block too small for the stream does not start one: nothing to end then.
+        let tiny = wr.seal(Block { codec: Codec::Raw, bytes: vec![7; 10] }).unwrap();
+        assert_eq!(tiny.codec, Codec::Raw);
+        assert!(!wr.streaming(), "a tiny block started a stream the peer never saw");
         for round in 0..3u8 {
             for i in 0..3u8 {
                 let raw = Block { codec: Codec::Raw, bytes: text(3000, round * 10 + i) };

@@ -410,3 +410,60 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     pull(&b, &srv, &token);
     assert_same_tree(a.path(), &b);
 }
+
+/// Regression: a `watch` that had sent only tiny files (under 64 bytes, never put in the
+/// connection's zstd stream) ended a stream it had not begun when it went quiet; the server
+/// called the empty frame malformed and closed the connection, and the watch reconnected,
+/// trusting the server "on first use" a second time. Both ends of every quiet connection must
+/// keep working, whatever went through the stream.
+#[test]
+fn a_quiet_watch_connection_stays_up_whatever_it_sent() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("quiet-a");
+    let b = temp_dir("quiet-b");
+    write(&a.path().join("tiny.txt"), b"tiny");
+    write(&b.path().join("text.txt"), "some text to compress ".repeat(50));
+    let logs = temp_dir("quiet-log");
+    let mut watchers = Vec::new();
+    for (dir, name) in [(a.path(), "a"), (b.path(), "b")] {
+        let log = logs.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = command()
+            .arg("watch")
+            .arg(dir)
+            .args(["--server", &srv.address(), "--token", &token, "--no-progress", "--device", name])
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        watchers.push((child, log));
+    }
+    let wait = |p: &Path, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !p.exists() {
+            assert!(Instant::now() < deadline, "{what} never arrived");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait(&b.path().join("tiny.txt"), "tiny.txt on b");
+    wait(&a.path().join("text.txt"), "text.txt on a");
+    // Both connections go quiet (the streams end after 2 s), then carry more of both kinds.
+    std::thread::sleep(Duration::from_secs(4));
+    write(&a.path().join("tiny2.txt"), b"tiny 2");
+    write(&b.path().join("text2.txt"), "more text to compress ".repeat(50));
+    wait(&b.path().join("tiny2.txt"), "tiny2.txt on b");
+    wait(&a.path().join("text2.txt"), "text2.txt on a");
+    std::thread::sleep(Duration::from_secs(4));
+    write(&a.path().join("text3.txt"), "and more text again ".repeat(50));
+    wait(&b.path().join("text3.txt"), "text3.txt on b");
+    for (mut child, log) in watchers {
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains("went away"), "the connection was dropped:\n{text}");
+        assert_eq!(text.matches("trusting the server").count(), 1, "{text}");
+    }
+    assert!(!srv.log().contains("malformed"), "{}", srv.log());
+}
