@@ -95,11 +95,15 @@ pub async fn watch(
     let mut deletes_due: Option<Instant> = None;
     let mut backoff = Duration::from_millis(250);
     let mut down_since_said = false;
+    // Once the server has answered as a deltasync server, a later answer that is not one (a
+    // connection closed in the middle of the TLS handshake while it restarts) is a passing fault.
+    let mut ever_connected = false;
     let mut next_rescan = Instant::now() + rescan_every;
     loop {
         let Some(c) = client.as_mut() else {
             match connect(&mut folder, &mut settings, &progress).await {
                 Ok(c) => {
+                    ever_connected = true;
                     if down_since_said {
                         progress.say(&format!("deltasync: reconnected to {}", settings.server));
                         down_since_said = false;
@@ -109,7 +113,11 @@ pub async fn watch(
                     dirty = true;
                     continue;
                 }
-                Err(e) if retryable(&e) => {
+                Err(e)
+                    if retryable(&e)
+                        || (ever_connected
+                            && matches!(e, SyncError::Client(ClientError::NotDeltasync(_)))) =>
+                {
                     if !down_since_said {
                         progress.say(&format!("deltasync: {e}; still watching, retrying in the background"));
                         down_since_said = true;
