@@ -7,7 +7,7 @@
 pub mod connection;
 pub mod message;
 
-pub use connection::{Counted, Counters, FrameReader, FrameWriter, split};
+pub use connection::{Counted, Counters, FrameReader, FrameWriter, ReadAhead, split};
 pub use message::*;
 
 /// Hard limit on one frame: a delta block ([`crate::delta::MAX_BLOCK`]) plus headroom. A peer

@@ -20,15 +20,15 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
-use crate::protocol::Counted;
+use crate::protocol::{Counted, ReadAhead};
 
 /// Offered and required in the handshake: a TLS server that does not speak deltasync (an
 /// HTTPS server, say) is found out before the client sends its token.
 pub const ALPN: &[u8] = b"deltasync";
 
 /// The connection the session runs on.
-pub type ClientStream = tokio_rustls::client::TlsStream<Counted<TcpStream>>;
-pub type ServerStream = tokio_rustls::server::TlsStream<Counted<TcpStream>>;
+pub type ClientStream = tokio_rustls::client::TlsStream<ReadAhead<Counted<TcpStream>>>;
+pub type ServerStream = tokio_rustls::server::TlsStream<ReadAhead<Counted<TcpStream>>>;
 
 /// ring's default suites (AES-256-GCM first). Putting AES-128-GCM first was measured: no
 /// difference in CPU per GiB on either side here (AES instructions make both cheap; what TLS
@@ -390,7 +390,7 @@ pub async fn connect(
     let name = ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::try_from("deltasync.invalid").expect("a valid DNS name"));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let stream = Counted::new(tcp, counters);
+    let stream = ReadAhead::new(Counted::new(tcp, counters));
     let not_ours = |what: String| {
         ConnectError::NotDeltasync(format!(
             "{addr} is not a deltasync server ({what}); check the address and port (set it with --server or DELTASYNC_SERVER)"

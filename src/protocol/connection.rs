@@ -72,6 +72,100 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         }
         r
     }
+    // TLS writes its records as several buffers at once: one system call, not one each.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads ahead in big pieces under TLS: rustls asks its socket for 4 KiB at a time (and zeroes
+/// its buffer as it grows), which made a 256 MiB upload 65,000 read calls. The buffer exists
+/// only while data keeps coming: it is dropped whenever it is empty and the socket has nothing
+/// more, so an idle connection holds none of it.
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// How much one read from the socket may bring (a few TLS records).
+const READ_AHEAD: usize = 64 << 10;
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> Self {
+        ReadAhead { inner, buf: Vec::new(), pos: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        if me.pos == me.buf.len() {
+            // A big read goes straight through; a small one fills the read-ahead first.
+            if out.remaining() >= READ_AHEAD {
+                return Pin::new(&mut me.inner).poll_read(cx, out);
+            }
+            me.buf.resize(READ_AHEAD, 0);
+            let mut rb = ReadBuf::new(&mut me.buf);
+            match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    me.buf.truncate(n);
+                    me.pos = 0;
+                }
+                other => {
+                    me.buf = Vec::new();
+                    me.pos = 0;
+                    return other;
+                }
+            }
+        }
+        let n = out.remaining().min(me.buf.len() - me.pos);
+        out.put_slice(&me.buf[me.pos..me.pos + n]);
+        me.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
