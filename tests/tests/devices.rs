@@ -8,6 +8,16 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
+/// A child killed when dropped, so a failing assertion leaves no process running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn account(data: &Path, args: &[&str]) -> Output {
     let mut c = command();
     c.arg("account").args(args).arg("--data").arg(data).stdin(Stdio::null());
@@ -35,15 +45,18 @@ fn a_revoked_device_is_cut_off_while_its_watch_runs_and_the_others_go_on() {
     let logs = temp_dir("dev-log");
     let log = logs.path().join("watch.log");
     let logf = fs::File::create(&log).unwrap();
-    let mut watch = command()
-        .arg("watch")
-        .arg(b.path())
-        .args(["--server", &srv.address(), "--token", &laptop, "--no-progress"])
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .unwrap();
+    let mut watch = Killed(
+        command()
+            .arg("watch")
+            .arg(b.path())
+            .args(["--server", &srv.address(), "--token", &laptop, "--no-progress"])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap(),
+    );
+    let watch = &mut watch.0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !b.path().join("one.txt").exists() {
         assert!(

@@ -425,6 +425,14 @@ fn a_quiet_watch_connection_stays_up_whatever_it_sent() {
     write(&a.path().join("tiny.txt"), b"tiny");
     write(&b.path().join("text.txt"), "some text to compress ".repeat(50));
     let logs = temp_dir("quiet-log");
+    /// Killed when dropped, so a failing assertion leaves no watcher running.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut watchers = Vec::new();
     for (dir, name) in [(a.path(), "a"), (b.path(), "b")] {
         let log = logs.path().join(format!("{name}.log"));
@@ -438,7 +446,7 @@ fn a_quiet_watch_connection_stays_up_whatever_it_sent() {
             .stderr(f)
             .spawn()
             .unwrap();
-        watchers.push((child, log));
+        watchers.push((Killed(child), log));
     }
     let wait = |p: &Path, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -458,9 +466,8 @@ fn a_quiet_watch_connection_stays_up_whatever_it_sent() {
     std::thread::sleep(Duration::from_secs(4));
     write(&a.path().join("text3.txt"), "and more text again ".repeat(50));
     wait(&b.path().join("text3.txt"), "text3.txt on b");
-    for (mut child, log) in watchers {
-        let _ = child.kill();
-        let _ = child.wait();
+    for (child, log) in watchers {
+        drop(child);
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(!text.contains("went away"), "the connection was dropped:\n{text}");
         assert_eq!(text.matches("trusting the server").count(), 1, "{text}");
