@@ -339,6 +339,30 @@ fn system_verifier(provider: &Arc<CryptoProvider>) -> Option<Arc<rustls::client:
         .ok()
 }
 
+/// The client's TLS configuration: TLS 1.3, ALPN `deltasync`, and a verifier that enforces
+/// `trust` and records what it saw in the returned [`Seen`] (read it after the handshake).
+pub fn client_config(trust: &Trust) -> Result<(Arc<rustls::ClientConfig>, Arc<Mutex<Seen>>), rustls::Error> {
+    let provider = provider();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let webpki = match trust {
+        Trust::Pinned(_) => None,
+        Trust::New | Trust::Ca => system_verifier(&provider),
+    };
+    let verifier = Verifier {
+        trust: trust.clone(),
+        webpki,
+        algorithms: provider.signature_verification_algorithms,
+        seen: seen.clone(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok((Arc::new(config), seen))
+}
+
 /// Why a connection did not get as far as the deltasync handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -367,29 +391,11 @@ pub async fn connect(
         Ok(Ok(s)) => s,
     };
     let _ = tcp.set_nodelay(true);
-    let provider = provider();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let webpki = match trust {
-        Trust::Pinned(_) => None,
-        Trust::New | Trust::Ca => system_verifier(&provider),
-    };
-    let verifier = Verifier {
-        trust: trust.clone(),
-        webpki,
-        algorithms: provider.signature_verification_algorithms,
-        seen: seen.clone(),
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ConnectError::Unreachable(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    let (config, seen) = client_config(trust).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
     let host = host_of(addr);
     let name = ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::try_from("deltasync.invalid").expect("a valid DNS name"));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
     let stream = ReadAhead::new(Counted::new(tcp, counters));
     let not_ours = |what: String| {
         ConnectError::NotDeltasync(format!(

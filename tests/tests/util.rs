@@ -18,10 +18,7 @@ use std::time::{Duration, Instant};
 
 use deltasync::protocol::{FrameReader, FrameWriter};
 use deltasync::transport::{self, Fingerprint, Trust};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tempfile::TempDir;
 
 /// The binary under test.
@@ -1048,65 +1045,10 @@ impl Endpoint {
     }
 }
 
-/// Accepts exactly the certificate with fingerprint `want` (and checks its handshake signature).
-#[derive(Debug)]
-struct PinnedCert {
-    want: Fingerprint,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = Fingerprint::of(end_entity);
-        if got == self.want {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!("certificate {got}, expected {}", self.want)))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// TLS 1.3, ALPN `deltasync`, and only the certificate with fingerprint `want`.
+/// TLS 1.3, ALPN `deltasync`, and only the certificate with fingerprint `want` (the client's
+/// own pinning configuration).
 fn client_config(want: Fingerprint) -> Arc<rustls::ClientConfig> {
-    let provider = provider();
-    let verifier = PinnedCert { want, algorithms: provider.signature_verification_algorithms };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![transport::ALPN.to_vec()];
-    Arc::new(config)
+    transport::client_config(&Trust::Pinned(want)).expect("a TLS client configuration").0
 }
 
 /// The fake servers' identity: one self-signed certificate per test process, and its
