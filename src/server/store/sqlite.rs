@@ -852,11 +852,14 @@ impl MetaStore for SqliteMeta {
             forgotten = drop.len() as u64;
         }
         // Contents no file and no kept version uses.
+        // One pass over each table (the IN list is built once as a temporary index): history has
+        // no (account, hash) index, and a correlated NOT EXISTS scanned an account's whole history
+        // for every content, more than 2 minutes with 100,000 files, holding the write lock.
         tx.execute_batch(
-            "DELETE FROM contents WHERE NOT EXISTS
-                (SELECT 1 FROM history h WHERE h.account=contents.account AND h.hash=contents.hash)
-              AND NOT EXISTS
-                (SELECT 1 FROM files f WHERE f.account=contents.account AND f.hash=contents.hash AND f.kind=1)",
+            "DELETE FROM contents WHERE (account, hash) NOT IN
+                (SELECT account, hash FROM history WHERE hash IS NOT NULL
+                 UNION ALL
+                 SELECT account, hash FROM files WHERE kind=1 AND hash IS NOT NULL)",
         )?;
         tx.execute("DELETE FROM partial WHERE created < ?1", params![now - PARTIAL_KEEP])?;
         tx.execute_batch(
