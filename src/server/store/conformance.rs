@@ -153,7 +153,34 @@ pub fn metadata(m: &Metadata) {
     assert_eq!(m.rev_at(acct, At::Time(0)).unwrap(), 0);
     assert_eq!(m.version(acct, &rel("a.txt"), 1).unwrap().unwrap().node, Some(file(b"v1")));
 
+    forgets_contents(m);
     devices(m);
+}
+
+/// A prune forgets the contents only forgotten versions used, in that account only.
+fn forgets_contents(m: &Metadata) {
+    let dave = m.add_account("pruned-a", "laptop", "tok-pruned-a").unwrap().id;
+    let erin = m.add_account("pruned-b", "laptop", "tok-pruned-b").unwrap().id;
+    let (k1, k2) = ([31u8; 32], [32u8; 32]);
+    let pack = PackId([31; 16]);
+    let (l1, l2) = (
+        ChunkLoc { pack, offset: 45, stored: 3, raw: 3, zstd: false },
+        ChunkLoc { pack, offset: 93, stored: 3, raw: 3, zstd: false },
+    );
+    m.add_pack(&Sealed {
+        pack,
+        size: 96,
+        chunks: vec![NewChunk { key: k1, loc: l1 }, NewChunk { key: k2, loc: l2 }],
+    })
+    .unwrap();
+    assert_eq!(m.commit(dave, "dev", &[put("p", 0, b"old", k1)]).unwrap(), vec![Ok(1)]);
+    assert_eq!(m.commit(dave, "dev", &[put("p", 1, b"new", k2)]).unwrap(), vec![Ok(2)]);
+    assert_eq!(m.commit(erin, "dev", &[put("q", 0, b"old", k1)]).unwrap(), vec![Ok(1)]);
+    let keep: crate::server::retention::Keep = "current".parse().unwrap();
+    m.prune(&keep, i64::MAX / 2, 0).unwrap();
+    assert_eq!(m.content(dave, &ContentHash::of(b"old")).unwrap(), None, "a forgotten version's content stays");
+    assert!(m.content(dave, &ContentHash::of(b"new")).unwrap().is_some());
+    assert!(m.content(erin, &ContentHash::of(b"old")).unwrap().is_some(), "another account's content went");
 }
 
 /// Devices: each has its own token, revoked alone; a removed account leaves nothing usable.
