@@ -178,7 +178,11 @@ fn forgets_contents(m: &Metadata) {
     assert_eq!(m.commit(erin, "dev", &[put("q", 0, b"old", k1)]).unwrap(), vec![Ok(1)]);
     let keep: crate::server::retention::Keep = "current".parse().unwrap();
     m.prune(&keep, i64::MAX / 2, 0).unwrap();
-    assert_eq!(m.content(dave, &ContentHash::of(b"old")).unwrap(), None, "a forgotten version's content stays");
+    assert_eq!(
+        m.content(dave, &ContentHash::of(b"old")).unwrap(),
+        None,
+        "a forgotten version's content stays"
+    );
     assert!(m.content(dave, &ContentHash::of(b"new")).unwrap().is_some());
     assert!(m.content(erin, &ContentHash::of(b"old")).unwrap().is_some(), "another account's content went");
 }
