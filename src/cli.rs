@@ -41,8 +41,15 @@ pub enum Command {
         /// hourly, daily, weekly, monthly, deleted; ages like 90m, 36h, 30d, 2w, 1y).
         #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
         keep: Keep,
-        #[arg(short, long)]
+        /// Log at debug (the same as --log-level debug).
+        #[arg(short, long, conflicts_with = "log_level")]
         verbose: bool,
+        /// Which events to log on stderr (default: RUST_LOG if set, else info).
+        #[arg(long, value_name = "LEVEL", value_enum)]
+        log_level: Option<LogLevel>,
+        /// `text` (one line per event) or `json` (one JSON object per line).
+        #[arg(long, value_name = "FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Manage accounts (works while the server runs).
     Account {
@@ -144,6 +151,44 @@ pub enum Command {
         #[arg(long, value_name = "AGE", default_value = "1d", value_parser = parse_grace)]
         grace: Duration,
     },
+}
+
+/// `serve --log-level`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for tracing::Level {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+/// `serve --log-format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl From<LogFormat> for deltasync::logging::Format {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Text => deltasync::logging::Format::Text,
+            LogFormat::Json => deltasync::logging::Format::Json,
+        }
+    }
 }
 
 /// A point in time, as Unix seconds (`--at`, `--since`).

@@ -14,6 +14,7 @@
 //! - [`status`]: `deltasync status`.
 //! - [`watch`]: continuous sync: file-system events and server notices start rounds.
 //! - [`history`]: `deltasync log`, `restore` and `undo`: the client's side of the server's history.
+//! - [`logging`]: the log on stderr: level (`--log-level`, `RUST_LOG`), text or JSON, colour only on a terminal.
 //! - [`when`]: RFC 3339 times and ages (`2h`, `3d`) as people write them.
 
 pub mod client;
@@ -21,6 +22,7 @@ pub mod delta;
 pub mod fsutil;
 pub mod hash;
 pub mod history;
+pub mod logging;
 pub mod path;
 pub mod progress;
 pub mod protocol;

@@ -33,12 +33,16 @@ mod code {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let verbose = matches!(&cli.command, Command::Serve { verbose: true, .. });
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO })
-        .with_target(false)
-        .init();
+    // Client commands log at info (RUST_LOG may say otherwise); `serve` takes --log-level, -v and
+    // --log-format (see `deltasync::logging` for which wins).
+    let (level, format) = match &cli.command {
+        Command::Serve { verbose, log_level, log_format, .. } => {
+            let level = log_level.map(tracing::Level::from).or(verbose.then_some(tracing::Level::DEBUG));
+            (level, (*log_format).into())
+        }
+        _ => (None, deltasync::logging::Format::Text),
+    };
+    deltasync::logging::init(level, format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -54,6 +58,22 @@ fn main() -> ExitCode {
             ExitCode::from(c)
         }
     }
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM (what `systemctl stop`, `docker stop` and `kill`
+/// send), so both stop `serve` and `watch` cleanly. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that comes early is not lost (nor
+/// fatal: SIGTERM's default action kills the process).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT (Ctrl-C)")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
@@ -105,6 +125,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The database exists (in WAL mode) before we say we listen, so a script may run
             // `account add` the moment it reads the line.
             drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
+            // Caught from here on: a SIGTERM right after the `listening` line still stops cleanly.
+            let stop = shutdown_signal()?;
             let tls_files = tls_cert.zip(tls_key);
             let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep };
             let identity = server::identity(&config).context("cannot set up TLS")?;
@@ -115,16 +137,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if identity.from_ca {
                 println!("(a certificate from --tls-cert: clients check it against their CA roots)");
             }
-            server::run(listener, config, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            server::run(listener, config, stop).await?;
             eprintln!("deltasync: stopped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Account { command: AccountCommand::Add { name, device, data } } => {
             check_names(&name, &device)?;
+            let fresh = !data.join("deltasync.db").exists();
             let meta = server::open_metadata(&data)?;
+            warn_unserved(&data, fresh);
             let fp = server::serving_fingerprint(&data).context("cannot set up the server's TLS identity")?;
             let (acct, token) = server::add_account(meta.as_ref(), &name, &device)
                 .with_context(|| format!("cannot add account `{name}`"))?;
@@ -134,7 +155,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Account { command: AccountCommand::Token { name, device, data } } => {
             check_names(&name, &device)?;
+            if !data.join("deltasync.db").exists() {
+                // Nothing to add a device to: say so instead of making an empty data folder.
+                anyhow::bail!(
+                    "{} is not a deltasync data folder (it has no deltasync.db); give the folder your server runs with, as --data or DELTASYNC_DATA (its `serve` prints `data in DIR`)",
+                    data.display()
+                );
+            }
             let meta = server::open_metadata(&data)?;
+            warn_unserved(&data, false);
             let fp = server::serving_fingerprint(&data).context("cannot set up the server's TLS identity")?;
             let token = server::new_token();
             match meta.add_device(&name, &device, &token) {
@@ -248,10 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let progress = Arc::new(Progress::new(!args.no_progress, args.verbose));
             let wopts = WatchOptions { rescan: std::time::Duration::from_secs(rescan.max(1)) };
             eprintln!("deltasync: watching {} (Ctrl-C to stop)", args.dir.display());
-            deltasync::watch::watch(&args.dir, opts, wopts, progress, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            deltasync::watch::watch(&args.dir, opts, wopts, progress, shutdown_signal()?).await?;
             eprintln!("deltasync: stopped watching");
             Ok(ExitCode::SUCCESS)
         }
@@ -503,6 +529,26 @@ fn no_account(name: &str, data: &std::path::Path) -> anyhow::Error {
         data.display(),
         data.display()
     )
+}
+
+/// Warns (on stderr) when no server has opened `data` yet: a token made in a folder other than
+/// the server's is rejected by that server. `created`: the folder (or its database) was just made.
+/// `serve` records its fingerprint in `DATA/tls/fingerprint` at every start, so a folder without
+/// one has never been served (by this version).
+fn warn_unserved(data: &std::path::Path, created: bool) {
+    if deltasync::transport::tls_dir(data).join("fingerprint").exists() {
+        return;
+    }
+    let shown = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+    let what = if created {
+        format!("{} did not exist: created a new, empty data folder", shown.display())
+    } else {
+        format!("no server has opened {} yet", shown.display())
+    };
+    eprintln!(
+        "warning: {what}. If your server runs with another --data (or DELTASYNC_DATA), this token will not work there; run `deltasync account` with the server's --data. If this is a new server, start it with `deltasync serve --data {}`.",
+        shown.display()
+    );
 }
 
 /// What a new device needs: the server's fingerprint, and its token as the last line.

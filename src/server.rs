@@ -429,8 +429,8 @@ async fn prune_in_background(shared: Arc<Shared>, cancel: CancellationToken) {
                 human_size(s.bytes)
             ),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("{e}"),
-            Err(e) => tracing::warn!("prune stopped: {e}"),
+            Ok(Err(e)) => tracing::warn!("background prune failed: {e}; it runs again in an hour"),
+            Err(e) => tracing::warn!("background prune stopped: {e}; it runs again in an hour"),
         }
     }
 }
@@ -479,7 +479,7 @@ pub fn parse_size(s: &str) -> Result<Option<u64>, String> {
 /// The refusal for a full disk on the server, if `e` (an error's text: I/O or SQLite) says so.
 pub fn disk_full(e: &str) -> Option<protocol::Refusal> {
     crate::fsutil::says_disk_full(e).then(|| {
-        tracing::warn!("out of disk space: {e}");
+        tracing::warn!("data folder out of disk space: {e}; uploads are refused until space is freed");
         protocol::Refusal::new(
             protocol::RefusalKind::Server,
             format!(

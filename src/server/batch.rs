@@ -82,7 +82,11 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
         .collect();
     let lock = t.shared.commit_lock(t.account);
     let _held = lock.lock().await;
+    // A failure's warning names the session (its span) and the batch's paths.
+    let first = staged.first().map(|s| s.path.to_string()).unwrap_or_default();
+    let span = tracing::info_span!("commit", files = staged.len(), first = %first);
     let done = tokio::task::spawn_blocking(move || -> Result<Vec<Result<u64, Refusal>>, Refusal> {
+        let _span = span.enter();
         // The chunks first, durable; then, in one transaction, the pack and the versions that
         // refer to it.
         let sealed = sink.lock().unwrap_or_else(|p| p.into_inner()).finish_pack().map_err(server_err)?;

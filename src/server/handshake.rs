@@ -4,10 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::meta::{Account, Device, MetaError};
 use super::session::{self, SessionError};
@@ -28,6 +30,27 @@ pub struct Authed {
     pub kill: CancellationToken,
     /// The session's place in the registry of connected devices, while it lives.
     pub registered: Registered,
+    /// What the session moved, for the line logged when it ends.
+    pub tally: Arc<Tally>,
+}
+
+/// Files a session moved, counted where an upload commits and where a download's last block
+/// goes out; the bytes on the wire are the connection's [`Counters`].
+#[derive(Debug, Default)]
+pub struct Tally {
+    files_up: AtomicU64,
+    files_down: AtomicU64,
+}
+
+impl Tally {
+    /// `n` uploads committed.
+    pub fn uploaded(&self, n: u64) {
+        self.files_up.fetch_add(n, Ordering::Relaxed);
+    }
+    /// A file (or the rest of one, or an old version) sent.
+    pub fn downloaded(&self) {
+        self.files_down.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves one accepted TCP connection from start to end: TLS, then the `Hello`, then the
@@ -39,6 +62,7 @@ pub async fn connection(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
+    let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
     let counters = Arc::new(Counters::default());
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -54,16 +78,40 @@ pub async fn connection(
             return tracing::debug!("{peer}: no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
         }
     };
-    let (mut rd, mut wr) = split(tls, counters);
+    let (mut rd, mut wr) = split(tls, counters.clone());
     wr.set_write_stall(shared.io_timeout);
-    let r = match hello(&mut rd, &mut wr, peer, deadline, &shared).await {
-        Ok(Some(authed)) => session::serve(rd, wr, peer, authed, shared, cancel).await,
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
+    let authed = match hello(&mut rd, &mut wr, peer, deadline, &shared).await {
+        Ok(Some(authed)) => authed,
+        Ok(None) => return,
+        Err(e) => return tracing::info!("{peer}: {e}"),
     };
-    if let Err(e) = r {
-        tracing::info!("{peer}: {e}");
-    }
+    let (account, device, label) =
+        (authed.account.name.clone(), authed.credential.name.clone(), authed.label.clone());
+    let (kill, tally) = (authed.kill.clone(), authed.tally.clone());
+    // Every event of the session (its warnings) names the account, the device and the address.
+    let span = tracing::info_span!("session", account = %account, device = %device, peer = %peer);
+    let r = session::serve(rd, wr, peer, authed, shared, cancel.clone()).instrument(span).await;
+    let (reason, error) = match &r {
+        _ if kill.is_cancelled() => ("revoked", None),
+        Ok(()) if cancel.is_cancelled() => ("shutdown", None),
+        Ok(()) => ("client closed", None),
+        Err(e) => ("error", Some(e.to_string())),
+    };
+    // The one line per session: who, from where, what moved each way, how long, why it ended.
+    tracing::info!(
+        account = %account,
+        device = %device,
+        label = %label,
+        peer = %peer,
+        files_up = tally.files_up.load(Ordering::Relaxed),
+        files_down = tally.files_down.load(Ordering::Relaxed),
+        bytes_received = counters.received(),
+        bytes_sent = counters.sent(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason,
+        error = error.as_deref(),
+        "session ended"
+    );
 }
 
 /// What the blocking lookup found.
@@ -191,5 +239,5 @@ async fn hello(
         seq,
     })
     .await?;
-    Ok(Some(Authed { account, credential, label: device, kill, registered }))
+    Ok(Some(Authed { account, credential, label: device, kill, registered, tally: Arc::default() }))
 }

@@ -177,6 +177,8 @@ struct Session {
     sink: Arc<Mutex<PackSink>>,
     rd: FrameReader,
     wr: FrameWriter,
+    /// Files moved, for the session's closing log line.
+    tally: Arc<super::handshake::Tally>,
 }
 
 /// Serves the requests of a connection that passed the [`handshake`](super::handshake), until
@@ -189,7 +191,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
-    let Authed { account, credential, label: device, kill, registered: _registered, .. } = authed;
+    let Authed { account, credential, label: device, kill, registered: _registered, tally } = authed;
     let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
     let mut s = Session {
         idle: false,
@@ -202,6 +204,7 @@ pub async fn serve(
         sink,
         rd,
         wr,
+        tally,
     };
     let r = tokio::select! {
         r = s.requests(cancel) => r,
@@ -423,7 +426,10 @@ impl Session {
             device: &self.device,
             sink: &self.sink,
         };
+        let writes: Vec<bool> = staged.iter().map(|s| s.op == "write").collect();
         let results = batch::commit(target, staged).await;
+        let up = results.iter().zip(writes).filter(|((_, r), write)| *write && r.is_ok()).count();
+        self.tally.uploaded(up as u64);
         for (id, result) in results {
             self.wr.feed(&ServerMsg::Resp { id, result }).await?;
         }
@@ -493,6 +499,9 @@ impl Session {
     ) -> Result<Result<(ChunkList, Option<ChunkList>), Refusal>, SessionError> {
         let (sh, account, sink) = (self.shared.clone(), self.account.id, self.sink.clone());
         let name = self.account.name.clone();
+        // Warnings from the blocking work below name the session (account, device, address,
+        // from the span it is in) and the path.
+        let span = tracing::info_span!("upload", path = %path);
         if base.is_none() && size <= SMALL_UPLOAD && from == 0 {
             // A small file arrives in a block or two: take it whole, then check and write it in
             // one trip to the blocking pool instead of one for the check and one for the write.
@@ -511,6 +520,7 @@ impl Session {
                 )));
             }
             let done = tokio::task::spawn_blocking(move || {
+                let _span = span.enter();
                 check_put(&sh, account, &name, &path, base_rev, (hash, size), None, 0)?;
                 let to = Rebuild { account, path, hash, size, base: None, prefix: None };
                 reconstruct(&sh, &sink, to, blocks.into_iter())
@@ -519,7 +529,9 @@ impl Session {
             return Ok(done.unwrap_or_else(|e| Err(server_err(e))));
         }
         let p = path.clone();
+        let early_span = span.clone();
         let early = tokio::task::spawn_blocking(move || {
+            let _span = early_span.enter();
             check_put(&sh, account, &name, &p, base_rev, (hash, size), base, from)
         })
         .await
@@ -537,6 +549,7 @@ impl Session {
                     prefix: prefix.clone(),
                 };
                 Some(tokio::task::spawn_blocking(move || {
+                    let _span = span.enter();
                     reconstruct(&sh, &sink, to, std::iter::from_fn(|| rx.blocking_recv()))
                 }))
             }
@@ -894,6 +907,7 @@ impl Session {
         }
         // On a failed producer the client sees a short file, fails verification and retries.
         self.wr.send(&ServerMsg::End { id }).await?;
+        self.tally.downloaded();
         Ok(())
     }
 

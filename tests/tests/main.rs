@@ -21,6 +21,7 @@ mod resume;
 mod retention;
 mod security;
 mod server_faults;
+mod server_ops;
 mod tls;
 mod util;
 mod watch;

@@ -910,8 +910,13 @@ impl Server {
     /// Sends SIGINT (Ctrl-C) to the server and waits up to `deadline` for it to exit; its exit
     /// status, or `None` if it was still running (then it is killed).
     pub fn interrupt(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        self.signal("INT", deadline)
+    }
+
+    /// [`Server::interrupt`] with another signal (`TERM`: what `systemctl stop` sends).
+    pub fn signal(&mut self, signal: &str, deadline: Duration) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+        let _ = Command::new("kill").args([&format!("-{signal}"), &c.id().to_string()]).status();
         let end = Instant::now() + deadline;
         while Instant::now() < end {
             if let Ok(Some(st)) = c.try_wait() {
