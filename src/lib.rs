@@ -1,6 +1,7 @@
 //! deltasync: a self-hosted file sync service that sends rsync-style deltas.
 //!
 //! # Layout
+//! - [`address`]: `--server HOST[:PORT]` checked, port 7700 by default.
 //! - [`path`]: `RelPath`, the validated path type every path from outside becomes.
 //! - [`hash`]: xxh3-128 content identity.
 //! - [`fsutil`]: durable writes (temp, fsync, rename), metadata, no-follow checks.
@@ -16,6 +17,7 @@
 //! - [`history`]: `deltasync log`, `restore` and `undo`: the client's side of the server's history.
 //! - [`when`]: RFC 3339 times and ages (`2h`, `3d`) as people write them.
 
+pub mod address;
 pub mod client;
 pub mod delta;
 pub mod fsutil;
