@@ -944,14 +944,13 @@ impl Exec {
                 self.report.skip(&action_path(&a), format!("refused by the server: {}", r.message));
                 None
             }
-            // The server's words (`server out of disk space: <the OS error>; ...`) name its
-            // cause; said as whose disk it is and what to do.
-            (RefusalKind::Server, a) if fsutil::says_disk_full(&r.message) => {
-                self.report.error(
-                    &action_path(&a),
-                    "the server's disk is full (server out of disk space); nothing was changed on the server. \
-                     Its administrator must free space in its data folder, then push again",
-                );
+            // The server's words (`server out of disk space: ...`, with what it needed and had,
+            // or the OS error) name the cause; said first as whose disk it is.
+            (RefusalKind::Server, a)
+                if r.message.starts_with("server out of disk space")
+                    || fsutil::says_disk_full(&r.message) =>
+            {
+                self.report.error(&action_path(&a), format!("the server's disk is full ({})", r.message));
                 None
             }
             (_, a) => {

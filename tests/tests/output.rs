@@ -5,6 +5,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -258,10 +259,18 @@ fn a_full_disk_on_the_server_is_said_to_be_the_servers() {
         let chunk = vec![0x5Au8; 64 << 10];
         while f.write_all(&chunk).is_ok() {}
     }
+    // About 1 MiB left: the session still opens (its database writes fit), two 1.5 MiB files do not.
+    let len = fs::metadata(&filler).expect("filler").len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .and_then(|f| f.set_len(len.saturating_sub(1 << 20)))
+        .expect("shrink filler");
     write(&a.path().join("big.bin"), random_bytes(3, 1536 << 10));
+    write(&a.path().join("big2.bin"), random_bytes(4, 1536 << 10));
     let out = run(&mut plain("push", a.path(), &srv.address(), &token, &["--no-progress"]));
     assert_eq!(out.status.code(), Some(1), "{}", out.dump());
-    assert!(out.stderr.contains("big.bin: the server's disk is full"), "{}", out.dump());
+    assert!(out.stderr.contains(".bin: the server's disk is full"), "{}", out.dump());
     assert!(!out.stderr.contains("bad upload data"), "{}", out.dump());
     assert!(!out.stdout.contains("up to date"), "{}", out.dump());
     drop(srv);
