@@ -275,3 +275,70 @@ fn a_full_disk_on_the_server_is_said_to_be_the_servers() {
     assert!(!out.stdout.contains("up to date"), "{}", out.dump());
     drop(srv);
 }
+
+/// On a terminal 80 columns wide (a pty from `script`), no line of the bars is wider than the
+/// terminal, they show a percentage, and `-v` prints its per-file lines (above them) instead of
+/// being ignored.
+#[test]
+fn bars_fit_an_80_column_terminal_and_verbose_lines_go_above_them() {
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("skipped: `script` (util-linux) is needed for a pseudo-terminal");
+        return;
+    }
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-out-a-");
+    write(&a.path().join("big.bin"), random_bytes(5, 24 << 20));
+    for i in 0..20 {
+        write(&a.path().join(format!("a folder with a rather long name/and another one/file {i}.txt")), b"x");
+    }
+    let inner = format!(
+        "stty cols 80 rows 24; exec {BIN} push '{}' --server {} --token {token} -v",
+        a.path().display(),
+        srv.address()
+    );
+    let out = run(Command::new("script").args(["-qfec", &inner, "/dev/null"]).env("NO_COLOR", "1"));
+    assert!(out.success(), "{}", out.dump());
+    // Each escape sequence (cursor moves, clears) and each \r or \n ends a piece of a line.
+    let mut pieces = vec![String::new()];
+    let mut chars = out.stdout.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while chars.next().is_some_and(|c| !c.is_ascii_alphabetic()) {}
+                }
+                pieces.push(String::new());
+            }
+            '\r' | '\n' => pieces.push(String::new()),
+            c => pieces.last_mut().expect("a piece").push(c),
+        }
+    }
+    // indicatif pads every line to the terminal's width and lets the terminal wrap it: cut the
+    // pieces into rows of 80 columns. A bar line wider than that spills its end (the count of
+    // files) onto the next row.
+    let rows: Vec<String> = pieces
+        .iter()
+        .flat_map(|p| {
+            p.chars().collect::<Vec<char>>().chunks(80).map(|r| r.iter().collect()).collect::<Vec<String>>()
+        })
+        .collect();
+    let bars: Vec<&String> = rows.iter().filter(|r| r.contains("ETA")).collect();
+    assert!(!bars.is_empty(), "no bar was drawn:\n{}", out.stdout);
+    for b in &bars {
+        assert!(
+            b.contains("% ") && b.contains(" files"),
+            "a bar line wider than 80 columns: {b:?}\n{bars:#?}"
+        );
+    }
+    assert!(bars.iter().any(|b| b.contains(" files ")), "{bars:?}");
+    assert!(rows.iter().any(|p| p.trim_end() == "uploaded big.bin"), "-v lines:\n{}", out.stdout);
+    assert!(
+        rows.iter().any(|p| p
+            .trim_end()
+            .starts_with("uploaded a folder with a rather long name/and another one/file")),
+        "{}",
+        out.stdout
+    );
+}
