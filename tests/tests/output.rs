@@ -288,7 +288,7 @@ fn bars_fit_an_80_column_terminal_and_verbose_lines_go_above_them() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
     let a = temp_dir("ds-out-a-");
-    write(&a.path().join("big.bin"), random_bytes(5, 24 << 20));
+    write(&a.path().join("big.bin"), random_bytes(5, 96 << 20));
     for i in 0..20 {
         write(&a.path().join(format!("a folder with a rather long name/and another one/file {i}.txt")), b"x");
     }
