@@ -103,6 +103,9 @@ pub enum Command {
         /// No progress bars.
         #[arg(long)]
         no_progress: bool,
+        /// Print nothing on success; failures still go to stderr.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Revert every change one device made (since a time), then pull the result here.
     Undo {
@@ -117,6 +120,9 @@ pub enum Command {
         /// No progress bars.
         #[arg(long)]
         no_progress: bool,
+        /// Print nothing on success; failures still go to stderr.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Write an account's files as plain files (as they are now, or at a time), from the data
     /// folder (works while the server runs).

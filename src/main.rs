@@ -291,7 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log { dir, path, deleted, json, limit } => {
             log(&dir, path.as_deref(), deleted, json, limit).await
         }
-        Command::Restore { dir, paths, rev, at, to, no_progress } => {
+        Command::Restore { dir, paths, rev, at, to, no_progress, quiet } => {
             let at = match (rev, at) {
                 (Some(r), None) => At::Rev(r),
                 (None, Some(t)) => At::Time(t),
@@ -305,11 +305,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let targets = history::targets(&dir, &paths)?;
             history::require_synced(&dir)?;
             match to {
-                Some(dest) => restore_to(&dir, &targets, at, &dest).await,
-                None => restore(&dir, &targets, at, no_progress).await,
+                Some(dest) => restore_to(&dir, &targets, at, &dest, quiet).await,
+                None => restore(&dir, &targets, at, no_progress, quiet).await,
             }
         }
-        Command::Undo { dir, device, since, no_progress } => undo(&dir, &device, since, no_progress).await,
+        Command::Undo { dir, device, since, no_progress, quiet } => {
+            undo(&dir, &device, since, no_progress, quiet).await
+        }
         Command::Export { data, account, dest, at } => {
             let (d, a, to) = (data.clone(), account.clone(), dest.clone());
             let summary = tokio::task::spawn_blocking(move || server::history::export(&d, &a, &to, at))
@@ -433,10 +435,11 @@ async fn restore_to(
     targets: &[Option<deltasync::path::RelPath>],
     at: At,
     dest: &std::path::Path,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     history::check_dest(dir, dest)?;
     let (mut client, note) = history::connect(dir).await?;
-    if let Some(n) = note {
+    if let Some(n) = note.filter(|_| !quiet) {
         eprintln!("{n}");
     }
     let point = history::describe_point(at);
@@ -446,14 +449,16 @@ async fn restore_to(
     for e in &w.errors {
         eprintln!("error: {e}");
     }
-    println!(
-        "Wrote {} ({}), {} and {} as of {point} to {}.",
-        count(w.files, "file"),
-        server::human_size(w.bytes),
-        count(w.dirs, "folder"),
-        count(w.links, "link"),
-        dest.display()
-    );
+    if !quiet {
+        println!(
+            "Wrote {} ({}), {} and {} as of {point} to {}.",
+            count(w.files, "file"),
+            server::human_size(w.bytes),
+            count(w.dirs, "folder"),
+            count(w.links, "link"),
+            dest.display()
+        );
+    }
     if !w.errors.is_empty() {
         eprintln!("deltasync: {} paths could not be restored (see above)", w.errors.len());
         return Ok(ExitCode::from(code::FAILED));
@@ -466,12 +471,13 @@ async fn restore_to(
 async fn open_for_pull(
     dir: &std::path::Path,
     no_progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<(Folder, deltasync::client::Client, Options, String, Progress)> {
     history::require_synced(dir)?;
     let opts = Options { upload: false, download: true, ..Options::default() };
     let mut folder = Folder::open(dir, false)?;
     let settings = folder.settings(&opts)?;
-    let progress = Progress::new(!no_progress, false);
+    let progress = Progress::with(Settings { bars: !no_progress, quiet, ..Settings::default() });
     let client = folder.connect(&settings, &progress).await?;
     Ok((folder, client, opts, settings.device, progress))
 }
@@ -482,28 +488,30 @@ async fn restore(
     targets: &[Option<deltasync::path::RelPath>],
     at: At,
     no_progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (mut folder, mut client, opts, device, progress) = open_for_pull(dir, no_progress).await?;
+    let (mut folder, mut client, opts, device, progress) = open_for_pull(dir, no_progress, quiet).await?;
     let point = history::describe_point(at);
     for t in targets {
         let what = history::describe_target(t);
         let r = history::restore(&mut client, t.clone(), at)
             .await
             .with_context(|| format!("cannot restore {what} as of {point}"))?;
-        if r.changed.is_empty() && r.skipped.is_empty() {
+        if r.changed.is_empty() && r.skipped.is_empty() && !quiet {
             println!("{what} is already as it was at {point}; nothing to restore");
         }
-        for p in &r.changed {
+        for p in r.changed.iter().filter(|_| !quiet) {
             println!("restored {p}");
         }
         for p in &r.skipped {
-            println!(
+            let line = format!(
                 "skipped {p}: could not be restored (its old content was pruned, or it changed meanwhile)"
             );
+            if quiet { eprintln!("{line}") } else { println!("{line}") }
         }
     }
     let report = folder.round(&mut client, &opts, &device, &Arc::new(progress)).await?;
-    Ok(report_round(dir, &report, &Shown { upload: false, ..Shown::default() }))
+    Ok(report_round(dir, &report, &Shown { upload: false, quiet, ..Shown::default() }))
 }
 
 /// `deltasync undo`: the server reverts a device's changes, then a pull brings the result.
@@ -512,26 +520,28 @@ async fn undo(
     device: &str,
     since: Option<i64>,
     no_progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (mut folder, mut client, opts, me, progress) = open_for_pull(dir, no_progress).await?;
+    let (mut folder, mut client, opts, me, progress) = open_for_pull(dir, no_progress, quiet).await?;
     let since_text =
         since.map_or_else(|| "ever".to_string(), |t| format!("since {}", deltasync::when::format_rfc3339(t)));
     let r = history::undo(&mut client, device, since.unwrap_or(0))
         .await
         .with_context(|| format!("cannot undo the changes of device `{device}`"))?;
-    if r.changed.is_empty() && r.skipped.is_empty() {
+    if r.changed.is_empty() && r.skipped.is_empty() && !quiet {
         println!(
             "nothing to undo: device `{device}` made no changes {since_text} that are not undone already"
         );
     }
-    for p in &r.changed {
+    for p in r.changed.iter().filter(|_| !quiet) {
         println!("reverted {p}");
     }
     for p in &r.skipped {
-        println!("skipped {p}: changed later by another device");
+        let line = format!("skipped {p}: changed later by another device");
+        if quiet { eprintln!("{line}") } else { println!("{line}") }
     }
     let report = folder.round(&mut client, &opts, &me, &Arc::new(progress)).await?;
-    Ok(report_round(dir, &report, &Shown { upload: false, ..Shown::default() }))
+    Ok(report_round(dir, &report, &Shown { upload: false, quiet, ..Shown::default() }))
 }
 
 fn check_names(account: &str, device: &str) -> anyhow::Result<()> {

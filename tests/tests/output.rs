@@ -212,8 +212,8 @@ fn watch_prints_one_line_per_change() {
     drop(f);
     wait_for(&|| b.path().join("new.txt").exists(), "new.txt never reached B");
     wait_for(&|| log("A").contains("uploaded new.txt"), "A did not say what it uploaded");
-    fs::remove_file(b.path().join("new.txt")).expect("rm");
-    wait_for(&|| log("A").contains("deleted new.txt"), "A did not say what it deleted");
+    write(&b.path().join("from-b.txt"), b"from B");
+    wait_for(&|| log("A").contains("downloaded from-b.txt"), "A did not say what it downloaded");
     assert_eq!(log("A").matches("uploaded new.txt").count(), 1, "one line per change:\n{}", log("A"));
     assert!(log("B").is_empty(), "watch -q printed:\n{}", log("B"));
 }
@@ -341,4 +341,21 @@ fn bars_fit_an_80_column_terminal_and_verbose_lines_go_above_them() {
         "{}",
         out.stdout
     );
+}
+
+/// `restore -q` and `undo -q` print nothing on success either.
+#[test]
+fn a_quiet_restore_and_undo_print_nothing_on_success() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-out-a-");
+    write(&a.path().join("f.txt"), b"one");
+    push(a.path(), &srv, &token);
+    write(&a.path().join("f.txt"), b"two, longer");
+    push(a.path(), &srv, &token);
+    let out = run(command().arg("restore").arg(a.path()).args(["f.txt", "--rev", "1", "-q"])).ok("restore -q");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{}", out.dump());
+    assert_eq!(read(&a.path().join("f.txt")), b"one");
+    let out = run(command().arg("undo").arg(a.path()).args(["--device", "nobody-made-this", "-q"])).ok("undo -q");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{}", out.dump());
 }
