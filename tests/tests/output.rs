@@ -353,9 +353,11 @@ fn a_quiet_restore_and_undo_print_nothing_on_success() {
     push(a.path(), &srv, &token);
     write(&a.path().join("f.txt"), b"two, longer");
     push(a.path(), &srv, &token);
-    let out = run(command().arg("restore").arg(a.path()).args(["f.txt", "--rev", "1", "-q"])).ok("restore -q");
+    let out =
+        run(command().arg("restore").arg(a.path()).args(["f.txt", "--rev", "1", "-q"])).ok("restore -q");
     assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{}", out.dump());
     assert_eq!(read(&a.path().join("f.txt")), b"one");
-    let out = run(command().arg("undo").arg(a.path()).args(["--device", "nobody-made-this", "-q"])).ok("undo -q");
+    let out =
+        run(command().arg("undo").arg(a.path()).args(["--device", "nobody-made-this", "-q"])).ok("undo -q");
     assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{}", out.dump());
 }
