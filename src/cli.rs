@@ -110,6 +110,9 @@ pub enum Command {
         /// No progress bars.
         #[arg(long)]
         no_progress: bool,
+        /// Print nothing on success; failures still go to stderr.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Revert every change one device made (since a time), then pull the result here.
     Undo {
@@ -124,6 +127,9 @@ pub enum Command {
         /// No progress bars.
         #[arg(long)]
         no_progress: bool,
+        /// Print nothing on success; failures still go to stderr.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Write an account's files as plain files (as they are now, or at a time), from the data
     /// folder (works while the server runs).
@@ -151,6 +157,19 @@ pub enum Command {
         #[arg(long, value_name = "AGE", default_value = "1d", value_parser = parse_grace)]
         grace: Duration,
     },
+    /// Print a shell completion script on stdout (e.g. `deltasync completions bash >
+    /// ~/.local/share/bash-completion/completions/deltasync`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout (e.g. `deltasync man > deltasync.1; man ./deltasync.1`).
+    Man,
+}
+
+/// `--server`: checked and given its default port here, so a URL or a typo is a usage error.
+fn parse_server(s: &str) -> Result<String, String> {
+    deltasync::address::parse(s)
 }
 
 /// `serve --log-level`.
@@ -270,8 +289,9 @@ pub enum AccountCommand {
 pub struct SyncArgs {
     /// The synced folder.
     pub dir: PathBuf,
-    /// Server address (remembered in DIR/.deltasync after the first successful run).
-    #[arg(long, env = "DELTASYNC_SERVER")]
+    /// Server address, HOST[:PORT] (port 7700 by default; remembered in DIR/.deltasync after the
+    /// first successful run).
+    #[arg(long, env = "DELTASYNC_SERVER", value_name = "HOST[:PORT]", value_parser = parse_server)]
     pub server: Option<String>,
     /// Device token (remembered after the first successful run). Visible in `ps`: prefer
     /// --token-file or DELTASYNC_TOKEN.
@@ -298,8 +318,14 @@ pub struct SyncArgs {
     #[arg(long)]
     pub no_progress: bool,
     /// One line per file.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "quiet")]
     pub verbose: bool,
+    /// Print nothing on success (for cron): no summary, notes or bars; errors still go to stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// push/pull: print one JSON object per file, then one summary object, on stdout (no bars).
+    #[arg(long)]
+    pub json: bool,
     /// Show what would be done, change nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,

@@ -1,6 +1,7 @@
 //! deltasync: a self-hosted file sync service that sends rsync-style deltas.
 //!
 //! # Layout
+//! - [`address`]: `--server HOST[:PORT]` checked, port 7700 by default.
 //! - [`path`]: `RelPath`, the validated path type every path from outside becomes.
 //! - [`hash`]: xxh3-128 content identity.
 //! - [`fsutil`]: durable writes (temp, fsync, rename), metadata, no-follow checks.
@@ -17,6 +18,7 @@
 //! - [`logging`]: the log on stderr: level (`--log-level`, `RUST_LOG`), text or JSON, colour only on a terminal.
 //! - [`when`]: RFC 3339 times and ages (`2h`, `3d`) as people write them.
 
+pub mod address;
 pub mod client;
 pub mod delta;
 pub mod fsutil;

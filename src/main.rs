@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use deltasync::client::ClientError;
 use deltasync::history::{self, HistoryError};
-use deltasync::progress::Progress;
+use deltasync::progress::{Progress, Settings};
 use deltasync::protocol::At;
 use deltasync::server::{self, ServerConfig};
 use deltasync::sync::report::Report;
@@ -29,6 +29,9 @@ mod code {
     pub const DISK: u8 = 7;
     pub const IDENTITY: u8 = 8;
     pub const HELD: u8 = 9;
+    /// Partial: some paths were skipped (unreadable here, vanished while read, refused by the
+    /// server), each listed; the rest was synced. rsync's code for a partial transfer.
+    pub const PARTIAL: u8 = 23;
 }
 
 fn main() -> ExitCode {
@@ -273,12 +276,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push(args) => sync(args, true, false).await,
         Command::Pull(args) => sync(args, false, true).await,
         Command::Watch { args, rescan } => {
+            if args.dry_run {
+                eprintln!(
+                    "deltasync: watch has no dry run (it would have to stop before every change it sends); \
+                     use `deltasync push --dry-run {dir}` and `deltasync pull --dry-run {dir}` to see what a round \
+                     would do",
+                    dir = args.dir.display()
+                );
+                return Ok(ExitCode::from(code::USAGE));
+            }
+            if args.json || args.stats {
+                eprintln!(
+                    "deltasync: --json and --stats are for push and pull; watch prints one line per change \
+                     on stderr (-q for none)"
+                );
+                return Ok(ExitCode::from(code::USAGE));
+            }
             let opts = Options { upload: true, download: true, ..connect_options(&args)? };
-            let progress = Arc::new(Progress::new(!args.no_progress, args.verbose));
+            // One line per change it sends or receives, by default, so a user sees it working.
+            let progress = Arc::new(Progress::with(Settings {
+                bars: !args.no_progress,
+                verbose: true,
+                quiet: args.quiet,
+                record: false,
+            }));
             let wopts = WatchOptions { rescan: std::time::Duration::from_secs(rescan.max(1)) };
-            eprintln!("deltasync: watching {} (Ctrl-C to stop)", args.dir.display());
+            if !args.quiet {
+                eprintln!("deltasync: watching {} (Ctrl-C to stop)", args.dir.display());
+            }
             deltasync::watch::watch(&args.dir, opts, wopts, progress, shutdown_signal()?).await?;
-            eprintln!("deltasync: stopped watching");
+            if !args.quiet {
+                eprintln!("deltasync: stopped watching");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { dir } => {
@@ -288,7 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log { dir, path, deleted, json, limit } => {
             log(&dir, path.as_deref(), deleted, json, limit).await
         }
-        Command::Restore { dir, paths, rev, at, to, no_progress } => {
+        Command::Restore { dir, paths, rev, at, to, no_progress, quiet } => {
             let at = match (rev, at) {
                 (Some(r), None) => At::Rev(r),
                 (None, Some(t)) => At::Time(t),
@@ -302,11 +331,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let targets = history::targets(&dir, &paths)?;
             history::require_synced(&dir)?;
             match to {
-                Some(dest) => restore_to(&dir, &targets, at, &dest).await,
-                None => restore(&dir, &targets, at, no_progress).await,
+                Some(dest) => restore_to(&dir, &targets, at, &dest, quiet).await,
+                None => restore(&dir, &targets, at, no_progress, quiet).await,
             }
         }
-        Command::Undo { dir, device, since, no_progress } => undo(&dir, &device, since, no_progress).await,
+        Command::Undo { dir, device, since, no_progress, quiet } => {
+            undo(&dir, &device, since, no_progress, quiet).await
+        }
         Command::Export { data, account, dest, at } => {
             let (d, a, to) = (data.clone(), account.clone(), dest.clone());
             let summary = tokio::task::spawn_blocking(move || server::history::export(&d, &a, &to, at))
@@ -325,6 +356,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 count(summary.dirs, "folder"),
                 count(summary.links, "link")
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "deltasync", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out).context("cannot render the man page")?;
+            use std::io::Write;
+            std::io::stdout().write_all(&out).context("cannot write the man page to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Prune { data, keep, grace } => {
@@ -417,10 +461,11 @@ async fn restore_to(
     targets: &[Option<deltasync::path::RelPath>],
     at: At,
     dest: &std::path::Path,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     history::check_dest(dir, dest)?;
     let (mut client, note) = history::connect(dir).await?;
-    if let Some(n) = note {
+    if let Some(n) = note.filter(|_| !quiet) {
         eprintln!("{n}");
     }
     let point = history::describe_point(at);
@@ -430,14 +475,16 @@ async fn restore_to(
     for e in &w.errors {
         eprintln!("error: {e}");
     }
-    println!(
-        "Wrote {} ({}), {} and {} as of {point} to {}.",
-        count(w.files, "file"),
-        server::human_size(w.bytes),
-        count(w.dirs, "folder"),
-        count(w.links, "link"),
-        dest.display()
-    );
+    if !quiet {
+        println!(
+            "Wrote {} ({}), {} and {} as of {point} to {}.",
+            count(w.files, "file"),
+            server::human_size(w.bytes),
+            count(w.dirs, "folder"),
+            count(w.links, "link"),
+            dest.display()
+        );
+    }
     if !w.errors.is_empty() {
         eprintln!("deltasync: {} paths could not be restored (see above)", w.errors.len());
         return Ok(ExitCode::from(code::FAILED));
@@ -450,12 +497,13 @@ async fn restore_to(
 async fn open_for_pull(
     dir: &std::path::Path,
     no_progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<(Folder, deltasync::client::Client, Options, String, Progress)> {
     history::require_synced(dir)?;
     let opts = Options { upload: false, download: true, ..Options::default() };
     let mut folder = Folder::open(dir, false)?;
     let settings = folder.settings(&opts)?;
-    let progress = Progress::new(!no_progress, false);
+    let progress = Progress::with(Settings { bars: !no_progress, quiet, ..Settings::default() });
     let client = folder.connect(&settings, &progress).await?;
     Ok((folder, client, opts, settings.device, progress))
 }
@@ -466,28 +514,30 @@ async fn restore(
     targets: &[Option<deltasync::path::RelPath>],
     at: At,
     no_progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (mut folder, mut client, opts, device, progress) = open_for_pull(dir, no_progress).await?;
+    let (mut folder, mut client, opts, device, progress) = open_for_pull(dir, no_progress, quiet).await?;
     let point = history::describe_point(at);
     for t in targets {
         let what = history::describe_target(t);
         let r = history::restore(&mut client, t.clone(), at)
             .await
             .with_context(|| format!("cannot restore {what} as of {point}"))?;
-        if r.changed.is_empty() && r.skipped.is_empty() {
+        if r.changed.is_empty() && r.skipped.is_empty() && !quiet {
             println!("{what} is already as it was at {point}; nothing to restore");
         }
-        for p in &r.changed {
+        for p in r.changed.iter().filter(|_| !quiet) {
             println!("restored {p}");
         }
         for p in &r.skipped {
-            println!(
+            let line = format!(
                 "skipped {p}: could not be restored (its old content was pruned, or it changed meanwhile)"
             );
+            if quiet { eprintln!("{line}") } else { println!("{line}") }
         }
     }
     let report = folder.round(&mut client, &opts, &device, &Arc::new(progress)).await?;
-    Ok(report_round(dir, &report, false, false, false, false))
+    Ok(report_round(dir, &report, &Shown { upload: false, quiet, ..Shown::default() }))
 }
 
 /// `deltasync undo`: the server reverts a device's changes, then a pull brings the result.
@@ -496,26 +546,28 @@ async fn undo(
     device: &str,
     since: Option<i64>,
     no_progress: bool,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (mut folder, mut client, opts, me, progress) = open_for_pull(dir, no_progress).await?;
+    let (mut folder, mut client, opts, me, progress) = open_for_pull(dir, no_progress, quiet).await?;
     let since_text =
         since.map_or_else(|| "ever".to_string(), |t| format!("since {}", deltasync::when::format_rfc3339(t)));
     let r = history::undo(&mut client, device, since.unwrap_or(0))
         .await
         .with_context(|| format!("cannot undo the changes of device `{device}`"))?;
-    if r.changed.is_empty() && r.skipped.is_empty() {
+    if r.changed.is_empty() && r.skipped.is_empty() && !quiet {
         println!(
             "nothing to undo: device `{device}` made no changes {since_text} that are not undone already"
         );
     }
-    for p in &r.changed {
+    for p in r.changed.iter().filter(|_| !quiet) {
         println!("reverted {p}");
     }
     for p in &r.skipped {
-        println!("skipped {p}: changed later by another device");
+        let line = format!("skipped {p}: changed later by another device");
+        if quiet { eprintln!("{line}") } else { println!("{line}") }
     }
     let report = folder.round(&mut client, &opts, &me, &Arc::new(progress)).await?;
-    Ok(report_round(dir, &report, false, false, false, false))
+    Ok(report_round(dir, &report, &Shown { upload: false, quiet, ..Shown::default() }))
 }
 
 fn check_names(account: &str, device: &str) -> anyhow::Result<()> {
@@ -592,6 +644,13 @@ fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    if args.json && args.dry_run {
+        eprintln!(
+            "deltasync: --json does not describe a dry run; use --dry-run alone (its `would ...` lines)"
+        );
+        return Ok(ExitCode::from(code::USAGE));
+    }
     if upload && !args.dir.exists() {
         anyhow::bail!("{} does not exist; push uploads an existing folder", args.dir.display());
     }
@@ -604,37 +663,86 @@ async fn sync(args: SyncArgs, upload: bool, download: bool) -> anyhow::Result<Ex
     };
     let mut folder = Folder::open(&args.dir, download)?;
     let settings = folder.settings(&opts)?;
-    let progress = Progress::new(!args.no_progress, args.verbose);
+    let progress = Arc::new(Progress::with(Settings {
+        // --json keeps stdout for JSON and stderr for errors: no bars, no per-file lines.
+        bars: !args.no_progress && !args.json,
+        verbose: args.verbose && !args.json,
+        quiet: args.quiet || args.json,
+        record: args.json,
+    }));
     let mut client = folder.connect(&settings, &progress).await?;
-    let report = folder.round(&mut client, &opts, &settings.device, &Arc::new(progress)).await?;
-    Ok(report_round(&args.dir, &report, upload, args.verbose, args.dry_run, args.stats))
+    let report = folder.round(&mut client, &opts, &settings.device, &progress).await?;
+    let shown = Shown {
+        upload,
+        verbose: args.verbose,
+        quiet: args.quiet,
+        dry_run: args.dry_run,
+        stats: args.stats,
+        json: args.json.then(|| progress.results()),
+        elapsed: Some(started.elapsed()),
+    };
+    Ok(report_round(&args.dir, &report, &shown))
+}
+
+/// How a round's outcome is shown.
+#[derive(Default)]
+struct Shown {
+    upload: bool,
+    verbose: bool,
+    /// `-q`: nothing on success; failures still on stderr.
+    quiet: bool,
+    dry_run: bool,
+    stats: bool,
+    /// `--json`: the files done (path, what), printed as JSON lines with the summary.
+    json: Option<Vec<(String, String)>>,
+    /// From the start of the command, for the summary's time and average rate.
+    elapsed: Option<std::time::Duration>,
+}
+
+/// The exit code of a round. Precedence, most specific first: 6 (unresolved: run again), 7 (this
+/// computer's disk is full), 9 (deletes held by the guard), 23 (paths skipped, the rest synced),
+/// 1 (paths failed).
+fn round_code(report: &Report) -> u8 {
+    if !report.unresolved.is_empty() {
+        code::UNRESOLVED
+    } else if report.local_disk_full {
+        code::DISK
+    } else if report.held.is_some() {
+        code::HELD
+    } else if !report.skipped.is_empty() {
+        code::PARTIAL
+    } else if !report.errors.is_empty() {
+        code::FAILED
+    } else {
+        0
+    }
 }
 
 /// What a push, pull (or the pull after a restore or an undo) prints, and its exit code.
-fn report_round(
-    dir: &std::path::Path,
-    report: &Report,
-    upload: bool,
-    verbose: bool,
-    dry_run: bool,
-    stats: bool,
-) -> ExitCode {
-    if verbose {
+fn report_round(dir: &std::path::Path, report: &Report, shown: &Shown) -> ExitCode {
+    let code = round_code(report);
+    if let Some(files) = &shown.json {
+        print!("{}", json_lines(report, files, code, shown.elapsed));
+    }
+    if shown.verbose && !shown.quiet {
         for n in &report.notes {
             eprintln!("note: {n}");
         }
     }
+    for s in &report.skipped {
+        eprintln!("skipped {s}");
+    }
     for e in &report.errors {
         eprintln!("error: {e}");
     }
-    if !dry_run {
-        println!("{}", report.summary());
+    if !shown.dry_run && !shown.quiet && shown.json.is_none() {
+        println!("{}", report.summary_in(shown.elapsed));
     }
-    if stats {
+    if shown.stats && shown.json.is_none() {
         println!("{}", report.stats());
     }
-    if report.pending_other_way > 0 && !dry_run {
-        let other = if upload { "pull" } else { "push" };
+    if report.pending_other_way > 0 && !shown.dry_run && !shown.quiet {
+        let other = if shown.upload { "pull" } else { "push" };
         eprintln!("note: {} changes wait for `deltasync {other}`", report.pending_other_way);
     }
     if !report.unresolved.is_empty() {
@@ -643,15 +751,73 @@ fn report_round(
             report.unresolved.len(),
             report.unresolved[0]
         );
-        return ExitCode::from(code::UNRESOLVED);
     }
     if !report.errors.is_empty() {
         eprintln!("deltasync: {} paths failed (see above)", report.errors.len());
-        return ExitCode::from(if report.local_disk_full { code::DISK } else { code::FAILED });
     }
     if let Some(h) = &report.held {
         eprintln!("deltasync: {}", h.message(dir));
-        return ExitCode::from(code::HELD);
     }
-    ExitCode::SUCCESS
+    if !report.skipped.is_empty() {
+        eprintln!(
+            "deltasync: {} skipped (listed above), the rest was synced; exit code 23 (partial)",
+            count(report.skipped.len() as u64, "path")
+        );
+    }
+    ExitCode::from(code)
+}
+
+/// `--json`: one object per file (`path`, `action`, and `cause` for skipped and failed ones),
+/// then one summary object (`"type":"summary"`: counts, bytes, elapsed seconds, exit code).
+fn json_lines(
+    report: &Report,
+    files: &[(String, String)],
+    code: u8,
+    elapsed: Option<std::time::Duration>,
+) -> String {
+    use serde_json::json;
+    let mut out = String::new();
+    let mut line = |v: serde_json::Value| {
+        out.push_str(&v.to_string());
+        out.push('\n');
+    };
+    for (path, what) in files {
+        line(json!({"type": "file", "path": path, "action": what}));
+    }
+    for c in &report.conflicts {
+        line(json!({"type": "file", "path": null, "action": "conflict", "cause": c}));
+    }
+    for s in &report.skipped {
+        line(json!({"type": "file", "path": s.path, "action": "skipped", "cause": s.cause}));
+    }
+    for f in &report.failed {
+        line(json!({"type": "file", "path": f.path, "action": "failed", "cause": f.cause}));
+    }
+    // Failures whose path is not known apart.
+    let known: std::collections::HashSet<String> = report.failed.iter().map(ToString::to_string).collect();
+    for e in report.errors.iter().filter(|e| !known.contains(*e)) {
+        line(json!({"type": "file", "path": null, "action": "failed", "cause": e}));
+    }
+    for u in &report.unresolved {
+        line(json!({"type": "file", "path": null, "action": "unresolved", "cause": u}));
+    }
+    line(json!({
+        "type": "summary",
+        "uploaded": report.files_sent,
+        "downloaded": report.files_received + report.files_copied_locally,
+        "moved": report.moved,
+        "deleted": report.deleted_remote + report.deleted_local,
+        "conflicts": report.conflicts.len(),
+        "skipped": report.skipped.len(),
+        "failed": report.errors.len(),
+        "unresolved": report.unresolved.len(),
+        "held_deletes": report.held.as_ref().map(|h| h.deletes),
+        "pending_other_way": report.pending_other_way,
+        "bytes_sent": report.bytes_sent,
+        "bytes_received": report.bytes_received,
+        "elapsed_secs": elapsed.map(|d| d.as_secs_f64()),
+        "up_to_date": report.summary().starts_with("up to date"),
+        "exit_code": code,
+    }));
+    out
 }

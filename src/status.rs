@@ -70,7 +70,7 @@ pub fn status(root: &Path) -> Result<String, SyncError> {
     if let Some(h) = held {
         let _ = writeln!(out, "Held back: {}", h.message(root));
     }
-    for sk in s.skipped.iter().take(LIST) {
+    for sk in s.skipped.iter().chain(&s.special).take(LIST) {
         let _ = writeln!(out, "Skipped (not readable here; left as it is on both sides): {sk}");
     }
     let conflicts: Vec<&RelPath> = s.nodes.keys().filter(|p| p.file_name().contains(" (conflict ")).collect();

@@ -48,7 +48,7 @@ pub enum SyncError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error("{}: {err}", path.display())]
+    #[error("{} (on this computer): {err}", path.display())]
     Io { path: PathBuf, err: std::io::Error },
     #[error("{0} is used by another deltasync process (push, pull or watch); wait for it to finish")]
     Locked(PathBuf),
@@ -279,8 +279,10 @@ impl Folder {
         if scan.temps_removed > 0 {
             report.notes.push(format!("removed {} temp files left by interrupted runs", scan.temps_removed));
         }
-        for s in &scan.skipped {
-            progress.say(&format!("skipped {s}; left as it is on both sides"));
+        // Listed by the command at the end (`skipped PATH: CAUSE`), and the round is partial.
+        report.skipped.extend(scan.skipped.iter().cloned());
+        for s in &scan.special {
+            progress.say(&format!("note: skipped {s}"));
         }
 
         let (changes, seq) = client.changes(base.last_seq).await?;
@@ -331,8 +333,15 @@ impl Folder {
                 planned_bytes += size;
             }
         }
-        let files =
-            actions.iter().filter(|a| matches!(a, Action::Put { .. } | Action::Fetch { .. })).count() as u64;
+        // Files only (the bar counts files, not folders or links).
+        let files = actions
+            .iter()
+            .filter(|a| match a {
+                Action::Put { .. } | Action::Copy { .. } | Action::Move { .. } => true,
+                Action::Fetch { entry } => matches!(entry.node, Some(Node::File { .. })),
+                _ => false,
+            })
+            .count() as u64;
         {
             let fetch_bytes: u64 = actions
                 .iter()

@@ -91,6 +91,7 @@ pub async fn watch(
     let mut dirty = true;
     let mut retries = 0;
     let mut held_said = None;
+    let mut skipped_said = Vec::new();
     let mut last_event: Option<Instant> = None;
     let mut deletes_due: Option<Instant> = None;
     let mut backoff = Duration::from_millis(250);
@@ -155,6 +156,13 @@ pub async fn watch(
                 Ok(report) => {
                     for e in &report.errors {
                         progress.say(&format!("error: {e}"));
+                    }
+                    // An unreadable path stays so round after round: said when the list changes.
+                    if report.skipped != skipped_said {
+                        for s in report.skipped.iter().filter(|s| !skipped_said.contains(s)) {
+                            progress.say(&format!("warning: skipped {s}"));
+                        }
+                        skipped_said = report.skipped.clone();
                     }
                     // Held deletes wait while everything else syncs; said once (again only when
                     // their number changes), not every round. A round that deferred its deletes

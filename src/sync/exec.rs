@@ -566,7 +566,7 @@ impl Exec {
                 self.report.deleted_local += 1;
                 self.progress.file_done(path.as_str(), "deleted");
             }
-            Err(e) => self.report.errors.push(format!("{}: cannot delete: {e}", full.display())),
+            Err(e) => self.report.error(path.as_str(), format!("cannot delete it on this computer: {e}")),
         }
     }
 
@@ -759,9 +759,10 @@ impl Exec {
                 let retry = r?;
                 self.report.delta.add(stats);
                 for j in skipped {
-                    self.report
-                        .notes
-                        .push(format!("{}: changed while syncing; will sync on the next run", job_path(&j)));
+                    self.report.skip(
+                        &job_path(&j),
+                        "vanished or changed size on this computer while it was read; it goes on the next run",
+                    );
                 }
                 retry
             }
@@ -937,8 +938,23 @@ impl Exec {
                 self.report.unresolved.push(format!("{}: {}", action_path(&a), r.message));
                 None
             }
+            // The server will not take this path (a name or type it refuses): left out, the rest
+            // went on.
+            (RefusalKind::Invalid | RefusalKind::NotFound, a) => {
+                self.report.skip(&action_path(&a), format!("refused by the server: {}", r.message));
+                None
+            }
+            // The server's words (`server out of disk space: ...`, with what it needed and had,
+            // or the OS error) name the cause; said first as whose disk it is.
+            (RefusalKind::Server, a)
+                if r.message.starts_with("server out of disk space")
+                    || fsutil::says_disk_full(&r.message) =>
+            {
+                self.report.error(&action_path(&a), format!("the server's disk is full ({})", r.message));
+                None
+            }
             (_, a) => {
-                self.report.errors.push(format!("{}: {}", action_path(&a), r.message));
+                self.report.error(&action_path(&a), r.message);
                 None
             }
         }
@@ -1107,7 +1123,8 @@ impl Exec {
                 continue;
             }
             if let Err(e) = std::fs::rename(r.tmp.path(), &full) {
-                self.report.errors.push(format!("{}: {e}", full.display()));
+                self.report
+                    .error(path.as_str(), format!("cannot put the download in place on this computer: {e}"));
                 continue;
             }
             r.tmp.keep();

@@ -1,6 +1,33 @@
-//! What a round did, for the summary line, `--stats` and the exit code.
+//! What a round did, for the summary line, `--stats`, `--json` and the exit code.
+
+use std::time::Duration;
 
 use crate::delta::DeltaStats;
+
+/// A path a round left out or could not carry out, and why (in words that say on which computer).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PathIssue {
+    pub path: String,
+    pub cause: String,
+}
+
+impl std::fmt::Display for PathIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.cause)
+    }
+}
+
+/// Why a file here could not be read, naming this computer, so it is not taken for the server's.
+pub fn local_cause(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied on this computer ({e}); give your user read access to it, or add it to \
+             .deltasyncignore"
+        ),
+        std::io::ErrorKind::NotFound => "vanished on this computer while it was read".to_string(),
+        _ => format!("cannot be read on this computer: {e}"),
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -24,6 +51,11 @@ pub struct Report {
     pub unresolved: Vec<String>,
     pub notes: Vec<String>,
     pub errors: Vec<String>,
+    /// The paths among `errors` whose path is known, for `--json`.
+    pub failed: Vec<PathIssue>,
+    /// Paths left out of the round, each listed with its cause (unreadable here, vanished while
+    /// read, refused by the server as invalid): the round is partial (exit code 23).
+    pub skipped: Vec<PathIssue>,
     /// A download did not fit on this computer's disk.
     pub local_disk_full: bool,
     /// Server deletes left for a later round because the folder was still changing (`watch`).
@@ -33,6 +65,37 @@ pub struct Report {
 }
 
 impl Report {
+    /// One path failed: said with its path, and kept by path for `--json`.
+    pub fn error(&mut self, path: &str, cause: impl Into<String>) {
+        let issue = PathIssue { path: path.to_string(), cause: cause.into() };
+        self.errors.push(issue.to_string());
+        self.failed.push(issue);
+    }
+
+    /// One path was left out of the round.
+    pub fn skip(&mut self, path: &str, cause: impl Into<String>) {
+        self.skipped.push(PathIssue { path: path.to_string(), cause: cause.into() });
+    }
+
+    /// Did anything fail, get skipped or stay unresolved?
+    pub fn incomplete(&self) -> bool {
+        !self.errors.is_empty() || !self.skipped.is_empty() || !self.unresolved.is_empty()
+    }
+
+    /// The closing line: what changed (`up to date` only when nothing did and nothing failed),
+    /// the bytes each way and, given the round's `elapsed` time, how long it took and the average
+    /// rate. Scripts match its start (`N uploaded`, `up to date`, `... sent, ... received`).
+    pub fn summary_in(&self, elapsed: Option<Duration>) -> String {
+        let mut line = self.summary();
+        if let Some(t) = elapsed {
+            let secs = t.as_secs_f64();
+            let rate =
+                if secs > 0.0 { ((self.bytes_sent + self.bytes_received) as f64 / secs) as u64 } else { 0 };
+            line.push_str(&format!(" in {secs:.1} s ({}/s)", human(rate)));
+        }
+        line
+    }
+
     pub fn summary(&self) -> String {
         let mut parts = vec![];
         if self.files_sent > 0 {
@@ -51,7 +114,7 @@ impl Report {
             parts.push(format!("{} conflicts kept as copies", self.conflicts.len()));
         }
         if parts.is_empty() {
-            parts.push("up to date".into());
+            parts.push(if self.incomplete() { "nothing changed" } else { "up to date" }.into());
         }
         format!(
             "{}; {} sent, {} received",
@@ -110,4 +173,30 @@ pub fn human(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_to_date_is_never_said_beside_a_failure_or_a_skip() {
+        let mut r = Report::default();
+        assert!(r.summary().starts_with("up to date; "), "{}", r.summary());
+        r.skip("a.txt", "permission denied on this computer");
+        assert!(!r.summary().contains("up to date"), "{}", r.summary());
+        let mut r = Report::default();
+        r.error("b.txt", "the server's disk is full");
+        assert!(r.summary().starts_with("nothing changed; "), "{}", r.summary());
+        assert_eq!(r.errors, ["b.txt: the server's disk is full"]);
+    }
+
+    #[test]
+    fn the_summary_gives_elapsed_time_and_rate() {
+        let r = Report { files_sent: 2, bytes_sent: 3 << 20, bytes_received: 1024, ..Report::default() };
+        assert_eq!(
+            r.summary_in(Some(Duration::from_millis(1500))),
+            "2 uploaded; 3.0 MiB sent, 1.0 KiB received in 1.5 s (2.0 MiB/s)"
+        );
+    }
 }

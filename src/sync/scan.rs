@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::index::Stat;
+use super::report::{PathIssue, local_cause};
 use super::rules::IgnoreRules;
 use crate::fsutil::{self, TEMP_PREFIX};
 use crate::hash::ContentHash;
@@ -21,8 +22,11 @@ pub struct Scan {
     pub nodes: BTreeMap<RelPath, Node>,
     /// The stat cache to save for the next scan.
     pub cache: StatCache,
-    /// Paths skipped, with why (unreadable, not UTF-8, special files).
-    pub skipped: Vec<String>,
+    /// Paths skipped, with why (unreadable here, vanished while read, names that cannot be
+    /// synced): the round is partial.
+    pub skipped: Vec<PathIssue>,
+    /// Special files (FIFOs, sockets, devices), which are never synced: noted, not a failure.
+    pub special: Vec<PathIssue>,
     /// Paths whose state here is unknown (unreadable files and folders, special files): they and
     /// everything below them are left out of the round, so what could not be read is never
     /// taken for deleted.
@@ -101,8 +105,9 @@ fn walk(
     clean: bool,
     s: &mut Scan,
 ) -> std::io::Result<()> {
+    let shown = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
     let unreadable = |s: &mut Scan, e: std::io::Error| {
-        s.skipped.push(format!("{}: {e}", dir.display()));
+        s.skipped.push(PathIssue { path: shown(dir), cause: local_cause(&e) });
         if let Ok(rel) = RelPath::from_local(root, dir) {
             s.nodes.remove(&rel);
             s.unknown.push(rel);
@@ -143,14 +148,14 @@ fn walk(
         let rel = match RelPath::from_local(root, &full) {
             Ok(r) => r,
             Err(e) => {
-                s.skipped.push(format!("{}: {e}", full.display()));
+                s.skipped.push(PathIssue { path: shown(&full), cause: format!("cannot be synced: {e}") });
                 continue;
             }
         };
         let md = match fs::symlink_metadata(&full) {
             Ok(m) => m,
             Err(e) => {
-                s.skipped.push(format!("{}: {e}", full.display()));
+                s.skipped.push(PathIssue { path: shown(&full), cause: local_cause(&e) });
                 s.unknown.push(rel);
                 continue;
             }
@@ -168,7 +173,10 @@ fn walk(
                     s.nodes.insert(rel, Node::Symlink { target });
                 }
                 None => {
-                    s.skipped.push(format!("{}: symlink target is not UTF-8", full.display()));
+                    s.skipped.push(PathIssue {
+                        path: shown(&full),
+                        cause: "its symlink target is not UTF-8, which cannot be synced".into(),
+                    });
                     s.unknown.push(rel);
                 }
             }
@@ -191,7 +199,7 @@ fn walk(
                         h
                     }
                     Err(e) => {
-                        s.skipped.push(format!("{}: {e}", full.display()));
+                        s.skipped.push(PathIssue { path: shown(&full), cause: local_cause(&e) });
                         s.unknown.push(rel);
                         continue;
                     }
@@ -203,7 +211,10 @@ fn walk(
                 Node::File { hash, size: stat.size, meta: Meta { mtime_ns: stat.mtime_ns, mode: stat.mode } },
             );
         } else {
-            s.skipped.push(format!("{}: not a regular file, directory or symlink", full.display()));
+            s.special.push(PathIssue {
+                path: shown(&full),
+                cause: "not a regular file, directory or symlink (never synced)".into(),
+            });
             s.unknown.push(rel);
         }
     }

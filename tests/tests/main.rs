@@ -15,6 +15,7 @@ mod devices;
 mod history;
 mod migration;
 mod model;
+mod output;
 mod push_pull;
 mod regression;
 mod resume;

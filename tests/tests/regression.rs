@@ -146,7 +146,8 @@ fn a_path_the_scan_cannot_read_is_not_deleted_anywhere() {
 
     let mut cmd = sync_command("push", &root, &srv.address(), &token, &[]);
     cmd.uid(65534).gid(65534);
-    let out = run(&mut cmd).ok("push as nobody");
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(23), "a partial push exits 23:\n{}", out.dump());
     assert!(
         out.stderr.contains("secret.txt") && out.stderr.contains("private"),
         "says what it skipped:\n{}",
