@@ -97,7 +97,7 @@ fn client_code(c: &ClientError) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { listen, data, open_registration, keep, tls_cert, tls_key, .. } => {
+        Command::Serve { listen, data, open_registration, keep, tls_cert, tls_key, bwlimit, .. } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
@@ -106,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // `account add` the moment it reads the line.
             drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
             let tls_files = tls_cert.zip(tls_key);
-            let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep };
+            let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep, bwlimit };
             let identity = server::identity(&config).context("cannot set up TLS")?;
             server::record_fingerprint(&data, &identity.fingerprint)
                 .with_context(|| format!("cannot write to {}", data.display()))?;
@@ -528,6 +528,7 @@ fn connect_options(args: &SyncArgs) -> anyhow::Result<Options> {
         fingerprint: args.fingerprint,
         timeout: Some(std::time::Duration::from_secs(args.timeout)),
         max_delete: args.max_delete,
+        bwlimit: args.bwlimit,
         ..Options::default()
     })
 }
