@@ -108,7 +108,7 @@ fn malformed_bwlimit_is_a_usage_error_naming_the_form() {
     let a = temp_dir("ds-bw-a-");
     for bad in ["fast", "2X", "1:2:3", "-1M", "512B", ""] {
         for cmd in ["push", "pull"] {
-            let out = sync_cmd(cmd, a.path(), &srv, &token, &["--bwlimit", bad]);
+            let out = sync_cmd(cmd, a.path(), &srv, &token, &[&format!("--bwlimit={bad}")]);
             assert_eq!(out.status.code(), Some(2), "{cmd} --bwlimit {bad:?}: {}", out.dump());
             assert!(
                 out.stderr.contains("--bwlimit"),
