@@ -385,11 +385,15 @@ mod tests {
     async fn writes_are_smooth_at_the_rate() {
         for rate in [64 * K, 512 * K, 2 << 20] {
             let mut w = Limited::new(Clocked::default(), BwLimit { send: Some(rate), receive: None });
-            let depth = Bucket::new(rate, Instant::now()).depth();
+            // The depth promised: the larger of 16 KiB and 50 ms of the rate.
+            let depth = (rate / 20).max(16 * K);
             let t0 = Instant::now();
             let chunk = vec![7u8; 100_000];
-            while t0.elapsed() < Duration::from_secs(10) {
+            // Bounded by bytes too: an unlimited writer never lets the paused clock move.
+            let mut written = 0;
+            while t0.elapsed() < Duration::from_secs(10) && written < rate * 20 {
                 w.write_all(&chunk).await.unwrap();
+                written += chunk.len() as u64;
             }
             let at = std::mem::take(&mut w.inner.at);
             let passed: u64 = at
@@ -454,7 +458,7 @@ mod tests {
         let mut buf = vec![0u8; 64 << 10];
         let mut total = 0u64;
         let mut at = Vec::new();
-        while t0.elapsed() < Duration::from_secs(10) {
+        while t0.elapsed() < Duration::from_secs(10) && total < rate * 20 {
             let n = r.read(&mut buf).await.unwrap();
             at.push((Instant::now(), n));
             total += n as u64;
