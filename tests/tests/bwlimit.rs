@@ -132,3 +132,108 @@ fn malformed_bwlimit_is_a_usage_error_naming_the_form() {
     assert_eq!(out.status.code(), Some(2), "{}", out.dump());
     assert!(out.stderr.contains("--bwlimit") && out.stderr.contains("500K"), "{}", out.stderr);
 }
+
+/// A child killed when dropped, so a failing assertion leaves no process running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A server on a port outside the ephemeral range, so it can come back on the same port after a
+/// restart (as in watch.rs).
+fn start_server_on_a_fixed_port() -> Server {
+    let low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 { (10_000, low) } else { (61_000, 65_000) };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let mut rng = XorShift::new(now.as_nanos() as u64 ^ u64::from(std::process::id()) ^ 0xb3);
+    for _ in 0..100 {
+        let port = from + rng.next_u64() % (to - from);
+        if let Some(s) = start_server_at(&format!("127.0.0.1:{port}")) {
+            return s;
+        }
+    }
+    panic!("no free port in {from}..{to} for the server");
+}
+
+/// The account's change count, from `account list` (read from the data folder, no connection).
+fn changes(srv: &Server, name: &str) -> u64 {
+    let out = run(command().args(["account", "list", "--data"]).arg(&srv.data)).ok("account list");
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}\t"))?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no line for {name} in `account list`: {}", out.dump()))
+}
+
+/// Waits until the account has `n` changes; how long that took.
+fn until_changes(srv: &Server, n: u64, watch: &mut Killed, log: &Path) -> Duration {
+    let t0 = Instant::now();
+    while changes(srv, "alice") < n {
+        if let Ok(Some(st)) = watch.0.try_wait() {
+            panic!("watch exited ({st}): {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the upload did not arrive: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
+}
+
+/// `watch --bwlimit` limits its rounds, and still after it reconnected to a restarted server.
+#[test]
+fn watch_keeps_its_bwlimit_across_reconnects() {
+    let mut srv = start_server_on_a_fixed_port();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-bw-w-");
+    let logs = temp_dir("ds-bw-log-");
+    let log = logs.path().join("watch.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    write(&a.path().join("first.bin"), random_bytes(14, SIZE));
+    let child = command()
+        .arg("watch")
+        .arg(a.path())
+        .args(["--server", &srv.address(), "--token", &token, "--no-progress", "--bwlimit", "512K"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn watch");
+    let mut watch = Killed(child);
+    let took = until_changes(&srv, 1, &mut watch, &log);
+    assert!(
+        took >= floor(),
+        "watch's first round sent {SIZE} bytes at 512 KiB/s in {took:?}, less than {:?}",
+        floor()
+    );
+
+    srv.kill_hard();
+    srv.start_again();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("reconnected") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "watch did not reconnect: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        if let Ok(Some(st)) = watch.0.try_wait() {
+            panic!("watch exited ({st}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write(&a.path().join("second.bin"), random_bytes(15, SIZE));
+    let took = until_changes(&srv, 2, &mut watch, &log);
+    assert!(
+        took >= floor(),
+        "after a reconnect, watch sent {SIZE} bytes at 512 KiB/s in {took:?}, less than {:?}",
+        floor()
+    );
+}
