@@ -35,7 +35,8 @@ impl BwLimit {
     }
 }
 
-const FORM: &str = "give RATE or SEND:RECEIVE (e.g. 500K, 2M, 1M:4M), each a number per second with K, M or G \
+const FORM: &str = "give RATE, or SEND:RECEIVE (a client's upload:download; for serve, what it sends to and \
+                    receives from each client), like 500K, 2M or 1M:4M: a number per second with K, M or G \
                     (KiB, MiB, GiB; a bare number is KiB, as in rsync; B is bytes), or 0 / off for no limit";
 
 /// One direction's rate: `None` for `0`, `off` or (beside a colon) nothing.
@@ -69,8 +70,9 @@ fn parse_rate(whole: &str, s: &str) -> Result<Option<u64>, String> {
         return Ok(None);
     }
     if bytes < MIN_RATE as f64 {
+        let what = if t == whole.trim() { format!("`{t}`") } else { format!("`{whole}`: {t}") };
         return Err(format!(
-            "`{whole}`: {t} is below the lowest bandwidth limit, 1K (1 KiB/s); give 0 or off for no limit"
+            "{what} is below the lowest bandwidth limit, 1K (1 KiB/s); give at least 1K, or 0 / off for no limit"
         ));
     }
     // Past a PiB/s nothing is limited anyway.
