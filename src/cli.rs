@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use deltasync::protocol::MAX_LOG;
+use deltasync::protocol::{BwLimit, MAX_LOG};
 use deltasync::server::retention::{DEFAULT_POLICY, Keep};
 use deltasync::transport::Fingerprint;
 use deltasync::when;
@@ -41,6 +41,12 @@ pub enum Command {
         /// hourly, daily, weekly, monthly, deleted; ages like 90m, 36h, 30d, 2w, 1y).
         #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
         keep: Keep,
+        /// Limit each connection's bandwidth: SEND:RECEIVE from the server's side (what it sends
+        /// to a client, i.e. its downloads : what it receives, its uploads), or one RATE for
+        /// both; like 500K, 2M, 1M:4M (per second; K/M/G binary, a bare number is KiB), 0 or
+        /// off for none.
+        #[arg(long, value_name = "RATE[:RATE]", default_value = "off", value_parser = parse_bwlimit)]
+        bwlimit: BwLimit,
         /// Log at debug (the same as --log-level debug).
         #[arg(short, long, conflicts_with = "log_level")]
         verbose: bool,
@@ -219,6 +225,10 @@ fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
     s.parse()
 }
 
+fn parse_bwlimit(s: &str) -> Result<BwLimit, String> {
+    s.parse()
+}
+
 fn parse_keep(s: &str) -> Result<Keep, String> {
     s.parse()
 }
@@ -308,6 +318,11 @@ pub struct SyncArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
+    /// Limit the bandwidth: UPLOAD:DOWNLOAD, or one RATE for both; like 500K, 2M, 1M:4M (per
+    /// second; K/M/G binary, a bare number is KiB as in rsync), 0 or off (or nothing beside the
+    /// colon) for no limit that way.
+    #[arg(long, value_name = "RATE[:RATE]", default_value = "off", value_parser = parse_bwlimit)]
+    pub bwlimit: BwLimit,
     /// Name of this computer in conflict copies and the journal (default: host name).
     #[arg(long)]
     pub device: Option<String>,

@@ -68,6 +68,8 @@ pub struct Connect<'a> {
     /// `trust` came from `--fingerprint` (not from the folder's memory).
     pub from_flag: bool,
     pub timeout: Duration,
+    /// `--bwlimit` on the connection's socket.
+    pub bwlimit: crate::protocol::BwLimit,
 }
 
 fn identity_message(addr: &str, seen: &Option<Fingerprint>, trusted: &Trust, from_flag: bool) -> String {
@@ -96,8 +98,9 @@ impl Client {
     pub async fn connect(c: &Connect<'_>) -> Result<Client, ClientError> {
         let addr = c.addr;
         let counters = Arc::new(Counters::default());
-        let (stream, seen) =
-            transport::connect(addr, &c.trust, c.timeout, counters.clone()).await.map_err(|e| match e {
+        let (stream, seen) = transport::connect(addr, &c.trust, c.timeout, counters.clone(), c.bwlimit)
+            .await
+            .map_err(|e| match e {
                 ConnectError::Unreachable(err) => ClientError::Unreachable { addr: addr.to_string(), err },
                 ConnectError::NotDeltasync(m) => ClientError::NotDeltasync(m),
                 ConnectError::Identity { seen, trusted } => ClientError::IdentityChanged {

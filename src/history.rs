@@ -187,6 +187,7 @@ pub async fn connect(dir: &Path) -> Result<(Client, Option<String>), HistoryErro
         trust: r.trust.clone(),
         from_flag: false,
         timeout: crate::client::CONNECT_TIMEOUT,
+        bwlimit: Default::default(),
     })
     .await?;
     let mut note = None;

@@ -120,7 +120,7 @@ fn client_code(c: &ClientError) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { listen, data, open_registration, keep, tls_cert, tls_key, .. } => {
+        Command::Serve { listen, data, open_registration, keep, tls_cert, tls_key, bwlimit, .. } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
@@ -131,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Caught from here on: a SIGTERM right after the `listening` line still stops cleanly.
             let stop = shutdown_signal()?;
             let tls_files = tls_cert.zip(tls_key);
-            let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep };
+            let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep, bwlimit };
             let identity = server::identity(&config).context("cannot set up TLS")?;
             server::record_fingerprint(&data, &identity.fingerprint)
                 .with_context(|| format!("cannot write to {}", data.display()))?;
@@ -626,6 +626,7 @@ fn connect_options(args: &SyncArgs) -> anyhow::Result<Options> {
         fingerprint: args.fingerprint,
         timeout: Some(std::time::Duration::from_secs(args.timeout)),
         max_delete: args.max_delete,
+        bwlimit: args.bwlimit,
         ..Options::default()
     })
 }

@@ -3,12 +3,15 @@
 //! # Layout
 //! - [`message`]: every message and the order they flow in (see ARCHITECTURE.md).
 //! - [`connection`]: framed, byte-counting reader and writer halves of a TCP stream.
+//! - [`ratelimit`]: `--bwlimit`, a token bucket per direction on the bytes of the TCP stream.
 
 pub mod connection;
 pub mod message;
+pub mod ratelimit;
 
 pub use connection::{Counted, Counters, FrameReader, FrameWriter, ReadAhead, split};
 pub use message::*;
+pub use ratelimit::{BwLimit, Limited};
 
 /// Hard limit on one frame: a delta block ([`crate::delta::MAX_BLOCK`]) plus headroom. A peer
 /// announcing a larger frame is cut off before anything is allocated.

@@ -80,6 +80,8 @@ pub struct ServerConfig {
     pub open_registration: bool,
     /// Which versions history keeps (`serve --keep`).
     pub keep: retention::Keep,
+    /// `serve --bwlimit`: each connection's limit (send = to the client, receive = from it).
+    pub bwlimit: protocol::BwLimit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +110,8 @@ pub struct Shared {
     pub sigs: content::Sigs,
     pub keep: retention::Keep,
     pub open_registration: bool,
+    /// `serve --bwlimit`, applied to each connection on its TCP socket.
+    pub bwlimit: protocol::BwLimit,
     /// This data folder's identity (kept in the database), sent in every `Welcome`.
     pub server_id: [u8; 16],
     /// See [`IO_TIMEOUT`] and [`IDLE_TIMEOUT`].
@@ -145,6 +149,7 @@ impl Shared {
             sigs,
             keep: config.keep.clone(),
             open_registration: config.open_registration,
+            bwlimit: config.bwlimit,
             server_id,
             io_timeout,
             idle_timeout: IDLE_TIMEOUT.max(io_timeout),

@@ -70,6 +70,8 @@ pub struct Options {
     pub timeout: Option<std::time::Duration>,
     /// `--max-delete`: let a round through the mass-delete guard.
     pub max_delete: Option<guard::Limit>,
+    /// `--bwlimit`: upload (send) and download (receive) limits of the connection.
+    pub bwlimit: crate::protocol::BwLimit,
     /// `pull --restore-deleted`: download files deleted here instead of deleting them there.
     pub restore_deleted: bool,
     /// `watch`, while the folder is still changing: server deletes wait for it to be quiet, so a
@@ -88,6 +90,8 @@ pub struct Settings {
     /// `trust` is `--fingerprint`'s.
     pub trust_from_flag: bool,
     pub timeout: std::time::Duration,
+    /// `--bwlimit` (kept across `watch`'s reconnects with the rest of the settings).
+    pub bwlimit: crate::protocol::BwLimit,
 }
 
 impl Settings {
@@ -99,6 +103,7 @@ impl Settings {
             trust: self.trust.clone(),
             from_flag: self.trust_from_flag,
             timeout: self.timeout,
+            bwlimit: self.bwlimit,
         }
     }
 }
@@ -167,7 +172,7 @@ impl Folder {
             None => (Trust::from_setting(self.index.setting("fingerprint")?.as_deref()), false),
         };
         let timeout = opts.timeout.unwrap_or(crate::client::CONNECT_TIMEOUT);
-        Ok(Settings { server, token, device, trust, trust_from_flag, timeout })
+        Ok(Settings { server, token, device, trust, trust_from_flag, timeout, bwlimit: opts.bwlimit })
     }
 
     /// Connects and, only once the server accepted, remembers server, token and account.

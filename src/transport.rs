@@ -2,8 +2,9 @@
 //! certificate, or one from a CA), the acceptor, and the client's connector, which pins the
 //! server's certificate by its fingerprint the way ssh pins a host key.
 //!
-//! Both ends hand the session a [`Stream`] (TLS over a byte-counting TCP stream); what runs on
-//! it (`protocol::split`) works on any `AsyncRead + AsyncWrite`.
+//! Both ends hand the session a [`ClientStream`] / [`ServerStream`] (TLS over a rate-limited
+//! (`--bwlimit`; a no-op without one), byte-counting TCP stream); what runs on it
+//! (`protocol::split`) works on any `AsyncRead + AsyncWrite`.
 
 use std::fmt;
 use std::io;
@@ -20,15 +21,23 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
-use crate::protocol::{Counted, ReadAhead};
+use crate::protocol::{BwLimit, Counted, Limited, ReadAhead};
 
 /// Offered and required in the handshake: a TLS server that does not speak deltasync (an
 /// HTTPS server, say) is found out before the client sends its token.
 pub const ALPN: &[u8] = b"deltasync";
 
+/// What TLS runs on: the TCP socket, counted (`--stats`), limited (`--bwlimit`), read ahead.
+pub type Socket = ReadAhead<Limited<Counted<TcpStream>>>;
+
+/// `tcp` as TLS gets it, counting into `counters` and within `limit`.
+pub fn socket(tcp: TcpStream, counters: Arc<crate::protocol::Counters>, limit: BwLimit) -> Socket {
+    ReadAhead::new(Limited::new(Counted::new(tcp, counters), limit))
+}
+
 /// The connection the session runs on.
-pub type ClientStream = tokio_rustls::client::TlsStream<ReadAhead<Counted<TcpStream>>>;
-pub type ServerStream = tokio_rustls::server::TlsStream<ReadAhead<Counted<TcpStream>>>;
+pub type ClientStream = tokio_rustls::client::TlsStream<Socket>;
+pub type ServerStream = tokio_rustls::server::TlsStream<Socket>;
 
 /// ring's default suites (AES-256-GCM first). Putting AES-128-GCM first was measured: no
 /// difference in CPU per GiB on either side here (AES instructions make both cheap; what TLS
@@ -376,12 +385,13 @@ pub enum ConnectError {
 }
 
 /// Connects over TCP and TLS within `timeout` (both together), checking the server against
-/// `trust`.
+/// `trust`; the connection's bytes then flow within `limit` (`--bwlimit`).
 pub async fn connect(
     addr: &str,
     trust: &Trust,
     timeout: Duration,
     counters: Arc<crate::protocol::Counters>,
+    limit: BwLimit,
 ) -> Result<(ClientStream, Seen), ConnectError> {
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -396,7 +406,7 @@ pub async fn connect(
     let name = ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::try_from("deltasync.invalid").expect("a valid DNS name"));
     let connector = tokio_rustls::TlsConnector::from(config);
-    let stream = ReadAhead::new(Counted::new(tcp, counters));
+    let stream = socket(tcp, counters, limit);
     let not_ours = |what: String| {
         ConnectError::NotDeltasync(format!(
             "{addr} is not a deltasync server ({what}); check the address and port (set it with --server or DELTASYNC_SERVER)"

@@ -8,6 +8,7 @@
 //!
 //! Run with `cargo test --release --test tests` (the big-file tests are much faster in release).
 
+mod bwlimit;
 mod client_safety;
 #[cfg(feature = "failpoints")]
 mod crash;

@@ -590,6 +590,7 @@ async fn client(addr: &str, token: &str, trust: Trust) -> deltasync::client::Cli
         trust,
         from_flag: false,
         timeout: Duration::from_secs(10),
+        bwlimit: Default::default(),
     };
     deltasync::client::Client::connect(&c).await.expect("connect")
 }
