@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Many small files, deltasync against an rsync daemon on loopback: the "Many files" targets of the
+# README. Whole-process wall times, in alternating runs.
+#
+#   benches/many_files.sh [RUNS] [FILES]      (default 3 runs of 100,000 files of 4 KiB)
+#
+# Per run, into a fresh account / module: a first push (deltasync push; plain `rsync -a`, no
+# --fsync), a no-op round of each, a first pull into an empty folder (`deltasync pull`; rsync from
+# the module), and a `watch`'s first round (until it has printed one `uploaded` line per file).
+# Files are random (incompressible) in folders of 1,000. `sync` runs before each timed command.
+# Environment: DELTASYNC_BENCH_TMP (work folder parent, default $TMPDIR or /tmp; ~2.5 GB for
+# 100,000 files), DELTASYNC_BIN (default target/release/deltasync, built first), KEEP=1 keeps it.
+set -euo pipefail
+
+RUNS=${1:-3}
+FILES=${2:-100000}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+die() { echo "many_files: $*" >&2; exit 1; }
+command -v rsync >/dev/null || die "needs rsync (apt-get install rsync)"
+
+cd "$ROOT"
+if [ -z "${DELTASYNC_BIN:-}" ]; then
+    cargo build --release --locked --bin deltasync >&2
+    DELTASYNC_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/deltasync
+fi
+BIN=$DELTASYNC_BIN
+WORK=$(mktemp -d "${DELTASYNC_BENCH_TMP:-${TMPDIR:-/tmp}}/deltasync-many.XXXXXX")
+PIDS=()
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    if [ "${KEEP:-0}" = 1 ]; then echo "many_files: kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+python3 - "$WORK/src" "$FILES" <<'EOF'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+r = open('/dev/urandom', 'rb')
+for i in range(n):
+    d = f'{root}/d{i // 1000:03}'
+    if i % 1000 == 0:
+        os.makedirs(d)
+    with open(f'{d}/f{i % 1000:04}.bin', 'wb') as f:
+        f.write(r.read(4096))
+EOF
+
+mkdir -p "$WORK/mod"
+"$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/serve.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q 'listening on' "$WORK/serve.log" && break; sleep 0.05; done
+ADDR=$(grep -o 'listening on [0-9.:]*' "$WORK/serve.log" | awk '{print $3}')
+[ -n "$ADDR" ] || die "deltasync serve did not start: $(cat "$WORK/serve.log")"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'port = %s\nuse chroot = false\n[mod]\npath = %s\nread only = false\n' "$PORT" "$WORK/mod" >"$WORK/rsyncd.conf"
+if [ "$(id -u)" = 0 ]; then printf 'uid = root\ngid = root\n' >>"$WORK/rsyncd.conf"; fi
+rsync --daemon --no-detach --config="$WORK/rsyncd.conf" --address=127.0.0.1 &
+PIDS+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+MOD=rsync://127.0.0.1:$PORT/mod
+export DELTASYNC_SERVER=$ADDR
+
+ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+median() { sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)], "(min", a[1] ", max", a[NR] ")"}'; }
+timed() { # FILE CMD...: runs CMD after a sync, appends its wall ms to FILE
+    local out=$1; shift
+    sync
+    local t; t=$(date +%s%N)
+    "$@" >/dev/null 2>&1 || die "failed: $*"
+    ms "$t" >>"$WORK/$out"
+}
+watch_first_round() { # DIR TOKEN: ms until the watch has uploaded every file
+    local d=$1 tok=$2 log=$WORK/watch.log t
+    : >"$log"
+    sync
+    t=$(date +%s%N)
+    "$BIN" watch "$d" --token "$tok" --no-progress 2>"$log" &
+    local wp=$!
+    until [ "$(grep -c '^uploaded ' "$log" || true)" -ge "$FILES" ]; do
+        kill -0 "$wp" 2>/dev/null || die "watch stopped: $(tail -n 3 "$log")"
+        sleep 0.02
+    done
+    ms "$t" >>"$WORK/watch"
+    kill "$wp"; wait "$wp" 2>/dev/null || true
+}
+
+for i in $(seq "$RUNS"); do
+    tok=$("$BIN" account add "run$i" --data "$WORK/data" 2>/dev/null | tail -n 1)
+    c=$WORK/c$i
+    cp -a "$WORK/src" "$c"
+    ds_push() { timed push "$BIN" push "$c" --token "$tok" --no-progress; timed noop "$BIN" push "$c" --no-progress; }
+    rs_push() { timed rpush rsync -a --exclude .deltasync "$c/" "$MOD/r$i/"; timed rnoop rsync -a --exclude .deltasync "$c/" "$MOD/r$i/"; }
+    ds_pull() { timed pull "$BIN" pull "$WORK/p$i" --token "$tok" --no-progress; }
+    rs_pull() { timed rpull rsync -a "$MOD/r$i/" "$WORK/q$i/"; }
+    if [ $((i % 2)) = 1 ]; then ds_push; rs_push; ds_pull; rs_pull; else rs_push; ds_push; rs_pull; ds_pull; fi
+    wtok=$("$BIN" account add "watch$i" --data "$WORK/data" 2>/dev/null | tail -n 1)
+    cp -a "$WORK/src" "$WORK/w$i"
+    watch_first_round "$WORK/w$i" "$wtok"
+    echo "run $i: push $(tail -n 1 "$WORK/push") ms (rsync $(tail -n 1 "$WORK/rpush")), no-op $(tail -n 1 "$WORK/noop") ms (rsync $(tail -n 1 "$WORK/rnoop")), pull $(tail -n 1 "$WORK/pull") ms (rsync $(tail -n 1 "$WORK/rpull")), watch first round $(tail -n 1 "$WORK/watch") ms" >&2
+    rm -rf "$c" "$WORK/p$i" "$WORK/q$i" "$WORK/w$i" "$WORK/mod/r$i"
+done
+
+echo "$FILES files of 4 KiB, $RUNS alternating runs, medians in ms ($(nproc) cores, $(date -u +%F)):"
+echo "first push:          deltasync $(median <"$WORK/push")  rsync -a $(median <"$WORK/rpush")"
+echo "no-op push:          deltasync $(median <"$WORK/noop")  rsync -a $(median <"$WORK/rnoop")"
+echo "first pull:          deltasync $(median <"$WORK/pull")  rsync -a $(median <"$WORK/rpull")"
+echo "watch's first round: deltasync $(median <"$WORK/watch")"
