@@ -273,11 +273,13 @@ impl Folder {
         }
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
-        let (scan, rules, warning) =
-            tokio::task::spawn_blocking(move || input::scan(&root, &old_cache, true))
-                .await
-                .map_err(|e| SyncError::Other(e.to_string()))?
-                .map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
+        let (scanned, old_cache) = tokio::task::spawn_blocking(move || {
+            let r = input::scan(&root, &old_cache, true);
+            (r, old_cache)
+        })
+        .await
+        .map_err(|e| SyncError::Other(e.to_string()))?;
+        let (scan, rules, warning) = scanned.map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
         if let Some(w) = warning {
             progress.say(&format!("warning: {w}"));
         }
@@ -381,7 +383,7 @@ impl Folder {
         exec.batch.last_seq = Some(exec.advanced_seq(seq));
         // Whatever happened, keep what was done.
         self.index.apply(&exec.batch)?;
-        self.index.save_stat_cache(&exec.cache)?;
+        self.index.save_stat_cache(&old_cache, &exec.cache)?;
         progress.finish();
         r?;
         let mut report = exec.report;

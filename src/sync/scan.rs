@@ -152,7 +152,9 @@ fn walk(
                 continue;
             }
         };
-        let md = match fs::symlink_metadata(&full) {
+        // fstatat on the directory's descriptor (does not follow a symlink, like
+        // symlink_metadata), without walking the whole path again for every file.
+        let md = match entry.metadata() {
             Ok(m) => m,
             Err(e) => {
                 s.skipped.push(PathIssue { path: shown(&full), cause: local_cause(&e) });
