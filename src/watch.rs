@@ -433,3 +433,76 @@ fn start_watcher(root: &Path, changes: Arc<Changes>) -> Result<notify::Recommend
 fn ours(p: &Path, state: &Path) -> bool {
     p.starts_with(state) || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<PathBuf> {
+        vec![PathBuf::from(s)]
+    }
+
+    #[test]
+    fn a_closed_file_is_due_at_once_and_an_open_one_after_quiet() {
+        let c = Changes::default();
+        assert_eq!(c.due(), None, "nothing pending");
+        // Created, written, closed: due now.
+        c.note(&p("/r/a"), Some(Seen::Changed));
+        let after_write = c.due().expect("pending");
+        assert!(after_write > Instant::now(), "a file still open waits");
+        c.note(&p("/r/a"), Some(Seen::Closed));
+        assert!(c.due().expect("pending") <= Instant::now(), "a closed file is due at once");
+        // A permissions change keeps it closed; a second file still open makes both wait.
+        c.note(&p("/r/a"), Some(Seen::Meta));
+        assert!(c.due().expect("pending") <= Instant::now());
+        c.note(&p("/r/b"), Some(Seen::Changed));
+        assert!(c.due().expect("pending") > Instant::now(), "b is still being written");
+        c.note(&p("/r/b"), Some(Seen::Closed));
+        assert!(c.due().expect("pending") <= Instant::now());
+        // Written again after its close: open again.
+        c.note(&p("/r/a"), Some(Seen::Changed));
+        assert!(c.due().expect("pending") > Instant::now());
+        let taken = c.take();
+        assert_eq!(taken.paths.len(), 2);
+        assert_eq!(c.due(), None, "a round took everything");
+    }
+
+    #[test]
+    fn a_lost_event_or_too_many_paths_wait_for_quiet() {
+        let c = Changes::default();
+        c.note(&[], None);
+        assert!(c.due().expect("pending") > Instant::now(), "an overflow waits for quiet");
+        c.note(&p("/r/a"), Some(Seen::Closed));
+        assert!(c.due().expect("pending") > Instant::now(), "still: events were lost");
+        c.take();
+        for i in 0..=MAX_TRACKED {
+            c.note(&p(&format!("/r/{i}")), Some(Seen::Closed));
+        }
+        let pending = c.lock();
+        assert!(pending.crowded && pending.paths.is_empty(), "bounded: {} paths", pending.paths.len());
+        drop(pending);
+        assert!(c.due().expect("pending") > Instant::now());
+    }
+
+    #[test]
+    fn a_folder_that_never_stays_quiet_gets_a_round_within_max_wait() {
+        let c = Changes::default();
+        c.note(&p("/r/log"), Some(Seen::Changed));
+        let first = c.lock().first.expect("first");
+        c.lock().first = Some(first - MAX_WAIT);
+        c.note(&p("/r/log"), Some(Seen::Changed));
+        assert!(c.due().expect("pending") <= Instant::now(), "due MAX_WAIT after the first change");
+    }
+
+    #[test]
+    fn reads_are_not_changes_and_a_close_after_writing_is() {
+        use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind};
+        assert_eq!(seen(&EventKind::Access(AccessKind::Close(AccessMode::Write))), Some(Seen::Closed));
+        assert_eq!(seen(&EventKind::Access(AccessKind::Close(AccessMode::Read))), None);
+        assert_eq!(seen(&EventKind::Access(AccessKind::Open(AccessMode::Any))), None);
+        assert_eq!(seen(&EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any))), Some(Seen::Meta));
+        assert_eq!(seen(&EventKind::Modify(ModifyKind::Data(DataChange::Any))), Some(Seen::Changed));
+        assert_eq!(seen(&EventKind::Create(CreateKind::File)), Some(Seen::Changed));
+        assert_eq!(seen(&EventKind::Remove(RemoveKind::Folder)), Some(Seen::Changed));
+    }
+}
