@@ -1,21 +1,27 @@
 //! `deltasync watch`: one full round, then a round whenever the folder changes (the `notify`
-//! crate, debounced) or the server announces a change (a `Notify` pushed on the open
-//! connection; nothing polls the wire), plus a periodic rescan for anything a watcher missed.
+//! crate's raw events, debounced here) or the server announces a change (a `Notify` pushed on the
+//! open connection; nothing polls the wire), plus a periodic rescan for anything a watcher missed.
+//!
+//! A file whose writer has closed it (inotify's `IN_CLOSE_WRITE`) is complete: when every path
+//! changed since the last round is such a file, the next round starts at once. Anything else (a
+//! file written but not yet closed, a new folder, a rename, a delete) waits until the folder has
+//! been quiet for [`DEBOUNCE`], so a file still being written waits for its writer and a burst of
+//! changes becomes one round.
 //!
 //! Rounds are the same engine as push and pull, so a change made here, a change arriving from
 //! another computer, and a change made while no watch ran are all reconciled the same way. A file
 //! watch itself just wrote is in the index with its new stat, so the round its event triggers
 //! finds nothing to send (no echo).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
-use tokio::sync::mpsc;
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::time::Instant;
 
 use crate::client::{Client, ClientError};
@@ -25,14 +31,20 @@ use crate::progress::Progress;
 use crate::protocol::{ClientMsg, Request, ServerMsg};
 use crate::sync::{Folder, Options, Settings, SyncError};
 
-/// How long the folder must be quiet before a round starts: coalesces an editor's
-/// write-temp-then-rename and the thousands of events of a `git checkout`, yet keeps a single
-/// save's latency well under the 200 ms target.
 /// A round that took longer than this returns the memory it freed to the OS.
 const BIG_ROUND: Duration = Duration::from_secs(2);
+/// How long the folder must be quiet before a round starts for changes other than closed files:
+/// coalesces an editor's write-temp-then-rename and the thousands of events of a `git checkout`,
+/// and lets a file still being written finish.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A folder that never stays quiet (a log written line by line) still gets a round this long
+/// after its first unsent change.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Changed paths remembered between rounds; beyond it the round waits for quiet (a `git checkout`
+/// of many files needs no per-path readiness, and memory stays bounded).
+const MAX_TRACKED: usize = 4096;
 /// Server deletes wait until the folder has been quiet this long, so the mass-delete guard sees a
-/// `rm -rf` whole rather than in the pieces the debouncer cuts it into.
+/// `rm -rf` whole rather than in the pieces the debounce cuts it into.
 const DELETE_QUIET: Duration = Duration::from_secs(1);
 /// Keep-alive on an idle connection, so a dead server or NAT drop is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(30);
@@ -67,9 +79,9 @@ pub async fn watch(
     let mut folder = Folder::open(root, true)?;
     let mut settings = folder.settings(&opts)?;
     let opts = Options { upload: true, download: true, ..opts };
-    let (fs_tx, mut fs_rx) = mpsc::unbounded_channel::<()>();
+    let changes = Arc::new(Changes::default());
     let mut rescan_every = wopts.rescan;
-    let _watcher = match start_watcher(&folder.root, fs_tx) {
+    let _watcher = match start_watcher(&folder.root, changes.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
             rescan_every = rescan_every.min(Duration::from_secs(10));
@@ -127,7 +139,7 @@ pub async fn watch(
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    while fs_rx.try_recv().is_ok() {}
+                    changes.take();
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
@@ -136,6 +148,10 @@ pub async fn watch(
         };
         if dirty {
             dirty = false;
+            // The round scans the whole folder: every change seen so far is in it.
+            if let Some(t) = changes.take().last {
+                last_event = Some(t);
+            }
             let ropts = Options {
                 defer_deletes: last_event.is_some_and(|t| t.elapsed() < DELETE_QUIET),
                 ..opts.clone()
@@ -210,15 +226,16 @@ pub async fn watch(
             continue;
         }
         let Some(c) = client.as_mut() else { continue };
+        let due = changes.due();
+        if due.is_some_and(|t| t <= Instant::now()) {
+            dirty = true;
+            continue;
+        }
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            ev = fs_rx.recv() => {
-                if ev.is_some() {
-                    while fs_rx.try_recv().is_ok() {}
-                    dirty = true;
-                    last_event = Some(Instant::now());
-                }
-            }
+            // A change: look again at when the next round is due.
+            _ = changes.wake.notified() => {}
+            _ = tokio::time::sleep_until(due.unwrap_or(next_rescan)), if due.is_some() => {}
             _ = tokio::time::sleep_until(deletes_due.unwrap_or(next_rescan)), if deletes_due.is_some() => {
                 deletes_due = None;
                 dirty = true;
@@ -282,37 +299,210 @@ fn retryable(e: &SyncError) -> bool {
     )
 }
 
-/// Starts the recursive watcher; each batch of relevant events sends one `()`.
-fn start_watcher(
-    root: &Path,
-    tx: mpsc::UnboundedSender<()>,
-) -> Result<
-    notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>,
-    String,
-> {
-    let state: PathBuf = root.join(STATE_DIR);
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
-        Ok(events) => {
-            // Reads are not changes: our own scan opens every directory, and an access event would
-            // start the next round, forever.
-            let relevant = events.iter().any(|e| {
-                !matches!(e.kind, notify::EventKind::Access(_)) && e.paths.iter().any(|p| !ours(p, &state))
-            });
-            if relevant {
-                let _ = tx.send(());
+/// What the file-system watcher saw since the last round started, shared between notify's thread
+/// and the watch loop.
+#[derive(Default)]
+struct Changes {
+    pending: Mutex<Pending>,
+    /// Woken on every change (a permit is kept if the loop is busy with a round).
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Each changed path, and whether its writer has closed it since its last change.
+    paths: HashMap<PathBuf, bool>,
+    /// Paths in `paths` not closed since their last change.
+    open: usize,
+    /// Too many paths to track, or the watcher lost events: wait for quiet.
+    crowded: bool,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// What one raw event says about its paths.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seen {
+    /// Written and closed by its writer: complete.
+    Closed,
+    /// Permissions or times: leaves a closed file closed.
+    Meta,
+    /// Anything else: wait for quiet.
+    Changed,
+}
+
+impl Changes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything seen so far, leaving nothing pending.
+    fn take(&self) -> Pending {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// When the next round should start for what is pending: at once if every changed path is a
+    /// file its writer closed, else once the folder has been quiet for [`DEBOUNCE`] (at most
+    /// [`MAX_WAIT`] after the first change).
+    fn due(&self) -> Option<Instant> {
+        let p = self.lock();
+        let first = p.first?;
+        if !p.crowded && p.open == 0 && !p.paths.is_empty() {
+            return Some(first);
+        }
+        Some((p.last.unwrap_or(first) + DEBOUNCE).min(first + MAX_WAIT))
+    }
+
+    fn note(&self, paths: &[PathBuf], seen: Option<Seen>) {
+        let now = Instant::now();
+        let mut p = self.lock();
+        p.first.get_or_insert(now);
+        p.last = Some(now);
+        match seen {
+            None => {
+                p.crowded = true;
+                p.paths = HashMap::new();
+                p.open = 0;
+            }
+            Some(_) if p.crowded => {}
+            Some(seen) => {
+                for path in paths {
+                    let was = p.paths.get(path).copied();
+                    if was.is_none() && p.paths.len() >= MAX_TRACKED {
+                        p.crowded = true;
+                        p.paths = HashMap::new();
+                        p.open = 0;
+                        break;
+                    }
+                    let closed = match seen {
+                        Seen::Closed => true,
+                        Seen::Meta => was == Some(true),
+                        Seen::Changed => false,
+                    };
+                    p.paths.insert(path.clone(), closed);
+                    match (was, closed) {
+                        (None | Some(true), false) => p.open += 1,
+                        (Some(false), true) => p.open -= 1,
+                        _ => {}
+                    }
+                }
             }
         }
-        // An overflowed or failed watcher: rescan to be safe.
-        Err(_) => {
-            let _ = tx.send(());
+        drop(p);
+        self.wake.notify_one();
+    }
+}
+
+/// What an event says about its paths; `None` for events that are not changes.
+fn seen(kind: &EventKind) -> Option<Seen> {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Seen::Closed),
+        // Reads are not changes: our own scan opens every directory and file, and an access event
+        // would start the next round, forever.
+        EventKind::Access(_) | EventKind::Other => None,
+        EventKind::Modify(ModifyKind::Metadata(_)) => Some(Seen::Meta),
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => {
+            Some(Seen::Changed)
         }
+    }
+}
+
+/// Starts the recursive watcher (one inotify watch per folder; new folders are added as they
+/// appear), feeding `changes`.
+fn start_watcher(root: &Path, changes: Arc<Changes>) -> Result<notify::RecommendedWatcher, String> {
+    let state: PathBuf = root.join(STATE_DIR);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+        // The kernel's queue overflowed: events were lost, the next round rescans everything.
+        Ok(e) if e.need_rescan() => changes.note(&[], None),
+        Ok(e) => {
+            let Some(seen) = seen(&e.kind) else { return };
+            let paths: Vec<PathBuf> = e.paths.into_iter().filter(|p| !ours(p, &state)).collect();
+            if !paths.is_empty() {
+                changes.note(&paths, Some(seen));
+            }
+        }
+        // A failed watcher (a new folder over the watch limit): rescan to be safe.
+        Err(_) => changes.note(&[], None),
     })
     .map_err(|e| e.to_string())?;
-    debouncer.watch(root, RecursiveMode::Recursive).map_err(|e| e.to_string())?;
-    Ok(debouncer)
+    watcher.watch(root, RecursiveMode::Recursive).map_err(|e| e.to_string())?;
+    Ok(watcher)
 }
 
 /// Events on deltasync's own state and temp files do not start a round.
 fn ours(p: &Path, state: &Path) -> bool {
     p.starts_with(state) || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<PathBuf> {
+        vec![PathBuf::from(s)]
+    }
+
+    #[test]
+    fn a_closed_file_is_due_at_once_and_an_open_one_after_quiet() {
+        let c = Changes::default();
+        assert_eq!(c.due(), None, "nothing pending");
+        // Created, written, closed: due now.
+        c.note(&p("/r/a"), Some(Seen::Changed));
+        let after_write = c.due().expect("pending");
+        assert!(after_write > Instant::now(), "a file still open waits");
+        c.note(&p("/r/a"), Some(Seen::Closed));
+        assert!(c.due().expect("pending") <= Instant::now(), "a closed file is due at once");
+        // A permissions change keeps it closed; a second file still open makes both wait.
+        c.note(&p("/r/a"), Some(Seen::Meta));
+        assert!(c.due().expect("pending") <= Instant::now());
+        c.note(&p("/r/b"), Some(Seen::Changed));
+        assert!(c.due().expect("pending") > Instant::now(), "b is still being written");
+        c.note(&p("/r/b"), Some(Seen::Closed));
+        assert!(c.due().expect("pending") <= Instant::now());
+        // Written again after its close: open again.
+        c.note(&p("/r/a"), Some(Seen::Changed));
+        assert!(c.due().expect("pending") > Instant::now());
+        let taken = c.take();
+        assert_eq!(taken.paths.len(), 2);
+        assert_eq!(c.due(), None, "a round took everything");
+    }
+
+    #[test]
+    fn a_lost_event_or_too_many_paths_wait_for_quiet() {
+        let c = Changes::default();
+        c.note(&[], None);
+        assert!(c.due().expect("pending") > Instant::now(), "an overflow waits for quiet");
+        c.note(&p("/r/a"), Some(Seen::Closed));
+        assert!(c.due().expect("pending") > Instant::now(), "still: events were lost");
+        c.take();
+        for i in 0..=MAX_TRACKED {
+            c.note(&p(&format!("/r/{i}")), Some(Seen::Closed));
+        }
+        let pending = c.lock();
+        assert!(pending.crowded && pending.paths.is_empty(), "bounded: {} paths", pending.paths.len());
+        drop(pending);
+        assert!(c.due().expect("pending") > Instant::now());
+    }
+
+    #[test]
+    fn a_folder_that_never_stays_quiet_gets_a_round_within_max_wait() {
+        let c = Changes::default();
+        c.note(&p("/r/log"), Some(Seen::Changed));
+        let first = c.lock().first.expect("first");
+        c.lock().first = Some(first - MAX_WAIT);
+        c.note(&p("/r/log"), Some(Seen::Changed));
+        assert!(c.due().expect("pending") <= Instant::now(), "due MAX_WAIT after the first change");
+    }
+
+    #[test]
+    fn reads_are_not_changes_and_a_close_after_writing_is() {
+        use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind};
+        assert_eq!(seen(&EventKind::Access(AccessKind::Close(AccessMode::Write))), Some(Seen::Closed));
+        assert_eq!(seen(&EventKind::Access(AccessKind::Close(AccessMode::Read))), None);
+        assert_eq!(seen(&EventKind::Access(AccessKind::Open(AccessMode::Any))), None);
+        assert_eq!(seen(&EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any))), Some(Seen::Meta));
+        assert_eq!(seen(&EventKind::Modify(ModifyKind::Data(DataChange::Any))), Some(Seen::Changed));
+        assert_eq!(seen(&EventKind::Create(CreateKind::File)), Some(Seen::Changed));
+        assert_eq!(seen(&EventKind::Remove(RemoveKind::Folder)), Some(Seen::Changed));
+    }
 }

@@ -1462,3 +1462,95 @@ fn watch_holds_a_mass_delete_back_and_keeps_syncing_the_rest() {
     assert!(st.contains("Held back"), "{st}");
     w.stop();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. When a round starts: a file its writer closed goes at once, a file still open waits for quiet
+
+/// Two watchers on one account, both past their first round.
+fn two_synced_watchers(srv: &Server, token: &str, a: &Path, b: &Path) -> (Watcher, Watcher) {
+    let mut wa = Watcher::start(a, srv, token, "A");
+    let mut wb = Watcher::start(b, srv, token, "B");
+    let deadline = Instant::now() + CONVERGE;
+    while !(synced_once(a) && synced_once(b)) {
+        wa.assert_alive();
+        wb.assert_alive();
+        assert!(Instant::now() < deadline, "the watchers did not finish a first round");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (wa, wb)
+}
+
+/// A saved file (created, written, closed; then overwritten in place and closed) is sent by the
+/// round its close starts, not left for the periodic rescan (300 s, beyond the test's deadline).
+#[test]
+fn a_file_written_and_closed_is_sent_at_once() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (ta, tb) = (temp_dir("ds-close-a-"), temp_dir("ds-close-b-"));
+    let (a, b) = (ta.path(), tb.path());
+    let (mut wa, mut wb) = two_synced_watchers(&srv, &token, a, b);
+
+    fs::write(a.join("saved.txt"), "saved and closed\n").expect("write saved.txt");
+    wait_for_file(&b.join("saved.txt"), "saved and closed\n", &mut [&mut wa, &mut wb]);
+
+    // Overwritten in place (truncate, write, close), as many editors save.
+    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(a.join("saved.txt")).expect("open");
+    f.write_all(b"saved again, in place\n").expect("write");
+    drop(f);
+    wait_for_file(&b.join("saved.txt"), "saved again, in place\n", &mut [&mut wa, &mut wb]);
+
+    // Into a subfolder made just before (its own watch is added as it appears).
+    fs::create_dir(a.join("new")).expect("mkdir");
+    fs::write(a.join("new/inner.txt"), "inside a new folder\n").expect("write inner.txt");
+    wait_for_file(&b.join("new/inner.txt"), "inside a new folder\n", &mut [&mut wa, &mut wb]);
+
+    let m = mirror(&mut srv);
+    assert_eq!(read_string(&m.join("saved.txt")), "saved again, in place\n");
+    assert_all_same(&[("A", a), ("B", b)]);
+    wa.stop();
+    wb.stop();
+}
+
+/// A file kept open and written in pieces over ~300 ms still syncs once its writes pause (a log
+/// that is never closed must not wait forever), and what ends on the other computer and the
+/// server is its final content, with no conflict copy.
+#[test]
+fn a_file_held_open_and_written_in_pieces_arrives_with_its_final_content() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (ta, tb) = (temp_dir("ds-open-a-"), temp_dir("ds-open-b-"));
+    let (a, b) = (ta.path(), tb.path());
+    let (mut wa, mut wb) = two_synced_watchers(&srv, &token, a, b);
+
+    let pieces: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(100 + i, 64 << 10)).collect();
+    let whole: Vec<u8> = pieces.concat();
+    let mut f = fs::File::create(a.join("growing.bin")).expect("create growing.bin");
+    for (i, p) in pieces.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        f.write_all(p).expect("write a piece");
+    }
+    // Still open: it arrives all the same, whole.
+    let deadline = Instant::now() + CONVERGE;
+    while !fs::read(b.join("growing.bin")).is_ok_and(|c| c == whole) {
+        wa.assert_alive();
+        wb.assert_alive();
+        assert!(
+            Instant::now() < deadline,
+            "growing.bin (held open by its writer) did not arrive whole within {CONVERGE:?}; A's log:\n{}",
+            wa.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(f);
+    // The close starts one more round: it finds nothing new, and nothing else changes.
+    fs::write(a.join("after.txt"), "after the close\n").expect("write after.txt");
+    wait_for_file(&b.join("after.txt"), "after the close\n", &mut [&mut wa, &mut wb]);
+    assert_eq!(read(&b.join("growing.bin")), whole, "B's growing.bin is not the final content");
+    let m = mirror(&mut srv);
+    assert_eq!(read(&m.join("growing.bin")), whole, "the server's growing.bin is not the final content");
+    assert_all_same(&[("A", a), ("B", b)]);
+    wa.stop();
+    wb.stop();
+}
