@@ -229,7 +229,7 @@ impl Index {
     ) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
         let rows: i64 = tx.query_row("SELECT count(*) FROM stat_cache", [], |r| r.get(0))?;
-        let whole = usize::try_from(rows).map_or(true, |n| n != old.len());
+        let whole = usize::try_from(rows).is_ok_and(|n| n != old.len()) || rows < 0;
         if whole {
             tx.execute("DELETE FROM stat_cache", [])?;
         }
@@ -239,7 +239,14 @@ impl Index {
             )?;
             for (p, (s, h)) in cache {
                 if whole || old.get(p) != Some(&(*s, *h)) {
-                    put.execute(params![p.as_str(), s.size as i64, s.mtime_ns, s.inode as i64, s.mode, &h.0[..]])?;
+                    put.execute(params![
+                        p.as_str(),
+                        s.size as i64,
+                        s.mtime_ns,
+                        s.inode as i64,
+                        s.mode,
+                        &h.0[..]
+                    ])?;
                 }
             }
             if !whole {
