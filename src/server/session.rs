@@ -733,18 +733,33 @@ impl Session {
         path: RelPath,
         have: Option<(ContentHash, u64)>,
     ) -> Result<(), SessionError> {
-        let opened = async {
-            let cur = self.current(&path).await?;
-            let Some(entry @ Entry { node: Some(Node::File { .. }), .. }) = cur else {
+        // The entry and where its content is, in one trip to the blocking pool.
+        let p = path.clone();
+        let found = self
+            .db(move |m, a| {
+                let cur = m.get(a, &p)?;
+                let content = match &cur {
+                    Some(Entry { node: Some(Node::File { hash, .. }), .. }) => m.content(a, hash)?,
+                    _ => None,
+                };
+                Ok((cur, content))
+            })
+            .await;
+        let opened = found.and_then(|(cur, content)| {
+            let Some(entry @ Entry { node: Some(Node::File { size, .. }), .. }) = cur else {
                 return Err(Refusal::new(
                     RefusalKind::NotFound,
                     format!("`{path}` is not a file on the server"),
                 ));
             };
-            let locs = self.locations(&entry).await?;
-            Ok((entry, locs))
-        }
-        .await;
+            match content {
+                Some((n, locs)) if n == size => Ok((entry, locs)),
+                _ => Err(Refusal::new(
+                    RefusalKind::NotFound,
+                    format!("the server no longer holds the content of `{path}` (pruned?)"),
+                )),
+            }
+        });
         match opened {
             Ok((entry, locs)) => {
                 // The client's version, when its signature is not cached but the account holds
