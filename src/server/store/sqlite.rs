@@ -892,9 +892,7 @@ impl MetaStore for SqliteMeta {
                  SELECT account, hash FROM files WHERE kind=1 AND hash IS NOT NULL)",
         )?;
         tx.execute("DELETE FROM partial WHERE created < ?1", params![now - PARTIAL_KEEP])?;
-        tx.execute_batch(
-            "DELETE FROM signatures WHERE hash NOT IN (SELECT hash FROM contents)",
-        )?;
+        tx.execute_batch("DELETE FROM signatures WHERE hash NOT IN (SELECT hash FROM contents)")?;
         let used = used_chunks(&tx)?;
         let mut gone = Vec::new();
         let mut sparse = Vec::new();
