@@ -772,12 +772,17 @@ mod tests {
             let (mut wr, mut rd, _w) = pair().await;
             raw_frame(&mut wr, cut as u32 | RUN_FLAG, &good[..cut]).await;
             let mut got = 0;
-            let r = loop {
-                match rd.recv::<Block>().await {
-                    Ok(Some(_)) => got += 1,
-                    other => break other,
+            // A guard against a hang (a cut run that leaves the reader waiting), not a timing.
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    match rd.recv::<Block>().await {
+                        Ok(Some(_)) => got += 1,
+                        other => break other,
+                    }
                 }
-            };
+            })
+            .await
+            .expect("a cut run left the reader waiting for more");
             assert!(got < 50 && r.is_err(), "cut at {cut}: {got} messages, then {r:?}");
         }
         // A run whose frames lie about their lengths, hold an empty frame, or nest a run.
