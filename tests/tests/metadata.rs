@@ -31,12 +31,7 @@ fn text(i: usize, len: usize) -> Vec<u8> {
     let mut n = i;
     while s.len() < len {
         n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        s.push_str(&format!(
-            "{} line {} status ok value {}\n",
-            PARTS[(n >> 33) as usize % 12],
-            i,
-            (n >> 40) % 1000
-        ));
+        s.push_str(&format!("{} line {} status ok value {}\n", PARTS[(n >> 33) % 12], i, (n >> 40) % 1000));
     }
     s.into_bytes()
 }
