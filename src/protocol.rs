@@ -23,6 +23,8 @@ pub enum ProtocolError {
     Io(#[from] std::io::Error),
     #[error("malformed message from peer: {0}")]
     Decode(postcard::Error),
+    #[error("malformed frame from peer: {0}")]
+    Malformed(String),
     #[error("could not encode message: {0}")]
     Encode(postcard::Error),
     #[error("peer closed the connection")]

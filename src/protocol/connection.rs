@@ -8,14 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, FramedRead};
 
 use super::{MAX_FRAME, ProtocolError};
-use crate::delta::stream::{StreamDecoder, StreamEncoder};
+use crate::delta::stream::{STREAM_MAX, StreamDecoder, StreamEncoder};
 use crate::delta::{Block, Codec, DeltaError};
 
 #[derive(Debug, Default)]
@@ -237,23 +238,77 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Stalled<W> {
 type ReadSide = Box<dyn AsyncRead + Send + Sync + Unpin>;
 type WriteSide = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
+/// The high bit of a frame's length: the body is a compressed run (see [`FrameWriter`]).
+const RUN_FLAG: u32 = 1 << 31;
+
+/// One frame as it arrived: a message, or a compressed run of them.
+struct Frame {
+    run: bool,
+    body: BytesMut,
+}
+
+/// Reads frames: a 4-byte big-endian header (the run flag, then the body's length, at most
+/// [`MAX_FRAME`]), then the body. A longer announced frame is an error before anything is
+/// allocated.
+struct FrameCodec;
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> std::io::Result<Option<Frame>> {
+        let Some(head) = src.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let head = u32::from_be_bytes(*head);
+        let (run, n) = (head & RUN_FLAG != 0, (head & !RUN_FLAG) as usize);
+        if n > MAX_FRAME {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the peer announced a frame of {n} bytes, more than the limit of {MAX_FRAME}"),
+            ));
+        }
+        if src.len() < 4 + n {
+            src.reserve(4 + n - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        Ok(Some(Frame { run, body: src.split_to(n) }))
+    }
 }
 
 pub struct FrameReader {
-    inner: FramedRead<ReadSide, LengthDelimitedCodec>,
+    inner: FramedRead<ReadSide, FrameCodec>,
     counters: Arc<Counters>,
     /// Made on first use: a zstd context costs about a megabyte, too much for idle connections.
     stream: Option<StreamDecoder>,
+    /// The plain frames of the last compressed run, read from `at` on.
+    run: Vec<u8>,
+    at: usize,
 }
 
-/// Writes the frames [`FrameReader`] reads (a 4-byte big-endian length, then the message). Not a
-/// `FramedWrite`: that copies every frame into its own buffer, a third copy of each uploaded byte;
-/// here small frames gather in the buffer and large ones go straight to the socket.
+/// Writes the frames [`FrameReader`] reads. Every message but the first (`Hello`, `Welcome`: so
+/// a peer of another protocol version can read the version check) is queued in a run of plain
+/// frames (4-byte length, postcard body); on [`flush`](Self::flush), or once the run holds
+/// [`RUN_MAX`] bytes, the run goes out as one frame flagged `RUN_FLAG`: its length (a postcard
+/// varint, at most [`MAX_FRAME`]) then the next flushed piece of this direction's zstd stream,
+/// which must decode to exactly that many bytes of whole plain frames. So paths, hashes' neighbours, sizes, replies and small files'
+/// blocks all compress against everything sent before them, as in rsync's `-z` stream. Messages
+/// larger than [`RUN_MSG_MAX`] (big blocks, already compressed on their own) go out as plain
+/// frames after the run queued before them. A run under [`RUN_MIN`] bytes while no stream is
+/// open goes out plain: a lone `Ping` or reply does not cost a zstd context.
+///
+/// Not a `FramedWrite`: that copies every frame into its own buffer, a third copy of each
+/// uploaded byte; here small frames gather in the buffer and large ones go straight to the socket.
 pub struct FrameWriter {
     inner: BufWriter<Stalled<WriteSide>>,
     stream: Option<StreamEncoder>,
+    /// Plain frames waiting to be compressed.
+    run: Vec<u8>,
+    /// The compressed run being written (kept between runs while the stream is open).
+    packed: Vec<u8>,
+    /// Whether the first message went out (plain).
+    started: bool,
 }
 
 /// Write buffer: many small pipelined requests share one segment; small, because every idle
@@ -263,6 +318,14 @@ const WRITE_BUF: usize = 16 << 10;
 /// See [`FrameWriter::feed_content`]; small files' blocks stay batched.
 const FLUSH_COVERED: u64 = 1 << 20;
 
+/// A run goes out once it holds this much (see [`FrameWriter`]).
+pub const RUN_MAX: usize = 128 << 10;
+/// Larger messages are sent as frames of their own: a block of small file's data, up to
+/// [`STREAM_MAX`], still goes in a run.
+pub const RUN_MSG_MAX: usize = STREAM_MAX + 1024;
+/// A smaller run with no stream open goes out as plain frames.
+pub const RUN_MIN: usize = 64;
+
 /// Splits a connection (any byte stream: TLS over TCP in practice) into a reader and a writer
 /// that can live in different tasks. `counters` are the ones counting under it (see [`Counted`]).
 pub fn split<S>(stream: S, counters: Arc<Counters>) -> (FrameReader, FrameWriter)
@@ -270,10 +333,17 @@ where
     S: AsyncRead + AsyncWrite + Send + Sync + 'static,
 {
     let (r, w) = tokio::io::split(stream);
-    let reader = FramedRead::new(Box::new(r) as ReadSide, codec());
+    let reader = FramedRead::new(Box::new(r) as ReadSide, FrameCodec);
     let w = Stalled { inner: Box::new(w) as WriteSide, stall: None, timer: None };
     let writer = BufWriter::with_capacity(WRITE_BUF, w);
-    (FrameReader { inner: reader, counters, stream: None }, FrameWriter { inner: writer, stream: None })
+    (
+        FrameReader { inner: reader, counters, stream: None, run: Vec::new(), at: 0 },
+        FrameWriter { inner: writer, stream: None, run: Vec::new(), packed: Vec::new(), started: false },
+    )
+}
+
+fn malformed(what: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed(what.into())
 }
 
 impl FrameReader {
@@ -284,33 +354,95 @@ impl FrameReader {
         e.kind() == std::io::ErrorKind::UnexpectedEof && self.inner.read_buffer().is_empty()
     }
 
-    /// Decodes a block of the peer's connection stream (other blocks pass unchanged). Blocks
-    /// must be opened in the order they arrived.
+    /// Blocks of the old per-block stream codec (protocol 4) are no longer sent: small blocks
+    /// travel raw inside compressed runs. Other blocks pass unchanged.
     pub fn open(&mut self, b: Block) -> Result<Block, DeltaError> {
-        if b.codec != Codec::Stream {
-            return Ok(b);
+        if b.codec == Codec::Stream {
+            return Err(DeltaError::Corrupt("a block of the stream codec, which protocol 5 does not use"));
         }
-        if self.stream.is_none() {
-            self.stream = Some(StreamDecoder::new()?);
+        Ok(b)
+    }
+
+    /// The next message of the run being read, if any is left.
+    fn next_in_run<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtocolError> {
+        let rest = &self.run[self.at..];
+        if rest.is_empty() {
+            return Ok(None);
         }
-        self.stream.as_mut().expect("set above").open(b)
+        let Some(head) = rest.first_chunk::<4>() else {
+            return Err(malformed("a compressed run ends inside a frame header"));
+        };
+        let n = u32::from_be_bytes(*head) as usize;
+        // A flagged (nested) run reads as a length far past the run's end.
+        if n == 0 || n > rest.len() - 4 {
+            return Err(malformed(format!(
+                "a frame of {n} bytes inside a compressed run with {} bytes left",
+                rest.len() - 4
+            )));
+        }
+        let msg = postcard::from_bytes(&rest[4..4 + n]).map_err(ProtocolError::Decode)?;
+        self.at += 4 + n;
+        if self.at == self.run.len() {
+            self.run.clear();
+            self.at = 0;
+        }
+        Ok(Some(msg))
+    }
+
+    /// Takes a frame: `Ok(Some(msg))` for a plain message; `Ok(None)` for a run (now being
+    /// read) or the end of the peer's stream.
+    fn take<M: DeserializeOwned>(&mut self, frame: Frame) -> Result<Option<M>, ProtocolError> {
+        if frame.run {
+            let dec = match &mut self.stream {
+                Some(d) => d,
+                None => self.stream.insert(StreamDecoder::new()?),
+            };
+            self.run.clear();
+            self.at = 0;
+            let (len, piece) = postcard::take_from_bytes::<u32>(&frame.body)
+                .map_err(|_| malformed("a compressed run without its length"))?;
+            let len = len as usize;
+            if len == 0 || len > MAX_FRAME {
+                return Err(malformed(format!("a compressed run of {len} bytes announced")));
+            }
+            dec.decompress(piece, &mut self.run, len)
+                .map_err(|e| malformed(format!("a compressed run that does not decode: {e}")))?;
+            // A piece cut short decodes to less (the rest would wait inside the decoder).
+            if self.run.len() != len {
+                return Err(malformed(format!(
+                    "a compressed run decodes to {} of its announced {len} bytes",
+                    self.run.len()
+                )));
+            }
+            return Ok(None);
+        }
+        // The peer ended its compression stream (see `FrameWriter::end_stream`). Only after it
+        // began one: anywhere else an empty frame is a malformed message.
+        if frame.body.is_empty() && self.stream.is_some() {
+            self.stream = None;
+            self.run = Vec::new();
+            self.at = 0;
+            return Ok(None);
+        }
+        postcard::from_bytes(&frame.body).map(Some).map_err(ProtocolError::Decode)
     }
 
     /// The next message, or `Ok(None)` when the peer closed cleanly between frames.
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtocolError> {
         loop {
-            return match self.inner.next().await {
-                None => Ok(None),
-                Some(Err(e)) if self.closed_between_frames(&e) => Ok(None),
-                Some(Err(e)) => Err(ProtocolError::Io(e)),
-                // The peer ended its compression stream (see `FrameWriter::end_stream`). Only
-                // after it began one: anywhere else an empty frame is a malformed message.
-                Some(Ok(frame)) if frame.is_empty() && self.stream.is_some() => {
-                    self.stream = None;
-                    continue;
+            if let Some(m) = self.next_in_run()? {
+                return Ok(Some(m));
+            }
+            match self.inner.next().await {
+                None => return Ok(None),
+                Some(Err(e)) if self.closed_between_frames(&e) => return Ok(None),
+                Some(Err(e)) => return Err(ProtocolError::Io(e)),
+                Some(Ok(frame)) => {
+                    if let Some(m) = self.take(frame)? {
+                        return Ok(Some(m));
+                    }
                 }
-                Some(Ok(frame)) => postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode),
-            };
+            }
         }
     }
 
@@ -326,13 +458,17 @@ impl FrameReader {
         let mut seen = self.counters.received();
         let mut since = Instant::now();
         loop {
+            if let Some(m) = self.next_in_run()? {
+                return Ok(Some(m));
+            }
             match tokio::time::timeout(tick, self.inner.next()).await {
                 Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) if self.closed_between_frames(&e) => return Ok(None),
                 Ok(Some(Err(e))) => return Err(ProtocolError::Io(e)),
-                Ok(Some(Ok(frame))) if frame.is_empty() && self.stream.is_some() => self.stream = None,
                 Ok(Some(Ok(frame))) => {
-                    return postcard::from_bytes(&frame).map(Some).map_err(ProtocolError::Decode);
+                    if let Some(m) = self.take(frame)? {
+                        return Ok(Some(m));
+                    }
                 }
                 // `FramedRead::next` is cancel-safe: a partial frame stays in its buffer.
                 Err(_) => {
@@ -373,32 +509,57 @@ impl FrameWriter {
 
     /// Ends this side's compression stream and tells the peer with an empty frame (no message
     /// is empty), so both ends free their zstd contexts: about 2.3 MiB per direction at level 4,
-    /// which an idle `watch` connection would otherwise hold for its whole life. The next small
-    /// block starts a new stream. Called after a few seconds without traffic.
+    /// which an idle `watch` connection would otherwise hold for its whole life. The next run
+    /// starts a new stream. Called after a few seconds without traffic.
     pub async fn end_stream(&mut self) -> Result<(), ProtocolError> {
+        self.write_run().await?;
         if self.stream.take().is_some() {
             self.inner.write_all(&0u32.to_be_bytes()).await?;
             self.inner.flush().await?;
         }
+        self.run = Vec::new();
+        self.packed = Vec::new();
         Ok(())
     }
 
-    /// Compresses a small raw block as the next piece of this connection's stream. Every block
-    /// passed here must then be sent, in order.
+    /// Blocks need no sealing since protocol 5: a small raw block travels inside a run, which
+    /// this connection's stream compresses. Kept so callers need not change.
     pub fn seal(&mut self, b: Block) -> std::io::Result<Block> {
-        // Only a block that goes into the stream starts one: `streaming` means the peer has a
-        // decoder to free (an empty frame where it has none is malformed).
-        if !StreamEncoder::takes(&b) {
-            return Ok(b);
-        }
-        if self.stream.is_none() {
-            self.stream = Some(StreamEncoder::new()?);
-        }
-        self.stream.as_mut().expect("set above").seal(b)
+        Ok(b)
     }
 
-    /// Queues a message; it goes out once the buffer fills or on [`flush`](Self::flush). Lets a
-    /// pipelining sender put many small requests in one TCP segment.
+    /// Sends the queued run: compressed as the next piece of the stream, or as its plain frames
+    /// when it is tiny and no stream is open.
+    async fn write_run(&mut self) -> Result<(), ProtocolError> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        if self.stream.is_none() && self.run.len() < RUN_MIN {
+            self.inner.write_all(&self.run).await?;
+            self.run.clear();
+            return Ok(());
+        }
+        let enc = match &mut self.stream {
+            Some(e) => e,
+            None => self.stream.insert(StreamEncoder::new()?),
+        };
+        self.packed.clear();
+        self.packed = postcard::to_extend(&(self.run.len() as u32), std::mem::take(&mut self.packed))
+            .map_err(ProtocolError::Encode)?;
+        enc.compress(&self.run, &mut self.packed)?;
+        self.run.clear();
+        if self.packed.len() > MAX_FRAME {
+            // Cannot happen: a run is at most RUN_MAX + RUN_MSG_MAX bytes before compression.
+            return Err(ProtocolError::Io(std::io::Error::other("a compressed run exceeds the frame limit")));
+        }
+        self.inner.write_all(&(self.packed.len() as u32 | RUN_FLAG).to_be_bytes()).await?;
+        self.inner.write_all(&self.packed).await?;
+        Ok(())
+    }
+
+    /// Queues a message; it goes out once the run or the buffer fills or on
+    /// [`flush`](Self::flush). Lets a pipelining sender put many small requests in one TCP
+    /// segment, and in one compressed run.
     pub async fn feed<M: Serialize>(&mut self, msg: &M) -> Result<(), ProtocolError> {
         let bytes = postcard::to_allocvec(msg).map_err(ProtocolError::Encode)?;
         if bytes.len() > MAX_FRAME {
@@ -407,6 +568,16 @@ impl FrameWriter {
                 bytes.len()
             ))));
         }
+        if self.started && bytes.len() <= RUN_MSG_MAX {
+            self.run.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            self.run.extend_from_slice(&bytes);
+            if self.run.len() >= RUN_MAX {
+                self.write_run().await?;
+            }
+            return Ok(());
+        }
+        self.started = true;
+        self.write_run().await?;
         self.inner.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
         self.inner.write_all(&bytes).await?;
         Ok(())
@@ -429,6 +600,7 @@ impl FrameWriter {
     }
 
     pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        self.write_run().await?;
         Ok(self.inner.flush().await?)
     }
 }
@@ -436,33 +608,107 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{ClientMsg, Meta, Request};
 
     fn text(n: usize, seed: u8) -> Vec<u8> {
         (0..n).map(|i| b"abcdefgh hello world "[(i + seed as usize) % 21]).collect()
     }
 
-    /// Blocks sealed after `end_stream` start a new zstd stream that the peer, having freed its
-    /// old context on the empty frame, decodes from scratch; an empty frame where no stream was
+    fn put(i: u32) -> ClientMsg {
+        let path = format!("projets/été-2026/Документы/照片/📷 album {}/fichier numéro {i}.txt", i / 100);
+        ClientMsg::Req {
+            id: i as u64,
+            req: Request::Put {
+                path: crate::path::RelPath::new(&path).unwrap(),
+                base_rev: 0,
+                hash: crate::hash::ContentHash::of(&i.to_le_bytes()),
+                size: 1000 + i as u64,
+                meta: Meta { mtime_ns: 1_764_000_000_000_000_000 + i as i64, mode: 0o644 },
+                base: None,
+            },
+        }
+    }
+
+    /// Sends the raw bytes of one frame (header `head`, then `body`) as a misbehaving peer would.
+    async fn raw_frame(wr: &mut FrameWriter, head: u32, body: &[u8]) {
+        wr.inner.write_all(&head.to_be_bytes()).await.unwrap();
+        wr.inner.write_all(body).await.unwrap();
+        wr.inner.flush().await.unwrap();
+    }
+
+    /// Thousands of small messages (requests with long unicode paths, small blocks, big blocks in
+    /// between) arrive intact and in order, in runs that compress what they repeat; the first
+    /// message is plain, so a peer of another version can read it.
+    #[tokio::test]
+    async fn many_messages_round_trip_in_compressed_runs() {
+        let (a, b) = tokio::io::duplex(64 << 20);
+        let counters = Arc::new(Counters::default());
+        let (_, mut wr) = split(Counted::new(a, counters.clone()), Arc::default());
+        let (mut rd, _w) = split(b, Arc::default());
+        wr.send(&Block { codec: Codec::Raw, bytes: vec![1, 2, 3] }).await.unwrap();
+        assert_eq!(counters.sent(), 4 + 5, "the first message is one plain frame");
+        assert!(!wr.streaming());
+        let (mut plain, mut big_plain) = (0, 0);
+        for i in 0..3000u32 {
+            let m = put(i);
+            plain += 4 + postcard::to_allocvec(&m).unwrap().len();
+            wr.feed(&m).await.unwrap();
+            if i % 500 == 0 {
+                let big = Block { codec: Codec::Raw, bytes: vec![i as u8; 200_000] };
+                big_plain += 4 + 200_005;
+                wr.feed(&big).await.unwrap();
+            }
+            if i % 7 == 0 {
+                let small = Block { codec: Codec::Raw, bytes: text(3000, i as u8) };
+                plain += 4 + postcard::to_allocvec(&small).unwrap().len();
+                wr.feed(&small).await.unwrap();
+            }
+        }
+        wr.flush().await.unwrap();
+        assert!(wr.streaming());
+        let first: Block = rd.recv().await.unwrap().unwrap();
+        assert_eq!(first.bytes, [1, 2, 3]);
+        for i in 0..3000u32 {
+            let got: ClientMsg = rd.recv().await.unwrap().unwrap();
+            assert_eq!(format!("{got:?}"), format!("{:?}", put(i)), "message {i}");
+            if i % 500 == 0 {
+                let big: Block = rd.recv().await.unwrap().unwrap();
+                assert_eq!(big.bytes, vec![i as u8; 200_000]);
+            }
+            if i % 7 == 0 {
+                let small: Block = rd.recv().await.unwrap().unwrap();
+                assert_eq!(small.bytes, text(3000, i as u8), "block after message {i}");
+            }
+        }
+        // Big blocks go as plain frames of their own; the small messages around them compress.
+        let wire = counters.sent() as usize - 9;
+        assert!(wire > big_plain);
+        let small = wire - big_plain;
+        assert!(small * 5 < plain, "{small} bytes on the wire for {plain} bytes of small messages");
+    }
+
+    /// Runs sent after `end_stream` start a new zstd stream that the peer, having freed its old
+    /// context on the empty frame, decodes from scratch; an empty frame where no stream was
     /// begun is malformed.
     #[tokio::test]
     async fn a_stream_ended_while_quiet_starts_again_on_both_ends() {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (_, mut wr) = split(a, Arc::default());
         let (mut rd, _w) = split(b, Arc::default());
-        // A block too small for the stream does not start one: nothing to end then.
-        let tiny = wr.seal(Block { codec: Codec::Raw, bytes: vec![7; 10] }).unwrap();
-        assert_eq!(tiny.codec, Codec::Raw);
-        assert!(!wr.streaming(), "a tiny block started a stream the peer never saw");
+        wr.send(&Block { codec: Codec::Raw, bytes: vec![7; 10] }).await.unwrap();
+        let _: Block = rd.recv().await.unwrap().unwrap();
+        // A tiny run does not start a stream: nothing to end then.
+        wr.send(&Block { codec: Codec::Raw, bytes: vec![7; 10] }).await.unwrap();
+        assert!(!wr.streaming(), "a tiny run started a stream the peer never saw");
+        let _: Block = rd.recv().await.unwrap().unwrap();
         for round in 0..3u8 {
             for i in 0..3u8 {
                 let raw = Block { codec: Codec::Raw, bytes: text(3000, round * 10 + i) };
-                let sealed = wr.seal(raw.clone()).unwrap();
-                assert_eq!(sealed.codec, Codec::Stream);
-                wr.send(&sealed).await.unwrap();
+                wr.send(&raw).await.unwrap();
+                assert!(wr.streaming());
                 let got: Block = rd.recv().await.unwrap().unwrap();
                 assert_eq!(rd.open(got).unwrap().bytes, raw.bytes, "round {round}, block {i}");
             }
-            assert!(wr.streaming());
             wr.end_stream().await.unwrap();
             assert!(!wr.streaming());
             wr.send(&Block { codec: Codec::Raw, bytes: vec![1] }).await.unwrap();
@@ -471,8 +717,89 @@ mod tests {
         }
         // Nothing to end: no empty frame goes out, and one that comes anyway is refused.
         wr.end_stream().await.unwrap();
-        wr.inner.write_all(&0u32.to_be_bytes()).await.unwrap();
-        wr.flush().await.unwrap();
+        raw_frame(&mut wr, 0, &[]).await;
         assert!(matches!(rd.recv::<Block>().await, Err(ProtocolError::Decode(_))));
+    }
+
+    /// What a hostile or broken peer can send in place of a run: each is a protocol error, never
+    /// a panic or an allocation past the frame limit.
+    #[tokio::test]
+    async fn bad_runs_are_protocol_errors() {
+        async fn pair() -> (FrameWriter, FrameReader, FrameWriter) {
+            let (a, b) = tokio::io::duplex(16 << 20);
+            let (_, wr) = split(a, Arc::default());
+            let (rd, w) = split(b, Arc::default());
+            (wr, rd, w)
+        }
+        /// A run's body: the announced length, then `data` compressed.
+        fn piece(data: &[u8], announced: u32) -> Vec<u8> {
+            let mut out = postcard::to_allocvec(&announced).unwrap();
+            StreamEncoder::new().unwrap().compress(data, &mut out).unwrap();
+            out
+        }
+        // A bomb: 64 MiB of zeros in a few KiB, far past the frame limit once decoded, whether
+        // it announces the limit (decoding stops there) or its real size (refused at once).
+        let zeros = vec![0u8; 64 << 20];
+        for announced in [MAX_FRAME as u32, 64 << 20] {
+            let bomb = piece(&zeros, announced);
+            assert!(bomb.len() < MAX_FRAME / 100);
+            let (mut wr, mut rd, _w) = pair().await;
+            raw_frame(&mut wr, bomb.len() as u32 | RUN_FLAG, &bomb).await;
+            match rd.recv::<Block>().await {
+                Err(ProtocolError::Malformed(m)) => {
+                    assert!(m.contains("more than") || m.contains("announced"), "{m}")
+                }
+                other => panic!("a bomb gave {other:?}"),
+            }
+            assert!(rd.run.capacity() <= MAX_FRAME + 1, "decoded {} bytes", rd.run.capacity());
+        }
+
+        // Garbage, and a run cut short.
+        let (mut wr, mut rd, _w) = pair().await;
+        raw_frame(&mut wr, 100 | RUN_FLAG, &[0x5a; 100]).await;
+        assert!(matches!(rd.recv::<Block>().await, Err(ProtocolError::Malformed(_))));
+        let (mut wr, mut rd, _w) = pair().await;
+        raw_frame(&mut wr, 100 | RUN_FLAG, &[[0x40].as_slice(), &[0x5a; 99]].concat()).await;
+        assert!(matches!(rd.recv::<Block>().await, Err(ProtocolError::Malformed(_))));
+        let mut frames = Vec::new();
+        for i in 0..50u8 {
+            let m = postcard::to_allocvec(&Block { codec: Codec::Raw, bytes: text(500, i) }).unwrap();
+            frames.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            frames.extend_from_slice(&m);
+        }
+        let good = piece(&frames, frames.len() as u32);
+        for cut in [0, 1, 3, good.len() / 2, good.len() - 1] {
+            let (mut wr, mut rd, _w) = pair().await;
+            raw_frame(&mut wr, cut as u32 | RUN_FLAG, &good[..cut]).await;
+            let mut got = 0;
+            // A guard against a hang (a cut run that leaves the reader waiting), not a timing.
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    match rd.recv::<Block>().await {
+                        Ok(Some(_)) => got += 1,
+                        other => break other,
+                    }
+                }
+            })
+            .await
+            .expect("a cut run left the reader waiting for more");
+            assert!(got < 50 && r.is_err(), "cut at {cut}: {got} messages, then {r:?}");
+        }
+        // A run whose frames lie about their lengths, hold an empty frame, or nest a run.
+        for inner in [
+            [&100u32.to_be_bytes()[..], &[1, 2, 3]].concat(),
+            [&0u32.to_be_bytes()[..], &[0; 8]].concat(),
+            [&(3 | RUN_FLAG).to_be_bytes()[..], &[1, 2, 3]].concat(),
+            vec![0, 0],
+        ] {
+            let (mut wr, mut rd, _w) = pair().await;
+            let p = piece(&inner, inner.len() as u32);
+            raw_frame(&mut wr, p.len() as u32 | RUN_FLAG, &p).await;
+            assert!(matches!(rd.recv::<Block>().await, Err(ProtocolError::Malformed(_))), "{inner:?}");
+        }
+        // A frame announced past the limit is refused before it is read.
+        let (mut wr, mut rd, _w) = pair().await;
+        raw_frame(&mut wr, (MAX_FRAME as u32 + 1) | RUN_FLAG, &[]).await;
+        assert!(matches!(rd.recv::<Block>().await, Err(ProtocolError::Io(_))));
     }
 }

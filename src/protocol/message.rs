@@ -12,8 +12,9 @@ use crate::path::RelPath;
 pub const MAGIC: [u8; 8] = *b"DLTASYNC";
 /// 2: `Welcome::Accepted` carries the server's identity and the account's journal position.
 /// 3: history (`Log`, `Restore`, `Undo`, ...) and resumable transfers. 4: over TLS only;
-/// `ServerMsg::Revoked`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// `ServerMsg::Revoked`. 5: every message after the first each way travels in compressed runs
+/// (see [`super::connection`]); no `Stream` blocks.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {

@@ -14,6 +14,7 @@ mod client_safety;
 mod crash;
 mod devices;
 mod history;
+mod metadata;
 mod migration;
 mod model;
 mod output;
