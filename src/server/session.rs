@@ -223,8 +223,15 @@ pub async fn serve(
             return Err(SessionError::Handshake("device revoked".into()));
         }
     };
-    if let Err(SessionError::Protocol(ProtocolError::Decode(e))) = &r {
-        let _ = s.wr.send(&ServerMsg::Fatal { message: format!("malformed message ({e}): closing") }).await;
+    match &r {
+        Err(SessionError::Protocol(ProtocolError::Decode(e))) => {
+            let _ =
+                s.wr.send(&ServerMsg::Fatal { message: format!("malformed message ({e}): closing") }).await;
+        }
+        Err(SessionError::Protocol(ProtocolError::Malformed(e))) => {
+            let _ = s.wr.send(&ServerMsg::Fatal { message: format!("malformed frame ({e}): closing") }).await;
+        }
+        _ => {}
     }
     r
 }
