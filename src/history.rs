@@ -725,8 +725,6 @@ async fn fetch_files(
             loop {
                 match recv_reply(rd, notified, counters).await? {
                     ServerMsg::Data { id: i, block } if i == id => {
-                        // Every block is opened, so the connection's stream stays in step.
-                        let block = rd.open(block).map_err(|e| ClientError::Unexpected(e.to_string()))?;
                         if let Ok(inc) = &mut incoming
                             && let Err(e) = inc.ap.block(&block)
                         {

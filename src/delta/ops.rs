@@ -27,8 +27,6 @@ pub enum Codec {
     Raw,
     /// A zstd frame of its own.
     Zstd,
-    /// The next flushed piece of the connection's zstd stream ([`super::stream`]).
-    Stream,
 }
 
 /// One unit of file content on the wire.
@@ -165,7 +163,6 @@ pub fn open_block(b: &Block) -> Result<std::borrow::Cow<'_, [u8]>, DeltaError> {
         }
         Codec::Raw if b.bytes.len() > MAX_BLOCK => Err(DeltaError::Corrupt("block too large")),
         Codec::Raw => Ok(std::borrow::Cow::Borrowed(&b.bytes)),
-        Codec::Stream => Err(DeltaError::Corrupt("stream block not decoded by the connection")),
     }
 }
 

@@ -17,7 +17,6 @@ use tokio_util::codec::{Decoder, FramedRead};
 
 use super::{MAX_FRAME, ProtocolError};
 use crate::delta::stream::{STREAM_MAX, StreamDecoder, StreamEncoder};
-use crate::delta::{Block, Codec, DeltaError};
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -354,15 +353,6 @@ impl FrameReader {
         e.kind() == std::io::ErrorKind::UnexpectedEof && self.inner.read_buffer().is_empty()
     }
 
-    /// Blocks of the old per-block stream codec (protocol 4) are no longer sent: small blocks
-    /// travel raw inside compressed runs. Other blocks pass unchanged.
-    pub fn open(&mut self, b: Block) -> Result<Block, DeltaError> {
-        if b.codec == Codec::Stream {
-            return Err(DeltaError::Corrupt("a block of the stream codec, which protocol 5 does not use"));
-        }
-        Ok(b)
-    }
-
     /// The next message of the run being read, if any is left.
     fn next_in_run<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtocolError> {
         let rest = &self.run[self.at..];
@@ -522,12 +512,6 @@ impl FrameWriter {
         Ok(())
     }
 
-    /// Blocks need no sealing since protocol 5: a small raw block travels inside a run, which
-    /// this connection's stream compresses. Kept so callers need not change.
-    pub fn seal(&mut self, b: Block) -> std::io::Result<Block> {
-        Ok(b)
-    }
-
     /// Sends the queued run: compressed as the next piece of the stream, or as its plain frames
     /// when it is tiny and no stream is open.
     async fn write_run(&mut self) -> Result<(), ProtocolError> {
@@ -608,6 +592,7 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::{Block, Codec};
     use crate::protocol::{ClientMsg, Meta, Request};
 
     fn text(n: usize, seed: u8) -> Vec<u8> {
@@ -707,7 +692,7 @@ mod tests {
                 wr.send(&raw).await.unwrap();
                 assert!(wr.streaming());
                 let got: Block = rd.recv().await.unwrap().unwrap();
-                assert_eq!(rd.open(got).unwrap().bytes, raw.bytes, "round {round}, block {i}");
+                assert_eq!(got.bytes, raw.bytes, "round {round}, block {i}");
             }
             wr.end_stream().await.unwrap();
             assert!(!wr.streaming());

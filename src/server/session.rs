@@ -620,8 +620,7 @@ impl Session {
             None => return Err(SessionError::Protocol(ProtocolError::Closed)),
         };
         *ended = last;
-        // The connection's stream must be decoded in order, even for a refused upload.
-        self.rd.open(block).map(Some).map_err(|e| SessionError::Violation(e.to_string()))
+        Ok(Some(block))
     }
 
     /// A server-side copy of content the account already holds: only metadata (the commit
@@ -901,11 +900,10 @@ impl Session {
             }
         }
         let chunks = self.shared.chunks.clone();
-        if base.is_none()
+        let small = base.is_none()
             && from == 0
-            && let Some(Node::File { size, .. }) = &entry_node
-            && *size <= INLINE_DOWNLOAD
-        {
+            && matches!(&entry_node, Some(Node::File { size, .. }) if *size <= INLINE_DOWNLOAD);
+        let sent = if small {
             // A small file whole: a read of at most 64 KiB from a pack (mostly in the page cache)
             // costs less here than the hand-off to the blocking pool and back (a dozen futex calls
             // per file: most of a pull of 100,000 small files).
@@ -914,58 +912,50 @@ impl Session {
                 blocks.push((b, covered));
                 Ok(())
             });
-            match r {
-                Ok(_) => {
-                    for (block, covered) in blocks {
-                        let block = self.wr.seal(block).map_err(|e| SessionError::Internal(e.to_string()))?;
-                        self.wr.feed_content(&ServerMsg::Data { id, block }, covered).await?;
+            for (block, covered) in blocks {
+                self.wr.feed_content(&ServerMsg::Data { id, block }, covered).await?;
+            }
+            r.map(drop).map_err(|e| e.to_string())
+        } else {
+            let (tx, mut rx) = mpsc::channel::<(Block, u64)>(4);
+            let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                if let (Some((h, len)), Some(have_locs)) = (base, have_locs) {
+                    let sig = signature_of(Reader::new(chunks.clone(), have_locs), len)
+                        .map_err(|e| e.to_string())?;
+                    let _ = sigs.put(&h, len, &sig);
+                }
+                let reader_locs = locs.clone();
+                let reader = Reader::new(chunks, locs);
+                let mut reader = delta::source::Skip::new(reader, from as usize);
+                let emit = |b, covered: u64| {
+                    tx.blocking_send((b, covered)).map_err(|_| std::io::Error::other("receiver gone"))
+                };
+                match base.and_then(|(h, len)| sigs.get(&h, len)) {
+                    Some(sig) if from == 0 && shared_chunks.is_some() => {
+                        let (mine, theirs) = shared_chunks.unwrap_or_default();
+                        // Random access to the new version (the skipped offset is 0 here).
+                        let mut reader = Reader::new(reader.into_inner().into_store(), reader_locs);
+                        super::content::delta_by_chunks(&sig, &mut reader, &mine, &theirs, emit)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Some(sig) => {
+                        delta::encode_delta_from(&sig, &mut reader, None, emit).map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        delta::encode_whole_from(&mut reader, None, emit).map_err(|e| e.to_string())?;
                     }
                 }
-                // The client sees a short file, fails verification and retries.
-                Err(e) => tracing::warn!("sending `{path}` failed: {e}"),
+                Ok(())
+            });
+            while let Some((block, covered)) = rx.recv().await {
+                self.wr.feed_content(&ServerMsg::Data { id, block }, covered).await?;
             }
-            self.wr.feed(&ServerMsg::End { id }).await?;
-            self.tally.downloaded();
-            return Ok(());
-        }
-        let (tx, mut rx) = mpsc::channel::<(Block, u64)>(4);
-        let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            if let (Some((h, len)), Some(have_locs)) = (base, have_locs) {
-                let sig =
-                    signature_of(Reader::new(chunks.clone(), have_locs), len).map_err(|e| e.to_string())?;
-                let _ = sigs.put(&h, len, &sig);
-            }
-            let reader_locs = locs.clone();
-            let reader = Reader::new(chunks, locs);
-            let mut reader = delta::source::Skip::new(reader, from as usize);
-            let emit = |b, covered: u64| {
-                tx.blocking_send((b, covered)).map_err(|_| std::io::Error::other("receiver gone"))
-            };
-            match base.and_then(|(h, len)| sigs.get(&h, len)) {
-                Some(sig) if from == 0 && shared_chunks.is_some() => {
-                    let (mine, theirs) = shared_chunks.unwrap_or_default();
-                    // Random access to the new version (the skipped offset is 0 here).
-                    let mut reader = Reader::new(reader.into_inner().into_store(), reader_locs);
-                    super::content::delta_by_chunks(&sig, &mut reader, &mine, &theirs, emit)
-                        .map_err(|e| e.to_string())?;
-                }
-                Some(sig) => {
-                    delta::encode_delta_from(&sig, &mut reader, None, emit).map_err(|e| e.to_string())?;
-                }
-                None => {
-                    delta::encode_whole_from(&mut reader, None, emit).map_err(|e| e.to_string())?;
-                }
-            }
-            Ok(())
-        });
-        while let Some((block, covered)) = rx.recv().await {
-            let block = self.wr.seal(block).map_err(|e| SessionError::Internal(e.to_string()))?;
-            self.wr.feed_content(&ServerMsg::Data { id, block }, covered).await?;
-        }
-        if let Ok(Err(e)) = producer.await {
+            producer.await.unwrap_or_else(|e| Err(e.to_string()))
+        };
+        if let Err(e) = sent {
             tracing::warn!("sending `{path}` failed: {e}");
         }
-        // On a failed producer the client sees a short file, fails verification and retries.
+        // On a failed read the client sees a short file, fails verification and retries.
         // Flushed with the next answers, or before the session waits (see `serve_requests`).
         self.wr.feed(&ServerMsg::End { id }).await?;
         self.tally.downloaded();

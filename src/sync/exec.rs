@@ -1015,10 +1015,6 @@ impl Exec {
             match m {
                 ServerMsg::Data { id: i, block } if i == id => {
                     self.progress.advance(path.as_str(), block.bytes.len() as u64);
-                    let block = match rd.open(block) {
-                        Ok(b) => b,
-                        Err(e) => break Err(ClientError::Unexpected(e.to_string())),
-                    };
                     if tx.send(block).await.is_err() {
                         bad_base = true; // the worker gave up; keep draining
                     }
@@ -1269,7 +1265,6 @@ impl Sender {
         let mut next = rx.recv().await;
         let mut ended = false;
         while let Some(Item::Block(block, covered)) = next {
-            let block = wr.seal(block).map_err(ProtocolError::Io)?;
             // One block of look-ahead: the last one carries the end of the upload.
             next = rx.recv().await;
             if next.is_none() {
