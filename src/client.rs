@@ -69,7 +69,7 @@ pub struct Connect<'a> {
     pub from_flag: bool,
     pub timeout: Duration,
     /// `--bwlimit` on the connection's socket.
-    pub bwlimit: crate::protocol::BwLimit,
+    pub bwlimit: crate::protocol::Shaper,
 }
 
 fn identity_message(addr: &str, seen: &Option<Fingerprint>, trusted: &Trust, from_flag: bool) -> String {
@@ -98,7 +98,7 @@ impl Client {
     pub async fn connect(c: &Connect<'_>) -> Result<Client, ClientError> {
         let addr = c.addr;
         let counters = Arc::new(Counters::default());
-        let (stream, seen) = transport::connect(addr, &c.trust, c.timeout, counters.clone(), c.bwlimit)
+        let (stream, seen) = transport::connect(addr, &c.trust, c.timeout, counters.clone(), &c.bwlimit)
             .await
             .map_err(|e| match e {
                 ConnectError::Unreachable(err) => ClientError::Unreachable { addr: addr.to_string(), err },

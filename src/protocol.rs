@@ -11,7 +11,7 @@ pub mod ratelimit;
 
 pub use connection::{Counted, Counters, FrameReader, FrameWriter, ReadAhead, split};
 pub use message::*;
-pub use ratelimit::{BwLimit, Limited};
+pub use ratelimit::{BwLimit, Limited, Shaper};
 
 /// Hard limit on one frame: a delta block ([`crate::delta::MAX_BLOCK`]) plus headroom. A peer
 /// announcing a larger frame is cut off before anything is allocated.

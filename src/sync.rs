@@ -20,6 +20,7 @@ pub mod exec;
 pub mod guard;
 pub mod index;
 pub mod input;
+pub mod lane;
 pub mod plan;
 pub mod report;
 pub mod rules;
@@ -77,6 +78,8 @@ pub struct Options {
     /// `watch`, while the folder is still changing: server deletes wait for it to be quiet, so a
     /// mass delete is seen whole by the guard.
     pub defer_deletes: bool,
+    /// `watch`: big files go over this lane of their own, beside the rounds.
+    pub lane: Option<Arc<lane::Lane>>,
 }
 
 /// Where a folder's settings came from, after resolving flags, environment and `.deltasync/`.
@@ -90,8 +93,9 @@ pub struct Settings {
     /// `trust` is `--fingerprint`'s.
     pub trust_from_flag: bool,
     pub timeout: std::time::Duration,
-    /// `--bwlimit` (kept across `watch`'s reconnects with the rest of the settings).
-    pub bwlimit: crate::protocol::BwLimit,
+    /// `--bwlimit`'s buckets, shared by every connection made with these settings (`watch`'s
+    /// reconnects and its lane for big files).
+    pub bwlimit: crate::protocol::Shaper,
 }
 
 impl Settings {
@@ -103,7 +107,7 @@ impl Settings {
             trust: self.trust.clone(),
             from_flag: self.trust_from_flag,
             timeout: self.timeout,
-            bwlimit: self.bwlimit,
+            bwlimit: self.bwlimit.clone(),
         }
     }
 }
@@ -172,7 +176,8 @@ impl Folder {
             None => (Trust::from_setting(self.index.setting("fingerprint")?.as_deref()), false),
         };
         let timeout = opts.timeout.unwrap_or(crate::client::CONNECT_TIMEOUT);
-        Ok(Settings { server, token, device, trust, trust_from_flag, timeout, bwlimit: opts.bwlimit })
+        let bwlimit = crate::protocol::Shaper::new(opts.bwlimit);
+        Ok(Settings { server, token, device, trust, trust_from_flag, timeout, bwlimit })
     }
 
     /// Connects and, only once the server accepted, remembers server, token and account.
@@ -333,6 +338,13 @@ impl Folder {
         // Written before anything is sent: if this round is cut off after the server committed
         // some of them, the next round recognises them as its own instead of as conflicts.
         self.index.add_intents(&intents(&actions, &inputs.local))?;
+        // `watch`: paths its lane is transferring wait for it; the round's own big files go to
+        // the lane once the rest of the round is done.
+        let mut big = Vec::new();
+        if let Some(lane) = &opts.lane {
+            lane.hold_back(&mut actions);
+            big = lane::Lane::split_off(&mut actions, &scan.nodes, &scan.cache);
+        }
 
         let mut planned_bytes = 0;
         for a in &actions {
@@ -386,6 +398,9 @@ impl Folder {
         self.index.save_stat_cache(&old_cache, &exec.cache)?;
         progress.finish();
         r?;
+        if let Some(lane) = &opts.lane {
+            lane.give(big);
+        }
         let mut report = exec.report;
         if report.deleted_remote > 0 {
             self.recent_deletes.push((std::time::Instant::now(), report.deleted_remote));

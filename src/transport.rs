@@ -21,7 +21,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
-use crate::protocol::{BwLimit, Counted, Limited, ReadAhead};
+use crate::protocol::{Counted, Limited, ReadAhead, Shaper};
 
 /// Offered and required in the handshake: a TLS server that does not speak deltasync (an
 /// HTTPS server, say) is found out before the client sends its token.
@@ -31,7 +31,7 @@ pub const ALPN: &[u8] = b"deltasync";
 pub type Socket = ReadAhead<Limited<Counted<TcpStream>>>;
 
 /// `tcp` as TLS gets it, counting into `counters` and within `limit`.
-pub fn socket(tcp: TcpStream, counters: Arc<crate::protocol::Counters>, limit: BwLimit) -> Socket {
+pub fn socket(tcp: TcpStream, counters: Arc<crate::protocol::Counters>, limit: &Shaper) -> Socket {
     ReadAhead::new(Limited::new(Counted::new(tcp, counters), limit))
 }
 
@@ -391,7 +391,7 @@ pub async fn connect(
     trust: &Trust,
     timeout: Duration,
     counters: Arc<crate::protocol::Counters>,
-    limit: BwLimit,
+    limit: &Shaper,
 ) -> Result<(ClientStream, Seen), ConnectError> {
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());

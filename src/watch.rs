@@ -29,6 +29,7 @@ use crate::fsutil::TEMP_PREFIX;
 use crate::path::STATE_DIR;
 use crate::progress::Progress;
 use crate::protocol::{ClientMsg, Request, ServerMsg};
+use crate::sync::lane::Lane;
 use crate::sync::{Folder, Options, Settings, SyncError};
 
 /// A round that took longer than this returns the memory it freed to the OS.
@@ -112,11 +113,25 @@ pub async fn watch(
     // connection closed in the middle of the TLS handshake while it restarts) is a passing fault.
     let mut ever_connected = false;
     let mut next_rescan = Instant::now() + rescan_every;
+    // Big files' transfers, beside the rounds (see `sync::lane`).
+    let mut lane: Option<Arc<Lane>> = None;
     loop {
         let Some(c) = client.as_mut() else {
             match connect(&mut folder, &mut settings, &progress).await {
                 Ok(c) => {
                     ever_connected = true;
+                    // Made with the settings the first connection settled (the trusted
+                    // certificate, a token just issued).
+                    if lane.is_none() {
+                        lane = Some(Lane::start(crate::sync::lane::Context {
+                            root: folder.root.clone(),
+                            state_dir: crate::sync::state_dir(&folder.root),
+                            sigs: folder.sigs.clone(),
+                            settings: settings.clone(),
+                            device: settings.device.clone(),
+                            progress: progress.clone(),
+                        }));
+                    }
                     if down_since_said {
                         progress.say(&format!("deltasync: reconnected to {}", settings.server));
                         down_since_said = false;
@@ -154,6 +169,7 @@ pub async fn watch(
             }
             let ropts = Options {
                 defer_deletes: last_event.is_some_and(|t| t.elapsed() < DELETE_QUIET),
+                lane: lane.clone(),
                 ..opts.clone()
             };
             let started = std::time::Instant::now();
@@ -235,6 +251,8 @@ pub async fn watch(
             _ = &mut shutdown => return Ok(()),
             // A change: look again at when the next round is due.
             _ = changes.wake.notified() => {}
+            // A big file's transfer ended: what changed meanwhile at its path goes now.
+            _ = async { match &lane { Some(l) => l.finished().await, None => std::future::pending().await } } => dirty = true,
             _ = tokio::time::sleep_until(due.unwrap_or(next_rescan)), if due.is_some() => {}
             _ = tokio::time::sleep_until(deletes_due.unwrap_or(next_rescan)), if deletes_due.is_some() => {
                 deletes_due = None;

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -145,17 +146,43 @@ impl Bucket {
     }
 }
 
-/// One direction of a [`Limited`] stream: its bucket and the timer it waits on when empty.
+/// The buckets of a limit, shared by every connection made with it: a client's `--bwlimit` is the
+/// process's, so its second connection (`watch`'s lane for big files) takes from the same tokens
+/// instead of doubling the rate. `serve` makes one per connection (its limit is per connection).
+#[derive(Clone, Debug, Default)]
+pub struct Shaper {
+    send: Option<Arc<Mutex<Bucket>>>,
+    receive: Option<Arc<Mutex<Bucket>>>,
+}
+
+impl Shaper {
+    pub fn new(limit: BwLimit) -> Shaper {
+        let bucket = |r: u64| Arc::new(Mutex::new(Bucket::new(r, Instant::now())));
+        Shaper { send: limit.send.map(bucket), receive: limit.receive.map(bucket) }
+    }
+}
+
+/// Locks a shared bucket; a panic elsewhere while it was held leaves only numbers behind.
+fn lock(b: &Mutex<Bucket>) -> std::sync::MutexGuard<'_, Bucket> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One direction of a [`Limited`] stream: its (shared) bucket and the timer this stream waits on
+/// when it is empty.
 struct Direction {
-    bucket: Bucket,
+    bucket: Arc<Mutex<Bucket>>,
     /// Made on the first wait, then reset for each later one.
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
 impl Direction {
-    fn new(rate: u64) -> Direction {
-        Direction { bucket: Bucket::new(rate, Instant::now()), sleep: None, armed: false }
+    fn new(bucket: &Arc<Mutex<Bucket>>) -> Direction {
+        Direction { bucket: bucket.clone(), sleep: None, armed: false }
+    }
+
+    fn spend(&self, n: usize) {
+        lock(&self.bucket).spend(n);
     }
 
     /// Ready with how many of `want` bytes may pass (≥ 1); pending (woken by the timer) while
@@ -169,7 +196,8 @@ impl Direction {
                 self.armed = false;
             }
             let now = Instant::now();
-            match self.bucket.grant(want, now) {
+            let granted = lock(&self.bucket).grant(want, now);
+            match granted {
                 Ok(n) => return Poll::Ready(n),
                 Err(wait) => {
                     match self.sleep.as_mut() {
@@ -192,8 +220,12 @@ pub struct Limited<S> {
 }
 
 impl<S> Limited<S> {
-    pub fn new(inner: S, limit: BwLimit) -> Self {
-        Limited { inner, send: limit.send.map(Direction::new), receive: limit.receive.map(Direction::new) }
+    pub fn new(inner: S, shaper: &Shaper) -> Self {
+        Limited {
+            inner,
+            send: shaper.send.as_ref().map(Direction::new),
+            receive: shaper.receive.as_ref().map(Direction::new),
+        }
     }
 }
 
@@ -215,7 +247,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
         let r = ready!(Pin::new(&mut me.inner).poll_read(cx, &mut part));
         let got = part.filled().len();
         buf.advance(got);
-        dir.bucket.spend(got);
+        dir.spend(got);
         Poll::Ready(r)
     }
 }
@@ -236,7 +268,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
         let n = ready!(dir.poll_grant(cx, buf.len()));
         let r = ready!(Pin::new(&mut me.inner).poll_write(cx, &buf[..n]));
         if let Ok(k) = &r {
-            dir.bucket.spend(*k);
+            dir.spend(*k);
         }
         Poll::Ready(r)
     }
@@ -271,7 +303,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
             ready!(Pin::new(&mut me.inner).poll_write_vectored(cx, &part))
         };
         if let Ok(k) = &r {
-            dir.bucket.spend(*k);
+            dir.spend(*k);
         }
         Poll::Ready(r)
     }
@@ -386,7 +418,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn writes_are_smooth_at_the_rate() {
         for rate in [64 * K, 512 * K, 2 << 20] {
-            let mut w = Limited::new(Clocked::default(), BwLimit { send: Some(rate), receive: None });
+            let mut w =
+                Limited::new(Clocked::default(), &Shaper::new(BwLimit { send: Some(rate), receive: None }));
             // The depth promised: the larger of 16 KiB and 50 ms of the rate.
             let depth = (rate / 20).max(16 * K);
             let t0 = Instant::now();
@@ -427,7 +460,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn vectored_writes_are_limited_and_in_order() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let mut w = Limited::new(a, BwLimit { send: Some(64 * K), receive: None });
+        let mut w = Limited::new(a, &Shaper::new(BwLimit { send: Some(64 * K), receive: None }));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -455,7 +488,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reads_are_limited() {
         let rate = 256 * K;
-        let mut r = Limited::new(tokio::io::repeat(1), BwLimit { send: None, receive: Some(rate) });
+        let mut r =
+            Limited::new(tokio::io::repeat(1), &Shaper::new(BwLimit { send: None, receive: Some(rate) }));
         let t0 = Instant::now();
         let mut buf = vec![0u8; 64 << 10];
         let mut total = 0u64;
@@ -475,7 +509,7 @@ mod tests {
     /// Without a limit nothing waits (tokio's paused clock would not move).
     #[tokio::test(start_paused = true)]
     async fn unlimited_passes_at_once() {
-        let mut w = Limited::new(Clocked::default(), BwLimit::default());
+        let mut w = Limited::new(Clocked::default(), &Shaper::new(BwLimit::default()));
         let t0 = Instant::now();
         w.write_all(&vec![0u8; 10 << 20]).await.unwrap();
         assert_eq!(t0.elapsed(), Duration::ZERO);

@@ -68,7 +68,7 @@ pub async fn connection(
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let tls = tokio::select! {
         _ = cancel.cancelled() => return,
-        r = tokio::time::timeout_at(deadline, acceptor.accept(crate::transport::socket(stream, counters.clone(), shared.bwlimit))) => r,
+        r = tokio::time::timeout_at(deadline, acceptor.accept(crate::transport::socket(stream, counters.clone(), &crate::protocol::Shaper::new(shared.bwlimit)))) => r,
     };
     let tls = match tls {
         Ok(Ok(tls)) => tls,

@@ -46,6 +46,30 @@ enum Job {
     Get { entry: Entry, have: Option<(ContentHash, u64)>, land: Landing },
 }
 
+/// Files of at least this size are transferred after every smaller job of their round (smallest
+/// first), so a big file never holds up the small ones (the pull of 20,000 small files seen
+/// waiting behind a 1 GiB one), and `watch` hands them to its lane for big files.
+pub const BIG_FILE: u64 = 4 << 20;
+
+/// The size of a job that carries a big file's content, if it does.
+fn big_size(j: &Job) -> Option<u64> {
+    let size = match j {
+        Job::Up(Action::Put { size, .. }) => *size,
+        Job::Get { entry: Entry { node: Some(Node::File { size, .. }), .. }, .. } => *size,
+        _ => return None,
+    };
+    (size >= BIG_FILE).then_some(size)
+}
+
+/// Moves the jobs of big files to the end, smallest first; the other jobs keep their order. Safe
+/// for the plan's order: nothing in a round depends on a file's content arriving first (a
+/// `Copy` copies content the server held before the round; a `Fetch` goes into directories
+/// made before the transfers start).
+fn put_big_files_last(jobs: &mut [Job]) {
+    // A stable sort: small jobs (key 0) in their order, then big ones by size.
+    jobs.sort_by_key(|j| big_size(j).unwrap_or(0));
+}
+
 /// Files of at least this size continue where a cut-off transfer of them stopped (the server
 /// keeps the start of cut-off uploads from this size on).
 pub const RESUME_FROM: u64 = 8 << 20;
@@ -194,6 +218,7 @@ impl Exec {
                 a => jobs.push(Job::Up(a)),
             }
         }
+        put_big_files_last(&mut jobs);
         self.prefetch_signatures(client, &jobs).await?;
         let mut resumes = self.prepare_resumes(client, &mut jobs).await?;
         let retry = self.pipeline(client, jobs, &mut resumes).await?;

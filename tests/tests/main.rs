@@ -18,6 +18,7 @@ mod metadata;
 mod migration;
 mod model;
 mod output;
+mod priority;
 mod push_pull;
 mod regression;
 mod resume;

@@ -1042,7 +1042,7 @@ impl Endpoint {
             &self.trust(),
             Duration::from_secs(10),
             counters.clone(),
-            deltasync::protocol::BwLimit::default(),
+            &deltasync::protocol::Shaper::default(),
         )
         .await
         .unwrap_or_else(|e| panic!("TLS connection to {}: {e:?}", self.addr));
