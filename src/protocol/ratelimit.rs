@@ -456,6 +456,34 @@ mod tests {
         }
     }
 
+    /// Two connections made with one limit (a `watch`'s rounds and its lane for big files) share
+    /// its buckets: together they pass the rate, not twice it, and both move.
+    #[tokio::test(start_paused = true)]
+    async fn connections_of_one_limit_share_its_rate() {
+        let rate = 256 * K;
+        let shaper = Shaper::new(BwLimit { send: Some(rate), receive: None });
+        let write_for = |shaper: Shaper| async move {
+            let mut w = Limited::new(Clocked::default(), &shaper);
+            let t0 = Instant::now();
+            let chunk = vec![7u8; 50_000];
+            while t0.elapsed() < Duration::from_secs(10) {
+                w.write_all(&chunk).await.unwrap();
+            }
+            let at = std::mem::take(&mut w.inner.at);
+            at.iter()
+                .filter(|(t, _)| t.duration_since(t0) < Duration::from_secs(10))
+                .map(|(_, n)| *n as u64)
+                .sum::<u64>()
+        };
+        let (a, b) = tokio::join!(write_for(shaper.clone()), write_for(shaper.clone()));
+        let expect = rate * 10 + (16 * K);
+        assert!(
+            (a + b).abs_diff(expect) <= expect / 50,
+            "{a} + {b} bytes passed in 10 s, expected about {expect}"
+        );
+        assert!(a > rate && b > rate, "one of them starved: {a} and {b}");
+    }
+
     /// Vectored writes pass at most what the bucket holds, in order.
     #[tokio::test(start_paused = true)]
     async fn vectored_writes_are_limited_and_in_order() {
