@@ -171,6 +171,11 @@ async fn run(cx: Context, mut rx: mpsc::UnboundedReceiver<Work>, shared: Arc<Sha
             // notices and waits for it.
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
+        // Nothing more queued: the connection goes (a later big file connects again, one
+        // handshake against megabytes, rather than finding a connection idle timeouts cut).
+        if rx.is_empty() {
+            client = None;
+        }
         shared.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
         shared.done.notify_one();
     }
