@@ -390,6 +390,7 @@ impl Folder {
             pending_deletes: Vec::new(),
             ready: Vec::new(),
             ready_bytes: 0,
+            landings: Default::default(),
         };
         let r = exec.run(client, actions).await;
         exec.batch.last_seq = Some(exec.advanced_seq(seq));

@@ -51,6 +51,10 @@ enum Job {
 /// waiting behind a 1 GiB one), and `watch` hands them to its lane for big files.
 pub const BIG_FILE: u64 = 4 << 20;
 
+/// Downloads of at most this size sent whole are written in the connection's task (see
+/// `download`), as the server reads files up to this size in its session's task.
+const INLINE_RECEIVE: u64 = 64 << 10;
+
 /// The size of a job that carries a big file's content, if it does.
 fn big_size(j: &Job) -> Option<u64> {
     let size = match j {
@@ -122,11 +126,25 @@ fn same_fs(a: &Path, b: &Path) -> bool {
 /// Where the temp file of a write to `full` goes: `.deltasync/tmp/`, so a run cut off there
 /// leaves nothing in the user's folder, unless `full` is on another file system (a mount inside
 /// the folder): then beside it, where the rename into place works.
-fn landing_dir(root: &Path, full: &Path) -> PathBuf {
+fn landing_dir(root: &Path, full: &Path, memo: &Landings) -> PathBuf {
     let parent = full.parent().unwrap_or(root);
+    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = memo.get(parent) {
+        return l.clone();
+    }
     let tmp = temp_dir(root);
-    if std::fs::create_dir_all(&tmp).is_ok() && same_fs(&tmp, parent) { tmp } else { parent.to_path_buf() }
+    let l = if std::fs::create_dir_all(&tmp).is_ok() && same_fs(&tmp, parent) {
+        tmp
+    } else {
+        parent.to_path_buf()
+    };
+    memo.insert(parent.to_path_buf(), l.clone());
+    l
 }
+
+/// [`landing_dir`]'s answers for a round, by parent directory: it made the temp folder and
+/// compared devices (a `mkdir` and three `statx`) for every file of a pull.
+pub type Landings = Arc<Mutex<HashMap<PathBuf, PathBuf>>>;
 
 /// Reads and hashes the first `from` bytes of `file` (which must have at least that many),
 /// feeding them to a builder of the signature of the version (`hash`, `size`) unless that
@@ -185,6 +203,7 @@ pub struct Exec {
     pub pending_deletes: Vec<Action>,
     pub ready: Vec<Ready>,
     pub ready_bytes: u64,
+    pub landings: Landings,
 }
 
 impl Exec {
@@ -372,7 +391,7 @@ impl Exec {
                     self.changed_meanwhile(&path);
                     return Ok(());
                 }
-                let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full)));
+                let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full, &self.landings)));
                 std::os::unix::fs::symlink(target, tmp.path()).map_err(|e| self.io_err(&path, e))?;
                 std::fs::rename(tmp.path(), &full).map_err(|e| self.io_err(&path, e))?;
                 tmp.keep();
@@ -460,7 +479,7 @@ impl Exec {
     fn copy_local(&self, src: &RelPath, dst: &RelPath, hash: ContentHash, meta: Meta) -> std::io::Result<()> {
         fsutil::ensure_dirs(&self.root, dst)?;
         let full = self.full(dst);
-        let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full)));
+        let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full, &self.landings)));
         std::fs::copy(self.full(src), tmp.path())?;
         if ContentHash::of_file(tmp.path())?.0 != hash {
             return Err(std::io::Error::other("source changed"));
@@ -524,9 +543,12 @@ impl Exec {
     /// directory (its contents were deleted on the server too). False if it has new files here,
     /// which then survive.
     fn make_way(&mut self, path: &RelPath) -> bool {
+        // The local view first: a stat only where a directory was.
+        if !matches!(self.local.get(path), Some(Node::Dir { .. })) {
+            return true;
+        }
         let full = self.full(path);
-        let is_dir = std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir());
-        if !is_dir || !matches!(self.local.get(path), Some(Node::Dir { .. })) {
+        if !std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
             return true;
         }
         self.delete_pending_under(path);
@@ -1022,15 +1044,32 @@ impl Exec {
             _ => Dest::Temp,
         };
         let resumed = matches!(dest, Dest::Partial { from, .. } if from > 0);
-        let (tx, rx) = mpsc::channel::<Block>(4);
-        let root = self.root.clone();
-        let sigs = self.sigs.clone();
-        let p = path.clone();
+        let (tx, mut rx) = mpsc::channel::<Block>(4);
         let use_base = base.is_some() && have.map(|h| Some(h.0) == base).unwrap_or(false);
         let local_base = have.filter(|_| use_base);
-        let worker = tokio::task::spawn_blocking(move || {
-            receive_file(&root, &p, local_base, rx, (hash, size, meta), &sigs, dest)
-        });
+        // A small file sent whole is held here and written in this task at its end: no thread
+        // hand-off per file (a pull of many small files spent more on those than on writing).
+        let inline = size <= INLINE_RECEIVE && local_base.is_none() && matches!(dest, Dest::Temp);
+        let mut held: Vec<Block> = Vec::new();
+        let mut held_bytes = 0u64;
+        let worker = if inline {
+            None
+        } else {
+            let (root, sigs, landings, p) =
+                (self.root.clone(), self.sigs.clone(), self.landings.clone(), path.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                receive_file(
+                    &root,
+                    &p,
+                    local_base,
+                    move || rx.blocking_recv(),
+                    (hash, size, meta),
+                    &sigs,
+                    dest,
+                    &landings,
+                )
+            }))
+        };
         let mut bad_base = base.is_some() && !use_base;
         let received = loop {
             let m = match recv_reply(rd, notified, counters).await {
@@ -1040,7 +1079,16 @@ impl Exec {
             match m {
                 ServerMsg::Data { id: i, block } if i == id => {
                     self.progress.advance(path.as_str(), block.bytes.len() as u64);
-                    if tx.send(block).await.is_err() {
+                    if worker.is_none() {
+                        // Bounded: a whole file's blocks cannot be much larger than the file.
+                        held_bytes += block.bytes.len() as u64;
+                        if held_bytes > 2 * size + (64 << 10) {
+                            break Err(ClientError::Unexpected(format!(
+                                "the server sent more than {held_bytes} bytes for `{path}` of {size} bytes; stopping (a broken or malicious server?)"
+                            )));
+                        }
+                        held.push(block);
+                    } else if tx.send(block).await.is_err() {
                         bad_base = true; // the worker gave up; keep draining
                     }
                 }
@@ -1056,7 +1104,22 @@ impl Exec {
         drop(tx);
         // Waited for even when the connection failed: a cut-off partial download is then
         // written out to where it stopped, for the next run to continue.
-        let outcome = worker.await.map_err(|e| SyncError::Other(e.to_string()))?;
+        let outcome = match worker {
+            Some(w) => w.await.map_err(|e| SyncError::Other(e.to_string()))?,
+            None => {
+                let mut blocks = held.into_iter();
+                receive_file(
+                    &self.root,
+                    &path,
+                    None,
+                    move || blocks.next(),
+                    (hash, size, meta),
+                    &self.sigs,
+                    Dest::Temp,
+                    &self.landings,
+                )
+            }
+        };
         if let Err(e) = received {
             // Complete and verified all the same (the connection failed after its last block):
             // it goes into place with the others.
@@ -1431,10 +1494,11 @@ fn receive_file(
     root: &Path,
     path: &RelPath,
     base: Option<(ContentHash, u64)>,
-    mut rx: mpsc::Receiver<Block>,
+    mut next: impl FnMut() -> Option<Block>,
     (hash, size, meta): (ContentHash, u64, Meta),
     sigs: &SigCache,
     dest: Dest,
+    landings: &Landings,
 ) -> Result<(TempGuard, DeltaStats), Received> {
     let full = path.under(root);
     fsutil::ensure_dirs(root, path)?;
@@ -1448,7 +1512,7 @@ fn receive_file(
         }
         None => None,
     };
-    let landing = landing_dir(root, &full);
+    let landing = landing_dir(root, &full, landings);
     let partial = matches!(dest, Dest::Partial { .. });
     let (file, guard, prefix) = match dest {
         Dest::Temp => {
@@ -1481,7 +1545,9 @@ fn receive_file(
             }
         }
     };
-    let out = BufWriter::with_capacity(1 << 20, fsutil::WriteBehind::new(file));
+    // Writes of at most 1 MiB; a small file's buffer is its size (not 1 MiB per file of a pull).
+    let cap = usize::try_from(size).unwrap_or(usize::MAX).clamp(8 << 10, 1 << 20);
+    let out = BufWriter::with_capacity(cap, fsutil::WriteBehind::new(file));
     let (new_sig, start) = match prefix {
         Some(p) => (p.sig, Some((p.hasher, p.from))),
         None => (sigs.builder_for(&hash, size), None),
@@ -1490,7 +1556,7 @@ fn receive_file(
     if let Some((hasher, from)) = start {
         ap = ap.resume_after(hasher, from)?;
     }
-    while let Some(b) = rx.blocking_recv() {
+    while let Some(b) = next() {
         ap.block(&b)?;
     }
     let done = ap.finish()?;

@@ -208,6 +208,7 @@ async fn transfer(
         pending_deletes: Vec::new(),
         ready: Vec::new(),
         ready_bytes: 0,
+        landings: Default::default(),
     };
     let r = exec.run(c, vec![w.action]).await;
     // Whatever happened, keep what was done (the journal position stays the rounds' business).
