@@ -245,6 +245,61 @@ fn session_deadlock_ctrl_c_stops_the_server_despite_a_stuck_session() {
     assert!(st.success(), "the server exited with {st} after Ctrl-C; log:\n{}", srv.log());
 }
 
+/// Small uploads are checked and written together (one trip to the blocking pool for many):
+/// pipelined without waiting, with a stale one among them and a second version of a path right
+/// after the first, every one is answered in order, the refused one alone is refused, and the
+/// server ends with the last version of each path.
+#[tokio::test]
+async fn pipelined_small_uploads_are_answered_in_order_around_a_refused_one() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (mut rd, mut wr) = connect(srv.endpoint(), &token).await;
+    let content = |i: u64| format!("small file {i}\n").repeat(i as usize + 1).into_bytes();
+    let mut msgs = Vec::new();
+    for id in 1..=12u64 {
+        let (path, base_rev) = match id {
+            5 => ("f5.txt".to_string(), 9), // the path is at rev 0: stale
+            8 => ("f3.txt".to_string(), 0), // f3.txt again, right behind its first version
+            _ => (format!("f{id}.txt"), 0),
+        };
+        msgs.extend(put(id, &path, base_rev, &content(id), 0o644));
+    }
+    for m in &msgs {
+        wr.feed(m).await.expect("send");
+    }
+    wr.flush().await.expect("flush");
+    let mut answers = Vec::new();
+    while answers.len() < 12 {
+        let m = tokio::time::timeout(Duration::from_secs(60), rd.recv::<ServerMsg>())
+            .await
+            .expect("no answer within 60 s (hung)");
+        match m {
+            Ok(Some(ServerMsg::Resp { id, result })) => answers.push((id, result)),
+            Ok(Some(ServerMsg::Notify { .. })) => {}
+            other => panic!("unexpected {other:?} after {answers:?}"),
+        }
+    }
+    let ids: Vec<u64> = answers.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=12).collect::<Vec<_>>(), "answers out of order: {answers:?}");
+    for (id, result) in &answers {
+        match (id, result) {
+            (5, Err(r)) => assert_eq!(r.kind, RefusalKind::Stale, "{r:?}"),
+            // The first f3.txt committed, so the second (base_rev 0) is stale too.
+            (8, Err(r)) => assert_eq!(r.kind, RefusalKind::Stale, "{r:?}"),
+            (_, Ok(Reply::Committed { .. })) => {}
+            other => panic!("upload {id}: {other:?}"),
+        }
+    }
+    assert_serves(&mut rd, &mut wr, 13, "after the pipelined uploads").await;
+    drop((rd, wr));
+    let check = temp_dir("ds-faults-check-");
+    pull(check.path(), &srv, &token);
+    for id in (1..=12u64).filter(|i| ![5, 8].contains(i)) {
+        assert_eq!(read(&check.path().join(format!("f{id}.txt"))), content(id), "f{id}.txt");
+    }
+    assert!(!check.path().join("f5.txt").exists(), "the stale upload landed");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Mode bits
 
