@@ -51,9 +51,10 @@ enum Job {
 /// waiting behind a 1 GiB one), and `watch` hands them to its lane for big files.
 pub const BIG_FILE: u64 = 4 << 20;
 
-/// Downloads of at most this size sent whole are written in the connection's task (see
-/// `download`), as the server reads files up to this size in its session's task.
-const INLINE_RECEIVE: u64 = 64 << 10;
+/// Files of at most this size sent whole are read and encoded (uploads, `Sender::put`) or
+/// written (downloads, `download`) in the connection's task, without a blocking-pool hand-off
+/// each, as the server reads files up to this size in its session's task.
+const INLINE_FILE: u64 = 64 << 10;
 
 /// The size of a job that carries a big file's content, if it does.
 fn big_size(j: &Job) -> Option<u64> {
@@ -1049,7 +1050,7 @@ impl Exec {
         let local_base = have.filter(|_| use_base);
         // A small file sent whole is held here and written in this task at its end: no thread
         // hand-off per file (a pull of many small files spent more on those than on writing).
-        let inline = size <= INLINE_RECEIVE && local_base.is_none() && matches!(dest, Dest::Temp);
+        let inline = size <= INLINE_FILE && local_base.is_none() && matches!(dest, Dest::Temp);
         let mut held: Vec<Block> = Vec::new();
         let mut held_bytes = 0u64;
         let worker = if inline {
@@ -1329,17 +1330,32 @@ impl Sender {
         delta_base: Option<(ContentHash, u64)>,
         stats: &mut DeltaStats,
     ) -> Result<Outcome, ClientError> {
-        let (tx, mut rx) = mpsc::channel::<Item>(4);
         let full = path.under(&self.root);
         let sigs = self.sigs.clone();
         self.progress.file_started(path.as_str(), size);
         let resume = self.resumed.lock().unwrap_or_else(|p| p.into_inner()).remove(&path);
-        let producer =
-            tokio::task::spawn_blocking(move || produce(&full, hash, size, delta_base, resume, &sigs, tx));
-        let (base, from) = match rx.recv().await {
+        // A small file sent whole is read and encoded here, its blocks held: no thread hand-off
+        // per file (a push of many small files spent more on those than on reading them).
+        let (mut rx, producer) = if size <= INLINE_FILE && delta_base.is_none() && resume.is_none() {
+            let mut held = Vec::new();
+            let produced = produce(&full, hash, size, None, None, &sigs, |item| {
+                held.push(item);
+                Ok(())
+            });
+            (Items::Held(held.into_iter()), Producer::Done(produced))
+        } else {
+            let (tx, rx) = mpsc::channel::<Item>(4);
+            let task = tokio::task::spawn_blocking(move || {
+                produce(&full, hash, size, delta_base, resume, &sigs, |item| {
+                    tx.blocking_send(item).map_err(|_| ())
+                })
+            });
+            (Items::Chan(rx), Producer::Task(task))
+        };
+        let (base, from) = match rx.next().await {
             Some(Item::Start { base, from }) => (base, from),
             _ => {
-                let _ = producer.await;
+                let _ = producer.finish().await;
                 return Ok(Outcome::Skipped);
             }
         };
@@ -1350,11 +1366,11 @@ impl Sender {
             Request::Put { path: path.clone(), base_rev, hash, size, meta, base }
         };
         wr.feed(&ClientMsg::Req { id, req }).await?;
-        let mut next = rx.recv().await;
+        let mut next = rx.next().await;
         let mut ended = false;
         while let Some(Item::Block(block, covered)) = next {
             // One block of look-ahead: the last one carries the end of the upload.
-            next = rx.recv().await;
+            next = rx.next().await;
             if next.is_none() {
                 wr.feed_content(&ClientMsg::Last { id, block }, covered).await?;
                 ended = true;
@@ -1366,7 +1382,7 @@ impl Sender {
         if !ended {
             wr.feed(&ClientMsg::End { id }).await?;
         }
-        match producer.await {
+        match producer.finish().await {
             Ok(Produced::Done(s)) => stats.add(s),
             Ok(Produced::Changed) => return Ok(Outcome::Changed),
             // A short upload: the server refuses it, and a delta is retried whole.
@@ -1377,7 +1393,38 @@ impl Sender {
     }
 }
 
-/// Encodes a local file for upload on the blocking pool, in one pass over it: the blocks (a delta
+/// An upload's items: from its encoder on the blocking pool, or all made already.
+enum Items {
+    Chan(mpsc::Receiver<Item>),
+    Held(std::vec::IntoIter<Item>),
+}
+
+impl Items {
+    async fn next(&mut self) -> Option<Item> {
+        match self {
+            Items::Chan(rx) => rx.recv().await,
+            Items::Held(it) => it.next(),
+        }
+    }
+}
+
+/// An upload's encoder: running on the blocking pool, or done.
+enum Producer {
+    Task(tokio::task::JoinHandle<Produced>),
+    Done(Produced),
+}
+
+impl Producer {
+    async fn finish(self) -> Result<Produced, tokio::task::JoinError> {
+        match self {
+            Producer::Task(t) => t.await,
+            Producer::Done(p) => Ok(p),
+        }
+    }
+}
+
+/// Encodes a local file for upload (on the blocking pool, or in place for a small one), in one
+/// pass over it: the blocks (a delta
 /// against the base's cached signature when there is one), the hash that proves the file is still
 /// what the scan saw, and the new version's signature for the next upload. With `resume` (the
 /// base of an upload whose start the server kept, and that start as read here) and the same base,
@@ -1389,27 +1436,27 @@ fn produce(
     delta_base: Option<(ContentHash, u64)>,
     resume: Option<(Option<ContentHash>, Prefix)>,
     sigs: &SigCache,
-    tx: mpsc::Sender<Item>,
+    mut send: impl FnMut(Item) -> Result<(), ()>,
 ) -> Produced {
-    let skip = |tx: &mpsc::Sender<Item>, why: String| {
-        let _ = tx.blocking_send(Item::Skip);
+    let skip = |send: &mut dyn FnMut(Item) -> Result<(), ()>, why: String| {
+        let _ = send(Item::Skip);
         Produced::Failed(why)
     };
     let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(full) {
         Ok(f) => f,
-        Err(e) => return skip(&tx, e.to_string()),
+        Err(e) => return skip(&mut send, e.to_string()),
     };
     match file.metadata() {
         Ok(m) if m.len() == size => {}
-        Ok(_) => return skip(&tx, "changed since scan".into()),
-        Err(e) => return skip(&tx, e.to_string()),
+        Ok(_) => return skip(&mut send, "changed since scan".into()),
+        Err(e) => return skip(&mut send, e.to_string()),
     }
     let sig = delta_base.and_then(|(h, s)| sigs.get(&h, s).map(|sig| (h, sig)));
     let base = sig.as_ref().map(|(h, _)| *h);
     // The server's kept start is of use only to an upload against the same base.
     let resume = resume.filter(|(b, p)| *b == base && p.from < size).map(|(_, p)| p);
     let from = resume.as_ref().map_or(0, |p| p.from);
-    if tx.blocking_send(Item::Start { base, from }).is_err() {
+    if send(Item::Start { base, from }).is_err() {
         return Produced::Failed("connection gone".into());
     }
     // Read, never mapped: a user's file can be truncated under us, and a map then kills the
@@ -1420,9 +1467,8 @@ fn produce(
         None => (delta::FileWindow::new(file, size), sigs.builder_for(&hash, size)),
     };
     let mut data = Skip::new(window, from as usize);
-    let emit = |b, covered: u64| {
-        tx.blocking_send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"))
-    };
+    let emit =
+        |b, covered: u64| send(Item::Block(b, covered)).map_err(|_| std::io::Error::other("connection gone"));
     let stats = match sig {
         Some((_, sig)) => delta::encode_delta_from(&sig, &mut data, new_sig.as_mut(), emit),
         None => delta::encode_whole_from(&mut data, new_sig.as_mut(), emit),
@@ -1637,7 +1683,9 @@ mod tests {
     ) -> (Produced, Vec<Item>) {
         let (tx, mut rx) = mpsc::channel(4);
         std::thread::scope(|s| {
-            let h = s.spawn(|| produce(full, hash, size, None, resume, sigs, tx));
+            let h = s.spawn(|| {
+                produce(full, hash, size, None, resume, sigs, move |i| tx.blocking_send(i).map_err(|_| ()))
+            });
             let mut items = Vec::new();
             while let Some(item) = rx.blocking_recv() {
                 items.push(item);
