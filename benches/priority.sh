@@ -186,6 +186,14 @@ EOF
 ip netns exec "$NS_S" "$BIN" serve --listen "$SRV_IP:$DS_PORT" --data "$WORK/srv" >"$WORK/serve.log" 2>&1 &
 PIDS+=("$!")
 wait_for "$SRV_IP" "$DS_PORT"
+# `serve` listens before it makes its TLS identity on a new data folder, and an `account add`
+# meanwhile makes one too (the two can mix key and certificate): wait for the line `serve` prints
+# once its identity is made and recorded.
+for _ in $(seq 100); do
+    grep -q 'listening on' "$WORK/serve.log" && break
+    sleep 0.1
+done
+grep -q 'listening on' "$WORK/serve.log" || die "serve did not start (log: $WORK/serve.log)"
 added=$("$BIN" account add bench --data "$WORK/srv")
 token=$(tail -n1 <<<"$added")
 fp=$(sed -n 's/^fingerprint: //p' <<<"$added" | head -n1)
@@ -195,7 +203,8 @@ if [ -n "$fp" ]; then trust=(--fingerprint "$fp"); fi
 # Two computers in the client namespace, both folders empty.
 mkdir -p "$WORK/A" "$WORK/B" "$WORK/stage"
 for d in A B; do
-    in_cli "$BIN" watch "$WORK/$d" --server "$SRV_IP:$DS_PORT" --token "$token" "${trust[@]}" \
+    # Not through in_cli: a function run in the background is a subshell, and $! would be its PID.
+    ip netns exec "$NS_C" "$BIN" watch "$WORK/$d" --server "$SRV_IP:$DS_PORT" --token "$token" "${trust[@]}" \
         --device "$d" --no-progress -v >"$WORK/watch-$d.log" 2>&1 &
     PIDS+=("$!")
 done
