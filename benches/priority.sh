@@ -120,13 +120,14 @@ wait_for() {
     die "nothing listens on $1:$2"
 }
 
-# The save-and-poll loop: python3 WORK/save.py A B STAGE PREFIX COUNT GAP TIMEOUT SAVE. One line
-# per save on stderr, then `ms1 ms2 ...` on stdout (`inf` for a save not on B within TIMEOUT).
+# The save-and-poll loop: python3 WORK/save.py A B STAGE PREFIX COUNT GAP TIMEOUT SAVE TIMES. One
+# line per save on stderr, then `ms1 ms2 ...` on stdout (`inf` for a save not on B within TIMEOUT);
+# `NAME SAVED-AT` (Unix time) per save appended to TIMES.
 cat >"$WORK/save.py" <<'EOF'
 import os, sys, time
 a, b, stage, prefix = sys.argv[1:5]
 count, gap, timeout = int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])
-mode = sys.argv[8]
+mode, times = sys.argv[8], open(sys.argv[9], "a")
 out = []
 for i in range(1, count + 1):
     name = f"{prefix}-{i}.txt"
@@ -136,10 +137,10 @@ for i in range(1, count + 1):
         tmp = os.path.join(stage, name)
         with open(tmp, "wb") as f:
             f.write(data)
-        t0 = time.monotonic()
+        w0, t0 = time.time(), time.monotonic()
         os.rename(tmp, os.path.join(a, name))
     else:
-        t0 = time.monotonic()
+        w0, t0 = time.time(), time.monotonic()
         with open(os.path.join(a, name), "wb") as f:
             f.write(data)
     took = None
@@ -159,6 +160,7 @@ for i in range(1, count + 1):
     else:
         print(f"  {name}: {took * 1000:.0f} ms", file=sys.stderr, flush=True)
         out.append(f"{took * 1000:.1f}")
+    print(name, f"{w0:.6f}", file=times, flush=True)
     if i < count:
         time.sleep(max(0.0, gap - (time.monotonic() - t0)) if took is not None else gap)
 print(" ".join(out))
@@ -181,6 +183,38 @@ print(f"{label}: {len(xs)} saves, median {show(rank(0.5))}, p90 {show(rank(0.9))
 EOF
 }
 
+# split PREFIX: per save of PREFIX-I.txt, A's part (the save until A's watch prints `uploaded`,
+# i.e. the server has committed it) and the rest (until B's watch prints `downloaded`).
+split() {
+    python3 - "$1" "$WORK/times" "$WORK/watch-A.log" "$WORK/watch-B.log" <<'EOF'
+import sys
+prefix, times, la, lb = sys.argv[1:5]
+def seen(path, word):
+    out = {}
+    for line in open(path, errors="replace"):
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == word:
+            out.setdefault(parts[2], float(parts[0]))
+    return out
+up, down = seen(la, "uploaded"), seen(lb, "downloaded")
+a, b = [], []
+for line in open(times):
+    name, w0 = line.split()
+    if not name.startswith(prefix + "-"):
+        continue
+    if name in up:
+        a.append((up[name] - float(w0)) * 1000)
+        if name in down:
+            b.append((down[name] - up[name]) * 1000)
+def show(xs):
+    if not xs:
+        return "none"
+    xs = sorted(xs)
+    return f"median {xs[(len(xs) + 1) // 2 - 1]:.0f} ms, max {xs[-1]:.0f} ms ({len(xs)})"
+print(f"A's part (save -> A prints uploaded): {show(a)}; B's part (-> B prints downloaded): {show(b)}")
+EOF
+}
+
 # Server and account.
 "$BIN" --version >&2 || true
 ip netns exec "$NS_S" "$BIN" serve --listen "$SRV_IP:$DS_PORT" --data "$WORK/srv" >"$WORK/serve.log" 2>&1 &
@@ -200,20 +234,24 @@ fp=$(sed -n 's/^fingerprint: //p' <<<"$added" | head -n1)
 trust=()
 if [ -n "$fp" ]; then trust=(--fingerprint "$fp"); fi
 
+# stamp: each line of stdin with the Unix time it was read before it (the watch logs' "uploaded
+# NAME" / "downloaded NAME" lines then split a save's time into A's part and B's).
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done; }
+
 # Two computers in the client namespace, both folders empty.
 mkdir -p "$WORK/A" "$WORK/B" "$WORK/stage"
 for d in A B; do
     # Not through in_cli: a function run in the background is a subshell, and $! would be its PID.
     ip netns exec "$NS_C" "$BIN" watch "$WORK/$d" --server "$SRV_IP:$DS_PORT" --token "$token" "${trust[@]}" \
-        --device "$d" --no-progress -v >"$WORK/watch-$d.log" 2>&1 &
+        --device "$d" --no-progress -v > >(stamp >"$WORK/watch-$d.log") 2>&1 &
     PIDS+=("$!")
 done
 # Both are up once a first file goes through (not timed).
-python3 "$WORK/save.py" "$WORK/A" "$WORK/B" "$WORK/stage" warm 1 0 60 write >/dev/null 2>&1 ||
+python3 "$WORK/save.py" "$WORK/A" "$WORK/B" "$WORK/stage" warm 1 0 60 write /dev/null >/dev/null 2>&1 ||
     die "a first file did not reach B within 60 s (logs: $WORK/watch-A.log, watch-B.log)"
 
 echo "[idle] $N_IDLE saves of 1 KiB on A over an idle $RATE link ($SAVE)" >&2
-idle=$(python3 "$WORK/save.py" "$WORK/A" "$WORK/B" "$WORK/stage" idle "$N_IDLE" "$GAP" "$TIMEOUT" "$SAVE")
+idle=$(python3 "$WORK/save.py" "$WORK/A" "$WORK/B" "$WORK/stage" idle "$N_IDLE" "$GAP" "$TIMEOUT" "$SAVE" "$WORK/times")
 # shellcheck disable=SC2086
 idle_line=$(summary "idle link" $idle)
 
@@ -229,8 +267,20 @@ sent=$((tx1 - tx0))
 echo "[busy] $sent bytes sent by the client in the $WAIT s after the move" >&2
 [ "$sent" -gt $((1024 * 1024)) ] || die "the big upload is not under way ($sent bytes in $WAIT s; logs in $WORK)"
 
+# The queue in front of the client's end of the link (tbf's backlog) every 200 ms: what a small
+# file's packets wait behind there.
+(
+    while :; do
+        in_cli tc -s qdisc show dev "$IF_C" | sed -n 's/^ *backlog \([0-9]*\)b.*/\1/p'
+        sleep 0.2
+    done
+) >"$WORK/backlog" &
+sampler=$!
+PIDS+=("$sampler")
 echo "[busy] $N saves of 1 KiB on A during the upload ($SAVE)" >&2
-busy=$(python3 "$WORK/save.py" "$WORK/A" "$WORK/B" "$WORK/stage" small "$N" "$GAP" "$TIMEOUT" "$SAVE")
+busy=$(python3 "$WORK/save.py" "$WORK/A" "$WORK/B" "$WORK/stage" small "$N" "$GAP" "$TIMEOUT" "$SAVE" "$WORK/times")
+kill "$sampler"
+wait "$sampler" 2>/dev/null || true
 tx2=$(tx_bytes)
 t2=$EPOCHREALTIME
 sleep 1
@@ -244,9 +294,16 @@ still=$((tx3 - tx2))
 echo
 echo "$("$BIN" --version 2>/dev/null || echo "$BIN"), veth pair shaped to $RATE each way (tbf burst 32kbit latency 400ms), saves by $SAVE:"
 echo "  $idle_line"
+echo "    $(split idle)"
 echo "  $busy_line"
+echo "    $(split small)"
 echo "  the client sent $((tx2 - tx0)) bytes from the move to the last save ($rate Mbit/s during the saves) of a $big_bytes-byte file;"
 echo "  at the end: $on_b, the client sent $still bytes in the next second"
+sort -n "$WORK/backlog" | awk -v rate="$RATE" '
+    function bits(r) { if (r ~ /[gG]bit$/) return r * 1e9; if (r ~ /[mM]bit$/) return r * 1e6; if (r ~ /[kK]bit$/) return r * 1e3; return r }
+    { v[NR] = $1 }
+    END { if (NR == 0) exit; b = bits(rate); m = v[int((NR + 1) / 2)]; x = v[NR]
+          printf "  queue in front of the client'"'"'s link (tbf backlog, %d samples): median %d B (%.0f ms at %s), max %d B (%.0f ms)\n", NR, m, m * 8000 / b, rate, x, x * 8000 / b }'
 for d in A B; do
     n=$(grep -c -i -E 'error|warn' "$WORK/watch-$d.log" || true)
     echo "  watch $d: $n lines with error or warn"
