@@ -23,13 +23,17 @@
 # (SAVE=mv: an editor saving by rename). The clock starts before the open (or the rename); B
 # is polled every 1 ms from the same python3 process (the namespaces share the file system). The
 # times are whole-process figures: A's watch noticing the change, its round, the commit on the
-# server, the server's notice to B, B's round and its download into place.
+# server, the server's notice to B, B's round and its download into place. The watch logs are
+# time-stamped as their lines arrive, so each save's time is also split at A's `uploaded NAME`
+# line (the server has committed it); during the upload, tbf's backlog on the client's end (the
+# queue a small file's packets wait in) is sampled every 200 ms.
 #
 # Needs root (network namespaces and tc), iproute2 (`ip`, `tc`) and python3.
 # Environment: RATE (tbf rate, default 20mbit), N (saves during the upload, default 15), N_IDLE
 # (saves on the idle link, default 15), GAP (s between saves, default 2), TIMEOUT (s per save,
 # default 20), WAIT (s between the big file's move and the first save, default 5), BIG (size of
-# the big file for `head -c`, default 1G), SAVE (write or mv), DELTASYNC_BENCH_TMP (work folder
+# the big file for `head -c`, default 1G), SAVE (write or mv), WATCH_ARGS (more options for both
+# watch processes, e.g. `--bwlimit 1M`), DELTASYNC_BENCH_TMP (work folder
 # parent, default $TMPDIR or /tmp), DELTASYNC_BIN (default target/release/deltasync, built
 # first; point it at an older build for a "before" figure), KEEP=1 keeps the work folder (the
 # watch and serve logs are in it).
@@ -239,11 +243,12 @@ if [ -n "$fp" ]; then trust=(--fingerprint "$fp"); fi
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done; }
 
 # Two computers in the client namespace, both folders empty.
+read -r -a watch_args <<<"${WATCH_ARGS:-}"
 mkdir -p "$WORK/A" "$WORK/B" "$WORK/stage"
 for d in A B; do
     # Not through in_cli: a function run in the background is a subshell, and $! would be its PID.
     ip netns exec "$NS_C" "$BIN" watch "$WORK/$d" --server "$SRV_IP:$DS_PORT" --token "$token" "${trust[@]}" \
-        --device "$d" --no-progress -v > >(stamp >"$WORK/watch-$d.log") 2>&1 &
+        --device "$d" --no-progress -v "${watch_args[@]}" > >(stamp >"$WORK/watch-$d.log") 2>&1 &
     PIDS+=("$!")
 done
 # Both are up once a first file goes through (not timed).
@@ -292,7 +297,7 @@ if [ -e "$WORK/B/big.bin" ]; then on_b="B HAS big.bin (the upload ended during t
 still=$((tx3 - tx2))
 
 echo
-echo "$("$BIN" --version 2>/dev/null || echo "$BIN"), veth pair shaped to $RATE each way (tbf burst 32kbit latency 400ms), saves by $SAVE:"
+echo "$("$BIN" --version 2>/dev/null || echo "$BIN"), veth pair shaped to $RATE each way (tbf burst 32kbit latency 400ms), saves by $SAVE${WATCH_ARGS:+, watch $WATCH_ARGS}:"
 echo "  $idle_line"
 echo "    $(split idle)"
 echo "  $busy_line"
