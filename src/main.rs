@@ -104,6 +104,7 @@ fn sync_code(s: &SyncError) -> u8 {
     match s {
         SyncError::Client(c) => client_code(c),
         SyncError::Io { .. } | SyncError::Index(_) => code::DISK,
+        SyncError::Linked(_) => code::USAGE,
         _ => code::FAILED,
     }
 }
@@ -310,8 +311,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { dir } => {
-            print!("{}", deltasync::status::status(&dir)?);
+        Command::Status { dir, folder } => {
+            print!("{}", deltasync::status::status(&dir, folder.as_deref())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { dir, path, deleted, json, limit } => {
@@ -627,6 +628,8 @@ fn connect_options(args: &SyncArgs) -> anyhow::Result<Options> {
         timeout: Some(std::time::Duration::from_secs(args.timeout)),
         max_delete: args.max_delete,
         bwlimit: args.bwlimit,
+        folder: args.folder.clone(),
+        relink: args.relink,
         ..Options::default()
     })
 }

@@ -13,8 +13,28 @@ pub const MAGIC: [u8; 8] = *b"DLTASYNC";
 /// 2: `Welcome::Accepted` carries the server's identity and the account's journal position.
 /// 3: history (`Log`, `Restore`, `Undo`, ...) and resumable transfers. 4: over TLS only;
 /// `ServerMsg::Revoked`. 5: every message after the first each way travels in compressed runs
-/// (see [`super::connection`]); no `Stream` blocks.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// (see [`super::connection`]); no `Stream` blocks. 6: `Hello` names the account's folder
+/// (several folders per account), `Welcome::Accepted` answers for it.
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The folder a client syncs when it names none (`--folder`): an account's first tree.
+pub const DEFAULT_FOLDER: &str = "default";
+
+/// Checks a folder name (`--folder`, `Hello::folder`): 1 to 64 of `A-Z a-z 0-9 . _ -`, not
+/// starting with `.`. The error says what is wrong and what is allowed.
+pub fn check_folder(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid folder name `{}`: use 1 to 64 letters, digits, `.`, `_` or `-`, not starting with `.` (like `docs` or `photos-2024`)",
+            name.escape_debug()
+        ))
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -23,6 +43,9 @@ pub struct Hello {
     /// `None` asks for a new account (only honoured with `--open-registration`).
     pub token: Option<String>,
     pub device: String,
+    /// Which of the account's folders this connection syncs ([`DEFAULT_FOLDER`] unless told);
+    /// checked by [`check_folder`].
+    pub folder: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,9 +56,11 @@ pub enum Welcome {
         /// 16 random bytes made when the server's data folder was created: another value than
         /// last time means another server (or a new data folder).
         server_id: [u8; 16],
-        /// The account's journal sequence now: lower than a client last saw means the server
+        /// The folder's journal sequence now: lower than a client last saw means the server
         /// was restored from an older backup.
         seq: u64,
+        /// The folder the session works on (the `Hello`'s).
+        folder: String,
     },
     Rejected {
         reason: Rejection,
@@ -49,6 +74,8 @@ pub enum Rejection {
     BadMagic,
     Version,
     Auth,
+    /// `Hello::folder` is not a valid folder name (protocol 6).
+    Folder,
 }
 
 /// Permission bits and modification time, the metadata that travels with every node.
