@@ -255,6 +255,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let quota =
                     a.quota.map_or("no quota".to_string(), |q| format!("quota {}", server::human_size(q)));
                 println!("  {} used ({} bytes), {quota}", server::human_size(a.used), a.used);
+                // Its folders, when it has more than `default` (the usage above is theirs together).
+                let folders = meta.folders(a.account.id)?;
+                for (name, seq, used) in folders.iter().filter(|_| folders.len() > 1) {
+                    println!("  folder {name}: {seq} changes, {} used", server::human_size(*used));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

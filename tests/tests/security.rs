@@ -101,8 +101,13 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 /// A handshake over a blocking TLS connection, by hand.
 fn handshake_std(srv: &Server, token: &str) -> TlsStream {
     let mut s = srv.tls();
-    let hello =
-        Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
+    let hello = Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        token: Some(token.into()),
+        device: "raw".into(),
+        folder: "default".into(),
+    };
     s.write_all(&frame(&postcard::to_allocvec(&hello).unwrap())).unwrap();
     let mut len = [0u8; 4];
     s.read_exact(&mut len).unwrap();
@@ -315,6 +320,7 @@ async fn connect(addr: Endpoint, token: &str) -> (FrameReader, FrameWriter) {
         version: PROTOCOL_VERSION,
         token: Some(token.into()),
         device: "raw".into(),
+        folder: "default".into(),
     })
     .await
     .unwrap();
