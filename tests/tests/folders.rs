@@ -78,7 +78,8 @@ fn two_folders_of_one_account_keep_separate_trees_and_histories() {
     assert!(accounts[0].starts_with("alice\t"), "{}", list.dump());
     assert!(list.stdout.contains("folder docs:") && list.stdout.contains("folder pics:"), "{}", list.dump());
     // Removing the account removes its folders.
-    run(command().args(["account", "remove", "alice", "--yes", "--data"]).arg(&srv.data)).ok("account remove");
+    run(command().args(["account", "remove", "alice", "--yes", "--data"]).arg(&srv.data))
+        .ok("account remove");
     let conn = rusqlite::Connection::open(srv.data.join("deltasync.db")).unwrap();
     for table in ["accounts", "files", "history"] {
         let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap();

@@ -1539,8 +1539,8 @@ mod tests {
             c.execute_batch("UPDATE accounts SET used=123, quota=4096 WHERE name='alice'").unwrap();
         }
         let m = SqliteMeta::open(&path).unwrap();
-        assert_eq!(m.layout().unwrap(), 3);
-        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota"]);
+        assert_eq!(m.layout().unwrap(), 4);
+        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota", "owner", "folder"]);
         let (a, dev) = m.authenticate("token-alice").unwrap().unwrap();
         assert_eq!((a.id, a.name.as_str(), dev.name.as_str()), (1, "alice", FIRST_DEVICE));
         let (b, _) = m.authenticate("token-bob").unwrap().unwrap();
@@ -1665,7 +1665,7 @@ mod tests {
     fn a_fresh_database_has_the_current_schema() {
         let d = tempfile::tempdir().unwrap();
         let m = SqliteMeta::open(&d.path().join("db")).unwrap();
-        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota"]);
+        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota", "owner", "folder"]);
         m.mark_layout().unwrap();
         assert_eq!(m.layout().unwrap(), SCHEMA_VERSION);
     }
