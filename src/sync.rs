@@ -130,6 +130,17 @@ pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
 }
 
+/// What a folder's index says it syncs with.
+struct Link {
+    /// `None`: it never synced.
+    account: Option<String>,
+    /// The account's folder (an index of a version before folders: `default`).
+    folder: String,
+    /// The server's address and identity (hex).
+    server: Option<String>,
+    server_id: Option<String>,
+}
+
 /// An open folder: its index, held under an exclusive lock so two runs never interleave.
 pub struct Folder {
     pub root: PathBuf,
@@ -203,15 +214,14 @@ impl Folder {
         })
     }
 
-    /// What this folder is linked to: account (`None`: never synced), folder (an index of a
-    /// version before folders: `default`), server address and identity.
-    fn link(&self) -> Result<(Option<String>, String, Option<String>, Option<String>), SyncError> {
-        Ok((
-            self.index.setting("account")?,
-            self.index.setting("folder")?.unwrap_or_else(|| DEFAULT_FOLDER.to_string()),
-            self.index.setting("server")?,
-            self.index.setting("server_id")?,
-        ))
+    /// What this folder is linked to.
+    fn link(&self) -> Result<Link, SyncError> {
+        Ok(Link {
+            account: self.index.setting("account")?,
+            folder: self.index.setting("folder")?.unwrap_or_else(|| DEFAULT_FOLDER.to_string()),
+            server: self.index.setting("server")?,
+            server_id: self.index.setting("server_id")?,
+        })
     }
 
     /// The refusal to sync a folder linked elsewhere, naming both links.
@@ -227,7 +237,7 @@ impl Folder {
     /// identity) is refused ([`SyncError::Linked`]) unless `s.relink`; then the server state is
     /// forgotten, so no path has a base and nothing is deleted: the trees merge.
     pub async fn connect(&mut self, s: &Settings, progress: &Progress) -> Result<Client, SyncError> {
-        let (account, folder, server, known_id) = self.link()?;
+        let Link { account, folder, server, server_id: known_id } = self.link()?;
         let shown = |a: &str, f: &str, srv: &str| format!("folder `{f}` of account `{a}` on {srv}");
         // Refused before connecting: a folder named by mistake is not made on the server.
         if let Some(a) = &account

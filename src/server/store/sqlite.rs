@@ -409,31 +409,43 @@ impl MetaStore for SqliteMeta {
     }
 
     fn space(&self, account: AccountId, folder: &str) -> Result<Option<AccountId>, MetaError> {
+        // Found by its name (`ACCOUNT_ID/FOLDER`, the unique index) without a write lock: every
+        // connection asks, and only a folder's first one writes.
+        let name = format!("{account}/{folder}");
+        let find = |c: &rusqlite::Connection| -> Result<Option<AccountId>, MetaError> {
+            if !c
+                .prepare_cached("SELECT 1 FROM accounts WHERE id=?1 AND owner IS NULL")?
+                .exists(params![account])?
+            {
+                return Ok(None);
+            }
+            if folder == crate::protocol::DEFAULT_FOLDER {
+                return Ok(Some(account));
+            }
+            Ok(c.prepare_cached("SELECT id FROM accounts WHERE name=?1 AND owner=?2")?
+                .query_row(params![name, account], |r| r.get::<_, AccountId>(0))
+                .optional()?)
+        };
         let mut c = self.conn();
+        if let Some(id) = find(&c)? {
+            return Ok(Some(id));
+        }
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Checked again under the write lock: the account may be gone, or another process may
+        // have made the space meanwhile.
         let live = tx
             .prepare_cached("SELECT 1 FROM accounts WHERE id=?1 AND owner IS NULL")?
             .exists(params![account])?;
         if !live {
             return Ok(None);
         }
-        if folder == crate::protocol::DEFAULT_FOLDER {
-            return Ok(Some(account));
-        }
-        let found = tx
-            .prepare_cached("SELECT id FROM accounts WHERE owner=?1 AND folder=?2")?
-            .query_row(params![account, folder], |r| r.get::<_, AccountId>(0))
-            .optional()?;
-        if let Some(id) = found {
-            return Ok(Some(id));
-        }
         tx.execute(
-            "INSERT INTO accounts (name, created, owner, folder) VALUES (?1, ?2, ?3, ?4)",
-            params![format!("{account}/{folder}"), now_secs(), account, folder],
+            "INSERT OR IGNORE INTO accounts (name, created, owner, folder) VALUES (?1, ?2, ?3, ?4)",
+            params![name, now_secs(), account, folder],
         )?;
-        let id = tx.last_insert_rowid();
+        let id = find(&tx)?;
         tx.commit()?;
-        Ok(Some(id))
+        Ok(id)
     }
 
     fn folders(&self, account: AccountId) -> Result<Vec<(String, u64, u64)>, MetaError> {
