@@ -227,7 +227,9 @@ impl Folder {
     /// The refusal to sync a folder linked elsewhere, naming both links.
     fn linked_elsewhere(&self, was: &str, now: &str, keep: &str) -> SyncError {
         SyncError::Linked(format!(
-            "{} is linked to {was}, not {now}; refusing to merge the two trees. Run it {keep} to sync it with              its link, or add --relink to link it to {now} instead (both trees are then kept and merged:              nothing is deleted on either side)",
+            "{} is linked to {was}, not {now}; refusing to merge the two trees. Run it {keep} to sync it with \
+             its link, or add --relink to link it to {now} instead (both trees are then kept and merged: \
+             nothing is deleted on either side)",
             self.root.display()
         ))
     }
@@ -270,7 +272,8 @@ impl Folder {
                 ));
             }
             progress.say(&format!(
-                "note: {} was linked to {was}; linking it to {now} (--relink): every path is re-checked,                  nothing is deleted, differing versions are kept as conflict copies",
+                "note: {} was linked to {was}; linking it to {now} (--relink): every path is re-checked, \
+                 nothing is deleted, differing versions are kept as conflict copies",
                 self.root.display()
             ));
             self.index.forget_server_state()?;

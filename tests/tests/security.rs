@@ -799,7 +799,13 @@ fn a_server_with_another_certificate_is_refused_before_the_token_is_sent() {
     let out = sync_cmd("push", a.path(), &other, &token2, &[]);
     assert_eq!(out.status.code(), Some(8), "{}", out.dump());
     assert!(list_tree(&other.files()).is_empty(), "a refused push reached the new server");
-    sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint]).ok("--fingerprint");
+    // Trusting it is not yet linking to it: the folder is linked to the first server.
+    let out = sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.dump());
+    assert!(out.stderr.contains("--relink"), "{}", out.dump());
+    assert!(list_tree(&other.files()).is_empty(), "a refused push reached the new server");
+    sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint, "--relink"])
+        .ok("--fingerprint --relink");
     let b = temp_dir("ds-pin-b-");
     pull(b.path(), &other, &token2);
     assert_same_tree(a.path(), b.path());
