@@ -44,8 +44,15 @@ pub struct Hello {
     pub token: Option<String>,
     pub device: String,
     /// Which of the account's folders this connection syncs ([`DEFAULT_FOLDER`] unless told);
-    /// checked by [`check_folder`].
+    /// checked by [`check_folder`]. A `Hello` of protocol 5 ends before it: read as empty, so
+    /// that client is told the versions differ (checked first), not that it is no client.
+    #[serde(deserialize_with = "folder_or_empty")]
     pub folder: String,
+}
+
+/// [`Hello::folder`], or an empty name where the message ends before it (an older client).
+fn folder_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(String::deserialize(d).unwrap_or_default())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -375,5 +382,43 @@ pub enum RefusalKind {
 impl Refusal {
     pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
         Refusal { kind, message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `Hello` as protocol 5 had it.
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct HelloV5 {
+        magic: [u8; 8],
+        version: u32,
+        token: Option<String>,
+        device: String,
+    }
+
+    /// Both ways across the folder field, the version is read, so each side can say the versions
+    /// differ: a server of protocol 5 reads a new `Hello` (postcard leaves the folder unread), and
+    /// a new server reads an old one (the folder empty).
+    #[test]
+    fn hellos_of_protocol_5_and_6_read_each_others_version() {
+        let new = Hello { magic: MAGIC, version: 6, token: None, device: "d".into(), folder: "docs".into() };
+        let old: HelloV5 = postcard::from_bytes(&postcard::to_allocvec(&new).unwrap()).unwrap();
+        assert_eq!(old, HelloV5 { magic: MAGIC, version: 6, token: None, device: "d".into() });
+        let back: Hello = postcard::from_bytes(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!((back.version, back.folder.as_str()), (6, ""));
+        let same: Hello = postcard::from_bytes(&postcard::to_allocvec(&new).unwrap()).unwrap();
+        assert_eq!(same.folder, "docs");
+    }
+
+    #[test]
+    fn folder_names() {
+        for ok in ["default", "docs", "Photos_2024-v1.0", "a", &"x".repeat(64)] {
+            assert_eq!(check_folder(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".git", "a/b", "..", "a b", "é", &"x".repeat(65), "a\0"] {
+            assert!(check_folder(bad).unwrap_err().contains("invalid folder name"), "{bad:?}");
+        }
     }
 }

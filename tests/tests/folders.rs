@@ -352,3 +352,29 @@ fn the_server_refuses_a_bad_folder_name_in_the_hello() {
     let list = run(command().args(["account", "list", "--data"]).arg(&srv.data)).ok("account list");
     assert!(!list.stdout.contains("folder "), "{}", list.dump());
 }
+
+/// A client of the version before folders (its `Hello` has no folder) is told the versions
+/// differ (exit 5 on its side), not that it is no deltasync client.
+#[test]
+fn a_client_of_protocol_5_gets_the_version_mismatch() {
+    use deltasync::protocol::*;
+    #[derive(serde::Serialize)]
+    struct HelloV5 {
+        magic: [u8; 8],
+        version: u32,
+        token: Option<String>,
+        device: String,
+    }
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let mut s = srv.tls();
+    let hello = HelloV5 { magic: MAGIC, version: 5, token: Some(token), device: "old".into() };
+    send_frame(&mut s, &hello).expect("send hello");
+    match recv_frame::<Welcome>(&mut s) {
+        Some(Welcome::Rejected { reason: Rejection::Version, message, server_version }) => {
+            assert_eq!(server_version, PROTOCOL_VERSION);
+            assert!(message.contains("protocol version mismatch"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
