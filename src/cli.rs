@@ -78,6 +78,9 @@ pub enum Command {
     Status {
         /// The synced folder.
         dir: PathBuf,
+        /// Check that DIR is linked to this folder of the account (exit 2 if it is not).
+        #[arg(long, value_name = "NAME", env = "DELTASYNC_FOLDER", value_parser = parse_folder)]
+        folder: Option<String>,
     },
     /// Show a path's versions (newest first), or the folder's recent changes, from the server.
     Log {
@@ -221,6 +224,10 @@ fn parse_time(s: &str) -> Result<i64, String> {
     when::parse_point(s, when::now_secs())
 }
 
+fn parse_folder(s: &str) -> Result<String, String> {
+    deltasync::protocol::check_folder(s).map(|()| s.to_string())
+}
+
 fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
     s.parse()
 }
@@ -326,6 +333,15 @@ pub struct SyncArgs {
     /// Name of this computer in conflict copies and the journal (default: host name).
     #[arg(long)]
     pub device: Option<String>,
+    /// Which of the account's folders DIR syncs with (made on the server on first use; one
+    /// token serves them all): 1-64 of A-Z a-z 0-9 . _ -. Default: the one DIR is linked to,
+    /// else `default`.
+    #[arg(long, value_name = "NAME", env = "DELTASYNC_FOLDER", value_parser = parse_folder)]
+    pub folder: Option<String>,
+    /// Sync DIR with the account, --folder or server given even though it is linked to another
+    /// one (refused otherwise, exit 2): the two trees are merged, nothing is deleted.
+    #[arg(long)]
+    pub relink: bool,
     /// Print rsync-style transfer statistics.
     #[arg(long)]
     pub stats: bool,

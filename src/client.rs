@@ -46,13 +46,15 @@ pub struct Client {
     pub counters: Arc<Counters>,
     /// The account's name on the server.
     pub account: String,
+    /// The account's folder this connection syncs (as the server confirmed it).
+    pub folder: String,
     /// Set when the server just registered a new account for this client.
     pub new_token: Option<String>,
     /// The highest journal sequence the server announced (after `Subscribe`).
     pub notified: Arc<AtomicU64>,
     /// The server's data folder identity, from the handshake.
     pub server_id: [u8; 16],
-    /// The account's journal sequence at the handshake.
+    /// The folder's journal sequence at the handshake.
     pub server_seq: u64,
     /// What the TLS handshake found of the server's certificate.
     pub seen: Seen,
@@ -64,6 +66,8 @@ pub struct Connect<'a> {
     pub addr: &'a str,
     pub token: Option<&'a str>,
     pub device: &'a str,
+    /// Which of the account's folders (`--folder`, [`DEFAULT_FOLDER`] unless told).
+    pub folder: &'a str,
     pub trust: Trust,
     /// `trust` came from `--fingerprint` (not from the folder's memory).
     pub from_flag: bool,
@@ -116,6 +120,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             token: c.token.map(String::from),
             device: c.device.to_string(),
+            folder: c.folder.to_string(),
         };
         let welcome = tokio::time::timeout(c.timeout, async {
             wr.send(&hello).await?;
@@ -130,11 +135,12 @@ impl Client {
         })?;
         match welcome? {
             None => Err(ClientError::Rejected("closed during the handshake".into())),
-            Some(Welcome::Accepted { account, new_token, server_id, seq }) => Ok(Client {
+            Some(Welcome::Accepted { account, new_token, server_id, seq, folder }) => Ok(Client {
                 rd,
                 wr,
                 counters,
                 account,
+                folder,
                 new_token,
                 notified: Arc::default(),
                 server_id,

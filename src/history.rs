@@ -147,6 +147,8 @@ pub struct Remembered {
     pub token: Option<String>,
     pub device: String,
     pub account: Option<String>,
+    /// The account's folder it syncs with (`default` for an index of a version before folders).
+    pub folder: String,
     pub server_id: Option<String>,
     /// The server's certificate, as trusted at the last sync (`fingerprint` setting).
     pub trust: crate::transport::Trust,
@@ -161,6 +163,7 @@ pub fn remembered(dir: &Path) -> Result<Remembered, HistoryError> {
         token: index.setting("token")?,
         device: index.setting("device")?.unwrap_or_else(hostname),
         account: index.setting("account")?,
+        folder: index.setting("folder")?.unwrap_or_else(|| crate::protocol::DEFAULT_FOLDER.to_string()),
         server_id: index.setting("server_id")?,
         trust: crate::transport::Trust::from_setting(index.setting("fingerprint")?.as_deref()),
     })
@@ -184,6 +187,7 @@ pub async fn connect(dir: &Path) -> Result<(Client, Option<String>), HistoryErro
         addr: &r.server,
         token: Some(token),
         device: &r.device,
+        folder: &r.folder,
         trust: r.trust.clone(),
         from_flag: false,
         timeout: crate::client::CONNECT_TIMEOUT,

@@ -104,6 +104,7 @@ fn sync_code(s: &SyncError) -> u8 {
     match s {
         SyncError::Client(c) => client_code(c),
         SyncError::Io { .. } | SyncError::Index(_) => code::DISK,
+        SyncError::Linked(_) => code::USAGE,
         _ => code::FAILED,
     }
 }
@@ -254,6 +255,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let quota =
                     a.quota.map_or("no quota".to_string(), |q| format!("quota {}", server::human_size(q)));
                 println!("  {} used ({} bytes), {quota}", server::human_size(a.used), a.used);
+                // Its folders, when it has more than `default` (the usage above is theirs together).
+                let folders = meta.folders(a.account.id)?;
+                for (name, seq, used) in folders.iter().filter(|_| folders.len() > 1) {
+                    println!("  folder {name}: {seq} changes, {} used", server::human_size(*used));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -310,8 +316,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { dir } => {
-            print!("{}", deltasync::status::status(&dir)?);
+        Command::Status { dir, folder } => {
+            print!("{}", deltasync::status::status(&dir, folder.as_deref())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { dir, path, deleted, json, limit } => {
@@ -627,6 +633,8 @@ fn connect_options(args: &SyncArgs) -> anyhow::Result<Options> {
         timeout: Some(std::time::Duration::from_secs(args.timeout)),
         max_delete: args.max_delete,
         bwlimit: args.bwlimit,
+        folder: args.folder.clone(),
+        relink: args.relink,
         ..Options::default()
     })
 }

@@ -12,7 +12,8 @@ use crate::sync::{SyncError, describe, guard, input, plan, state_dir};
 /// How many recent changes and pending paths to list.
 const LIST: usize = 10;
 
-pub fn status(root: &Path) -> Result<String, SyncError> {
+/// `folder`: `status --folder`, checked against the folder DIR is linked to.
+pub fn status(root: &Path, folder: Option<&str>) -> Result<String, SyncError> {
     let sd = state_dir(root);
     if !sd.join("index.db").exists() {
         return Err(SyncError::Other(format!(
@@ -31,6 +32,18 @@ pub fn status(root: &Path) -> Result<String, SyncError> {
     };
     let _ = writeln!(out, "Server:   {}{trust}", get("server")?);
     let _ = writeln!(out, "Account:  {}", get("account")?);
+    // An index made before folders existed syncs the account's `default` folder.
+    let linked = index.setting("folder")?.unwrap_or_else(|| crate::protocol::DEFAULT_FOLDER.to_string());
+    if let Some(f) = folder
+        && f != linked
+    {
+        return Err(SyncError::Linked(format!(
+            "{} is linked to folder `{linked}` of its account, not `{f}`; run `deltasync status` without --folder \
+             (or with --folder {linked}), or push/pull it with --folder {f} --relink to link it to `{f}`",
+            root.display()
+        )));
+    }
+    let _ = writeln!(out, "Server folder: {linked}");
     let _ = writeln!(out, "Device:   {}", get("device")?);
     let last = index.setting("last_sync")?.and_then(|s| s.parse::<u64>().ok());
     let _ = writeln!(

@@ -34,7 +34,7 @@ use crate::client::{Client, ClientError};
 use crate::delta::SigCache;
 use crate::path::{RelPath, STATE_DIR};
 use crate::progress::Progress;
-use crate::protocol::{Entry, Node};
+use crate::protocol::{DEFAULT_FOLDER, Entry, Node};
 use crate::transport::Trust;
 use index::{Batch, Index, IndexError, Synced};
 use plan::Action;
@@ -53,6 +53,10 @@ pub enum SyncError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("{0} is used by another deltasync process (push, pull or watch); wait for it to finish")]
     Locked(PathBuf),
+    /// The folder is linked to another account, folder or server than this run's, and
+    /// `--relink` was not given (a usage error: exit 2).
+    #[error("{0}")]
+    Linked(String),
     #[error("{0}")]
     Other(String),
 }
@@ -80,6 +84,11 @@ pub struct Options {
     pub defer_deletes: bool,
     /// `watch`: big files go over this lane of their own, beside the rounds.
     pub lane: Option<Arc<lane::Lane>>,
+    /// `--folder`: which of the account's folders (default: the one remembered, else `default`).
+    pub folder: Option<String>,
+    /// `--relink`: sync with the account, folder or server given even if this folder was linked
+    /// to another one.
+    pub relink: bool,
 }
 
 /// Where a folder's settings came from, after resolving flags, environment and `.deltasync/`.
@@ -96,6 +105,10 @@ pub struct Settings {
     /// `--bwlimit`'s buckets, shared by every connection made with these settings (`watch`'s
     /// reconnects and its lane for big files).
     pub bwlimit: crate::protocol::Shaper,
+    /// The account's folder to sync with.
+    pub folder: String,
+    /// `--relink`: a link to another account, folder or server may replace the remembered one.
+    pub relink: bool,
 }
 
 impl Settings {
@@ -104,6 +117,7 @@ impl Settings {
             addr: &self.server,
             token: self.token.as_deref(),
             device: &self.device,
+            folder: &self.folder,
             trust: self.trust.clone(),
             from_flag: self.trust_from_flag,
             timeout: self.timeout,
@@ -118,6 +132,17 @@ pub fn state_dir(root: &Path) -> PathBuf {
 
 pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// What a folder's index says it syncs with.
+struct Link {
+    /// `None`: it never synced.
+    account: Option<String>,
+    /// The account's folder (an index of a version before folders: `default`).
+    folder: String,
+    /// The server's address and identity (hex).
+    server: Option<String>,
+    server_id: Option<String>,
 }
 
 /// An open folder: its index, held under an exclusive lock so two runs never interleave.
@@ -176,13 +201,99 @@ impl Folder {
             None => (Trust::from_setting(self.index.setting("fingerprint")?.as_deref()), false),
         };
         let timeout = opts.timeout.unwrap_or(crate::client::CONNECT_TIMEOUT);
-        let bwlimit = crate::protocol::Shaper::new(opts.bwlimit);
-        Ok(Settings { server, token, device, trust, trust_from_flag, timeout, bwlimit })
+        let folder = match &opts.folder {
+            Some(f) => f.clone(),
+            None => self.index.setting("folder")?.unwrap_or_else(|| DEFAULT_FOLDER.to_string()),
+        };
+        Ok(Settings {
+            server,
+            token,
+            device,
+            trust,
+            trust_from_flag,
+            timeout,
+            bwlimit: crate::protocol::Shaper::new(opts.bwlimit),
+            folder,
+            relink: opts.relink,
+        })
     }
 
-    /// Connects and, only once the server accepted, remembers server, token and account.
+    /// What this folder is linked to.
+    fn link(&self) -> Result<Link, SyncError> {
+        Ok(Link {
+            account: self.index.setting("account")?,
+            folder: self.index.setting("folder")?.unwrap_or_else(|| DEFAULT_FOLDER.to_string()),
+            server: self.index.setting("server")?,
+            server_id: self.index.setting("server_id")?,
+        })
+    }
+
+    /// The refusal to sync a folder linked elsewhere, naming both links.
+    fn linked_elsewhere(&self, was: &str, now: &str, keep: &str) -> SyncError {
+        SyncError::Linked(format!(
+            "{} is linked to {was}, not {now}; refusing to merge the two trees. Run it {keep} to sync it with \
+             its link, or add --relink to link it to {now} instead (both trees are then kept and merged: \
+             nothing is deleted on either side)",
+            self.root.display()
+        ))
+    }
+
+    /// Connects and, only once the server accepted, remembers server, token, account and folder.
+    /// A folder linked to another account, folder or server (another address with another
+    /// identity) is refused ([`SyncError::Linked`]) unless `s.relink`; then the server state is
+    /// forgotten, so no path has a base and nothing is deleted: the trees merge.
     pub async fn connect(&mut self, s: &Settings, progress: &Progress) -> Result<Client, SyncError> {
-        let mut client = Client::connect(&s.connect()).await?;
+        let Link { account, folder, server, server_id: known_id } = self.link()?;
+        let shown = |a: &str, f: &str, srv: &str| format!("folder `{f}` of account `{a}` on {srv}");
+        // Refused before connecting: a folder named by mistake is not made on the server.
+        if let Some(a) = &account
+            && folder != s.folder
+            && !s.relink
+        {
+            let srv = server.as_deref().unwrap_or(&s.server);
+            return Err(self.linked_elsewhere(
+                &shown(a, &folder, srv),
+                &format!("folder `{}`", s.folder),
+                &format!("with --folder {folder} (or without --folder)"),
+            ));
+        }
+        let client = Client::connect(&s.connect()).await?;
+        let server_id = hex::encode(client.server_id);
+        let elsewhere = account.as_ref().is_some_and(|a| {
+            *a != client.account
+                || folder != client.folder
+                || (server.as_deref() != Some(s.server.as_str())
+                    && known_id.as_ref().is_some_and(|k| *k != server_id))
+        });
+        if elsewhere {
+            let (a, srv) = (account.as_deref().unwrap_or("-"), server.as_deref().unwrap_or("-"));
+            let (was, now) = (shown(a, &folder, srv), shown(&client.account, &client.folder, &s.server));
+            if !s.relink {
+                return Err(self.linked_elsewhere(
+                    &was,
+                    &now,
+                    "with the token, --server and --folder of its link",
+                ));
+            }
+            progress.say(&format!(
+                "note: {} was linked to {was}; linking it to {now} (--relink): every path is re-checked, \
+                 nothing is deleted, differing versions are kept as conflict copies",
+                self.root.display()
+            ));
+            self.index.forget_server_state()?;
+        }
+        self.connected(client, s, progress, elsewhere).await
+    }
+
+    /// Remembers what the accepted connection settled; `relinked`: the server state was just
+    /// forgotten for a new link.
+    async fn connected(
+        &mut self,
+        mut client: Client,
+        s: &Settings,
+        progress: &Progress,
+        relinked: bool,
+    ) -> Result<Client, SyncError> {
         let trust = client.seen.trust(&s.trust);
         if s.trust == Trust::New
             && let Trust::Pinned(f) = &trust
@@ -202,7 +313,9 @@ impl Folder {
             );
         }
         let server_id = hex::encode(client.server_id);
-        if self.index.setting("account")?.as_deref() != Some(client.account.as_str()) {
+        if relinked {
+            // Forgotten already.
+        } else if self.index.setting("account")?.as_deref() != Some(client.account.as_str()) {
             self.index.forget_server_state()?;
         } else if self.index.setting("server_id")?.is_some_and(|known| known != server_id) {
             progress.say(&format!(
@@ -231,6 +344,7 @@ impl Folder {
             self.index.set_setting("token", &t)?;
         }
         self.index.set_setting("account", &client.account)?;
+        self.index.set_setting("folder", &client.folder)?;
         self.index.set_setting("device", &s.device)?;
         Ok(client)
     }

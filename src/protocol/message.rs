@@ -13,8 +13,28 @@ pub const MAGIC: [u8; 8] = *b"DLTASYNC";
 /// 2: `Welcome::Accepted` carries the server's identity and the account's journal position.
 /// 3: history (`Log`, `Restore`, `Undo`, ...) and resumable transfers. 4: over TLS only;
 /// `ServerMsg::Revoked`. 5: every message after the first each way travels in compressed runs
-/// (see [`super::connection`]); no `Stream` blocks.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// (see [`super::connection`]); no `Stream` blocks. 6: `Hello` names the account's folder
+/// (several folders per account), `Welcome::Accepted` answers for it.
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The folder a client syncs when it names none (`--folder`): an account's first tree.
+pub const DEFAULT_FOLDER: &str = "default";
+
+/// Checks a folder name (`--folder`, `Hello::folder`): 1 to 64 of `A-Z a-z 0-9 . _ -`, not
+/// starting with `.`. The error says what is wrong and what is allowed.
+pub fn check_folder(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid folder name `{}`: use 1 to 64 letters, digits, `.`, `_` or `-`, not starting with `.` (like `docs` or `photos-2024`)",
+            name.escape_debug()
+        ))
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -23,6 +43,16 @@ pub struct Hello {
     /// `None` asks for a new account (only honoured with `--open-registration`).
     pub token: Option<String>,
     pub device: String,
+    /// Which of the account's folders this connection syncs ([`DEFAULT_FOLDER`] unless told);
+    /// checked by [`check_folder`]. A `Hello` of protocol 5 ends before it: read as empty, so
+    /// that client is told the versions differ (checked first), not that it is no client.
+    #[serde(deserialize_with = "folder_or_empty")]
+    pub folder: String,
+}
+
+/// [`Hello::folder`], or an empty name where the message ends before it (an older client).
+fn folder_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(String::deserialize(d).unwrap_or_default())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,9 +63,11 @@ pub enum Welcome {
         /// 16 random bytes made when the server's data folder was created: another value than
         /// last time means another server (or a new data folder).
         server_id: [u8; 16],
-        /// The account's journal sequence now: lower than a client last saw means the server
+        /// The folder's journal sequence now: lower than a client last saw means the server
         /// was restored from an older backup.
         seq: u64,
+        /// The folder the session works on (the `Hello`'s).
+        folder: String,
     },
     Rejected {
         reason: Rejection,
@@ -49,6 +81,8 @@ pub enum Rejection {
     BadMagic,
     Version,
     Auth,
+    /// `Hello::folder` is not a valid folder name (protocol 6).
+    Folder,
 }
 
 /// Permission bits and modification time, the metadata that travels with every node.
@@ -348,5 +382,43 @@ pub enum RefusalKind {
 impl Refusal {
     pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
         Refusal { kind, message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `Hello` as protocol 5 had it.
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct HelloV5 {
+        magic: [u8; 8],
+        version: u32,
+        token: Option<String>,
+        device: String,
+    }
+
+    /// Both ways across the folder field, the version is read, so each side can say the versions
+    /// differ: a server of protocol 5 reads a new `Hello` (postcard leaves the folder unread), and
+    /// a new server reads an old one (the folder empty).
+    #[test]
+    fn hellos_of_protocol_5_and_6_read_each_others_version() {
+        let new = Hello { magic: MAGIC, version: 6, token: None, device: "d".into(), folder: "docs".into() };
+        let old: HelloV5 = postcard::from_bytes(&postcard::to_allocvec(&new).unwrap()).unwrap();
+        assert_eq!(old, HelloV5 { magic: MAGIC, version: 6, token: None, device: "d".into() });
+        let back: Hello = postcard::from_bytes(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!((back.version, back.folder.as_str()), (6, ""));
+        let same: Hello = postcard::from_bytes(&postcard::to_allocvec(&new).unwrap()).unwrap();
+        assert_eq!(same.folder, "docs");
+    }
+
+    #[test]
+    fn folder_names() {
+        for ok in ["default", "docs", "Photos_2024-v1.0", "a", &"x".repeat(64)] {
+            assert_eq!(check_folder(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".git", "a/b", "..", "a b", "é", &"x".repeat(65), "a\0"] {
+            assert!(check_folder(bad).unwrap_err().contains("invalid folder name"), "{bad:?}");
+        }
     }
 }

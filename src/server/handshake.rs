@@ -21,7 +21,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who a connection authenticated as.
 pub struct Authed {
+    /// The account's name, and as its id the *space* of the folder the `Hello` named (the
+    /// account's own id for `default`): every per-path call of the session goes to that folder.
     pub account: Account,
+    /// The folder's name.
+    pub folder: String,
     /// The credential it used (revoking it ends the session).
     pub credential: Device,
     /// The device label the client gave: what the journal records and conflict copies name.
@@ -85,11 +89,16 @@ pub async fn connection(
         Ok(None) => return,
         Err(e) => return tracing::info!("{peer}: {e}"),
     };
-    let (account, device, label) =
-        (authed.account.name.clone(), authed.credential.name.clone(), authed.label.clone());
+    let (account, device, label, folder) = (
+        authed.account.name.clone(),
+        authed.credential.name.clone(),
+        authed.label.clone(),
+        authed.folder.clone(),
+    );
     let (kill, tally) = (authed.kill.clone(), authed.tally.clone());
     // Every event of the session (its warnings) names the account, the device and the address.
-    let span = tracing::info_span!("session", account = %account, device = %device, peer = %peer);
+    let span =
+        tracing::info_span!("session", account = %account, folder = %folder, device = %device, peer = %peer);
     let r = session::serve(rd, wr, peer, authed, shared, cancel.clone()).instrument(span).await;
     let (reason, error) = match &r {
         _ if kill.is_cancelled() => ("revoked", None),
@@ -100,6 +109,7 @@ pub async fn connection(
     // The one line per session: who, from where, what moved each way, how long, why it ended.
     tracing::info!(
         account = %account,
+        folder = %folder,
         device = %device,
         label = %label,
         peer = %peer,
@@ -164,6 +174,11 @@ async fn hello(
     // The label the journal records: printed by `log` and `status`, so no control characters
     // (a terminal escape in a device name would be an escape in someone's terminal).
     let device = hello.device.chars().filter(|c| !c.is_control()).take(64).collect::<String>();
+    if let Err(msg) = check_folder(&hello.folder) {
+        wr.send(&reject(Rejection::Folder, msg.clone())).await?;
+        return Err(SessionError::Handshake(msg));
+    }
+    let folder = hello.folder.clone();
     let ip = peer.ip();
     // An address that keeps failing waits longer and longer before each answer, right or
     // wrong: guessing gets slow, and a fail2ban-style tool has the log lines below to act on.
@@ -187,6 +202,7 @@ async fn hello(
     let token = hello.token.clone();
     let dev = device.clone();
     let addr = peer.to_string();
+    let fold = folder.clone();
     let auth = tokio::task::spawn_blocking(move || -> Result<Option<Found>, MetaError> {
         let found = match token {
             Some(t) => sh.meta.authenticate(&t)?.map(|(a, d)| (a, d, None)),
@@ -205,7 +221,10 @@ async fn hello(
             }
             None => None,
         };
-        let Some((account, dev, new_token)) = found else { return Ok(None) };
+        let Some((mut account, dev, new_token)) = found else { return Ok(None) };
+        // From here on the session works on the folder's space (made on its first use).
+        let Some(space) = sh.meta.space(account.id, &fold)? else { return Ok(None) };
+        account.id = space;
         sh.meta.device_seen(dev.id, &addr, crate::when::now_secs())?;
         let seq = sh.meta.seq(account.id)?;
         Ok(Some(Found { account, device: dev, new_token, seq }))
@@ -237,7 +256,8 @@ async fn hello(
         new_token,
         server_id: shared.server_id,
         seq,
+        folder: folder.clone(),
     })
     .await?;
-    Ok(Some(Authed { account, credential, label: device, kill, registered, tally: Arc::default() }))
+    Ok(Some(Authed { account, folder, credential, label: device, kill, registered, tally: Arc::default() }))
 }

@@ -4,6 +4,10 @@
 //! next sequence number per step, checks the step's rules against what is committed, and writes
 //! the paths' rows and history, so "what changed since N" is `WHERE rev > N` and can never miss
 //! a commit, and two server processes on one database cannot both win a base revision.
+//!
+//! Every per-path call takes a *space*: an account's `default` folder is the account's own id,
+//! each other folder has a space of its own ([`MetaStore::space`]), so the folders of an account
+//! keep separate trees, histories and journals; devices, tokens and the quota are the account's.
 
 use crate::hash::ContentHash;
 use crate::path::RelPath;
@@ -65,7 +69,7 @@ pub struct AccountInfo {
     pub account: Account,
     /// Its journal position (number of changes).
     pub seq: u64,
-    /// Bytes of its live files.
+    /// Bytes of its live files (in all its folders).
     pub used: u64,
     pub quota: Option<u64>,
 }
@@ -98,8 +102,18 @@ pub trait MetaStore: Send + Sync {
     /// account.
     fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<bool, MetaError>;
 
-    /// The bytes of the account's live files and its quota, if any.
+    /// The bytes of the live files of the account `account` (a folder's space) belongs to,
+    /// over all its folders, and the account's quota, if any.
     fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError>;
+
+    /// The space (the id every per-folder call takes) of the account's folder `folder`: the
+    /// account's own id for [`DEFAULT_FOLDER`](crate::protocol::DEFAULT_FOLDER), else one of its
+    /// own, made on first use. `None` if there is no such account (removed meanwhile).
+    fn space(&self, account: AccountId, folder: &str) -> Result<Option<AccountId>, MetaError>;
+
+    /// The account's folders that have a space: name, journal position and bytes of live
+    /// files, `default` first.
+    fn folders(&self, account: AccountId) -> Result<Vec<(String, u64, u64)>, MetaError>;
 
     /// Creates an account and its first device (holding `token`) in one transaction;
     /// [`MetaError::AccountExists`] if the name is taken.

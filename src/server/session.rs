@@ -214,7 +214,9 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
-    let Authed { account, credential, label: device, kill, registered: _registered, tally } = authed;
+    // `account.id` is the space of the folder the client named: everything below acts on it.
+    let Authed { account, folder: _, credential, label: device, kill, registered: _registered, tally } =
+        authed;
     let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
     let mut s = Session {
         idle: false,

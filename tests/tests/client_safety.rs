@@ -165,7 +165,13 @@ fn fake_server(behave: impl FnOnce(FakeServerStream) + Send + 'static) -> String
         let Some(_hello) = recv_frame::<Hello>(&mut s) else { return };
         if send_frame(
             &mut s,
-            &Welcome::Accepted { account: "fake".into(), new_token: None, server_id: [7; 16], seq: 0 },
+            &Welcome::Accepted {
+                account: "fake".into(),
+                new_token: None,
+                server_id: [7; 16],
+                seq: 0,
+                folder: "default".into(),
+            },
         )
         .is_ok()
         {

@@ -13,6 +13,7 @@ mod client_safety;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod devices;
+mod folders;
 mod history;
 mod metadata;
 mod migration;

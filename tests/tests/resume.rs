@@ -358,8 +358,13 @@ fn a_refused_continuation_is_sent_whole() {
     let server = std::thread::spawn(move || {
         let mut s = fake_accept(&l).unwrap();
         let _hello: Hello = recv_frame(&mut s).unwrap();
-        let welcome =
-            Welcome::Accepted { account: "fake".into(), new_token: None, server_id: [9; 16], seq: 0 };
+        let welcome = Welcome::Accepted {
+            account: "fake".into(),
+            new_token: None,
+            server_id: [9; 16],
+            seq: 0,
+            folder: "default".into(),
+        };
         send_frame(&mut s, &welcome).unwrap();
         let mut seen = Vec::new();
         while let Some(msg) = recv_frame::<ClientMsg>(&mut s) {

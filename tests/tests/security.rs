@@ -101,8 +101,13 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 /// A handshake over a blocking TLS connection, by hand.
 fn handshake_std(srv: &Server, token: &str) -> TlsStream {
     let mut s = srv.tls();
-    let hello =
-        Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
+    let hello = Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        token: Some(token.into()),
+        device: "raw".into(),
+        folder: "default".into(),
+    };
     s.write_all(&frame(&postcard::to_allocvec(&hello).unwrap())).unwrap();
     let mut len = [0u8; 4];
     s.read_exact(&mut len).unwrap();
@@ -315,6 +320,7 @@ async fn connect(addr: Endpoint, token: &str) -> (FrameReader, FrameWriter) {
         version: PROTOCOL_VERSION,
         token: Some(token.into()),
         device: "raw".into(),
+        folder: "default".into(),
     })
     .await
     .unwrap();
@@ -793,7 +799,13 @@ fn a_server_with_another_certificate_is_refused_before_the_token_is_sent() {
     let out = sync_cmd("push", a.path(), &other, &token2, &[]);
     assert_eq!(out.status.code(), Some(8), "{}", out.dump());
     assert!(list_tree(&other.files()).is_empty(), "a refused push reached the new server");
-    sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint]).ok("--fingerprint");
+    // Trusting it is not yet linking to it: the folder is linked to the first server.
+    let out = sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.dump());
+    assert!(out.stderr.contains("--relink"), "{}", out.dump());
+    assert!(list_tree(&other.files()).is_empty(), "a refused push reached the new server");
+    sync_cmd("push", a.path(), &other, &token2, &["--fingerprint", &other.fingerprint, "--relink"])
+        .ok("--fingerprint --relink");
     let b = temp_dir("ds-pin-b-");
     pull(b.path(), &other, &token2);
     assert_same_tree(a.path(), b.path());

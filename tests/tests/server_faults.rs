@@ -31,8 +31,13 @@ enum Answer {
 
 async fn connect(addr: Endpoint, token: &str) -> (FrameReader, FrameWriter) {
     let (mut rd, mut wr) = addr.frames().await;
-    let hello =
-        Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
+    let hello = Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        token: Some(token.into()),
+        device: "raw".into(),
+        folder: "default".into(),
+    };
     wr.send(&hello).await.expect("send hello");
     match rd.recv::<Welcome>().await.expect("welcome") {
         Some(Welcome::Accepted { .. }) => (rd, wr),
@@ -503,8 +508,13 @@ fn bounds_per_account_quota_refuses_uploads_past_it() {
 /// Handshake over a blocking TLS connection.
 fn handshake_std(srv: &Server, token: &str) -> TlsStream {
     let mut s = srv.tls();
-    let hello =
-        Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: Some(token.into()), device: "raw".into() };
+    let hello = Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        token: Some(token.into()),
+        device: "raw".into(),
+        folder: "default".into(),
+    };
     let body = postcard::to_allocvec(&hello).expect("encode");
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(&body);
@@ -642,6 +652,7 @@ async fn client(addr: &str, token: &str, trust: Trust) -> deltasync::client::Cli
         addr,
         token: Some(token),
         device: "t",
+        folder: "default",
         trust,
         from_flag: false,
         timeout: Duration::from_secs(10),

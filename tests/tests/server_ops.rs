@@ -46,6 +46,7 @@ fn sigterm_stops_the_server_cleanly() {
         version: deltasync::protocol::PROTOCOL_VERSION,
         token: Some(token.clone()),
         device: "idle".into(),
+        folder: "default".into(),
     };
     send_frame(&mut open, &hello).expect("send hello");
     let welcome: Option<deltasync::protocol::Welcome> = recv_frame(&mut open);

@@ -155,6 +155,45 @@ pub fn metadata(m: &Metadata) {
 
     forgets_contents(m);
     devices(m);
+    folders(m, key);
+}
+
+/// An account's folders: `default` is the account's own space, another folder gets a space of
+/// its own on first use (the same one after), with its own paths and journal; the quota is the
+/// account's over all of them; the spaces are not accounts, and go with their account.
+fn folders(m: &Metadata, key: [u8; 32]) {
+    let acct = m.add_account("folders", "laptop", "token-folders").unwrap().id;
+    assert_eq!(m.space(acct, crate::protocol::DEFAULT_FOLDER).unwrap(), Some(acct));
+    let docs = m.space(acct, "docs").unwrap().unwrap();
+    assert_ne!(docs, acct);
+    assert_eq!(m.space(acct, "docs").unwrap(), Some(docs));
+    let pics = m.space(acct, "pics").unwrap().unwrap();
+    assert!(pics != docs && pics != acct);
+    // A space is no account: it has no space of its own, and is not listed.
+    assert_eq!(m.space(docs, "x").unwrap(), None);
+    assert!(m.list_accounts().unwrap().iter().all(|a| a.account.id != docs && a.account.id != pics));
+
+    assert_eq!(m.commit(docs, "dev", &[put("a.txt", 0, b"v1", key)]).unwrap(), vec![Ok(1)]);
+    assert_eq!(m.seq(docs).unwrap(), 1);
+    assert_eq!((m.seq(acct).unwrap(), m.seq(pics).unwrap()), (0, 0));
+    assert!(m.get(acct, &rel("a.txt")).unwrap().is_none() && m.get(pics, &rel("a.txt")).unwrap().is_none());
+    assert!(m.content(pics, &ContentHash::of(b"v1")).unwrap().is_none());
+    assert_eq!(m.changes(docs, 0).unwrap().0.len(), 1);
+    assert!(m.changes(pics, 0).unwrap().0.is_empty());
+
+    // The quota: 3 bytes for the account, 2 used in docs; 2 more in pics are refused.
+    assert!(m.set_quota("folders", Some(3)).unwrap());
+    assert_eq!(m.usage(pics).unwrap(), (2, Some(3)));
+    let r = m.commit(pics, "dev", &[put("b.txt", 0, b"v1", key)]).unwrap();
+    assert_eq!(r[0].as_ref().unwrap_err().kind, RefusalKind::Server, "{r:?}");
+    let listed = m.list_accounts().unwrap().into_iter().find(|a| a.account.id == acct).unwrap();
+    assert_eq!(listed.used, 2);
+    let names: Vec<String> = m.folders(acct).unwrap().into_iter().map(|f| f.0).collect();
+    assert_eq!(names, ["default", "docs", "pics"]);
+
+    assert!(m.remove_account("folders").unwrap());
+    assert_eq!(m.space(acct, "docs").unwrap(), None);
+    assert!(m.get(docs, &rel("a.txt")).unwrap().is_none());
 }
 
 /// A prune forgets the contents only forgotten versions used, in that account only.

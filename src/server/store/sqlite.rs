@@ -22,12 +22,18 @@ use crate::server::meta::{
 use crate::server::retention::Keep;
 
 /// The schema's version in `PRAGMA user_version`: 0 and 1 are the plain-mirror layout (converted
-/// by `server::migrate`), 2 the versioned store, 3 with per-device tokens (`devices`).
-pub const SCHEMA_VERSION: i64 = 3;
+/// by `server::migrate`), 2 the versioned store, 3 with per-device tokens (`devices`), 4 with
+/// several folders per account (`accounts.owner`, `accounts.folder`).
+pub const SCHEMA_VERSION: i64 = 4;
 
-/// The `accounts` table as version 3 makes it (also when [`migrate`] rebuilds it). Ids are
+/// The `accounts` table as version 4 makes it (also when [`migrate`] rebuilds it). Ids are
 /// `AUTOINCREMENT` so a removed account's id is never given to a new one: a session of the removed
 /// account still running until it is cut off must not reach a newcomer's files.
+///
+/// A row is an account (`owner` NULL; its id is also the space of its `default` folder) or the
+/// space of another folder of account `owner` (named `OWNER_ID/FOLDER`: account names have no
+/// `/`, so it never clashes with one). Every per-account table is keyed by the space's id;
+/// `seq` and `used` are the space's, `quota` is the account's (over all its folders).
 macro_rules! accounts_table {
     ($name:literal) => {
         concat!(
@@ -39,7 +45,9 @@ macro_rules! accounts_table {
     seq INTEGER NOT NULL DEFAULT 0,
     created INTEGER NOT NULL,
     used INTEGER NOT NULL DEFAULT 0,   -- bytes of live files, kept by every commit
-    quota INTEGER                      -- NULL: none
+    quota INTEGER,                     -- NULL: none
+    owner INTEGER,                     -- a folder's space: its account; NULL for an account
+    folder TEXT                        -- a folder's space: the folder's name
 );"
         )
     };
@@ -51,13 +59,16 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
 
 /// Whether [`migrate`] has something to do.
 fn outdated(conn: &Connection) -> rusqlite::Result<bool> {
-    Ok(!has_column(conn, "accounts", "used")? || has_column(conn, "accounts", "token_hash")?)
+    Ok(!has_column(conn, "accounts", "used")?
+        || has_column(conn, "accounts", "token_hash")?
+        || !has_column(conn, "accounts", "owner")?)
 }
 
 /// Brings a database made by an older version up to date, in one transaction: accounts gain
 /// `used` (bytes of live files) and `quota`; then (version 2 → 3) each account's token becomes
-/// the token of its device `first`, so old tokens keep working, and `accounts.token_hash` goes.
-/// A database of the plain-mirror layout keeps its `user_version` (its conversion sets it).
+/// the token of its device `first`, so old tokens keep working, and `accounts.token_hash` goes;
+/// then (3 → 4) accounts gain `owner` and `folder` (NULL: every existing account's files are its
+/// `default` folder, no row moves). A database of the plain-mirror layout keeps its `user_version` (its conversion sets it).
 fn migrate(conn: &Connection) -> Result<(), MetaError> {
     if !outdated(conn)? {
         return Ok(());
@@ -101,8 +112,14 @@ fn migrate(conn: &Connection) -> Result<(), MetaError> {
                  ALTER TABLE accounts_v3 RENAME TO accounts;"
             ))?;
         }
+        if !has_column(conn, "accounts", "owner")? {
+            conn.execute_batch(
+                "ALTER TABLE accounts ADD COLUMN owner INTEGER;
+                 ALTER TABLE accounts ADD COLUMN folder TEXT;",
+            )?;
+        }
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version == 2 {
+        if version == 2 || version == 3 {
             conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         }
         conn.execute_batch("COMMIT")
@@ -378,18 +395,69 @@ impl MetaStore for SqliteMeta {
     fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<bool, MetaError> {
         let c = self.conn();
         let n = c.execute(
-            "UPDATE accounts SET quota=?2 WHERE name=?1",
+            "UPDATE accounts SET quota=?2 WHERE name=?1 AND owner IS NULL",
             params![name, quota.map(|q| q.min(i64::MAX as u64) as i64)],
         )?;
         Ok(n > 0)
     }
 
-    /// The bytes of the account's live files and its quota, if any.
+    /// The bytes of the live files of the account (all its folders) and its quota, if any.
     fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError> {
         let c = self.conn();
-        Ok(c.query_row("SELECT used, quota FROM accounts WHERE id=?1", params![account], |r| {
-            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Option<i64>>(1)?.map(|q| q.max(0) as u64)))
-        })?)
+        let (others, own, quota) = room(&c, account)?;
+        Ok(((others + own).max(0) as u64, quota.map(|q| q.max(0) as u64)))
+    }
+
+    fn space(&self, account: AccountId, folder: &str) -> Result<Option<AccountId>, MetaError> {
+        // Found by its name (`ACCOUNT_ID/FOLDER`, the unique index) without a write lock: every
+        // connection asks, and only a folder's first one writes.
+        let name = format!("{account}/{folder}");
+        let find = |c: &rusqlite::Connection| -> Result<Option<AccountId>, MetaError> {
+            if !c
+                .prepare_cached("SELECT 1 FROM accounts WHERE id=?1 AND owner IS NULL")?
+                .exists(params![account])?
+            {
+                return Ok(None);
+            }
+            if folder == crate::protocol::DEFAULT_FOLDER {
+                return Ok(Some(account));
+            }
+            Ok(c.prepare_cached("SELECT id FROM accounts WHERE name=?1 AND owner=?2")?
+                .query_row(params![name, account], |r| r.get::<_, AccountId>(0))
+                .optional()?)
+        };
+        let mut c = self.conn();
+        if let Some(id) = find(&c)? {
+            return Ok(Some(id));
+        }
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Checked again under the write lock: the account may be gone, or another process may
+        // have made the space meanwhile.
+        let live = tx
+            .prepare_cached("SELECT 1 FROM accounts WHERE id=?1 AND owner IS NULL")?
+            .exists(params![account])?;
+        if !live {
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO accounts (name, created, owner, folder) VALUES (?1, ?2, ?3, ?4)",
+            params![name, now_secs(), account, folder],
+        )?;
+        let id = find(&tx)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn folders(&self, account: AccountId) -> Result<Vec<(String, u64, u64)>, MetaError> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT COALESCE(folder, ?2), seq, used FROM accounts WHERE id=?1 OR owner=?1
+             ORDER BY owner IS NOT NULL, folder",
+        )?;
+        let rows = st.query_map(params![account, crate::protocol::DEFAULT_FOLDER], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64, r.get::<_, i64>(2)?.max(0) as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn add_account(&self, name: &str, device: &str, token: &str) -> Result<Account, MetaError> {
@@ -423,7 +491,13 @@ impl MetaStore for SqliteMeta {
 
     fn list_accounts(&self) -> Result<Vec<AccountInfo>, MetaError> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT id, name, seq, used, quota FROM accounts ORDER BY name")?;
+        // Folders' spaces are not accounts: their bytes count in their account's `used`.
+        let mut st = c.prepare(
+            "SELECT a.id, a.name, a.seq,
+                    (SELECT COALESCE(SUM(s.used), 0) FROM accounts s WHERE s.id = a.id OR s.owner = a.id),
+                    a.quota
+             FROM accounts a WHERE a.owner IS NULL ORDER BY a.name",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(AccountInfo {
                 account: Account { id: r.get(0)?, name: r.get(1)? },
@@ -476,7 +550,7 @@ impl MetaStore for SqliteMeta {
         let c = self.conn();
         let n = c.execute(
             "UPDATE devices SET revoked=?3
-             WHERE account=(SELECT id FROM accounts WHERE name=?1) AND name=?2 AND revoked IS NULL",
+             WHERE account=(SELECT id FROM accounts WHERE name=?1 AND owner IS NULL) AND name=?2 AND revoked IS NULL",
             params![account, device, now_secs()],
         )?;
         Ok(n > 0)
@@ -486,12 +560,19 @@ impl MetaStore for SqliteMeta {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let Some(id) = account_id(&tx, name)? else { return Ok(false) };
+        // The account and the spaces of its other folders.
+        let spaces: Vec<AccountId> = tx
+            .prepare("SELECT id FROM accounts WHERE id=?1 OR owner=?1")?
+            .query_map(params![id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         // Every table with an `account` column; signatures (shared, by content hash) and chunks
         // nothing uses any more are forgotten by the next prune.
-        for table in ["files", "history", "contents", "partial", "journal", "pending", "devices"] {
-            tx.execute(&format!("DELETE FROM {table} WHERE account=?1"), params![id])?;
+        for space in spaces {
+            for table in ["files", "history", "contents", "partial", "journal", "pending", "devices"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE account=?1"), params![space])?;
+            }
+            tx.execute("DELETE FROM accounts WHERE id=?1", params![space])?;
         }
-        tx.execute("DELETE FROM accounts WHERE id=?1", params![id])?;
         tx.commit()?;
         Ok(true)
     }
@@ -639,10 +720,11 @@ impl MetaStore for SqliteMeta {
         if let Some(p) = pack {
             record_pack(&tx, p)?;
         }
-        let (mut used, quota, mut seq): (i64, Option<i64>, i64) =
-            tx.query_row("SELECT used, quota, seq FROM accounts WHERE id=?1", params![account], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
+        // The quota is the account's, over all its folders: the others' bytes count too.
+        let (others, mut used, quota) = room(&tx, account)?;
+        let quota = (others, quota);
+        let mut seq: i64 =
+            tx.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get(0))?;
         let at = now_secs();
         let mut out = Vec::with_capacity(steps.len());
         for step in steps {
@@ -1079,7 +1161,7 @@ impl MetaStore for SqliteMeta {
 
 /// The id of the account named `name`.
 fn account_id(c: &rusqlite::Connection, name: &str) -> Result<Option<AccountId>, MetaError> {
-    Ok(c.prepare_cached("SELECT id FROM accounts WHERE name=?1")?
+    Ok(c.prepare_cached("SELECT id FROM accounts WHERE name=?1 AND owner IS NULL")?
         .query_row(params![name], |r| r.get(0))
         .optional()?)
 }
@@ -1143,7 +1225,8 @@ fn stale(msg: String) -> Refusal {
 
 /// Checks and writes one change of a step (revision `seq`) inside the commit's transaction:
 /// `Ok(Err(_))` is a refusal, and then nothing of this change was written. `used` is the
-/// account's usage, updated only when the change is written.
+/// space's usage, updated only when the change is written; `quota` is the bytes of the account's
+/// other folders and its quota.
 #[allow(clippy::too_many_arguments)]
 fn apply_change(
     tx: &rusqlite::Connection,
@@ -1154,8 +1237,9 @@ fn apply_change(
     seq: u64,
     at: i64,
     used: &mut i64,
-    quota: Option<i64>,
+    quota: (i64, Option<i64>),
 ) -> Result<Result<u64, Refusal>, MetaError> {
+    let (others, quota) = quota;
     let cur = get_row(tx, account, &ch.path)?;
     let rev = cur.as_ref().map_or(0, |e| e.rev);
     if rev != ch.base_rev {
@@ -1212,11 +1296,11 @@ fn apply_change(
         let after = *used - old + size;
         if let Some(q) = quota
             && size > old
-            && after > q
+            && others + after > q
         {
             return Ok(Err(crate::server::session::quota_refusal(
                 account_name(tx, account)?.as_str(),
-                *used as u64,
+                (others + *used).max(0) as u64,
                 q as u64,
                 &ch.path,
                 size as u64,
@@ -1277,8 +1361,26 @@ fn drop_rows(tx: &rusqlite::Connection, rows: &[(i64, String, i64)]) -> Result<(
     Ok(())
 }
 
+/// The name of the account a space belongs to.
 fn account_name(tx: &rusqlite::Connection, account: AccountId) -> Result<String, MetaError> {
-    Ok(tx.query_row("SELECT name FROM accounts WHERE id=?1", params![account], |r| r.get(0))?)
+    Ok(tx.query_row(
+        "SELECT COALESCE((SELECT o.name FROM accounts o WHERE o.id = a.owner), a.name) FROM accounts a WHERE a.id=?1",
+        params![account],
+        |r| r.get(0),
+    )?)
+}
+
+/// A space's room: the bytes of the other folders of its account, its own bytes, and the
+/// account's quota.
+fn room(tx: &rusqlite::Connection, space: AccountId) -> Result<(i64, i64, Option<i64>), MetaError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT (SELECT COALESCE(SUM(s.used), 0) FROM accounts s
+                     WHERE (s.id = o.id OR s.owner = o.id) AND s.id <> a.id),
+                    a.used, o.quota
+             FROM accounts a JOIN accounts o ON o.id = COALESCE(a.owner, a.id) WHERE a.id=?1",
+        )?
+        .query_row(params![space], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?)
 }
 
 fn get_row(
@@ -1449,8 +1551,8 @@ mod tests {
             c.execute_batch("UPDATE accounts SET used=123, quota=4096 WHERE name='alice'").unwrap();
         }
         let m = SqliteMeta::open(&path).unwrap();
-        assert_eq!(m.layout().unwrap(), 3);
-        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota"]);
+        assert_eq!(m.layout().unwrap(), 4);
+        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota", "owner", "folder"]);
         let (a, dev) = m.authenticate("token-alice").unwrap().unwrap();
         assert_eq!((a.id, a.name.as_str(), dev.name.as_str()), (1, "alice", FIRST_DEVICE));
         let (b, _) = m.authenticate("token-bob").unwrap().unwrap();
@@ -1575,7 +1677,7 @@ mod tests {
     fn a_fresh_database_has_the_current_schema() {
         let d = tempfile::tempdir().unwrap();
         let m = SqliteMeta::open(&d.path().join("db")).unwrap();
-        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota"]);
+        assert_eq!(columns(&m), ["id", "name", "seq", "created", "used", "quota", "owner", "folder"]);
         m.mark_layout().unwrap();
         assert_eq!(m.layout().unwrap(), SCHEMA_VERSION);
     }
