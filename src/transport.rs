@@ -161,9 +161,23 @@ pub fn tls_dir(data_dir: &Path) -> PathBuf {
 pub fn own_identity(data_dir: &Path) -> Result<ServerIdentity, TlsError> {
     let dir = tls_dir(data_dir);
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // Made under a lock: `serve` and `account add` starting together on a new data folder
+    // each made a key and a certificate, and could leave one's key beside the other's
+    // certificate. The second one waits, then finds the pair made.
+    let _lock;
     if !cert_path.exists() || !key_path.exists() {
         let io = |err| TlsError::Io { path: dir.clone(), err };
         crate::fsutil::private_dir(&dir).map_err(io)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(io)?;
+        lock.lock().map_err(io)?;
+        _lock = lock;
+    }
+    if !cert_path.exists() || !key_path.exists() {
         let mut names = vec!["localhost".to_string()];
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let dns_like = host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
@@ -456,6 +470,28 @@ pub fn secs(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `serve` and `account add` starting together on a new data folder: every one of them gets
+    /// the one identity made, never a key of one beside a certificate of another.
+    #[test]
+    fn identities_made_at_once_are_one() {
+        for _ in 0..5 {
+            let d = tempfile::tempdir().unwrap();
+            let prints: Vec<Result<Fingerprint, String>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..6)
+                    .map(|_| {
+                        s.spawn(|| own_identity(d.path()).map(|i| i.fingerprint).map_err(|e| e.to_string()))
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let first = prints[0].clone().unwrap();
+            for p in &prints {
+                assert_eq!(p.as_ref(), Ok(&first), "{prints:?}");
+            }
+            assert_eq!(own_identity(d.path()).unwrap().fingerprint, first);
+        }
+    }
 
     #[test]
     fn fingerprints_read_back_in_both_forms() {
