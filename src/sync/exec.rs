@@ -1536,6 +1536,7 @@ fn file_id(n: &Node) -> Option<(ContentHash, u64)> {
 /// verifies it; `base` is the local version (hash and size) the blocks are a delta against, if
 /// any. The verified file is returned as a temp file in [`landing_dir`]. A partial file is kept
 /// if the blocks end early (the transfer was cut off) and removed on any other failure.
+#[allow(clippy::too_many_arguments)]
 fn receive_file(
     root: &Path,
     path: &RelPath,
