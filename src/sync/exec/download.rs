@@ -1,0 +1,472 @@
+//! Downloads: a file's blocks applied into a temp file (or the content's partial file) and
+//! verified, on the blocking pool or, for a small file sent whole, in the connection's task; then
+//! made durable with the others of their batch and renamed into place.
+
+use super::*;
+
+/// `.deltasync/partial/<hash>-<size>`: the partial download of that content.
+pub(super) fn partial_path(root: &Path, hash: &ContentHash, size: u64) -> PathBuf {
+    partial_dir(root).join(format!("{}-{size}", hash.to_hex()))
+}
+
+/// Whether `a` and `b` (or, for a path that does not exist yet, its nearest existing ancestor)
+/// are on one file system, so a file renames from one to the other.
+pub(super) fn same_fs(a: &Path, b: &Path) -> bool {
+    let dev = |p: &Path| p.ancestors().find_map(|d| std::fs::metadata(d).ok()).map(|m| m.dev());
+    matches!((dev(a), dev(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Where the temp file of a write to `full` goes: `.deltasync/tmp/`, so a run cut off there
+/// leaves nothing in the user's folder, unless `full` is on another file system (a mount inside
+/// the folder): then beside it, where the rename into place works.
+pub(super) fn landing_dir(root: &Path, full: &Path, memo: &Landings) -> PathBuf {
+    let parent = full.parent().unwrap_or(root);
+    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = memo.get(parent) {
+        return l.clone();
+    }
+    let tmp = temp_dir(root);
+    let l = if std::fs::create_dir_all(&tmp).is_ok() && same_fs(&tmp, parent) {
+        tmp
+    } else {
+        parent.to_path_buf()
+    };
+    memo.insert(parent.to_path_buf(), l.clone());
+    l
+}
+
+/// [`landing_dir`]'s answers for a round, by parent directory: it made the temp folder and
+/// compared devices (a `mkdir` and three `statx`) for every file of a pull.
+pub type Landings = Arc<Mutex<HashMap<PathBuf, PathBuf>>>;
+
+/// Reads and hashes the first `from` bytes of `file` (which must have at least that many),
+/// feeding them to a builder of the signature of the version (`hash`, `size`) unless that
+/// signature is cached.
+pub(super) fn read_prefix(
+    file: &std::fs::File,
+    hash: &ContentHash,
+    size: u64,
+    from: u64,
+    sigs: &SigCache,
+) -> std::io::Result<Prefix> {
+    let mut hasher = Hasher::new();
+    let mut sig = sigs.builder_for(hash, size);
+    let mut buf = vec![0u8; (from as usize).min(1 << 20)];
+    let mut at = 0u64;
+    while at < from {
+        let n = (from - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        if let Some(b) = sig.as_mut() {
+            b.update(&buf[..n]);
+        }
+        at += n as u64;
+    }
+    Ok(Prefix { from, hasher, sig })
+}
+
+/// A prefix to read before the pipeline: of job `job`'s local file (an upload the server kept
+/// the start of, against `base`) or of its partial download.
+pub(super) struct PrefixRead {
+    pub(super) job: usize,
+    pub(super) file: PathBuf,
+    pub(super) hash: ContentHash,
+    pub(super) size: u64,
+    pub(super) from: u64,
+    pub(super) upload: Option<Option<ContentHash>>,
+}
+
+impl Exec {
+    /// Receives a file's blocks into a temp file (or its partial file), verifies, and queues it
+    /// to be moved into place.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn download(
+        &mut self,
+        rd: &mut FrameReader,
+        notified: &AtomicU64,
+        counters: &Counters,
+        id: u64,
+        want: Entry,
+        got: Entry,
+        base: Option<ContentHash>,
+        have: Option<(ContentHash, u64)>,
+        land: Landing,
+        resumes: &mut Resumes,
+    ) -> Result<Option<Job>, SyncError> {
+        let path = got.path.clone();
+        let Some(Node::File { hash, size, meta }) = got.node.clone() else {
+            return Err(ClientError::Unexpected("file reply without a file".into()).into());
+        };
+        self.progress.file_started(path.as_str(), size);
+        // A partial file holds one content: a fresh one only for the content planned (the server
+        // may have sent a newer one), and only for a whole download.
+        let dest = match land {
+            Landing::Partial { from }
+                if have.is_none()
+                    && base.is_none()
+                    && (from > 0 || want.node.as_ref().and_then(file_id) == Some((hash, size))) =>
+            {
+                if from > 0 {
+                    self.progress.advance(path.as_str(), from);
+                }
+                Dest::Partial { from, prefix: resumes.down.remove(&(hash, size)).map(Box::new) }
+            }
+            _ => Dest::Temp,
+        };
+        let resumed = matches!(dest, Dest::Partial { from, .. } if from > 0);
+        let (tx, mut rx) = mpsc::channel::<Block>(4);
+        let use_base = base.is_some() && have.map(|h| Some(h.0) == base).unwrap_or(false);
+        let local_base = have.filter(|_| use_base);
+        // A small file sent whole is held here and written in this task at its end: no thread
+        // hand-off per file (a pull of many small files spent more on those than on writing).
+        let inline = size <= INLINE_FILE && local_base.is_none() && matches!(dest, Dest::Temp);
+        let mut held: Vec<Block> = Vec::new();
+        let mut held_bytes = 0u64;
+        let worker = if inline {
+            None
+        } else {
+            let (root, sigs, landings, p) =
+                (self.root.clone(), self.sigs.clone(), self.landings.clone(), path.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                receive_file(
+                    &root,
+                    &p,
+                    local_base,
+                    move || rx.blocking_recv(),
+                    (hash, size, meta),
+                    &sigs,
+                    dest,
+                    &landings,
+                )
+            }))
+        };
+        let mut bad_base = base.is_some() && !use_base;
+        let received = loop {
+            let m = match recv_reply(rd, notified, counters).await {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
+            match m {
+                ServerMsg::Data { id: i, block } if i == id => {
+                    self.progress.advance(path.as_str(), block.bytes.len() as u64);
+                    if worker.is_none() {
+                        // Bounded: a whole file's blocks cannot be much larger than the file.
+                        held_bytes += block.bytes.len() as u64;
+                        if held_bytes > 2 * size + (64 << 10) {
+                            break Err(ClientError::Unexpected(format!(
+                                "the server sent more than {held_bytes} bytes for `{path}` of {size} bytes; stopping (a broken or malicious server?)"
+                            )));
+                        }
+                        held.push(block);
+                    } else if tx.send(block).await.is_err() {
+                        bad_base = true; // the worker gave up; keep draining
+                    }
+                }
+                ServerMsg::End { id: i } if i == id => break Ok(()),
+                other => {
+                    break Err(ClientError::Unexpected(format!(
+                        "{} inside the download of `{path}`",
+                        crate::client::describe(&other)
+                    )));
+                }
+            }
+        };
+        drop(tx);
+        // Waited for even when the connection failed: a cut-off partial download is then
+        // written out to where it stopped, for the next run to continue.
+        let outcome = match worker {
+            Some(w) => w.await.map_err(|e| SyncError::Other(e.to_string()))?,
+            None => {
+                let mut blocks = held.into_iter();
+                receive_file(
+                    &self.root,
+                    &path,
+                    None,
+                    move || blocks.next(),
+                    (hash, size, meta),
+                    &self.sigs,
+                    Dest::Temp,
+                    &self.landings,
+                )
+            }
+        };
+        if let Err(e) = received {
+            // Complete and verified all the same (the connection failed after its last block):
+            // it goes into place with the others.
+            if let Ok((tmp, stats)) = outcome
+                && !bad_base
+            {
+                self.ready.push(Ready { got, tmp, stats });
+            }
+            return Err(e.into());
+        }
+        let (tmp, stats) = match outcome {
+            Ok(x) if !bad_base => x,
+            Err(Received::Failed(e)) if fsutil::says_disk_full(&e) => {
+                self.local_disk_full(&path, &e);
+                return Ok(None);
+            }
+            Err(Received::CutOff { got: n }) => {
+                self.report.errors.push(format!(
+                    "{path}: the server sent {n} of its {size} bytes; the next run continues the download"
+                ));
+                return Ok(None);
+            }
+            Err(e) if resumed => {
+                // The kept part (removed by now) and the rest do not make the file.
+                self.report.notes.push(format!(
+                    "{path}: the continued download did not verify ({}); downloading it whole",
+                    e.message()
+                ));
+                return Ok(Some(Job::Get { entry: want, have: None, land: Landing::Partial { from: 0 } }));
+            }
+            _ => {
+                // Wrong base or failed verification: fetch it whole.
+                return Ok(if have.is_some() {
+                    Some(Job::Get { entry: want, have: None, land: Landing::Temp })
+                } else {
+                    self.report.errors.push(format!("{path}: download did not verify"));
+                    None
+                });
+            }
+        };
+        self.ready_bytes += size;
+        self.ready.push(Ready { got, tmp, stats });
+        if self.ready.len() >= READY_FILES || self.ready_bytes >= READY_BYTES {
+            self.flush_ready().await;
+        }
+        Ok(None)
+    }
+
+    /// Makes received files durable together and moves them into place: the temp files made
+    /// durable at once ([`fsutil::make_durable`]), the renames, then their directories the same
+    /// way. Two rounds for many small files instead of three fsyncs each.
+    pub(super) async fn flush_ready(&mut self) {
+        let ready = std::mem::take(&mut self.ready);
+        self.ready_bytes = 0;
+        if ready.is_empty() {
+            return;
+        }
+        let temps: Vec<PathBuf> = ready.iter().map(|r| r.tmp.path().to_path_buf()).collect();
+        let synced =
+            tokio::task::spawn_blocking(move || fsutil::make_durable(&temps)).await.unwrap_or_default();
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut placed = Vec::new();
+        for (r, sync) in
+            ready.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
+        {
+            let path = r.got.path.clone();
+            match sync {
+                Some(Ok(())) => {}
+                Some(Err(e)) if fsutil::says_disk_full(&e.to_string()) => {
+                    self.local_disk_full(&path, &e.to_string());
+                    continue;
+                }
+                _ => {
+                    self.report.errors.push(format!("{path}: could not make the download durable"));
+                    continue;
+                }
+            }
+            // Do not overwrite a local change made while we were downloading.
+            let full = self.full(&path);
+            if !self.make_way(&path) {
+                continue;
+            }
+            if !self.as_seen(&path) {
+                self.changed_meanwhile(&path);
+                continue;
+            }
+            if let Err(e) = std::fs::rename(r.tmp.path(), &full) {
+                self.report
+                    .error(path.as_str(), format!("cannot put the download in place on this computer: {e}"));
+                continue;
+            }
+            r.tmp.keep();
+            dirs.insert(full.parent().unwrap_or(&self.root).to_path_buf());
+            placed.push((r.got, r.stats));
+        }
+        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
+        let _ = tokio::task::spawn_blocking(move || fsutil::make_durable(&dirs)).await;
+        for (got, stats) in placed {
+            self.report.delta.add(stats);
+            self.report.files_received += 1;
+            self.after_local_write(&got.path, got.node.clone().expect("a download is a file"));
+            self.record(&got);
+            self.progress.file_done(got.path.as_str(), "downloaded");
+        }
+    }
+}
+
+/// Downloads received in full, waiting to be made durable together.
+pub struct Ready {
+    got: Entry,
+    tmp: TempGuard,
+    stats: DeltaStats,
+}
+
+/// Received files made durable together at most.
+pub(super) const READY_FILES: usize = 256;
+pub(super) const READY_BYTES: u64 = 256 << 20;
+
+/// Where [`receive_file`] writes.
+pub(super) enum Dest {
+    /// A fresh temp file ([`landing_dir`]).
+    Temp,
+    /// The content's partial file, from byte `from` on: the bytes before are there already and
+    /// `prefix` has them read and hashed (`None` when `from` is 0).
+    Partial { from: u64, prefix: Option<Box<Prefix>> },
+}
+
+/// Why [`receive_file`] has no file.
+#[derive(Debug)]
+pub(super) enum Received {
+    /// The blocks ended before the file did; the partial file keeps what came.
+    CutOff {
+        got: u64,
+    },
+    Failed(String),
+}
+
+impl Received {
+    pub(super) fn message(&self) -> String {
+        match self {
+            Received::CutOff { got } => format!("cut off after {got} bytes"),
+            Received::Failed(e) => e.clone(),
+        }
+    }
+}
+
+impl<E: std::fmt::Display> From<E> for Received {
+    fn from(e: E) -> Self {
+        Received::Failed(e.to_string())
+    }
+}
+
+/// The content hash and size of a file node.
+pub(super) fn file_id(n: &Node) -> Option<(ContentHash, u64)> {
+    match n {
+        Node::File { hash, size, .. } => Some((*hash, *size)),
+        _ => None,
+    }
+}
+
+/// Applies a download's blocks into a temp file or the content's partial file (`dest`) and
+/// verifies it; `base` is the local version (hash and size) the blocks are a delta against, if
+/// any. The verified file is returned as a temp file in [`landing_dir`]. A partial file is kept
+/// if the blocks end early (the transfer was cut off) and removed on any other failure.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn receive_file(
+    root: &Path,
+    path: &RelPath,
+    base: Option<(ContentHash, u64)>,
+    mut next: impl FnMut() -> Option<Block>,
+    (hash, size, meta): (ContentHash, u64, Meta),
+    sigs: &SigCache,
+    dest: Dest,
+    landings: &Landings,
+) -> Result<(TempGuard, DeltaStats), Received> {
+    let full = path.under(root);
+    fsutil::ensure_dirs(root, path)?;
+    let base_sig = base.and_then(|(h, len)| sigs.get(&h, len));
+    // Read by pread, never mapped (see `produce`): if the base is cut short while the copies are
+    // read, the delta fails and the file is fetched whole.
+    let base = match base {
+        Some(_) => {
+            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&full)?;
+            Some(FileBase::new(f)?)
+        }
+        None => None,
+    };
+    let landing = landing_dir(root, &full, landings);
+    let partial = matches!(dest, Dest::Partial { .. });
+    let (file, guard, prefix) = match dest {
+        Dest::Temp => {
+            let (file, t) = fsutil::create_temp(&landing)?;
+            (file, TempGuard::new(t), None)
+        }
+        Dest::Partial { from, prefix } => {
+            let at = partial_path(root, &hash, size);
+            std::fs::create_dir_all(partial_dir(root))?;
+            // Removed on failure from here on, kept only when cut off.
+            let guard = TempGuard::new(at.clone());
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true).custom_flags(libc::O_NOFOLLOW);
+            match prefix {
+                None if from == 0 => (open.create(true).truncate(true).open(&at)?, guard, None),
+                Some(p) if p.from == from => {
+                    let mut f = open.open(&at)?;
+                    if f.metadata()?.len() < from {
+                        return Err(Received::Failed(format!(
+                            "the partial download {} got shorter",
+                            at.display()
+                        )));
+                    }
+                    // What a killed run wrote after the resume point goes.
+                    f.set_len(from)?;
+                    f.seek(std::io::SeekFrom::Start(from))?;
+                    (f, guard, Some(p))
+                }
+                _ => return Err(Received::Failed("the start of the partial download was not read".into())),
+            }
+        }
+    };
+    // Writes of at most 1 MiB; a small file's buffer is its size (not 1 MiB per file of a pull).
+    let cap = usize::try_from(size).unwrap_or(usize::MAX).clamp(8 << 10, 1 << 20);
+    let out = BufWriter::with_capacity(cap, fsutil::WriteBehind::new(file));
+    let (new_sig, start) = match prefix {
+        Some(p) => (p.sig, Some((p.hasher, p.from))),
+        None => (sigs.builder_for(&hash, size), None),
+    };
+    let mut ap = Applier::from_base(base, out, size).with_signature(new_sig, base_sig);
+    if let Some((hasher, from)) = start {
+        ap = ap.resume_after(hasher, from)?;
+    }
+    while let Some(b) = next() {
+        ap.block(&b)?;
+    }
+    let done = ap.finish()?;
+    if partial && done.len < size {
+        // Cut off: what came stays for the next run.
+        guard.keep();
+        return Err(Received::CutOff { got: done.len });
+    }
+    if done.hash != hash || done.len != size {
+        return Err(Received::Failed("content hash mismatch".into()));
+    }
+    // fsynced later, together with the other files of the batch (`flush_ready`).
+    let file = done.out.into_inner().map_err(|e| e.error().to_string())?.into_inner();
+    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
+    drop(file);
+    if let Some(sig) = done.sig {
+        let _ = sigs.put(&hash, size, &sig);
+    }
+    let guard = if partial {
+        // Complete: the partial file becomes an ordinary temp file, so the content's name is
+        // free for the next download of it.
+        let t = fsutil::temp_path(&landing);
+        std::fs::rename(guard.path(), &t)?;
+        guard.keep();
+        TempGuard::new(t)
+    } else {
+        guard
+    };
+    Ok((guard, done.stats))
+}
+
+/// A download's answer must be the file asked for: the same path (a broken or malicious server
+/// must not make the client write anywhere else) and a file.
+pub(super) fn check_file_reply(want: &Entry, got: &Entry) -> Result<(), ClientError> {
+    if got.path != want.path {
+        return Err(ClientError::Unexpected(format!(
+            "asked for `{}`, the server sent `{}` instead; refusing it and stopping (a broken or malicious server?)",
+            want.path, got.path
+        )));
+    }
+    if !matches!(got.node, Some(Node::File { .. })) {
+        return Err(ClientError::Unexpected(format!(
+            "asked for the file `{}`, the server answered with {:?} instead; stopping (a broken or malicious server?)",
+            want.path, got.node
+        )));
+    }
+    Ok(())
+}
