@@ -476,6 +476,31 @@ mod tests {
     /// Directories, links, tombstones and kind changes, and the states a damaged or reset index
     /// or an ignore rule can leave (a base with no server entry).
     #[test]
+    fn merge3_gives_every_path_once_in_order_with_each_side() {
+        let m =
+            |ks: &[&str]| -> BTreeMap<RelPath, String> { ks.iter().map(|k| (p(k), k.to_string())).collect() };
+        let (a, b, c) = (m(&["a", "c", "d/e"]), m(&["b", "c", "d"]), m(&["a", "d", "z"]));
+        let got: Vec<(String, bool, bool, bool)> = merge3(&a, &b, &c)
+            .map(|(k, x, y, z)| {
+                for v in [x, y, z].into_iter().flatten() {
+                    assert_eq!(v, k.as_str());
+                }
+                (k.to_string(), x.is_some(), y.is_some(), z.is_some())
+            })
+            .collect();
+        let want = [
+            ("a", true, false, true),
+            ("b", false, true, false),
+            ("c", true, true, false),
+            ("d", false, true, true),
+            ("d/e", true, false, false),
+            ("z", false, false, true),
+        ]
+        .map(|(k, x, y, z)| (k.to_string(), x, y, z));
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn decision_table_kinds_and_tombstones() {
         let a = || Some(file("a"));
         let cases: Vec<Case> = vec![

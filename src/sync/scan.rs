@@ -337,3 +337,56 @@ impl Walker<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The threads together find every path of a tree of many directories, each once, with the
+    /// stat cache of every file: the same as one recursive walk.
+    #[test]
+    fn a_scan_by_several_threads_finds_every_path_once() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let mut want: BTreeMap<String, &str> = BTreeMap::new();
+        for a in 0..6 {
+            for b in 0..5 {
+                let dir = format!("a{a}/b{b}");
+                fs::create_dir_all(root.join(&dir)).unwrap();
+                want.insert(format!("a{a}"), "dir");
+                want.insert(dir.clone(), "dir");
+                for f in 0..4 {
+                    let p = format!("{dir}/f{f}");
+                    fs::write(root.join(&p), p.as_bytes()).unwrap();
+                    want.insert(p, "file");
+                }
+                let link = format!("{dir}/l");
+                std::os::unix::fs::symlink("f0", root.join(&link)).unwrap();
+                want.insert(link, "link");
+            }
+        }
+        fs::write(root.join("top"), b"x").unwrap();
+        want.insert("top".into(), "file");
+        let s = scan(root, &StatCache::new(), &IgnoreRules::default(), false).unwrap();
+        let got: BTreeMap<String, &str> = s
+            .nodes
+            .iter()
+            .map(|(p, n)| {
+                let kind = match n {
+                    Node::File { .. } => "file",
+                    Node::Dir { .. } => "dir",
+                    Node::Symlink { .. } => "link",
+                };
+                (p.to_string(), kind)
+            })
+            .collect();
+        assert_eq!(got, want);
+        let files: Vec<String> = want.iter().filter(|(_, k)| **k == "file").map(|(p, _)| p.clone()).collect();
+        assert_eq!(s.cache.keys().map(|p| p.to_string()).collect::<Vec<_>>(), files);
+        assert!(s.skipped.is_empty() && s.unknown.is_empty(), "{:?}", s.skipped);
+        // A second scan with that cache hashes nothing.
+        let again = scan(root, &s.cache, &IgnoreRules::default(), false).unwrap();
+        assert_eq!(again.hashed_bytes, 0);
+        assert_eq!(again.nodes, s.nodes);
+    }
+}
