@@ -13,6 +13,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::plan::merge3;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::protocol::{Entry, Meta, Node};
@@ -84,15 +85,15 @@ fn node_cols(n: Option<&Node>) -> NodeCols {
 /// Reads the node columns starting at `at`; `Err` says why the row is not a node.
 fn read_node(r: &Row, at: usize) -> rusqlite::Result<Result<Option<Node>, String>> {
     let kind: i64 = r.get(at)?;
-    let hash: Option<Vec<u8>> = r.get(at + 1)?;
+    // Read in place: no buffer per row for the hash.
+    let hash = r.get_ref(at + 1)?.as_blob_or_null()?;
     let size: Option<i64> = r.get(at + 2)?;
     let mtime_ns: Option<i64> = r.get(at + 3)?;
     let mode: Option<i64> = r.get(at + 4)?;
-    let target: Option<String> = r.get(at + 5)?;
     let mode = mode.map(|m| u32::try_from(m).map_err(|_| format!("mode {m}")));
     Ok(match kind {
         0 => Ok(None),
-        1 => match (hash.as_deref().and_then(ContentHash::from_slice), size, mtime_ns, mode) {
+        1 => match (hash.and_then(ContentHash::from_slice), size, mtime_ns, mode) {
             (Some(hash), Some(size), Some(mtime_ns), Some(Ok(mode))) if size >= 0 => {
                 Ok(Some(Node::File { hash, size: size as u64, meta: Meta { mtime_ns, mode } }))
             }
@@ -102,7 +103,7 @@ fn read_node(r: &Row, at: usize) -> rusqlite::Result<Result<Option<Node>, String
             Some(Ok(mode)) => Ok(Some(Node::Dir { mode })),
             _ => Err("directory without a mode".into()),
         },
-        3 => match target {
+        3 => match r.get::<_, Option<String>>(at + 5)? {
             Some(target) => Ok(Some(Node::Symlink { target })),
             None => Err("link without a target".into()),
         },
@@ -196,26 +197,19 @@ impl Index {
     pub fn stat_cache(&self) -> Result<BTreeMap<RelPath, (Stat, ContentHash)>, IndexError> {
         let mut st = self.conn.prepare("SELECT path, size, mtime_ns, inode, mode, hash FROM stat_cache")?;
         let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Stat {
-                    size: r.get::<_, i64>(1)? as u64,
-                    mtime_ns: r.get(2)?,
-                    inode: r.get::<_, i64>(3)? as u64,
-                    mode: r.get(4)?,
-                },
-                r.get::<_, Vec<u8>>(5)?,
-            ))
-        })?;
-        let mut out = BTreeMap::new();
-        for row in rows {
+            let stat = Stat {
+                size: r.get::<_, i64>(1)? as u64,
+                mtime_ns: r.get(2)?,
+                inode: r.get::<_, i64>(3)? as u64,
+                mode: r.get(4)?,
+            };
             // A row that no longer parses is just a cache miss: the file is hashed again.
-            let Ok((p, stat, h)) = row else { continue };
-            if let (Ok(p), Some(h)) = (RelPath::new(p), ContentHash::from_slice(&h)) {
-                out.insert(p, (stat, h));
-            }
-        }
-        Ok(out)
+            let Some(hash) = ContentHash::from_slice(r.get_ref(5)?.as_blob()?) else { return Ok(None) };
+            Ok(RelPath::new(r.get_ref(0)?.as_str()?).ok().map(|p| (p, (stat, hash))))
+        })?;
+        // Gathered first: a map built from a whole list is built in one pass.
+        let rows: Vec<_> = rows.filter_map(|row| row.ok().flatten()).collect();
+        Ok(rows.into_iter().collect())
     }
 
     /// Saves the stat cache `cache`, given `old`, what [`stat_cache`](Self::stat_cache) read at
@@ -237,8 +231,12 @@ impl Index {
             let mut put = tx.prepare(
                 "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, inode, mode, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            // Both maps are sorted: compared side by side, not looked up one by one.
+            let mut before = old.iter().peekable();
             for (p, (s, h)) in cache {
-                if whole || old.get(p) != Some(&(*s, *h)) {
+                while before.next_if(|(q, _)| *q < p).is_some() {}
+                let same = before.next_if(|(q, _)| *q == p).is_some_and(|(_, v)| *v == (*s, *h));
+                if whole || !same {
                     put.execute(params![
                         p.as_str(),
                         s.size as i64,
@@ -251,7 +249,9 @@ impl Index {
             }
             if !whole {
                 let mut del = tx.prepare("DELETE FROM stat_cache WHERE path=?1")?;
-                for p in old.keys().filter(|p| !cache.contains_key(*p)) {
+                for (p, ..) in
+                    merge3(old, cache, &BTreeMap::<RelPath, ()>::new()).filter(|(_, _, now, _)| now.is_none())
+                {
                     del.execute(params![p.as_str()])?;
                 }
             }
@@ -272,9 +272,9 @@ impl Index {
         let mut rows = st.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            let path: String = r.get(0).unwrap_or_default();
-            let damaged = |why: String| IndexError::Damaged { table, path: path.clone(), why };
-            let rel = RelPath::new(path.clone()).map_err(|e| damaged(e.to_string()))?;
+            let path = r.get_ref(0).ok().and_then(|v| v.as_str().ok()).unwrap_or_default();
+            let damaged = |why: String| IndexError::Damaged { table, path: path.to_string(), why };
+            let rel = RelPath::new(path).map_err(|e| damaged(e.to_string()))?;
             let node = read_node(r, 1 + extra).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
             let v = make(r, &rel, node).map_err(|e| damaged(e.to_string()))?.map_err(damaged)?;
             out.push((rel, v));

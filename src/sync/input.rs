@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::index::{Index, IndexError, Synced};
-use super::plan::same;
+use super::plan::{merge3, same};
 use super::rules::IgnoreRules;
 use super::scan::Scan;
 use crate::path::RelPath;
@@ -74,27 +74,25 @@ pub fn prepare(scan: &Scan, rules: &IgnoreRules, base: Base, changes: &[Entry]) 
         remote.insert(e.path.clone(), e.clone());
     }
     let mut local = scan.nodes.clone();
-    let mut paths: Vec<RelPath> = local.keys().chain(remote.keys()).chain(synced.keys()).cloned().collect();
-    paths.sort();
-    paths.dedup();
     let unknown = |p: &RelPath| {
         scan.unknown
             .iter()
             .any(|u| p == u || p.as_str().strip_prefix(u.as_str()).is_some_and(|s| s.starts_with('/')))
     };
-    for p in paths {
-        let is_dir = [
-            local.get(&p),
-            remote.get(&p).and_then(|e| e.node.as_ref()),
-            synced.get(&p).and_then(|s| s.node.as_ref()),
-        ]
-        .into_iter()
-        .any(|n| matches!(n, Some(Node::Dir { .. })));
-        if rules.is_ignored(&p, is_dir) || unknown(&p) {
-            local.remove(&p);
-            remote.remove(&p);
-            synced.remove(&p);
-        }
+    // One pass over the three maps side by side; only the paths left out are cloned.
+    let out: Vec<RelPath> = merge3(&local, &remote, &synced)
+        .filter(|(p, l, r, b)| {
+            let is_dir = [*l, r.and_then(|e| e.node.as_ref()), b.and_then(|s| s.node.as_ref())]
+                .into_iter()
+                .any(|n| matches!(n, Some(Node::Dir { .. })));
+            rules.is_ignored(p, is_dir) || unknown(p)
+        })
+        .map(|(p, ..)| p.clone())
+        .collect();
+    for p in out {
+        local.remove(&p);
+        remote.remove(&p);
+        synced.remove(&p);
     }
     let mut adopted = Vec::new();
     for (p, node) in intents {

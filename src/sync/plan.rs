@@ -184,22 +184,37 @@ fn decide(l: Option<&Node>, r: Option<&Entry>, b: Option<&Synced>) -> Decision {
     }
 }
 
+/// Every path of the three maps once, in order, with what each map holds for it: one pass over
+/// the three sorted maps side by side (no list of all paths to sort, no lookups per path).
+pub fn merge3<'a, A, B, C>(
+    a: &'a BTreeMap<RelPath, A>,
+    b: &'a BTreeMap<RelPath, B>,
+    c: &'a BTreeMap<RelPath, C>,
+) -> impl Iterator<Item = (&'a RelPath, Option<&'a A>, Option<&'a B>, Option<&'a C>)> {
+    let (mut a, mut b, mut c) = (a.iter().peekable(), b.iter().peekable(), c.iter().peekable());
+    std::iter::from_fn(move || {
+        let first = [a.peek().map(|x| x.0), b.peek().map(|x| x.0), c.peek().map(|x| x.0)]
+            .into_iter()
+            .flatten()
+            .min()?;
+        let x = a.next_if(|(k, _)| *k == first).map(|(_, v)| v);
+        let y = b.next_if(|(k, _)| *k == first).map(|(_, v)| v);
+        let z = c.next_if(|(k, _)| *k == first).map(|(_, v)| v);
+        Some((first, x, y, z))
+    })
+}
+
 pub fn plan(
     local: &BTreeMap<RelPath, Node>,
     remote: &BTreeMap<RelPath, Entry>,
     synced: &BTreeMap<RelPath, Synced>,
 ) -> Vec<Action> {
-    let mut paths: Vec<&RelPath> = local.keys().chain(remote.keys()).chain(synced.keys()).collect();
-    paths.sort();
-    paths.dedup();
-
     let mut uploads = Vec::new();
     let mut out_records = Vec::new();
     let mut fetches = Vec::new();
     let mut local_deletes = Vec::new();
     let mut conflicts = Vec::new();
-    for p in paths {
-        let (l, r, b) = (local.get(p), remote.get(p), synced.get(p));
+    for (p, l, r, b) in merge3(local, remote, synced) {
         // Every combination has an action: no state from disk, network or index is assumed.
         match (decide(l, r, b), l, r) {
             (Decision::Nothing, ..) => {}
@@ -272,13 +287,20 @@ pub fn plan(
             deleted_by_hash.entry(*hash).or_insert(((*p).clone(), *rev));
         }
     }
-    let remote_hashes: HashMap<ContentHash, ()> = remote
-        .values()
-        .filter_map(|e| match &e.node {
-            Some(Node::File { hash, .. }) => Some((*hash, ())),
-            _ => None,
-        })
-        .collect();
+    // Only a round with files to upload looks for their content on the server (a no-op round
+    // over 100,000 files built this set for nothing).
+    let remote_hashes: HashMap<ContentHash, ()> =
+        if uploads.iter().any(|(_, l, ..)| matches!(l, Some(Node::File { .. }))) {
+            remote
+                .values()
+                .filter_map(|e| match &e.node {
+                    Some(Node::File { hash, .. }) => Some((*hash, ())),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
 
     let (mut mkdirs, mut links, mut moves, mut copies, mut metas, mut puts, mut deletes) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -453,6 +475,31 @@ mod tests {
 
     /// Directories, links, tombstones and kind changes, and the states a damaged or reset index
     /// or an ignore rule can leave (a base with no server entry).
+    #[test]
+    fn merge3_gives_every_path_once_in_order_with_each_side() {
+        let m =
+            |ks: &[&str]| -> BTreeMap<RelPath, String> { ks.iter().map(|k| (p(k), k.to_string())).collect() };
+        let (a, b, c) = (m(&["a", "c", "d/e"]), m(&["b", "c", "d"]), m(&["a", "d", "z"]));
+        let got: Vec<(String, bool, bool, bool)> = merge3(&a, &b, &c)
+            .map(|(k, x, y, z)| {
+                for v in [x, y, z].into_iter().flatten() {
+                    assert_eq!(v, k.as_str());
+                }
+                (k.to_string(), x.is_some(), y.is_some(), z.is_some())
+            })
+            .collect();
+        let want = [
+            ("a", true, false, true),
+            ("b", false, true, false),
+            ("c", true, true, false),
+            ("d", false, true, true),
+            ("d/e", true, false, false),
+            ("z", false, false, true),
+        ]
+        .map(|(k, x, y, z)| (k.to_string(), x, y, z));
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn decision_table_kinds_and_tombstones() {
         let a = || Some(file("a"));

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::index::Stat;
@@ -84,141 +85,308 @@ pub fn is_ignored_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
+/// At most this many threads read a folder's directories at once (the calling thread is one).
+const SCAN_THREADS: usize = 4;
+
 /// Walks `root`. With `clean`, deltasync temp files met on the way are removed: only for a folder
 /// whose lock is held (no other deltasync writes there), where they are what an interrupted run
 /// left behind (older versions wrote downloads to a temp beside the file); so are the temp files
 /// in `.deltasync/` and its stale partial downloads ([`clean_state`]).
+///
+/// The directories below the root are read by up to [`SCAN_THREADS`] threads (one per core),
+/// each taking the next directory any of them found: a scan is mostly `statx` calls, which run
+/// side by side. Only an unreadable root is an error; what cannot be read below it is skipped.
 pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules, clean: bool) -> std::io::Result<Scan> {
     let mut s = Scan::default();
     if clean {
         s.temps_removed += clean_state(root, SystemTime::now());
     }
-    walk(root, root, old, rules, clean, &mut s)?;
+    let w = Walker { root, old, rules, clean };
+    let mut dirs = Vec::new();
+    w.read_dir(&Dir { full: root.to_path_buf(), rel: None }, &mut s, &mut dirs)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SCAN_THREADS);
+    if threads == 1 || dirs.len() < 2 {
+        while let Some(d) = dirs.pop() {
+            w.read_dir(&d, &mut s, &mut dirs)?;
+        }
+    } else {
+        let queue = Queue { state: Mutex::new((dirs, 0)), more: Condvar::new() };
+        let parts: Vec<Scan> = std::thread::scope(|scope| {
+            // A thread that cannot be started is no error: the others (and this one) do its share.
+            let helpers: Vec<_> = (1..threads)
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("scan".into())
+                        .spawn_scoped(scope, || w.work(&queue))
+                        .ok()
+                })
+                .collect();
+            let mut parts = vec![w.work(&queue)];
+            for h in helpers {
+                match h.join() {
+                    Ok(part) => parts.push(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            parts
+        });
+        for mut part in parts {
+            s.nodes.append(&mut part.nodes);
+            s.cache.append(&mut part.cache);
+            s.skipped.append(&mut part.skipped);
+            s.special.append(&mut part.special);
+            s.unknown.append(&mut part.unknown);
+            s.hashed_bytes += part.hashed_bytes;
+            s.temps_removed += part.temps_removed;
+        }
+    }
+    // A directory that could not be read was listed by its parent, maybe in another thread.
+    for u in &s.unknown {
+        s.nodes.remove(u);
+    }
+    // The threads finish in any order; what is reported is listed by path.
+    s.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    s.special.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(s)
 }
 
-fn walk(
-    root: &Path,
-    dir: &Path,
-    old: &StatCache,
-    rules: &IgnoreRules,
+/// A directory to read: its path here and below the root (`None`: the root).
+struct Dir {
+    full: PathBuf,
+    rel: Option<RelPath>,
+}
+
+/// The directories found and not yet read, and how many threads are reading one.
+struct Queue {
+    state: Mutex<(Vec<Dir>, usize)>,
+    more: Condvar,
+}
+
+struct Walker<'a> {
+    root: &'a Path,
+    old: &'a StatCache,
+    rules: &'a IgnoreRules,
     clean: bool,
-    s: &mut Scan,
-) -> std::io::Result<()> {
-    let shown = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
-    let unreadable = |s: &mut Scan, e: std::io::Error| {
-        s.skipped.push(PathIssue { path: shown(dir), cause: local_cause(&e) });
-        if let Ok(rel) = RelPath::from_local(root, dir) {
-            s.nodes.remove(&rel);
-            s.unknown.push(rel);
-        }
-    };
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if dir != root => {
-            unreadable(s, e);
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
-    for entry in rd {
-        let entry = match entry {
-            Ok(entry) => entry,
-            Err(e) if dir != root => {
-                unreadable(s, e);
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let full = entry.path();
-        let name = entry.file_name();
-        let name_str = name.to_string_lossy();
-        if is_ignored_name(&name_str) {
-            if clean && entry.file_type().is_ok_and(|t| t.is_file()) {
-                match fs::remove_file(&full) {
-                    Ok(()) => s.temps_removed += 1,
-                    Err(e) => tracing::debug!("cannot remove {}: {e}", full.display()),
-                }
-            }
-            continue;
-        }
-        if dir == root && name_str == STATE_DIR {
-            continue;
-        }
-        let rel = match RelPath::from_local(root, &full) {
-            Ok(r) => r,
-            Err(e) => {
-                s.skipped.push(PathIssue { path: shown(&full), cause: format!("cannot be synced: {e}") });
-                continue;
-            }
-        };
-        // fstatat on the directory's descriptor (does not follow a symlink, like
-        // symlink_metadata), without walking the whole path again for every file.
-        let md = match entry.metadata() {
-            Ok(m) => m,
-            Err(e) => {
-                s.skipped.push(PathIssue { path: shown(&full), cause: local_cause(&e) });
-                s.unknown.push(rel);
-                continue;
-            }
-        };
-        let ft = md.file_type();
-        if rules.is_ignored(&rel, ft.is_dir()) {
-            continue;
-        }
-        if ft.is_dir() {
-            s.nodes.insert(rel, Node::Dir { mode: md.permissions().mode() & fsutil::PERMISSION_BITS });
-            walk(root, &full, old, rules, clean, s)?;
-        } else if ft.is_symlink() {
-            match fs::read_link(&full).ok().and_then(|t| t.to_str().map(String::from)) {
-                Some(target) => {
-                    s.nodes.insert(rel, Node::Symlink { target });
-                }
-                None => {
-                    s.skipped.push(PathIssue {
-                        path: shown(&full),
-                        cause: "its symlink target is not UTF-8, which cannot be synced".into(),
-                    });
-                    s.unknown.push(rel);
-                }
-            }
-        } else if ft.is_file() {
-            let stat = Stat {
-                size: md.len(),
-                mtime_ns: fsutil::mtime_ns(&md),
-                inode: md.ino(),
-                mode: md.mode() & fsutil::PERMISSION_BITS,
-            };
-            let hash = match old.get(&rel) {
-                Some((st, h))
-                    if st.size == stat.size && st.mtime_ns == stat.mtime_ns && st.inode == stat.inode =>
-                {
-                    *h
-                }
-                _ => match ContentHash::of_file(&full) {
-                    Ok((h, _)) => {
-                        s.hashed_bytes += stat.size;
-                        h
+}
+
+impl Walker<'_> {
+    /// Reads directories from `queue` until none is left and no thread can find more.
+    fn work(&self, queue: &Queue) -> Scan {
+        let mut s = Scan::default();
+        let mut found = Vec::new();
+        loop {
+            let dir = {
+                let mut q = queue.state.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if let Some(d) = q.0.pop() {
+                        q.1 += 1;
+                        break Some(d);
                     }
-                    Err(e) => {
-                        s.skipped.push(PathIssue { path: shown(&full), cause: local_cause(&e) });
-                        s.unknown.push(rel);
-                        continue;
+                    if q.1 == 0 {
+                        break None;
                     }
-                },
+                    q = queue.more.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
             };
-            s.cache.insert(rel.clone(), (stat, hash));
-            s.nodes.insert(
-                rel,
-                Node::File { hash, size: stat.size, meta: Meta { mtime_ns: stat.mtime_ns, mode: stat.mode } },
-            );
-        } else {
-            s.special.push(PathIssue {
-                path: shown(&full),
-                cause: "not a regular file, directory or symlink (never synced)".into(),
-            });
-            s.unknown.push(rel);
+            let Some(dir) = dir else {
+                queue.more.notify_all();
+                return s;
+            };
+            // Below the root, what cannot be read is recorded in `s`, never an error.
+            let _ = self.read_dir(&dir, &mut s, &mut found);
+            let mut q = queue.state.lock().unwrap_or_else(|e| e.into_inner());
+            q.0.append(&mut found);
+            q.1 -= 1;
+            queue.more.notify_all();
         }
     }
-    Ok(())
+
+    /// Reads one directory into `s`, adding its subdirectories to `dirs`. Only an unreadable
+    /// root is an error.
+    fn read_dir(&self, dir: &Dir, s: &mut Scan, dirs: &mut Vec<Dir>) -> std::io::Result<()> {
+        let root = self.root;
+        let shown = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
+        let unreadable = |s: &mut Scan, e: std::io::Error, rel: &RelPath| {
+            s.skipped.push(PathIssue { path: rel.to_string(), cause: local_cause(&e) });
+            s.unknown.push(rel.clone());
+        };
+        let rd = match (fs::read_dir(&dir.full), &dir.rel) {
+            (Ok(rd), _) => rd,
+            (Err(e), Some(rel)) => {
+                unreadable(s, e, rel);
+                return Ok(());
+            }
+            (Err(e), None) => return Err(e),
+        };
+        for entry in rd {
+            let entry = match (entry, &dir.rel) {
+                (Ok(entry), _) => entry,
+                (Err(e), Some(rel)) => {
+                    unreadable(s, e, rel);
+                    return Ok(());
+                }
+                (Err(e), None) => return Err(e),
+            };
+            let name = entry.file_name();
+            let name_str = name.to_string_lossy();
+            if is_ignored_name(&name_str) {
+                if self.clean && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    let full = entry.path();
+                    match fs::remove_file(&full) {
+                        Ok(()) => s.temps_removed += 1,
+                        Err(e) => tracing::debug!("cannot remove {}: {e}", full.display()),
+                    }
+                }
+                continue;
+            }
+            if dir.rel.is_none() && name_str == STATE_DIR {
+                continue;
+            }
+            // The path below the root from the directory's own (checked once per name, not
+            // stripped from the whole path again).
+            let rel = match (name.to_str(), &dir.rel) {
+                (Some(n), None) => RelPath::new(n),
+                (Some(n), Some(d)) => RelPath::new(format!("{d}/{n}")),
+                (None, _) => RelPath::from_local(root, &entry.path()),
+            };
+            let rel = match rel {
+                Ok(r) => r,
+                Err(e) => {
+                    s.skipped.push(PathIssue {
+                        path: shown(&entry.path()),
+                        cause: format!("cannot be synced: {e}"),
+                    });
+                    continue;
+                }
+            };
+            // fstatat on the directory's descriptor (does not follow a symlink, like
+            // symlink_metadata), without walking the whole path again for every file.
+            let md = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    s.skipped.push(PathIssue { path: rel.to_string(), cause: local_cause(&e) });
+                    s.unknown.push(rel);
+                    continue;
+                }
+            };
+            let ft = md.file_type();
+            if self.rules.is_ignored(&rel, ft.is_dir()) {
+                continue;
+            }
+            if ft.is_dir() {
+                s.nodes.insert(
+                    rel.clone(),
+                    Node::Dir { mode: md.permissions().mode() & fsutil::PERMISSION_BITS },
+                );
+                dirs.push(Dir { full: entry.path(), rel: Some(rel) });
+            } else if ft.is_symlink() {
+                match fs::read_link(entry.path()).ok().and_then(|t| t.to_str().map(String::from)) {
+                    Some(target) => {
+                        s.nodes.insert(rel, Node::Symlink { target });
+                    }
+                    None => {
+                        s.skipped.push(PathIssue {
+                            path: rel.to_string(),
+                            cause: "its symlink target is not UTF-8, which cannot be synced".into(),
+                        });
+                        s.unknown.push(rel);
+                    }
+                }
+            } else if ft.is_file() {
+                let stat = Stat {
+                    size: md.len(),
+                    mtime_ns: fsutil::mtime_ns(&md),
+                    inode: md.ino(),
+                    mode: md.mode() & fsutil::PERMISSION_BITS,
+                };
+                let hash = match self.old.get(&rel) {
+                    Some((st, h))
+                        if st.size == stat.size && st.mtime_ns == stat.mtime_ns && st.inode == stat.inode =>
+                    {
+                        *h
+                    }
+                    _ => match ContentHash::of_file(&entry.path()) {
+                        Ok((h, _)) => {
+                            s.hashed_bytes += stat.size;
+                            h
+                        }
+                        Err(e) => {
+                            s.skipped.push(PathIssue { path: rel.to_string(), cause: local_cause(&e) });
+                            s.unknown.push(rel);
+                            continue;
+                        }
+                    },
+                };
+                s.cache.insert(rel.clone(), (stat, hash));
+                s.nodes.insert(
+                    rel,
+                    Node::File {
+                        hash,
+                        size: stat.size,
+                        meta: Meta { mtime_ns: stat.mtime_ns, mode: stat.mode },
+                    },
+                );
+            } else {
+                s.special.push(PathIssue {
+                    path: rel.to_string(),
+                    cause: "not a regular file, directory or symlink (never synced)".into(),
+                });
+                s.unknown.push(rel);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The threads together find every path of a tree of many directories, each once, with the
+    /// stat cache of every file: the same as one recursive walk.
+    #[test]
+    fn a_scan_by_several_threads_finds_every_path_once() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let mut want: BTreeMap<String, &str> = BTreeMap::new();
+        for a in 0..6 {
+            for b in 0..5 {
+                let dir = format!("a{a}/b{b}");
+                fs::create_dir_all(root.join(&dir)).unwrap();
+                want.insert(format!("a{a}"), "dir");
+                want.insert(dir.clone(), "dir");
+                for f in 0..4 {
+                    let p = format!("{dir}/f{f}");
+                    fs::write(root.join(&p), p.as_bytes()).unwrap();
+                    want.insert(p, "file");
+                }
+                let link = format!("{dir}/l");
+                std::os::unix::fs::symlink("f0", root.join(&link)).unwrap();
+                want.insert(link, "link");
+            }
+        }
+        fs::write(root.join("top"), b"x").unwrap();
+        want.insert("top".into(), "file");
+        let s = scan(root, &StatCache::new(), &IgnoreRules::default(), false).unwrap();
+        let got: BTreeMap<String, &str> = s
+            .nodes
+            .iter()
+            .map(|(p, n)| {
+                let kind = match n {
+                    Node::File { .. } => "file",
+                    Node::Dir { .. } => "dir",
+                    Node::Symlink { .. } => "link",
+                };
+                (p.to_string(), kind)
+            })
+            .collect();
+        assert_eq!(got, want);
+        let files: Vec<String> = want.iter().filter(|(_, k)| **k == "file").map(|(p, _)| p.clone()).collect();
+        assert_eq!(s.cache.keys().map(|p| p.to_string()).collect::<Vec<_>>(), files);
+        assert!(s.skipped.is_empty() && s.unknown.is_empty(), "{:?}", s.skipped);
+        // A second scan with that cache hashes nothing.
+        let again = scan(root, &s.cache, &IgnoreRules::default(), false).unwrap();
+        assert_eq!(again.hashed_bytes, 0);
+        assert_eq!(again.nodes, s.nodes);
+    }
 }
