@@ -304,8 +304,9 @@ pub struct Ready {
     stats: DeltaStats,
 }
 
-/// Received files made durable together at most.
-pub(super) const READY_FILES: usize = 256;
+/// Received files made durable together at most: each batch costs two `syncfs` (a journal
+/// commit each); 256 -> 2,048 took a pull of 100,000 x 4 KiB from 9.1 to 8.1 s.
+pub(super) const READY_FILES: usize = 2048;
 pub(super) const READY_BYTES: u64 = 256 << 20;
 
 /// Where [`receive_file`] writes.
