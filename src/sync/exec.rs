@@ -15,8 +15,8 @@
 //! `.deltasync/tmp/` and renamed into place: a run cut off at any point leaves nothing in the
 //! user's folder.
 //!
-//! Here: the jobs, the pipeline and the replies. [`upload`] is the writer side (requests and
-//! encoding), [`download`] receiving, verifying and placing files, [`local`] the steps taken on
+//! Here: the jobs, the pipeline and the replies. `upload` is the writer side (requests and
+//! encoding), `download` receiving, verifying and placing files, `local` the steps taken on
 //! this computer and the checks that a path is still as scanned.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
