@@ -488,24 +488,16 @@ impl Folder {
                 .sum();
             progress.start(files, planned_bytes + fetch_bytes);
         }
-        let mut exec = exec::Exec {
-            root: self.root.clone(),
-            sigs: self.sigs.clone(),
-            progress: progress.clone(),
-            device: device.to_string(),
-            upload: opts.upload,
-            local: scan.nodes,
-            cache: scan.cache,
-            batch: Batch::default(),
+        let mut exec = exec::Exec::new(
+            self.root.clone(),
+            self.sigs.clone(),
+            progress.clone(),
+            device.to_string(),
+            opts.upload,
+            scan.nodes,
+            scan.cache,
             report,
-            own_revs: Default::default(),
-            renamed_away: Default::default(),
-            renamed_here: Default::default(),
-            pending_deletes: Vec::new(),
-            ready: Vec::new(),
-            ready_bytes: 0,
-            landings: Default::default(),
-        };
+        );
         let r = exec.run(client, actions).await;
         exec.batch.last_seq = Some(exec.advanced_seq(seq));
         // Whatever happened, keep what was done.

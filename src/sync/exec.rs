@@ -124,29 +124,62 @@ struct Resumes {
 }
 
 pub struct Exec {
-    pub root: PathBuf,
-    pub sigs: SigCache,
-    pub progress: Arc<Progress>,
-    pub device: String,
-    pub upload: bool,
+    root: PathBuf,
+    sigs: SigCache,
+    progress: Arc<Progress>,
+    device: String,
+    upload: bool,
     /// Local nodes as the round goes (updated by each step).
     pub local: BTreeMap<RelPath, Node>,
     pub cache: StatCache,
     pub batch: Batch,
     pub report: Report,
     /// Journal sequences of the commits this round made, to skip our own changes next time.
-    pub own_revs: std::collections::BTreeSet<u64>,
+    own_revs: std::collections::BTreeSet<u64>,
     /// Local files the server deleted, by content, that a fetch may rename instead of copy.
-    pub renamed_away: std::collections::HashMap<ContentHash, (RelPath, u64, u64, Meta)>,
-    pub renamed_here: std::collections::HashSet<RelPath>,
+    renamed_away: std::collections::HashMap<ContentHash, (RelPath, u64, u64, Meta)>,
+    renamed_here: std::collections::HashSet<RelPath>,
     /// Local deletes, run after the downloads (or earlier, to empty a directory a file replaces).
-    pub pending_deletes: Vec<Action>,
-    pub ready: Vec<Ready>,
-    pub ready_bytes: u64,
-    pub landings: Landings,
+    pending_deletes: Vec<Action>,
+    ready: Vec<Ready>,
+    ready_bytes: u64,
+    landings: Landings,
 }
 
 impl Exec {
+    /// An executor for one round (or one transfer of `watch`'s lane) over the local view
+    /// `local`, whose files' stats and hashes are `cache`; its report starts as `report`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        root: PathBuf,
+        sigs: SigCache,
+        progress: Arc<Progress>,
+        device: String,
+        upload: bool,
+        local: BTreeMap<RelPath, Node>,
+        cache: StatCache,
+        report: Report,
+    ) -> Exec {
+        Exec {
+            root,
+            sigs,
+            progress,
+            device,
+            upload,
+            local,
+            cache,
+            batch: Batch::default(),
+            report,
+            own_revs: Default::default(),
+            renamed_away: Default::default(),
+            renamed_here: Default::default(),
+            pending_deletes: Vec::new(),
+            ready: Vec::new(),
+            ready_bytes: 0,
+            landings: Default::default(),
+        }
+    }
+
     pub async fn run(&mut self, client: &mut Client, actions: Vec<Action>) -> Result<(), SyncError> {
         let mut jobs = Vec::new();
         let (local_deletes, actions): (Vec<Action>, Vec<Action>) =

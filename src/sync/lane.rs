@@ -192,24 +192,16 @@ async fn transfer(
         None => client.insert(Client::connect(&cx.settings.connect()).await?),
     };
     let path = w.action.path().clone();
-    let mut exec = Exec {
-        root: cx.root.clone(),
-        sigs: cx.sigs.clone(),
-        progress: cx.progress.clone(),
-        device: cx.device.clone(),
-        upload: true,
-        local: w.local.map(|n| (path.clone(), n)).into_iter().collect(),
-        cache: w.cache.map(|c| (path.clone(), c)).into_iter().collect(),
-        batch: Default::default(),
-        report: Default::default(),
-        own_revs: Default::default(),
-        renamed_away: Default::default(),
-        renamed_here: Default::default(),
-        pending_deletes: Vec::new(),
-        ready: Vec::new(),
-        ready_bytes: 0,
-        landings: Default::default(),
-    };
+    let mut exec = Exec::new(
+        cx.root.clone(),
+        cx.sigs.clone(),
+        cx.progress.clone(),
+        cx.device.clone(),
+        true,
+        w.local.map(|n| (path.clone(), n)).into_iter().collect(),
+        w.cache.map(|c| (path.clone(), c)).into_iter().collect(),
+        Default::default(),
+    );
     let r = exec.run(c, vec![w.action]).await;
     // Whatever happened, keep what was done (the journal position stays the rounds' business).
     let idx = match index {

@@ -37,7 +37,7 @@ pub(super) fn landing_dir(root: &Path, full: &Path, memo: &Landings) -> PathBuf 
 
 /// [`landing_dir`]'s answers for a round, by parent directory: it made the temp folder and
 /// compared devices (a `mkdir` and three `statx`) for every file of a pull.
-pub type Landings = Arc<Mutex<HashMap<PathBuf, PathBuf>>>;
+pub(super) type Landings = Arc<Mutex<HashMap<PathBuf, PathBuf>>>;
 
 /// Reads and hashes the first `from` bytes of `file` (which must have at least that many),
 /// feeding them to a builder of the signature of the version (`hash`, `size`) unless that
