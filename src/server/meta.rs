@@ -24,6 +24,12 @@ pub const PAGE: usize = 2000;
 pub enum MetaError {
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("PostgreSQL error: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+    /// The metadata database cannot be reached (a lost connection, a full pool): requests are
+    /// refused until it is back.
+    #[error("the metadata database cannot be reached: {0}")]
+    Unavailable(String),
     #[error("an account named `{0}` exists already")]
     AccountExists(String),
     #[error("the account has a device named `{0}` already; revoke it first or choose another name")]
@@ -283,7 +289,18 @@ pub trait MetaStore: Send + Sync {
     /// Whether a directory has live entries under it (a non-empty one is never deleted or
     /// replaced).
     fn has_children(&self, account: AccountId, dir: &RelPath) -> Result<bool, MetaError>;
+
+    /// Commits that *other* server processes make on the same database: from now until the
+    /// store is dropped, `notify(space, seq)` is called (from a task or thread of the store's
+    /// own) when a commit elsewhere moves a space's journal to `seq`, so this process tells its
+    /// own connected devices. A store only one process uses (SQLite) has nothing to report.
+    fn on_commits_elsewhere(&self, notify: CommitListener) {
+        let _ = notify;
+    }
 }
+
+/// See [`MetaStore::on_commits_elsewhere`].
+pub type CommitListener = std::sync::Arc<dyn Fn(AccountId, u64) + Send + Sync>;
 
 /// How long the kept part of a cut-off upload waits for its client to come back: two days.
 pub const PARTIAL_KEEP: i64 = 2 * 86_400;

@@ -6,13 +6,20 @@
 //!
 //! # Layout
 //! - [`local`]: packs as files in the data folder.
+//! - [`sqlite`]: the metadata in the data folder's SQLite database.
+//! - [`s3`]: packs as objects in an S3-compatible bucket (many server processes).
+//! - [`postgres`]: the metadata in PostgreSQL (many server processes).
 //! - [`conformance`]: the contract every implementation passes (tests).
 
 pub mod local;
+pub mod postgres;
+pub mod s3;
 pub mod sqlite;
 
 #[cfg(test)]
 pub mod conformance;
+#[cfg(test)]
+pub mod testenv;
 
 use std::io;
 

@@ -1,0 +1,1 @@
+//! The metadata in PostgreSQL, shared by any number of server processes (issue 13).
