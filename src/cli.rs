@@ -23,9 +23,8 @@ pub enum Command {
         /// Address to listen on (port 0 picks a free port; the real one is printed).
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: String,
-        /// Folder for the database and the accounts' files.
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
         /// Let a client without a token create a new account (at most 3 per source address,
         /// then one per 20 minutes).
         #[arg(long)]
@@ -143,8 +142,8 @@ pub enum Command {
     /// Write an account's files as plain files (as they are now, or at a time), from the data
     /// folder (works while the server runs).
     Export {
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
         /// The account to export.
         #[arg(long, value_name = "NAME")]
         account: String,
@@ -157,8 +156,8 @@ pub enum Command {
     /// Forget the versions the retention policy does not keep and free their space (works while
     /// the server runs).
     Prune {
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
         /// Which versions to keep (as `serve --keep`).
         #[arg(long, value_name = "POLICY", default_value = DEFAULT_POLICY, value_parser = parse_keep)]
         keep: Keep,
@@ -254,29 +253,29 @@ pub enum AccountCommand {
         /// The first device's name (see `account devices`).
         #[arg(long, value_name = "DEVICE", default_value = "first")]
         device: String,
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     /// Issue a token for another device of an account; the token is the last line printed.
     Token {
         name: String,
         #[arg(long, value_name = "DEVICE")]
         device: String,
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     /// List an account's devices: created, last seen and from which address, revoked.
     Devices {
         name: String,
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     /// Revoke a device's token; its connections (a running watch too) are closed at once.
     Revoke {
         name: String,
         device: String,
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     /// Delete an account, its devices and all its files and history (asks first).
     Remove {
@@ -284,22 +283,76 @@ pub enum AccountCommand {
         /// Do not ask (for scripts).
         #[arg(long)]
         yes: bool,
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     /// List accounts, with their changes, bytes used and quota.
     List {
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     /// Limit the bytes an account's files may take (works while the server runs).
     Quota {
         name: String,
         /// Like 500M, 10G, 1.5T (binary units), or `none` for no limit.
         size: String,
-        #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
     },
+}
+
+/// Where the server's data is: the data folder (the embedded default: SQLite and packs), or
+/// PostgreSQL and an S3-compatible bucket that many `serve` processes share.
+#[derive(Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// Folder for the server's TLS identity and, without --metadata, the database and the
+    /// accounts' files.
+    #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
+    pub data: PathBuf,
+    /// Keep accounts, devices and history in PostgreSQL (shared by every `serve` process given
+    /// the same URL): postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+    #[arg(long, env = "DELTASYNC_METADATA", value_name = "URL", value_parser = parse_metadata)]
+    pub metadata: Option<String>,
+    /// Keep file content in an S3-compatible bucket: s3://BUCKET[/PREFIX] (needs --metadata;
+    /// keys from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "DELTASYNC_STORE", value_name = "s3://BUCKET[/PREFIX]", value_parser = parse_store, requires = "metadata")]
+    pub store: Option<(String, String)>,
+    /// The S3 server's URL (for anything but AWS itself), like http://127.0.0.1:3900.
+    #[arg(long, env = "DELTASYNC_S3_ENDPOINT", value_name = "URL", requires = "store")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region (default: AWS_REGION, else us-east-1).
+    #[arg(long, env = "DELTASYNC_S3_REGION", value_name = "REGION", requires = "store")]
+    pub s3_region: Option<String>,
+}
+
+impl StorageArgs {
+    pub fn storage(&self) -> deltasync::server::Storage {
+        use deltasync::server::store::s3::S3Config;
+        deltasync::server::Storage {
+            data_dir: self.data.clone(),
+            metadata: self.metadata.clone(),
+            s3: self.store.as_ref().map(|(bucket, prefix)| S3Config {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+            }),
+        }
+    }
+}
+
+fn parse_metadata(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not a PostgreSQL URL: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+        ))
+    }
+}
+
+fn parse_store(s: &str) -> Result<(String, String), String> {
+    deltasync::server::parse_store_url(s)
 }
 
 #[derive(Args, Debug, Clone)]

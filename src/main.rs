@@ -121,23 +121,28 @@ fn client_code(c: &ClientError) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { listen, data, open_registration, keep, tls_cert, tls_key, bwlimit, .. } => {
+        Command::Serve { listen, storage, open_registration, keep, tls_cert, tls_key, bwlimit, .. } => {
+            let storage = storage.storage();
+            let data = storage.data_dir.clone();
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (in use? try --listen 127.0.0.1:0)"))?;
             let addr = listener.local_addr()?;
             // The database exists (in WAL mode) before we say we listen, so a script may run
             // `account add` the moment it reads the line.
-            drop(server::open_metadata(&data).with_context(|| format!("cannot open {}", data.display()))?);
+            drop(server::open_metadata(&storage).with_context(|| format!("cannot open {}", storage.describe()))?);
             // Caught from here on: a SIGTERM right after the `listening` line still stops cleanly.
             let stop = shutdown_signal()?;
             let tls_files = tls_cert.zip(tls_key);
-            let config = ServerConfig { data_dir: data.clone(), tls_files, open_registration, keep, bwlimit };
+            let config = ServerConfig { storage, tls_files, open_registration, keep, bwlimit };
             let identity = server::identity(&config).context("cannot set up TLS")?;
             server::record_fingerprint(&data, &identity.fingerprint)
                 .with_context(|| format!("cannot write to {}", data.display()))?;
             println!("deltasync: data in {}, listening on {addr}", data.display());
             println!("fingerprint: {}", identity.fingerprint);
+            if let Some(shared) = config.storage.shared() {
+                println!("{shared}");
+            }
             if identity.from_ca {
                 println!("(a certificate from --tls-cert: clients check it against their CA roots)");
             }
@@ -145,11 +150,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("deltasync: stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Add { name, device, data } } => {
+        Command::Account { command: AccountCommand::Add { name, device, storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
             check_names(&name, &device)?;
-            let fresh = !data.join("deltasync.db").exists();
-            let meta = server::open_metadata(&data)?;
-            warn_unserved(&data, fresh);
+            let fresh = store.is_local() && !data.join("deltasync.db").exists();
+            let meta = server::open_metadata(&store)?;
+            if store.is_local() {
+                warn_unserved(&data, fresh);
+            }
             let fp = server::serving_fingerprint(&data).context("cannot set up the server's TLS identity")?;
             let (acct, token) = server::add_account(meta.as_ref(), &name, &device)
                 .with_context(|| format!("cannot add account `{name}`"))?;
@@ -157,31 +165,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_token(&fp, &token);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Token { name, device, data } } => {
+        Command::Account { command: AccountCommand::Token { name, device, storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
             check_names(&name, &device)?;
-            if !data.join("deltasync.db").exists() {
+            if store.is_local() && !data.join("deltasync.db").exists() {
                 // Nothing to add a device to: say so instead of making an empty data folder.
                 anyhow::bail!(
                     "{} is not a deltasync data folder (it has no deltasync.db); give the folder your server runs with, as --data or DELTASYNC_DATA (its `serve` prints `data in DIR`)",
                     data.display()
                 );
             }
-            let meta = server::open_metadata(&data)?;
-            warn_unserved(&data, false);
+            let meta = server::open_metadata(&store)?;
+            if store.is_local() {
+                warn_unserved(&data, false);
+            }
             let fp = server::serving_fingerprint(&data).context("cannot set up the server's TLS identity")?;
             let token = server::new_token();
             match meta.add_device(&name, &device, &token) {
                 Ok(Some(_)) => {}
-                Ok(None) => return Err(no_account(&name, &data)),
+                Ok(None) => return Err(no_account(&name, &store)),
                 Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot add device `{device}`"))),
             }
             println!("Added device `{device}` to account `{name}`.");
             print_token(&fp, &token);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Devices { name, data } } => {
-            let meta = server::open_metadata(&data)?;
-            let Some(devices) = meta.list_devices(&name)? else { return Err(no_account(&name, &data)) };
+        Command::Account { command: AccountCommand::Devices { name, storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
+            let meta = server::open_metadata(&store)?;
+            let Some(devices) = meta.list_devices(&name)? else { return Err(no_account(&name, &store)) };
             for d in devices {
                 let seen = match (d.last_seen, &d.last_addr) {
                     (Some(t), Some(a)) => {
@@ -202,8 +214,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Revoke { name, device, data } } => {
-            let meta = server::open_metadata(&data)?;
+        Command::Account { command: AccountCommand::Revoke { name, device, storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
+            let meta = server::open_metadata(&store)?;
             if !meta.revoke_device(&name, &device)? {
                 anyhow::bail!(
                     "account `{name}` has no active device `{device}`; see `deltasync account devices {name} --data {}`",
@@ -215,10 +228,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Remove { name, yes, data } } => {
-            let meta = server::open_metadata(&data)?;
+        Command::Account { command: AccountCommand::Remove { name, yes, storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
+            let meta = server::open_metadata(&store)?;
             let Some(info) = meta.list_accounts()?.into_iter().find(|a| a.account.name == name) else {
-                return Err(no_account(&name, &data));
+                return Err(no_account(&name, &store));
             };
             if !yes {
                 use std::io::IsTerminal;
@@ -240,15 +254,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if !meta.remove_account(&name)? {
-                return Err(no_account(&name, &data));
+                return Err(no_account(&name, &store));
             }
             println!(
                 "Removed account `{name}`. The space its files took is freed by the next prune (hourly in a running server, or `deltasync prune`)."
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::List { data } } => {
-            let meta = server::open_metadata(&data)?;
+        Command::Account { command: AccountCommand::List { storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
+            let meta = server::open_metadata(&store)?;
             for a in meta.list_accounts()? {
                 // The first line's format is relied on by scripts; usage goes on its own line.
                 println!("{}\t{} changes", a.account.name, a.seq);
@@ -263,14 +278,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Account { command: AccountCommand::Quota { name, size, data } } => {
+        Command::Account { command: AccountCommand::Quota { name, size, storage } } => {
+            let (store, data) = (storage.storage(), storage.data);
             let quota = server::parse_size(&size).map_err(anyhow::Error::msg)?;
-            let meta = server::open_metadata(&data)?;
+            let meta = server::open_metadata(&store)?;
             if !meta.set_quota(&name, quota)? {
                 anyhow::bail!(
-                    "no account named `{name}` in {}; see `deltasync account list --data {}`",
-                    data.display(),
-                    data.display()
+                    "no account named `{name}` in {}; see `deltasync account list`",
+                    store.describe()
                 );
             }
             match quota {
@@ -344,12 +359,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Undo { dir, device, since, no_progress, quiet } => {
             undo(&dir, &device, since, no_progress, quiet).await
         }
-        Command::Export { data, account, dest, at } => {
-            let (d, a, to) = (data.clone(), account.clone(), dest.clone());
+        Command::Export { storage, account, dest, at } => {
+            let (d, a, to) = (storage.storage(), account.clone(), dest.clone());
+            let data = d.describe();
             let summary = tokio::task::spawn_blocking(move || server::history::export(&d, &a, &to, at))
                 .await
                 .context("the export stopped unexpectedly")?
-                .with_context(|| format!("cannot export account `{account}` from {}", data.display()))?;
+                .with_context(|| format!("cannot export account `{account}` from {data}"))?;
             let when = at.map_or_else(
                 || "as it is now".to_string(),
                 |t| format!("as of {}", deltasync::when::format_rfc3339(t)),
@@ -377,15 +393,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdout().write_all(&out).context("cannot write the man page to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Prune { data, keep, grace } => {
-            let d = data.clone();
+        Command::Prune { storage, keep, grace } => {
+            let d = storage.storage();
+            let data = d.describe();
             let summary = tokio::task::spawn_blocking(move || server::history::prune(&d, &keep, grace))
                 .await
                 .context("the prune stopped unexpectedly")?
-                .with_context(|| format!("cannot prune {}", data.display()))?;
+                .with_context(|| format!("cannot prune {data}"))?;
             println!(
-                "Pruned {}: forgot {}, deleted {} ({} freed).",
-                data.display(),
+                "Pruned {data}: forgot {}, deleted {} ({} freed).",
                 count(summary.versions, "version"),
                 count(summary.packs, "pack"),
                 server::human_size(summary.bytes)
@@ -581,12 +597,8 @@ fn check_names(account: &str, device: &str) -> anyhow::Result<()> {
     server::auth::check_name("device name", device).map_err(anyhow::Error::msg)
 }
 
-fn no_account(name: &str, data: &std::path::Path) -> anyhow::Error {
-    anyhow::anyhow!(
-        "no account named `{name}` in {}; see `deltasync account list --data {}`",
-        data.display(),
-        data.display()
-    )
+fn no_account(name: &str, store: &server::Storage) -> anyhow::Error {
+    anyhow::anyhow!("no account named `{name}` in {}; see `deltasync account list`", store.describe())
 }
 
 /// Warns (on stderr) when no server has opened `data` yet: a token made in a folder other than

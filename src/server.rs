@@ -74,7 +74,8 @@ fn io_timeout() -> Duration {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub data_dir: PathBuf,
+    /// Where metadata and content live: the data folder, or PostgreSQL and an S3 bucket.
+    pub storage: Storage,
     /// `serve --tls-cert FILE --tls-key FILE`; without them, the data folder's own certificate.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     pub open_registration: bool,
@@ -98,6 +99,8 @@ pub enum ServerError {
     History(String),
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
+    #[error("cannot use the object store: {0}")]
+    Store(std::io::Error),
     #[error("{0}")]
     Tls(#[from] crate::transport::TlsError),
 }
@@ -131,8 +134,8 @@ pub struct Shared {
 
 impl Shared {
     pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
-        let dd = |err| ServerError::DataDir { path: config.data_dir.clone(), err };
-        let (meta, chunks) = open_data(&config.data_dir)?;
+        let dd = |err| ServerError::DataDir { path: config.storage.data_dir.clone(), err };
+        let (meta, chunks) = open_data(&config.storage)?;
         // Packs an interrupted upload left unfinished: nothing refers to them.
         let cleaned = chunks.clean_unfinished().map_err(dd)?;
         if cleaned > 0 {
@@ -140,7 +143,7 @@ impl Shared {
         }
         let sigs = content::Sigs::new(chunks.clone(), meta.clone());
         // Signatures were files in `sigs/` before they were chunks: made again when needed.
-        let _ = std::fs::remove_dir_all(config.data_dir.join("sigs"));
+        let _ = std::fs::remove_dir_all(config.storage.data_dir.join("sigs"));
         let server_id = meta.server_id()?;
         let io_timeout = io_timeout();
         Ok(Shared {
@@ -282,8 +285,97 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Opens a data folder's metadata and chunk store, converting a folder of the plain-mirror
 /// layout first (see [`migrate`]).
-pub fn open_data(data_dir: &Path) -> Result<(Arc<Metadata>, Arc<dyn ChunkStore>), ServerError> {
+/// Where a server keeps accounts, history and content: by default all in its data folder
+/// (SQLite + packs), or in PostgreSQL (`--metadata`) and an S3-compatible bucket (`--store`),
+/// which any number of server processes share. The data folder keeps the TLS identity either way.
+#[derive(Debug, Clone, Default)]
+pub struct Storage {
+    pub data_dir: PathBuf,
+    /// `postgres://…`: the metadata in PostgreSQL.
+    pub metadata: Option<String>,
+    /// The content in a bucket.
+    pub s3: Option<store::s3::S3Config>,
+}
+
+impl Storage {
+    /// The data folder alone (the embedded default).
+    pub fn local(data_dir: &Path) -> Self {
+        Storage { data_dir: data_dir.to_path_buf(), metadata: None, s3: None }
+    }
+
+    /// Whether the metadata lives in the data folder (its `deltasync.db`).
+    pub fn is_local(&self) -> bool {
+        self.metadata.is_none()
+    }
+
+    /// For `serve`'s banner: where metadata and content are when they are not in the data folder.
+    pub fn shared(&self) -> Option<String> {
+        let url = self.metadata.as_ref()?;
+        let content = match &self.s3 {
+            Some(s3) => format!(
+                "s3://{}/{}{}",
+                s3.bucket,
+                s3.prefix,
+                s3.endpoint.as_ref().map_or(String::new(), |e| format!(" at {e}"))
+            ),
+            None => format!("{}", self.data_dir.join("packs").display()),
+        };
+        Some(format!("metadata in {}, content in {content}", redact_url(url)))
+    }
+
+    /// Where the metadata is, for messages: the data folder, or the database (without password).
+    pub fn describe(&self) -> String {
+        match &self.metadata {
+            None => self.data_dir.display().to_string(),
+            Some(url) => redact_url(url),
+        }
+    }
+}
+
+/// `s3://BUCKET[/PREFIX]` → (bucket, prefix without slashes at its ends).
+pub fn parse_store_url(s: &str) -> Result<(String, String), String> {
+    let bad = || format!("`{s}` is not an object store: expected s3://BUCKET or s3://BUCKET/PREFIX");
+    let rest = s.strip_prefix("s3://").ok_or_else(bad)?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+        return Err(format!(
+            "{}: a bucket name is 3 to 63 lowercase letters, digits, dots and hyphens",
+            bad()
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix.split('/').any(|c| c == ".." || c == ".") || prefix.contains("//") {
+        return Err(format!("{}: the prefix has an empty, `.` or `..` part", bad()));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// A URL as it may be shown: a password in it (`scheme://user:PASSWORD@host`) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) if !a.contains('/') => (a, h),
+        _ => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// Opens the metadata and the content store (converting a plain-mirror data folder first).
+pub fn open_data(storage: &Storage) -> Result<(Arc<Metadata>, Arc<dyn ChunkStore>), ServerError> {
+    let data_dir = &storage.data_dir;
     let dd = |err| ServerError::DataDir { path: data_dir.to_path_buf(), err };
+    if let Some(url) = &storage.metadata {
+        let meta: Arc<Metadata> = Arc::new(store::postgres::PgMeta::open(url)?);
+        let chunks: Arc<dyn ChunkStore> = match &storage.s3 {
+            Some(s3) => Arc::new(store::s3::S3Chunks::open(s3).map_err(ServerError::Store)?),
+            None => Arc::new(store::local::LocalChunks::open(&data_dir.join("packs")).map_err(dd)?),
+        };
+        return Ok((meta, chunks));
+    }
     let meta = open_sqlite(data_dir)?;
     let chunks: Arc<dyn ChunkStore> =
         Arc::new(store::local::LocalChunks::open(&data_dir.join("packs")).map_err(dd)?);
@@ -291,9 +383,12 @@ pub fn open_data(data_dir: &Path) -> Result<(Arc<Metadata>, Arc<dyn ChunkStore>)
     Ok((Arc::new(meta), chunks))
 }
 
-/// The metadata of a data folder (for the account commands; `serve` uses [`open_data`]).
-pub fn open_metadata(data_dir: &Path) -> Result<Arc<Metadata>, ServerError> {
-    Ok(Arc::new(open_sqlite(data_dir)?))
+/// The metadata alone (for the account commands; `serve` uses [`open_data`]).
+pub fn open_metadata(storage: &Storage) -> Result<Arc<Metadata>, ServerError> {
+    match &storage.metadata {
+        Some(url) => Ok(Arc::new(store::postgres::PgMeta::open(url)?)),
+        None => Ok(Arc::new(open_sqlite(&storage.data_dir)?)),
+    }
 }
 
 fn open_sqlite(data_dir: &Path) -> Result<store::sqlite::SqliteMeta, ServerError> {
@@ -330,7 +425,7 @@ pub fn add_account(meta: &Metadata, name: &str, device: &str) -> Result<(Account
 pub fn identity(config: &ServerConfig) -> Result<transport::ServerIdentity, ServerError> {
     Ok(match &config.tls_files {
         Some((cert, key)) => transport::identity_from_files(cert, key)?,
-        None => transport::own_identity(&config.data_dir)?,
+        None => transport::own_identity(&config.storage.data_dir)?,
     })
 }
 
@@ -352,6 +447,9 @@ pub fn serving_fingerprint(data_dir: &Path) -> Result<transport::Fingerprint, Se
     Ok(transport::own_identity(data_dir)?.fingerprint)
 }
 
+/// The origin of a notice of a commit made by another server process: no session of this one.
+const ELSEWHERE: u64 = u64::MAX;
+
 /// Serves until `shutdown` completes, then stops accepting, tells sessions to finish, and waits
 /// for them.
 pub async fn run(
@@ -360,6 +458,13 @@ pub async fn run(
     shutdown: impl Future,
 ) -> Result<(), ServerError> {
     let shared = Arc::new(Shared::open(&config)?);
+    // Commits made by other server processes on the same database reach this one's devices.
+    let weak = Arc::downgrade(&shared);
+    shared.meta.on_commits_elsewhere(Arc::new(move |space, seq| {
+        if let Some(shared) = weak.upgrade() {
+            shared.notify(space, seq, ELSEWHERE);
+        }
+    }));
     let acceptor = identity(&config)?.acceptor;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

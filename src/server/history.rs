@@ -29,26 +29,20 @@ pub struct ExportSummary {
 /// Writes account `account`'s files as plain files under `dest` (made if missing; it must be
 /// empty), as they are now or, with `at` (Unix seconds), as they were then.
 pub fn export(
-    data_dir: &Path,
+    storage: &super::Storage,
     account: &str,
     dest: &Path,
     at: Option<i64>,
 ) -> Result<ExportSummary, ServerError> {
     let fail = |e: &dyn std::fmt::Display| ServerError::History(e.to_string());
-    if !data_dir.join("deltasync.db").exists() {
-        return Err(ServerError::History(format!(
-            "{} is not a deltasync data folder (no deltasync.db in it); give the folder `serve --data` uses",
-            data_dir.display()
-        )));
-    }
-    let (meta, chunks) = super::open_data(data_dir)?;
+    check_data_folder(storage)?;
+    let (meta, chunks) = super::open_data(storage)?;
     let Some(id) =
         meta.list_accounts().map_err(|e| fail(&e))?.into_iter().find(|a| a.account.name == account)
     else {
         return Err(ServerError::History(format!(
-            "no account named `{account}` in {}; see `deltasync account list --data {}`",
-            data_dir.display(),
-            data_dir.display()
+            "no account named `{account}` in {}; see `deltasync account list`",
+            storage.describe()
         )));
     };
     let id = id.account.id;
@@ -156,15 +150,22 @@ pub struct PruneSummary {
 /// Forgets the versions `keep` does not keep and deletes the packs no kept version needs.
 /// Leftovers of interrupted uploads younger than `grace` are left alone (an upload may still
 /// be using them).
-pub fn prune(data_dir: &Path, keep: &Keep, grace: Duration) -> Result<PruneSummary, ServerError> {
-    if !data_dir.join("deltasync.db").exists() {
+pub fn prune(storage: &super::Storage, keep: &Keep, grace: Duration) -> Result<PruneSummary, ServerError> {
+    check_data_folder(storage)?;
+    let (meta, chunks) = super::open_data(storage)?;
+    prune_store(meta.as_ref(), chunks.as_ref(), keep, grace)
+}
+
+/// A data folder that holds the metadata must have its database: a typo in `--data` is an
+/// error, not a new empty folder.
+fn check_data_folder(storage: &super::Storage) -> Result<(), ServerError> {
+    if storage.is_local() && !storage.data_dir.join("deltasync.db").exists() {
         return Err(ServerError::History(format!(
             "{} is not a deltasync data folder (no deltasync.db in it); give the folder `serve --data` uses",
-            data_dir.display()
+            storage.data_dir.display()
         )));
     }
-    let (meta, chunks) = super::open_data(data_dir)?;
-    prune_store(meta.as_ref(), chunks.as_ref(), keep, grace)
+    Ok(())
 }
 
 /// [`prune`] on an open store (the server's background prune).

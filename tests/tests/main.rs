@@ -27,6 +27,7 @@ mod retention;
 mod security;
 mod server_faults;
 mod server_ops;
+mod shared;
 mod tls;
 mod util;
 mod watch;

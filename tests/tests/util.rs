@@ -53,12 +53,155 @@ pub struct Server {
     /// `--fingerprint`).
     pub fingerprint: String,
     tmp: Option<TempDir>,
+    /// With `DELTASYNC_TEST_BACKEND=shared`: a second `serve` process on the same PostgreSQL
+    /// database and S3 prefix (and the same data folder, so the same TLS identity).
+    twin: Option<(Child, SocketAddr)>,
+    /// Which of the two [`Server::address`] gives next.
+    turn: std::sync::atomic::AtomicBool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suites' second run: two server processes on PostgreSQL and S3
+
+/// With `DELTASYNC_TEST_BACKEND=shared` (and `.ci/services.sh`'s variables), [`start_server`]
+/// starts two `serve` processes sharing one new PostgreSQL database and one new S3 prefix, and
+/// [`Server::address`] alternates between them, so a test's clients are spread over both.
+pub fn shared_backend() -> bool {
+    std::env::var("DELTASYNC_TEST_BACKEND").as_deref() == Ok("shared")
+}
+
+/// The `--metadata`/`--store` settings (as variables) of the server on data folder `data`; none
+/// for a server on its data folder alone.
+fn backend_env(data: &Path) -> Vec<(String, String)> {
+    backend_registry().lock().unwrap_or_else(|p| p.into_inner()).get(data).cloned().unwrap_or_default()
+}
+
+/// Gives the server on `data` a new database and S3 prefix (shared mode only).
+fn make_backend(data: &Path) {
+    make_backend_via(data, &|a| a)
+}
+
+/// [`make_backend`], the servers reaching PostgreSQL and S3 at `via(real address)` (a
+/// [`Cuttable`] forwarder, say).
+fn make_backend_via(data: &Path, via: &dyn Fn(SocketAddr) -> SocketAddr) {
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| panic!("DELTASYNC_TEST_BACKEND=shared needs {k}: run .ci/services.sh"))
+    };
+    let admin = var("DELTASYNC_TEST_PG");
+    let endpoint = var("DELTASYNC_TEST_S3_ENDPOINT");
+    let bucket = var("DELTASYNC_TEST_S3_BUCKET");
+    let name = format!("it_{}_{}", std::process::id(), random_suffix());
+    let out = Command::new("psql")
+        .args([admin.as_str(), "-q", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("run psql");
+    assert!(out.status.success(), "CREATE DATABASE: {}", String::from_utf8_lossy(&out.stderr));
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    let (base, endpoint) = (redirect(base, via), redirect(&endpoint, via));
+    let env = vec![
+        ("DELTASYNC_METADATA".to_string(), format!("{base}/{name}")),
+        ("DELTASYNC_STORE".to_string(), format!("s3://{bucket}/{name}")),
+        ("DELTASYNC_S3_ENDPOINT".to_string(), endpoint),
+    ];
+    backend_registry().lock().unwrap_or_else(|p| p.into_inner()).insert(data.to_path_buf(), env);
+}
+
+/// `scheme://[user@]127.0.0.1:PORT` with the address replaced by `via(address)`.
+fn redirect(url: &str, via: &dyn Fn(SocketAddr) -> SocketAddr) -> String {
+    let (head, hostport) = match url.rsplit_once('@') {
+        Some((h, rest)) => (format!("{h}@"), rest),
+        None => {
+            let (scheme, rest) = url.split_once("://").expect("a URL");
+            (format!("{scheme}://"), rest)
+        }
+    };
+    let addr: SocketAddr = hostport.parse().unwrap_or_else(|e| panic!("{url}: {e}"));
+    format!("{head}{}", via(addr))
+}
+
+/// Whether `.ci/services.sh`'s variables are set; if not, says the test is skipped (and fails
+/// it with `DELTASYNC_TEST_SERVICES=required`, as CI sets).
+pub fn services_configured() -> bool {
+    if std::env::var("DELTASYNC_TEST_PG").is_ok() && std::env::var("DELTASYNC_TEST_S3_ENDPOINT").is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("DELTASYNC_TEST_SERVICES").as_deref() != Ok("required"),
+        "DELTASYNC_TEST_SERVICES=required but the services' variables are not set: run .ci/services.sh"
+    );
+    eprintln!("skipped: no S3 and PostgreSQL test services (start them with .ci/services.sh)");
+    false
+}
+
+/// The real addresses of the test services: (PostgreSQL, S3).
+pub fn service_addrs() -> (SocketAddr, SocketAddr) {
+    let pg = std::env::var("DELTASYNC_TEST_PG").expect("DELTASYNC_TEST_PG");
+    let s3 = std::env::var("DELTASYNC_TEST_S3_ENDPOINT").expect("DELTASYNC_TEST_S3_ENDPOINT");
+    let pg = pg.rsplit_once('@').map(|(_, r)| r).unwrap_or(&pg);
+    let pg = pg.split_once('/').map_or(pg, |(a, _)| a);
+    let s3 = s3.split_once("://").map_or(s3.as_str(), |(_, r)| r);
+    (pg.parse().expect("PostgreSQL address"), s3.parse().expect("S3 address"))
+}
+
+fn backend_registry() -> &'static std::sync::Mutex<BTreeMap<PathBuf, Vec<(String, String)>>> {
+    static MAP: OnceLock<std::sync::Mutex<BTreeMap<PathBuf, Vec<(String, String)>>>> = OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 6];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("read /dev/urandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Two `serve` processes on one new PostgreSQL database and S3 prefix, whatever
+/// `DELTASYNC_TEST_BACKEND` says; `None` (the test is skipped) without `.ci/services.sh`'s
+/// variables, unless `DELTASYNC_TEST_SERVICES=required` (CI), where that fails.
+pub fn start_shared_pair() -> Option<Server> {
+    start_shared_pair_via(&|a| a)
+}
+
+/// [`start_shared_pair`] with the servers reaching the services at `via(real address)`.
+pub fn start_shared_pair_via(via: &dyn Fn(SocketAddr) -> SocketAddr) -> Option<Server> {
+    if !services_configured() {
+        return None;
+    }
+    let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
+    let root = tmp.path().to_path_buf();
+    make_backend_via(&root.join("data"), via);
+    let mut s = Server::spawn(&root, &root.join("data"));
+    s.tmp = Some(tmp);
+    Some(s)
+}
+
+/// A `deltasync` command for the server on data folder `data`: its `--metadata`/`--store`
+/// settings in the environment (none for a data folder alone).
+pub fn data_command(data: &Path) -> Command {
+    let mut c = command();
+    c.envs(backend_env(data));
+    c
+}
+
+/// The storage of the server on `data`, for the tests' direct looks at it.
+pub fn storage_of(data: &Path) -> deltasync::server::Storage {
+    let env = backend_env(data);
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let mut st = deltasync::server::Storage::local(data);
+    st.metadata = get("DELTASYNC_METADATA");
+    st.s3 = get("DELTASYNC_STORE").map(|url| {
+        let (bucket, prefix) = deltasync::server::parse_store_url(&url).expect("a store URL made here");
+        deltasync::server::store::s3::S3Config { bucket, prefix, endpoint: get("DELTASYNC_S3_ENDPOINT"), region: None }
+    });
+    st
 }
 
 /// Starts a server on a fresh, empty data folder.
 pub fn start_server() -> Server {
     let tmp = tempfile::Builder::new().prefix("deltasync-srv-").tempdir().expect("temp dir");
     let root = tmp.path().to_path_buf();
+    if shared_backend() {
+        return start_shared_pair().expect("DELTASYNC_TEST_BACKEND=shared needs the services");
+    }
     let mut s = Server::spawn(&root, &root.join("data"));
     s.tmp = Some(tmp);
     s
@@ -76,9 +219,24 @@ pub fn start_server_at(listen: &str) -> Option<Server> {
 
 impl Server {
     fn spawn(root: &Path, data: &Path) -> Server {
-        Server::try_spawn(root, data, "127.0.0.1:0").unwrap_or_else(|st| {
+        let mut s = Server::try_spawn(root, data, "127.0.0.1:0").unwrap_or_else(|st| {
             panic!("server exited early ({st}); log:\n{}", read_log(root));
-        })
+        });
+        s.spawn_twin("127.0.0.1:0");
+        s
+    }
+
+    /// In shared mode, the second process (on `listen`).
+    fn spawn_twin(&mut self, listen: &str) {
+        if backend_env(&self.data).is_empty() {
+            return;
+        }
+        let mut twin = Server::try_spawn(&self.root, &self.data, listen).unwrap_or_else(|st| {
+            panic!("the second server exited early ({st}); log:\n{}", read_log(&self.root));
+        });
+        assert_eq!(twin.fingerprint, self.fingerprint, "two processes on one data folder, two identities");
+        let child = twin.child.take().expect("just started");
+        self.twin = Some((child, twin.addr));
     }
 
     /// Starts `deltasync serve --listen LISTEN`; `Err` if it exited before printing its address
@@ -111,6 +269,7 @@ impl Server {
             .open(root.join("server.log"))
             .expect("open server log");
         let mut child = command()
+            .envs(backend_env(data))
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .args(args)
@@ -179,6 +338,8 @@ impl Server {
             root: root.to_path_buf(),
             fingerprint,
             tmp: None,
+            twin: None,
+            turn: Default::default(),
         })
     }
 
@@ -204,6 +365,9 @@ impl Server {
                         "the server came back on its data folder with another certificate"
                     );
                     self.child = s.child.take();
+                    if let Some((_, addr)) = self.twin.take() {
+                        self.spawn_twin(&addr.to_string());
+                    }
                     return;
                 }
                 Err(st) if Instant::now() < deadline => {
@@ -228,9 +392,26 @@ impl Server {
         }
     }
 
-    /// `IP:PORT` for `--server`.
+    /// `IP:PORT` for `--server`. With two processes (shared mode), each call gives the other one.
     pub fn address(&self) -> String {
-        self.addr.to_string()
+        match &self.twin {
+            Some((_, twin)) if self.turn.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) => twin.to_string(),
+            _ => self.addr.to_string(),
+        }
+    }
+
+    /// The addresses of both processes (shared mode): the first, then the second.
+    pub fn addresses(&self) -> (String, String) {
+        let twin = self.twin.as_ref().expect("a pair of server processes");
+        (self.addr.to_string(), twin.1.to_string())
+    }
+
+    /// Kills the first process only (SIGKILL); the second keeps serving.
+    pub fn kill_first(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Address and certificate, for the tests' own TLS clients.
@@ -276,12 +457,13 @@ impl Server {
         if view.exists() {
             fs::remove_dir_all(&view).expect("remove the last server view");
         }
-        let meta = deltasync::server::open_metadata(&self.data).expect("open the database");
+        let storage = storage_of(&self.data);
+        let meta = deltasync::server::open_metadata(&storage).expect("open the database");
         let first = meta.list_accounts().expect("list accounts").into_iter().min_by_key(|a| a.account.id);
         drop(meta);
         match first {
             Some(a) => {
-                deltasync::server::history::export(&self.data, &a.account.name, &view, None)
+                deltasync::server::history::export(&storage, &a.account.name, &view, None)
                     .unwrap_or_else(|e| panic!("export of the server's files failed: {e}\n{}", self.log()));
             }
             None => fs::create_dir_all(&view).expect("make the view"),
@@ -314,6 +496,10 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some((c, _)) = self.twin.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -329,7 +515,7 @@ fn read_log(root: &Path) -> String {
 
 /// Creates an account with `deltasync account add NAME --data DIR` and returns its token.
 pub fn add_account(data_dir: &Path, name: &str) -> String {
-    let out = run(command().args(["account", "add", name, "--data"]).arg(data_dir)).ok("account add");
+    let out = run(data_command(data_dir).args(["account", "add", name, "--data"]).arg(data_dir)).ok("account add");
     let token = out.stdout.lines().rev().find(|l| !l.trim().is_empty()).expect("token line").trim();
     assert!(
         token.len() >= 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
@@ -342,7 +528,7 @@ pub fn add_account(data_dir: &Path, name: &str) -> String {
 /// The account's journal position (its number of changes) from `deltasync account list --data DIR`,
 /// which prints `NAME\tN changes` per account.
 pub fn account_changes(data_dir: &Path, name: &str) -> u64 {
-    let out = run(command().args(["account", "list", "--data"]).arg(data_dir)).ok("account list");
+    let out = run(data_command(data_dir).args(["account", "list", "--data"]).arg(data_dir)).ok("account list");
     out.stdout
         .lines()
         .find_map(|l| {
@@ -1130,4 +1316,109 @@ pub fn recv_frame<M: serde::de::DeserializeOwned>(s: &mut impl Read) -> Option<M
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     s.read_exact(&mut body).ok()?;
     Some(postcard::from_bytes(&body).expect("a well-formed message"))
+}
+
+/// A child process (a `watch`, a push in flight) killed when the test ends, passed or not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP forwarder in front of a real service (PostgreSQL, S3) that a test can cut and restore,
+/// as a lost network or a restarting database would: while cut, live connections are closed and
+/// new ones are closed as soon as they arrive.
+pub struct Cuttable {
+    pub addr: SocketAddr,
+    state: Arc<CutState>,
+}
+
+#[derive(Default)]
+struct CutState {
+    cut: std::sync::atomic::AtomicBool,
+    /// Bumped by every cut: a forwarding thread that sees another generation closes its pair.
+    generation: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Cuttable {
+    /// Forwards 127.0.0.1:PORT (`addr`) to `target`.
+    pub fn new(target: SocketAddr) -> Cuttable {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the forwarder");
+        let addr = listener.local_addr().expect("its address");
+        listener.set_nonblocking(true).expect("nonblocking accept");
+        let state = Arc::new(CutState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(SeqCst) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if st.cut.load(SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(target) else { continue };
+                let _ = client.set_nonblocking(false);
+                let gen = st.generation.load(SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
+                    (server, client),
+                ] {
+                    let st = st.clone();
+                    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 << 10];
+                        loop {
+                            if st.generation.load(SeqCst) != gen || st.stop.load(SeqCst) {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Cuttable { addr, state }
+    }
+
+    /// Closes every connection through it and refuses new ones until [`Cuttable::restore`].
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state.cut.store(true, SeqCst);
+        self.state.generation.fetch_add(1, SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.state.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
