@@ -27,6 +27,8 @@ pub fn chunk_store(s: &dyn ChunkStore) {
     assert_eq!(s.read(id, 6, 5).unwrap(), b"world");
     assert_eq!(s.read(id, 0, 11).unwrap(), b"hello world");
     assert_eq!(s.read(id, 8, 5).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    assert_eq!(s.read(id, 11, 1).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    assert_eq!(s.read(id, 40, 5).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     let listed = s.list().unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].0, listed[0].1), (id, 11));
