@@ -243,17 +243,14 @@ impl S3Chunks {
         let (store, at) = (shared.store.clone(), shared.packs.clone());
         match shared.run(async move { store.list_with_delimiter(Some(&at)).await })? {
             Ok(_) => Ok(S3Chunks { shared }),
-            Err(object_store::Error::NotFound { path, source }) => {
-                let e = object_store::Error::NotFound { path, source };
-                Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "{}: no such bucket ({}); create it or fix the bucket name",
-                        shared.label,
-                        error_chain(&e)
-                    ),
-                ))
-            }
+            Err(e @ object_store::Error::NotFound { .. }) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{}: no such bucket ({}); create it or fix the bucket name",
+                    shared.label,
+                    error_chain(&e)
+                ),
+            )),
             Err(e) => Err(shared.err("opening the bucket (a LIST)", e)),
         }
     }
@@ -274,21 +271,24 @@ impl ChunkStore for S3Chunks {
     fn read(&self, pack: PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let s = &self.shared;
         let path = s.path(pack);
-        let end = offset + u64::from(len);
+        let end = offset.checked_add(u64::from(len)).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: no range {offset}+{len} in {path}", s.label),
+            )
+        })?;
         let (store, p) = (s.store.clone(), path.clone());
-        let got = if len == 0 {
+        if len == 0 {
             // An empty range is no HTTP range: ask for the size.
             let meta = s
                 .run(async move { store.head(&p).await })?
                 .map_err(|e| s.err(&format!("reading {path}"), e))?;
-            return if meta.size < offset {
-                Err(short(&s.label, &path, offset, len, meta.size))
-            } else {
-                Ok(Vec::new())
+            return match meta.size < offset {
+                true => Err(short(&s.label, &path, offset, len, meta.size)),
+                false => Ok(Vec::new()),
             };
-        } else {
-            s.run(async move { store.get_range(&p, offset..end).await })?
-        };
+        }
+        let got = s.run(async move { store.get_range(&p, offset..end).await })?;
         match got {
             Ok(b) if b.len() == len as usize => Ok(b.into()),
             Ok(b) => Err(short(&s.label, &path, offset, len, offset + b.len() as u64)),
