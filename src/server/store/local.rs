@@ -147,3 +147,24 @@ impl PackWriter for LocalPack {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The local store counts what its recovery removes: the temp file of each unfinished pack.
+    #[test]
+    fn clean_unfinished_removes_and_counts_the_temp_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalChunks::open(d.path()).unwrap();
+        for _ in 0..2 {
+            let mut w = s.create().unwrap();
+            w.write(b"half a pack").unwrap();
+            std::mem::forget(w);
+        }
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 2);
+        assert_eq!(s.clean_unfinished().unwrap(), 2);
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(s.clean_unfinished().unwrap(), 0);
+    }
+}
