@@ -130,7 +130,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let addr = listener.local_addr()?;
             // The database exists (in WAL mode) before we say we listen, so a script may run
             // `account add` the moment it reads the line.
-            drop(server::open_metadata(&storage).with_context(|| format!("cannot open {}", storage.describe()))?);
+            drop(
+                server::open_metadata(&storage)
+                    .with_context(|| format!("cannot open {}", storage.describe()))?,
+            );
             // Caught from here on: a SIGTERM right after the `listening` line still stops cleanly.
             let stop = shutdown_signal()?;
             let tls_files = tls_cert.zip(tls_key);
@@ -191,7 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Account { command: AccountCommand::Devices { name, storage } } => {
-            let (store, data) = (storage.storage(), storage.data);
+            let store = storage.storage();
             let meta = server::open_metadata(&store)?;
             let Some(devices) = meta.list_devices(&name)? else { return Err(no_account(&name, &store)) };
             for d in devices {
@@ -229,7 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Account { command: AccountCommand::Remove { name, yes, storage } } => {
-            let (store, data) = (storage.storage(), storage.data);
+            let store = storage.storage();
             let meta = server::open_metadata(&store)?;
             let Some(info) = meta.list_accounts()?.into_iter().find(|a| a.account.name == name) else {
                 return Err(no_account(&name, &store));
@@ -262,7 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Account { command: AccountCommand::List { storage } } => {
-            let (store, data) = (storage.storage(), storage.data);
+            let store = storage.storage();
             let meta = server::open_metadata(&store)?;
             for a in meta.list_accounts()? {
                 // The first line's format is relied on by scripts; usage goes on its own line.
@@ -279,7 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Account { command: AccountCommand::Quota { name, size, storage } } => {
-            let (store, data) = (storage.storage(), storage.data);
+            let store = storage.storage();
             let quota = server::parse_size(&size).map_err(anyhow::Error::msg)?;
             let meta = server::open_metadata(&store)?;
             if !meta.set_quota(&name, quota)? {

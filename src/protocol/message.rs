@@ -83,6 +83,9 @@ pub enum Rejection {
     Auth,
     /// `Hello::folder` is not a valid folder name (protocol 6).
     Folder,
+    /// The server cannot check the token now (its metadata database cannot be reached): try
+    /// again later.
+    Unavailable,
 }
 
 /// Permission bits and modification time, the metadata that travels with every node.

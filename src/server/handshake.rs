@@ -230,8 +230,17 @@ async fn hello(
         Ok(Some(Found { account, device: dev, new_token, seq }))
     })
     .await
-    .map_err(|e| SessionError::Internal(e.to_string()))?
     .map_err(|e| SessionError::Internal(e.to_string()))?;
+    let auth = match auth {
+        Ok(found) => found,
+        Err(e) => {
+            // Said to the client (who may not be who it claims) without the details; logged whole.
+            tracing::warn!("cannot authenticate {peer}: {e}");
+            let msg = "the server cannot check your token now: its metadata database cannot be reached or failed (the server's log says why); try again later";
+            wr.send(&reject(Rejection::Unavailable, msg.into())).await?;
+            return Err(SessionError::Handshake(format!("authentication could not be checked: {e}")));
+        }
+    };
     let Some(Found { account, device: credential, new_token, seq }) = auth else {
         let failures = shared.limits.auth_failed(ip);
         let msg = if hello.token.is_none() {

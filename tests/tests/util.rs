@@ -85,7 +85,8 @@ fn make_backend(data: &Path) {
 /// [`Cuttable`] forwarder, say).
 fn make_backend_via(data: &Path, via: &dyn Fn(SocketAddr) -> SocketAddr) {
     let var = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| panic!("DELTASYNC_TEST_BACKEND=shared needs {k}: run .ci/services.sh"))
+        std::env::var(k)
+            .unwrap_or_else(|_| panic!("DELTASYNC_TEST_BACKEND=shared needs {k}: run .ci/services.sh"))
     };
     let admin = var("DELTASYNC_TEST_PG");
     let endpoint = var("DELTASYNC_TEST_S3_ENDPOINT");
@@ -143,8 +144,11 @@ pub fn service_addrs() -> (SocketAddr, SocketAddr) {
     (pg.parse().expect("PostgreSQL address"), s3.parse().expect("S3 address"))
 }
 
-fn backend_registry() -> &'static std::sync::Mutex<BTreeMap<PathBuf, Vec<(String, String)>>> {
-    static MAP: OnceLock<std::sync::Mutex<BTreeMap<PathBuf, Vec<(String, String)>>>> = OnceLock::new();
+/// Per data folder, its server's `--metadata`/`--store` settings as variables.
+type Backends = std::sync::Mutex<BTreeMap<PathBuf, Vec<(String, String)>>>;
+
+fn backend_registry() -> &'static Backends {
+    static MAP: OnceLock<Backends> = OnceLock::new();
     MAP.get_or_init(Default::default)
 }
 
@@ -190,7 +194,12 @@ pub fn storage_of(data: &Path) -> deltasync::server::Storage {
     st.metadata = get("DELTASYNC_METADATA");
     st.s3 = get("DELTASYNC_STORE").map(|url| {
         let (bucket, prefix) = deltasync::server::parse_store_url(&url).expect("a store URL made here");
-        deltasync::server::store::s3::S3Config { bucket, prefix, endpoint: get("DELTASYNC_S3_ENDPOINT"), region: None }
+        deltasync::server::store::s3::S3Config {
+            bucket,
+            prefix,
+            endpoint: get("DELTASYNC_S3_ENDPOINT"),
+            region: None,
+        }
     });
     st
 }
@@ -395,9 +404,16 @@ impl Server {
     /// `IP:PORT` for `--server`. With two processes (shared mode), each call gives the other one.
     pub fn address(&self) -> String {
         match &self.twin {
-            Some((_, twin)) if self.turn.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) => twin.to_string(),
+            Some((_, twin)) if self.turn.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) => {
+                twin.to_string()
+            }
             _ => self.addr.to_string(),
         }
+    }
+
+    /// Where this server keeps its data (the data folder, or PostgreSQL and S3).
+    pub fn storage(&self) -> deltasync::server::Storage {
+        storage_of(&self.data)
     }
 
     /// The addresses of both processes (shared mode): the first, then the second.
@@ -457,7 +473,7 @@ impl Server {
         if view.exists() {
             fs::remove_dir_all(&view).expect("remove the last server view");
         }
-        let storage = storage_of(&self.data);
+        let storage = self.storage();
         let meta = deltasync::server::open_metadata(&storage).expect("open the database");
         let first = meta.list_accounts().expect("list accounts").into_iter().min_by_key(|a| a.account.id);
         drop(meta);
@@ -515,7 +531,8 @@ fn read_log(root: &Path) -> String {
 
 /// Creates an account with `deltasync account add NAME --data DIR` and returns its token.
 pub fn add_account(data_dir: &Path, name: &str) -> String {
-    let out = run(data_command(data_dir).args(["account", "add", name, "--data"]).arg(data_dir)).ok("account add");
+    let out =
+        run(data_command(data_dir).args(["account", "add", name, "--data"]).arg(data_dir)).ok("account add");
     let token = out.stdout.lines().rev().find(|l| !l.trim().is_empty()).expect("token line").trim();
     assert!(
         token.len() >= 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
@@ -528,7 +545,8 @@ pub fn add_account(data_dir: &Path, name: &str) -> String {
 /// The account's journal position (its number of changes) from `deltasync account list --data DIR`,
 /// which prints `NAME\tN changes` per account.
 pub fn account_changes(data_dir: &Path, name: &str) -> u64 {
-    let out = run(data_command(data_dir).args(["account", "list", "--data"]).arg(data_dir)).ok("account list");
+    let out =
+        run(data_command(data_dir).args(["account", "list", "--data"]).arg(data_dir)).ok("account list");
     out.stdout
         .lines()
         .find_map(|l| {
@@ -1368,7 +1386,7 @@ impl Cuttable {
                 }
                 let Ok(server) = TcpStream::connect(target) else { continue };
                 let _ = client.set_nonblocking(false);
-                let gen = st.generation.load(SeqCst);
+                let born = st.generation.load(SeqCst);
                 for (mut from, mut to) in [
                     (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
                     (server, client),
@@ -1378,7 +1396,7 @@ impl Cuttable {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 << 10];
                         loop {
-                            if st.generation.load(SeqCst) != gen || st.stop.load(SeqCst) {
+                            if st.generation.load(SeqCst) != born || st.stop.load(SeqCst) {
                                 break;
                             }
                             match from.read(&mut buf) {

@@ -192,7 +192,7 @@ fn mirror(srv: &mut Server) -> PathBuf {
     let deadline = Instant::now() + CONVERGE;
     loop {
         srv.assert_running();
-        if srv.data.join("deltasync.db").exists() && account_exists(srv) {
+        if (!srv.storage().is_local() || srv.data.join("deltasync.db").exists()) && account_exists(srv) {
             return srv.files();
         }
         assert!(
@@ -205,7 +205,7 @@ fn mirror(srv: &mut Server) -> PathBuf {
 }
 
 fn account_exists(srv: &Server) -> bool {
-    deltasync::server::open_metadata(&srv.data)
+    deltasync::server::open_metadata(&srv.storage())
         .ok()
         .and_then(|m| m.list_accounts().ok())
         .is_some_and(|a| !a.is_empty())
