@@ -26,9 +26,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
-use object_store::{
-    BackoffConfig, ClientConfigKey, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-};
+use object_store::{BackoffConfig, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use super::{ChunkStore, PackId, PackWriter};
 
@@ -109,7 +107,9 @@ impl Shared {
 fn to_io(label: &str, what: &str, e: object_store::Error) -> io::Error {
     let chain = error_chain(&e);
     let refused = chain.contains("onnection refused") || has_io_kind(&e, io::ErrorKind::ConnectionRefused);
-    let timed_out = chain.contains("timed out") || chain.contains("imeout");
+    // ("retry_timeout: 30s" is in every retried error's text: not a sign of one.)
+    let timed_out =
+        chain.contains("timed out") || chain.contains("Timeout") || has_io_kind(&e, io::ErrorKind::TimedOut);
     // Some requests (LIST) keep the HTTP status in a generic error: its text has it.
     let denied =
         ["403 Forbidden", "401 Unauthorized", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"]
@@ -213,19 +213,17 @@ impl S3Chunks {
         if let Some(r) = &cfg.region {
             b = b.with_region(r);
         }
-        let b = b
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
-                    base: 2.0,
-                },
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(30),
-            })
-            // Into the environment's client settings, not replacing them (nor `allow_http`).
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s")
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "30s");
+        let b = b.with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+        });
+        // Timeouts: object_store's (connect 5 s, request 30 s), or the environment's
+        // (`AWS_CONNECT_TIMEOUT`, `AWS_TIMEOUT`).
         let store = Arc::new(
             b.build().map_err(|e| bad(format!("the settings are not usable: {}", error_chain(&e))))?,
         );
@@ -551,6 +549,30 @@ mod tests {
         let m = e.to_string();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{m}");
         assert!(m.contains(&endpoint) && m.contains("`packs`") && m.contains("refused"), "{m}");
+    }
+
+    /// A server that takes the connection and never answers: reported once the request's
+    /// timeout (here 1 s) and the retries ran out, not waited on for ever.
+    #[test]
+    fn a_store_that_never_answers_is_a_clear_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        // Never accepted: the kernel completes the handshakes, nothing reads the requests.
+        let cfg = S3Config {
+            bucket: "packs".into(),
+            prefix: String::new(),
+            endpoint: Some(endpoint.clone()),
+            region: None,
+        };
+        let b = AmazonS3Builder::new()
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_config(AmazonS3ConfigKey::Client(object_store::ClientConfigKey::Timeout), "1s");
+        let e = S3Chunks::open_with(&cfg, b).err().expect("open succeeded on a silent server");
+        let m = e.to_string();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{m}");
+        assert!(m.contains(&endpoint) && m.contains("did not answer in time"), "{m}");
+        drop(listener);
     }
 
     #[test]
