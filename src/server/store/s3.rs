@@ -66,7 +66,21 @@ struct Shared {
     packs: ObjPath,
     /// "S3 bucket `B` at ENDPOINT", for messages.
     label: String,
+    /// The background aborts of dropped writers' multipart uploads.
+    aborts: tokio_util::task::TaskTracker,
     rt: Rt,
+}
+
+impl Drop for Shared {
+    /// Gives the aborts of dropped writers up to 5 s before the runtime goes (and them with it).
+    fn drop(&mut self) {
+        if self.aborts.is_empty() {
+            return;
+        }
+        self.aborts.close();
+        let aborts = self.aborts.clone();
+        let _ = self.run(async move { tokio::time::timeout(Duration::from_secs(5), aborts.wait()).await });
+    }
 }
 
 impl Shared {
@@ -235,7 +249,7 @@ impl S3Chunks {
             .map_err(|e| {
                 io::Error::other(format!("{label}: could not start the S3 client's threads: {e}"))
             })?;
-        let shared = Arc::new(Shared { store, packs, label, rt: Rt(Some(rt)) });
+        let shared = Arc::new(Shared { store, packs, label, aborts: Default::default(), rt: Rt(Some(rt)) });
 
         // Reachable, the bucket there, the keys accepted: one LIST of at most 256 names.
         let (store, at) = (shared.store.clone(), shared.packs.clone());
@@ -464,6 +478,7 @@ impl PackWriter for S3Pack {
                     .map_err(|e| shared.err(&format!("writing {path}"), e))?;
             }
             Some(Upload { mut upload, .. }) => {
+                let aborts = shared.aborts.clone();
                 let done = shared.run(async move {
                     let r = match upload.put_part(data).await {
                         Ok(()) => upload.complete().await.map(|_| ()),
@@ -471,7 +486,7 @@ impl PackWriter for S3Pack {
                     };
                     if r.is_err() {
                         // Leave no parts behind if we can help it.
-                        tokio::spawn(async move {
+                        aborts.spawn(async move {
                             let _ = upload.abort().await;
                         });
                     }
@@ -490,12 +505,15 @@ impl Drop for S3Pack {
     fn drop(&mut self) {
         let Some(Upload { mut upload, sending }) = self.upload.take() else { return };
         let Ok(h) = self.shared.handle() else { return };
-        h.spawn(async move {
-            if let Some((_, task)) = sending {
-                let _ = task.await;
-            }
-            let _ = upload.abort().await;
-        });
+        self.shared.aborts.spawn_on(
+            async move {
+                if let Some((_, task)) = sending {
+                    let _ = task.await;
+                }
+                let _ = upload.abort().await;
+            },
+            h,
+        );
     }
 }
 
