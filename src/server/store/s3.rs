@@ -5,7 +5,9 @@
 //! deleted afterwards, so no S3 operation is relied upon for locking or ordering; the metadata
 //! store decides which packs are used. A pack of up to [`SINGLE_PUT`] bytes is one PUT when it is
 //! finished; a bigger one is a multipart upload of [`PART`]-byte parts streamed as it is written
-//! (at most one part in flight and one filling), completed by `finish`: parts + 2 requests. A
+//! (at most one part in flight and one filling), the last one up to [`SLACK`] bigger, completed
+//! by `finish`: parts + 2 requests, so a full pack (32 MiB and the chunk that crossed the mark)
+//! costs 6: 4 parts, the start and the completion. A
 //! pack is visible only once its PUT or its completion returned, so a crash leaves nothing a
 //! listing shows; the parts of an interrupted multipart upload stay invisible in the bucket until
 //! a lifecycle rule "abort incomplete multipart uploads after N days" removes them (set one on
@@ -43,9 +45,12 @@ pub struct S3Config {
 }
 
 /// A pack up to this size is sent in one PUT when it is finished.
-pub const SINGLE_PUT: usize = 8 << 20;
+pub const SINGLE_PUT: usize = PART + SLACK;
 /// The part size of a bigger pack's multipart upload (S3 wants at least 5 MiB but for the last).
 pub const PART: usize = 8 << 20;
+/// What the last part may hold beyond [`PART`]: a pack finished just past a multiple of the part
+/// size (they stop at the chunk that crosses 32 MiB) sends no tiny extra part.
+pub const SLACK: usize = 1 << 20;
 
 /// The runtime every request runs on; shut down in the background when its last user goes, so
 /// dropping the store inside an async context does not panic.
@@ -382,7 +387,7 @@ struct Upload {
 struct S3Pack {
     id: PackId,
     shared: Arc<Shared>,
-    /// Bytes not sent yet: at most [`PART`].
+    /// Bytes not sent yet: at most [`PART`] + [`SLACK`].
     buf: Vec<u8>,
     len: u64,
     upload: Option<Upload>,
@@ -404,7 +409,7 @@ impl S3Pack {
         }
     }
 
-    /// Sends `buf` as the next part, after the one before it arrived; starts the multipart
+    /// Sends the first [`PART`] bytes of `buf` as the next part, after the one before it arrived; starts the multipart
     /// upload first if this is the first part.
     fn send_part(&mut self) -> io::Result<()> {
         self.wait_part()?;
@@ -418,7 +423,11 @@ impl S3Pack {
             self.upload = Some(Upload { upload, sending: None });
         }
         let Some(up) = &mut self.upload else { unreachable!("just set") };
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(PART));
+        // The first PART bytes go; what is beyond them starts the next part.
+        let mut next = Vec::with_capacity(PART + SLACK);
+        next.extend_from_slice(&self.buf[PART.min(self.buf.len())..]);
+        self.buf.truncate(PART);
+        let data = std::mem::replace(&mut self.buf, next);
         let part = up.upload.put_part(PutPayload::from(data));
         let (tx, rx) = mpsc::sync_channel(1);
         let task = self.shared.handle()?.spawn(async move {
@@ -444,14 +453,14 @@ impl PackWriter for S3Pack {
         }
         self.len += bytes.len() as u64;
         while !bytes.is_empty() {
-            if self.buf.len() == PART {
+            if self.buf.len() == PART + SLACK {
                 // Full, and more comes: this part goes.
                 if let Err(e) = self.send_part() {
                     self.failed = true;
                     return Err(e);
                 }
             }
-            let n = bytes.len().min(PART - self.buf.len());
+            let n = bytes.len().min(PART + SLACK - self.buf.len());
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
         }
