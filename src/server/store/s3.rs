@@ -7,11 +7,12 @@
 //! finished; a bigger one is a multipart upload of [`PART`]-byte parts streamed as it is written
 //! (at most one part in flight and one filling), the last one up to [`SLACK`] bigger, completed
 //! by `finish`: parts + 2 requests, so a full pack (32 MiB and the chunk that crossed the mark)
-//! costs 6: 4 parts, the start and the completion. A
-//! pack is visible only once its PUT or its completion returned, so a crash leaves nothing a
-//! listing shows; the parts of an interrupted multipart upload stay invisible in the bucket until
-//! a lifecycle rule "abort incomplete multipart uploads after N days" removes them (set one on
-//! the bucket: `clean_unfinished` cannot, as the client library lists no pending uploads).
+//! costs 6: 4 parts, the start and the completion. A pack is visible only once its PUT or its
+//! completion returned, so a crash leaves nothing a listing shows; the parts of an interrupted
+//! multipart upload stay invisible in the bucket until a lifecycle rule "abort incomplete
+//! multipart uploads after N days" removes them (set one on the bucket: `clean_unfinished`
+//! cannot, as the client library lists no pending uploads). A dropped writer aborts its upload
+//! in the background.
 //!
 //! The [`ChunkStore`] traits are blocking and may be called from the server's blocking pool,
 //! plain threads or an async task: [`S3Chunks`] owns a small tokio runtime of its own, runs
@@ -576,6 +577,26 @@ mod tests {
         let m = e.to_string();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{m}");
         assert!(m.contains(&endpoint) && m.contains("`packs`") && m.contains("refused"), "{m}");
+    }
+
+    /// Settings that cannot work are refused before any request: no keys, a broken prefix.
+    #[test]
+    fn unusable_settings_are_clear_errors() {
+        let cfg = S3Config {
+            bucket: "packs".into(),
+            prefix: "p".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: None,
+        };
+        let e = S3Chunks::open_with(&cfg, AmazonS3Builder::new()).err().expect("open succeeded without keys");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("AWS_ACCESS_KEY_ID") && e.to_string().contains("`packs`"), "{e}");
+
+        let keys = AmazonS3Builder::new().with_access_key_id("k").with_secret_access_key("s");
+        let bad = S3Config { prefix: "a//b".into(), ..cfg };
+        let e = S3Chunks::open_with(&bad, keys).err().expect("open took the prefix a//b");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("`a//b`"), "{e}");
     }
 
     /// A server that takes the connection and never answers: reported once the request's
