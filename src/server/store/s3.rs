@@ -561,6 +561,20 @@ mod tests {
         assert!(other.list().unwrap().is_empty());
     }
 
+    /// Called straight from an async task (not the blocking pool), and dropped there: works.
+    #[tokio::test]
+    async fn works_from_an_async_task() {
+        let Some(cfg) = config() else { return };
+        let s = S3Chunks::open(&cfg).unwrap();
+        let mut w = s.create().unwrap();
+        let id = w.id();
+        w.write(b"from a task").unwrap();
+        w.finish().unwrap();
+        assert_eq!(s.read(id, 5, 6).unwrap(), b"a task");
+        assert_eq!(s.list().unwrap().len(), 1);
+        s.delete(id).unwrap();
+    }
+
     /// Dropped inside an async context (a failed open drops its runtime there): no panic.
     #[tokio::test]
     async fn a_closed_port_is_a_clear_error() {
