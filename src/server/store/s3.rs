@@ -5,11 +5,14 @@
 //! deleted afterwards, so no S3 operation is relied upon for locking or ordering; the metadata
 //! store decides which packs are used. A pack of up to [`SINGLE_PUT`] bytes is one PUT when it is
 //! finished; a bigger one is a multipart upload of [`PART`]-byte parts streamed as it is written
-//! (at most one part in flight and one filling), completed by `finish`: parts + 2 requests. A
-//! pack is visible only once its PUT or its completion returned, so a crash leaves nothing a
-//! listing shows; the parts of an interrupted multipart upload stay invisible in the bucket until
-//! a lifecycle rule "abort incomplete multipart uploads after N days" removes them (set one on
-//! the bucket: `clean_unfinished` cannot, as the client library lists no pending uploads).
+//! (at most one part in flight and one filling), the last one up to [`SLACK`] bigger, completed
+//! by `finish`: parts + 2 requests, so a full pack (32 MiB and the chunk that crossed the mark)
+//! costs 6: 4 parts, the start and the completion. A pack is visible only once its PUT or its
+//! completion returned, so a crash leaves nothing a listing shows; the parts of an interrupted
+//! multipart upload stay invisible in the bucket until a lifecycle rule "abort incomplete
+//! multipart uploads after N days" removes them (set one on the bucket: `clean_unfinished`
+//! cannot, as the client library lists no pending uploads). A dropped writer aborts its upload
+//! in the background.
 //!
 //! The [`ChunkStore`] traits are blocking and may be called from the server's blocking pool,
 //! plain threads or an async task: [`S3Chunks`] owns a small tokio runtime of its own, runs
@@ -26,9 +29,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
-use object_store::{
-    BackoffConfig, ClientConfigKey, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-};
+use object_store::{BackoffConfig, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use super::{ChunkStore, PackId, PackWriter};
 
@@ -45,9 +46,12 @@ pub struct S3Config {
 }
 
 /// A pack up to this size is sent in one PUT when it is finished.
-pub const SINGLE_PUT: usize = 8 << 20;
+pub const SINGLE_PUT: usize = PART + SLACK;
 /// The part size of a bigger pack's multipart upload (S3 wants at least 5 MiB but for the last).
 pub const PART: usize = 8 << 20;
+/// What the last part may hold beyond [`PART`]: a pack finished just past a multiple of the part
+/// size (they stop at the chunk that crosses 32 MiB) sends no tiny extra part.
+pub const SLACK: usize = 1 << 20;
 
 /// The runtime every request runs on; shut down in the background when its last user goes, so
 /// dropping the store inside an async context does not panic.
@@ -68,7 +72,21 @@ struct Shared {
     packs: ObjPath,
     /// "S3 bucket `B` at ENDPOINT", for messages.
     label: String,
+    /// The background aborts of dropped writers' multipart uploads.
+    aborts: tokio_util::task::TaskTracker,
     rt: Rt,
+}
+
+impl Drop for Shared {
+    /// Gives the aborts of dropped writers up to 5 s before the runtime goes (and them with it).
+    fn drop(&mut self) {
+        if self.aborts.is_empty() {
+            return;
+        }
+        self.aborts.close();
+        let aborts = self.aborts.clone();
+        let _ = self.run(async move { tokio::time::timeout(Duration::from_secs(5), aborts.wait()).await });
+    }
 }
 
 impl Shared {
@@ -109,7 +127,9 @@ impl Shared {
 fn to_io(label: &str, what: &str, e: object_store::Error) -> io::Error {
     let chain = error_chain(&e);
     let refused = chain.contains("onnection refused") || has_io_kind(&e, io::ErrorKind::ConnectionRefused);
-    let timed_out = chain.contains("timed out") || chain.contains("imeout");
+    // ("retry_timeout: 30s" is in every retried error's text: not a sign of one.)
+    let timed_out =
+        chain.contains("timed out") || chain.contains("Timeout") || has_io_kind(&e, io::ErrorKind::TimedOut);
     // Some requests (LIST) keep the HTTP status in a generic error: its text has it.
     let denied =
         ["403 Forbidden", "401 Unauthorized", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"]
@@ -213,19 +233,17 @@ impl S3Chunks {
         if let Some(r) = &cfg.region {
             b = b.with_region(r);
         }
-        let b = b
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
-                    base: 2.0,
-                },
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(30),
-            })
-            // Into the environment's client settings, not replacing them (nor `allow_http`).
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s")
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "30s");
+        let b = b.with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+        });
+        // Timeouts: object_store's (connect 5 s, request 30 s), or the environment's
+        // (`AWS_CONNECT_TIMEOUT`, `AWS_TIMEOUT`).
         let store = Arc::new(
             b.build().map_err(|e| bad(format!("the settings are not usable: {}", error_chain(&e))))?,
         );
@@ -237,7 +255,7 @@ impl S3Chunks {
             .map_err(|e| {
                 io::Error::other(format!("{label}: could not start the S3 client's threads: {e}"))
             })?;
-        let shared = Arc::new(Shared { store, packs, label, rt: Rt(Some(rt)) });
+        let shared = Arc::new(Shared { store, packs, label, aborts: Default::default(), rt: Rt(Some(rt)) });
 
         // Reachable, the bucket there, the keys accepted: one LIST of at most 256 names.
         let (store, at) = (shared.store.clone(), shared.packs.clone());
@@ -370,7 +388,7 @@ struct Upload {
 struct S3Pack {
     id: PackId,
     shared: Arc<Shared>,
-    /// Bytes not sent yet: at most [`PART`].
+    /// Bytes not sent yet: at most [`PART`] + [`SLACK`].
     buf: Vec<u8>,
     len: u64,
     upload: Option<Upload>,
@@ -392,7 +410,7 @@ impl S3Pack {
         }
     }
 
-    /// Sends `buf` as the next part, after the one before it arrived; starts the multipart
+    /// Sends the first [`PART`] bytes of `buf` as the next part, after the one before it arrived; starts the multipart
     /// upload first if this is the first part.
     fn send_part(&mut self) -> io::Result<()> {
         self.wait_part()?;
@@ -406,7 +424,11 @@ impl S3Pack {
             self.upload = Some(Upload { upload, sending: None });
         }
         let Some(up) = &mut self.upload else { unreachable!("just set") };
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(PART));
+        // The first PART bytes go; what is beyond them starts the next part.
+        let mut next = Vec::with_capacity(PART + SLACK);
+        next.extend_from_slice(&self.buf[PART.min(self.buf.len())..]);
+        self.buf.truncate(PART);
+        let data = std::mem::replace(&mut self.buf, next);
         let part = up.upload.put_part(PutPayload::from(data));
         let (tx, rx) = mpsc::sync_channel(1);
         let task = self.shared.handle()?.spawn(async move {
@@ -432,14 +454,14 @@ impl PackWriter for S3Pack {
         }
         self.len += bytes.len() as u64;
         while !bytes.is_empty() {
-            if self.buf.len() == PART {
+            if self.buf.len() == PART + SLACK {
                 // Full, and more comes: this part goes.
                 if let Err(e) = self.send_part() {
                     self.failed = true;
                     return Err(e);
                 }
             }
-            let n = bytes.len().min(PART - self.buf.len());
+            let n = bytes.len().min(PART + SLACK - self.buf.len());
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
         }
@@ -466,6 +488,7 @@ impl PackWriter for S3Pack {
                     .map_err(|e| shared.err(&format!("writing {path}"), e))?;
             }
             Some(Upload { mut upload, .. }) => {
+                let aborts = shared.aborts.clone();
                 let done = shared.run(async move {
                     let r = match upload.put_part(data).await {
                         Ok(()) => upload.complete().await.map(|_| ()),
@@ -473,7 +496,7 @@ impl PackWriter for S3Pack {
                     };
                     if r.is_err() {
                         // Leave no parts behind if we can help it.
-                        tokio::spawn(async move {
+                        aborts.spawn(async move {
                             let _ = upload.abort().await;
                         });
                     }
@@ -492,12 +515,15 @@ impl Drop for S3Pack {
     fn drop(&mut self) {
         let Some(Upload { mut upload, sending }) = self.upload.take() else { return };
         let Ok(h) = self.shared.handle() else { return };
-        h.spawn(async move {
-            if let Some((_, task)) = sending {
-                let _ = task.await;
-            }
-            let _ = upload.abort().await;
-        });
+        self.shared.aborts.spawn_on(
+            async move {
+                if let Some((_, task)) = sending {
+                    let _ = task.await;
+                }
+                let _ = upload.abort().await;
+            },
+            h,
+        );
     }
 }
 
@@ -535,6 +561,20 @@ mod tests {
         assert!(other.list().unwrap().is_empty());
     }
 
+    /// Called straight from an async task (not the blocking pool), and dropped there: works.
+    #[tokio::test]
+    async fn works_from_an_async_task() {
+        let Some(cfg) = config() else { return };
+        let s = S3Chunks::open(&cfg).unwrap();
+        let mut w = s.create().unwrap();
+        let id = w.id();
+        w.write(b"from a task").unwrap();
+        w.finish().unwrap();
+        assert_eq!(s.read(id, 5, 6).unwrap(), b"a task");
+        assert_eq!(s.list().unwrap().len(), 1);
+        s.delete(id).unwrap();
+    }
+
     /// Dropped inside an async context (a failed open drops its runtime there): no panic.
     #[tokio::test]
     async fn a_closed_port_is_a_clear_error() {
@@ -551,6 +591,50 @@ mod tests {
         let m = e.to_string();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{m}");
         assert!(m.contains(&endpoint) && m.contains("`packs`") && m.contains("refused"), "{m}");
+    }
+
+    /// Settings that cannot work are refused before any request: no keys, a broken prefix.
+    #[test]
+    fn unusable_settings_are_clear_errors() {
+        let cfg = S3Config {
+            bucket: "packs".into(),
+            prefix: "p".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: None,
+        };
+        let e = S3Chunks::open_with(&cfg, AmazonS3Builder::new()).err().expect("open succeeded without keys");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("AWS_ACCESS_KEY_ID") && e.to_string().contains("`packs`"), "{e}");
+
+        let keys = AmazonS3Builder::new().with_access_key_id("k").with_secret_access_key("s");
+        let bad = S3Config { prefix: "a//b".into(), ..cfg };
+        let e = S3Chunks::open_with(&bad, keys).err().expect("open took the prefix a//b");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("`a//b`"), "{e}");
+    }
+
+    /// A server that takes the connection and never answers: reported once the request's
+    /// timeout (here 1 s) and the retries ran out, not waited on for ever.
+    #[test]
+    fn a_store_that_never_answers_is_a_clear_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        // Never accepted: the kernel completes the handshakes, nothing reads the requests.
+        let cfg = S3Config {
+            bucket: "packs".into(),
+            prefix: String::new(),
+            endpoint: Some(endpoint.clone()),
+            region: None,
+        };
+        let b = AmazonS3Builder::new()
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_config(AmazonS3ConfigKey::Client(object_store::ClientConfigKey::Timeout), "1s");
+        let e = S3Chunks::open_with(&cfg, b).err().expect("open succeeded on a silent server");
+        let m = e.to_string();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{m}");
+        assert!(m.contains(&endpoint) && m.contains("did not answer in time"), "{m}");
+        drop(listener);
     }
 
     #[test]
