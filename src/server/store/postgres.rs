@@ -2218,6 +2218,62 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), (docs, next));
     }
 
+    /// Ends every connection to the test database (as a server restart does).
+    fn terminate_connections(url: &str) {
+        let db = url.rsplit('/').next().unwrap();
+        let admin = std::env::var("DELTASYNC_TEST_PG").unwrap();
+        let out = std::process::Command::new("psql")
+            .args([
+                admin.as_str(),
+                "-q",
+                "-c",
+                &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// B commits until A hears of one (the listener connects in the background); the notices A
+    /// heard, all of them B's.
+    fn until_heard(
+        b: &PgMeta,
+        space: AccountId,
+        key: ChunkKey,
+        prefix: &str,
+        rx: &mpsc::Receiver<(AccountId, u64)>,
+    ) -> Vec<(AccountId, u64)> {
+        let mut from_b = Vec::new();
+        for i in 0..100 {
+            if let Ok(r) = b.commit(space, "b", &[put(&format!("{prefix}{i}"), 0, b"v1", key)]) {
+                from_b.push((space, r[0].clone().unwrap()));
+            }
+            if let Ok(n) = rx.recv_timeout(Duration::from_millis(300)) {
+                assert!(from_b.contains(&n), "{n:?} is none of B's commits {from_b:?}");
+                return vec![n];
+            }
+        }
+        panic!("no notice of B's commits reached A");
+    }
+
+    /// The listening connection is lost (a database restart): it comes back by itself and
+    /// reports the commits made after.
+    #[test]
+    fn the_listener_reconnects() {
+        let Some((url, a)) = open() else { return };
+        let b = PgMeta::open(&url).unwrap();
+        let acct = a.add_account("alice", "laptop", "tok").unwrap().id;
+        let key = chunk(&a, 1);
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        a.on_commits_elsewhere(Arc::new(move |space, seq| {
+            let _ = tx.lock().unwrap().send((space, seq));
+        }));
+        until_heard(&b, acct, key, "before", &rx);
+        terminate_connections(&url);
+        until_heard(&b, acct, key, "after", &rx);
+    }
+
     /// (d) Two prunes at once: one does the work, the other finds it taken and does nothing.
     #[test]
     fn one_prune_at_a_time() {
@@ -2320,18 +2376,7 @@ mod tests {
                 s.spawn(|| m.seq(acct).unwrap());
             }
         });
-        let db = url.rsplit('/').next().unwrap();
-        let admin = std::env::var("DELTASYNC_TEST_PG").unwrap();
-        let out = std::process::Command::new("psql")
-            .args([
-                admin.as_str(),
-                "-q",
-                "-c",
-                &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        terminate_connections(&url);
         let mut failures = 0;
         let seq = loop {
             match m.commit(acct, "a", &[put("f", 0, b"v1", key)]) {
