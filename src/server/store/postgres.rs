@@ -2329,6 +2329,50 @@ mod tests {
         assert!(!a.pack_known(PackId([1; 16])).unwrap() && a.pack_known(PackId([2; 16])).unwrap());
     }
 
+    /// Commits recording new packs while another store prunes with no grace period: no prune
+    /// forgets a chunk a commit it cannot see yet refers to.
+    #[test]
+    fn a_prune_never_takes_the_chunks_of_a_commit_in_flight() {
+        let Some((url, a)) = open() else { return };
+        let b = PgMeta::open(&url).unwrap();
+        let acct = a.add_account("alice", "laptop", "tok").unwrap().id;
+        let keep: Keep = "all".parse().unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let n = 150u16;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.prune(&keep, now_secs() + 10, 0).unwrap();
+                }
+            });
+            for i in 0..n {
+                let mut id = [0u8; 16];
+                id[..2].copy_from_slice(&i.to_le_bytes());
+                let pack = PackId(id);
+                let mut key = [9u8; 32];
+                key[..2].copy_from_slice(&i.to_le_bytes());
+                let content = format!("content {i}");
+                let loc = ChunkLoc { pack, offset: 0, stored: content.len() as u32, raw: 0, zstd: false };
+                let sealed = Sealed { pack, size: 64, chunks: vec![NewChunk { key, loc }] };
+                let r = a
+                    .commit_with_pack(
+                        acct,
+                        "a",
+                        Some(&sealed),
+                        &[put(&format!("f{i}"), 0, content.as_bytes(), key)],
+                    )
+                    .unwrap();
+                assert!(r[0].is_ok(), "{r:?}");
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        for i in 0..n {
+            let hash = ContentHash::of(format!("content {i}").as_bytes());
+            let got = a.content(acct, &hash);
+            assert!(matches!(got, Ok(Some(_))), "content {i}: {got:?}");
+        }
+    }
+
     /// The grace period: a pack finished less than `grace` seconds ago is never forgotten.
     #[test]
     fn a_young_pack_is_kept_through_the_grace_period() {
