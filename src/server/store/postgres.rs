@@ -2104,6 +2104,82 @@ mod tests {
         assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
     }
 
+    /// The steps of one commit see what the earlier ones did, and nothing of a refused one:
+    /// the same answers and the same state as SQLite for one batch that leans on both.
+    #[test]
+    fn the_steps_of_one_commit_decide_as_in_sqlite() {
+        let Some((_url, pg)) = open() else { return };
+        let d = tempfile::tempdir().unwrap();
+        let lite = super::super::sqlite::SqliteMeta::open(&d.path().join("db")).unwrap();
+        let change = |path: &str, base_rev, node: Option<Node>, chunks| Change {
+            path: rel(path),
+            base_rev,
+            node,
+            chunks,
+        };
+        let file = |content: &[u8]| Node::File {
+            hash: ContentHash::of(content),
+            size: content.len() as u64,
+            meta: Meta { mtime_ns: 1, mode: 0o644 },
+        };
+        let dir = Some(Node::Dir { mode: 0o755 });
+        let mut outcomes = Vec::new();
+        for m in [&pg as &dyn MetaStore, &lite as &dyn MetaStore] {
+            let acct = m.add_account("alice", "laptop", "tok").unwrap().id;
+            let (k1, k2) = ([1u8; 32], [2u8; 32]);
+            for (n, key) in [(1u8, k1), (2, k2)] {
+                let pack = PackId([n; 16]);
+                let loc = ChunkLoc { pack, offset: 45, stored: 2, raw: 2, zstd: false };
+                m.add_pack(&Sealed { pack, size: 47, chunks: vec![NewChunk { key, loc }] }).unwrap();
+            }
+            let step = |op, changes| Step { op, changes };
+            let steps = vec![
+                step("mkdir", vec![change("d", 0, dir.clone(), None)]),
+                step("write", vec![change("d/x", 0, Some(file(b"xx")), Some(vec![(k1, 2)]))]),
+                // Its content arrived in the step before: no chunks needed.
+                step("move", vec![change("d/x", 2, None, None), change("e", 0, Some(file(b"xx")), None)]),
+                // Empty now (in this commit).
+                step("delete", vec![change("d", 1, None, None)]),
+                step("write", vec![change("d/y", 0, Some(file(b"xx")), None)]),
+                // Refused whole: its second change is stale; its content is not kept.
+                step(
+                    "write",
+                    vec![
+                        change("g", 0, Some(file(b"gg")), Some(vec![(k2, 2)])),
+                        change("h", 5, dir.clone(), None),
+                    ],
+                ),
+                step("write", vec![change("i", 0, Some(file(b"gg")), None)]),
+                step("write", vec![change("g", 0, Some(file(b"xx")), None)]),
+                // A file replaced by a directory in the same commit.
+                step("mkdir", vec![change("g", 5, dir.clone(), None)]),
+            ];
+            let r = m.commit(acct, "dev", &steps).unwrap();
+            let r: Vec<Result<u64, RefusalKind>> = r.into_iter().map(|r| r.map_err(|e| e.kind)).collect();
+            let live: Vec<(String, u64)> =
+                m.live_under(acct, None).unwrap().into_iter().map(|e| (e.path.to_string(), e.rev)).collect();
+            let (changes, seq, _) = m.changes(acct, 0).unwrap();
+            let changes: Vec<(String, u64, bool)> =
+                changes.into_iter().map(|e| (e.path.to_string(), e.rev, e.node.is_some())).collect();
+            let log: Vec<(String, u64, String)> = m
+                .log(acct, None, false, 100)
+                .unwrap()
+                .into_iter()
+                .map(|v| (v.path.to_string(), v.rev, v.op))
+                .collect();
+            let usage = m.usage(acct).unwrap();
+            let gg = m.content(acct, &ContentHash::of(b"gg")).unwrap().is_some();
+            outcomes.push((r, live, changes, seq, log, usage, gg));
+        }
+        let (pg, lite) = (&outcomes[0], &outcomes[1]);
+        assert_eq!(pg, lite);
+        // And SQLite's answers are what the rules say.
+        use RefusalKind::*;
+        assert_eq!(lite.0, [Ok(1), Ok(2), Ok(3), Ok(4), Err(Stale), Err(Stale), Err(NotFound), Ok(5), Ok(6)]);
+        assert_eq!(lite.1, [("e".to_string(), 3), ("g".to_string(), 6)]);
+        assert_eq!((lite.3, lite.5, lite.6), (6, (2, None), false));
+    }
+
     /// (a) Two stores (two server processes) commit to one account at once: every step gets
     /// its own sequence number, consecutive, and nothing is lost.
     #[test]
