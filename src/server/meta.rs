@@ -24,7 +24,7 @@ pub const PAGE: usize = 2000;
 pub enum MetaError {
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", pg_message(.0))]
     Pg(#[from] tokio_postgres::Error),
     /// The metadata database cannot be reached (a lost connection, a full pool): requests are
     /// refused until it is back.
@@ -38,6 +38,17 @@ pub enum MetaError {
     CorruptRow(String),
     #[error("the OS random number generator failed: {0}")]
     Random(String),
+}
+
+/// A PostgreSQL error with the server's own message (tokio-postgres shows only "db error").
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 pub type AccountId = i64;

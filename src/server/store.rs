@@ -63,6 +63,11 @@ pub trait ChunkStore: Send + Sync {
     fn clean_unfinished(&self) -> io::Result<usize>;
     /// Bytes still free for packs, if the backend knows (a local disk does).
     fn free_bytes(&self) -> Option<u64>;
+    /// How far past what a reader needs one read may go when the chunks there follow in the
+    /// same pack: worth it where each read is a request (an object store), not for a local file.
+    fn read_ahead(&self) -> u64 {
+        0
+    }
 }
 
 /// A pack being written.

@@ -355,6 +355,11 @@ impl PgMeta {
                             cx.at
                         )));
                     }
+                    if v == SCHEMA_VERSION {
+                        // Made already: no DDL, whose table locks would wait on (and can
+                        // deadlock with) the commits of the processes already serving.
+                        return tx.commit().await.map_err(pg);
+                    }
                 }
             }
             tx.batch_execute(SCHEMA).await.map_err(pg)?;

@@ -367,6 +367,11 @@ impl ChunkStore for S3Chunks {
     fn free_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// Every read is a GET: a download fetches the chunks that follow in its pack 4 MiB at a time.
+    fn read_ahead(&self) -> u64 {
+        4 << 20
+    }
 }
 
 fn short(label: &str, path: &ObjPath, offset: u64, len: u32, size: u64) -> io::Error {
