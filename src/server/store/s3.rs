@@ -75,11 +75,26 @@ struct Shared {
     /// The background aborts of dropped writers' multipart uploads.
     aborts: tokio_util::task::TaskTracker,
     rt: Rt,
+    /// Requests made: writes (PUT, multipart start, part, completion), reads (GET, HEAD),
+    /// others (LIST, DELETE); logged when the store closes (what an S3 bill counts).
+    requests: [std::sync::atomic::AtomicU64; 3],
 }
+
+const WRITES: usize = 0;
+const READS: usize = 1;
+const OTHERS: usize = 2;
 
 impl Drop for Shared {
     /// Gives the aborts of dropped writers up to 5 s before the runtime goes (and them with it).
     fn drop(&mut self) {
+        let n = |i: usize| self.requests[i].load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "{}: {} write requests (PUT, multipart parts), {} reads (GET, HEAD), {} others (LIST, DELETE)",
+            self.label,
+            n(WRITES),
+            n(READS),
+            n(OTHERS)
+        );
         if self.aborts.is_empty() {
             return;
         }
@@ -90,6 +105,10 @@ impl Drop for Shared {
 }
 
 impl Shared {
+    fn count(&self, kind: usize, n: u64) {
+        self.requests[kind].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn handle(&self) -> io::Result<&tokio::runtime::Handle> {
         self.rt
             .0
@@ -255,7 +274,7 @@ impl S3Chunks {
             .map_err(|e| {
                 io::Error::other(format!("{label}: could not start the S3 client's threads: {e}"))
             })?;
-        let shared = Arc::new(Shared { store, packs, label, aborts: Default::default(), rt: Rt(Some(rt)) });
+        let shared = Arc::new(Shared { store, packs, label, aborts: Default::default(), rt: Rt(Some(rt)), requests: Default::default() });
 
         // Reachable, the bucket there, the keys accepted: one LIST of at most 256 names.
         let (store, at) = (shared.store.clone(), shared.packs.clone());
@@ -298,6 +317,7 @@ impl ChunkStore for S3Chunks {
         let (store, p) = (s.store.clone(), path.clone());
         if len == 0 {
             // An empty range is no HTTP range: ask for the size.
+            s.count(READS, 1);
             let meta = s
                 .run(async move { store.head(&p).await })?
                 .map_err(|e| s.err(&format!("reading {path}"), e))?;
@@ -306,6 +326,7 @@ impl ChunkStore for S3Chunks {
                 false => Ok(Vec::new()),
             };
         }
+        s.count(READS, 1);
         let got = s.run(async move { store.get_range(&p, offset..end).await })?;
         match got {
             Ok(b) if b.len() == len as usize => Ok(b.into()),
@@ -314,6 +335,7 @@ impl ChunkStore for S3Chunks {
             Err(e) => {
                 // A range past the end is refused (416) by some servers: a short pack.
                 let (store, p) = (s.store.clone(), path.clone());
+                s.count(READS, 1);
                 match s.run(async move { store.head(&p).await })? {
                     Ok(meta) if meta.size < end => Err(short(&s.label, &path, offset, len, meta.size)),
                     _ => Err(s.err(&format!("reading {len} bytes at {offset} of {path}"), e)),
@@ -326,6 +348,7 @@ impl ChunkStore for S3Chunks {
         let s = &self.shared;
         let path = s.path(pack);
         let (store, p) = (s.store.clone(), path.clone());
+        s.count(OTHERS, 1);
         match s.run(async move { store.delete(&p).await })? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(s.err(&format!("deleting {path}"), e)),
@@ -335,6 +358,7 @@ impl ChunkStore for S3Chunks {
     fn list(&self) -> io::Result<Vec<(PackId, u64, u64)>> {
         let s = &self.shared;
         let (store, at) = (s.store.clone(), s.packs.clone());
+        s.count(OTHERS, 1);
         let all = s
             .run(async move { store.list(Some(&at)).try_collect::<Vec<_>>().await })?
             .map_err(|e| s.err(&format!("listing {}", s.packs), e))?;
@@ -422,6 +446,7 @@ impl S3Pack {
         if self.upload.is_none() {
             let path = self.shared.path(self.id);
             let (store, p) = (self.shared.store.clone(), path.clone());
+            self.shared.count(WRITES, 1);
             let upload = self
                 .shared
                 .run(async move { store.put_multipart(&p).await })?
@@ -434,6 +459,7 @@ impl S3Pack {
         next.extend_from_slice(&self.buf[PART.min(self.buf.len())..]);
         self.buf.truncate(PART);
         let data = std::mem::replace(&mut self.buf, next);
+        self.shared.count(WRITES, 1);
         let part = up.upload.put_part(PutPayload::from(data));
         let (tx, rx) = mpsc::sync_channel(1);
         let task = self.shared.handle()?.spawn(async move {
@@ -488,12 +514,14 @@ impl PackWriter for S3Pack {
         match self.upload.take() {
             None => {
                 let (store, p) = (shared.store.clone(), path.clone());
+                shared.count(WRITES, 1);
                 shared
                     .run(async move { store.put(&p, data).await })?
                     .map_err(|e| shared.err(&format!("writing {path}"), e))?;
             }
             Some(Upload { mut upload, .. }) => {
                 let aborts = shared.aborts.clone();
+                shared.count(WRITES, 2);
                 let done = shared.run(async move {
                     let r = match upload.put_part(data).await {
                         Ok(()) => upload.complete().await.map(|_| ()),
