@@ -61,12 +61,23 @@ start() {
     local bin pgport
     bin=$(pg_bin)
     pgport=$(free_port)
-    mkdir -p "$dir/pg"
-    if [[ $(id -u) -eq 0 ]]; then chown postgres "$dir" "$dir/pg"; fi
-    as_postgres "$bin/initdb" -D "$dir/pg/data" -A trust -U postgres -E UTF8 >"$dir/initdb.log" 2>&1
-    as_postgres "$bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/log" -w -t 60 start \
-        -o "-p $pgport -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
-        >/dev/null
+    # A folder of its own that `postgres` owns (DIR's parents may be closed to it).
+    local pg
+    pg=$(mktemp -d /tmp/deltasync-pg.XXXXXX)
+    echo "$pg" >"$dir/pg"
+    if [[ $(id -u) -eq 0 ]]; then chown postgres "$pg"; fi
+    if ! as_postgres "$bin/initdb" -D "$pg/data" -A trust -U postgres -E UTF8 >"$pg/initdb.log" 2>&1; then
+        echo "services: initdb failed:" >&2
+        cat "$pg/initdb.log" >&2
+        exit 1
+    fi
+    if ! as_postgres "$bin/pg_ctl" -D "$pg/data" -l "$pg/log" -w -t 60 start \
+        -o "-p $pgport -k $pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+        >/dev/null; then
+        echo "services: PostgreSQL did not start:" >&2
+        cat "$pg/log" >&2
+        exit 1
+    fi
 
     local i
     for i in $(seq 100); do
@@ -90,8 +101,11 @@ stop() {
     if [[ -f "$dir/s3.pid" ]]; then
         kill "$(cat "$dir/s3.pid")" 2>/dev/null || true
     fi
-    if [[ -d "$dir/pg/data" ]]; then
-        as_postgres "$(pg_bin)/pg_ctl" -D "$dir/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+    if [[ -f "$dir/pg" ]]; then
+        local pg
+        pg=$(cat "$dir/pg")
+        as_postgres "$(pg_bin)/pg_ctl" -D "$pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+        [[ "$pg" == /tmp/deltasync-pg.* ]] && rm -rf "$pg"
     fi
     rm -rf "$dir"
 }

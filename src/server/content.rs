@@ -506,7 +506,6 @@ fn check_len(raw: Vec<u8>, l: &ChunkLoc) -> io::Result<Vec<u8>> {
 }
 
 impl Reader {
-
     /// The bytes at `[offset, offset + len)`, which lie inside the file.
     fn range(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
         if len == 0 {

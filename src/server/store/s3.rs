@@ -78,6 +78,8 @@ struct Shared {
     /// Requests made: writes (PUT, multipart start, part, completion), reads (GET, HEAD),
     /// others (LIST, DELETE); logged when the store closes (what an S3 bill counts).
     requests: [std::sync::atomic::AtomicU64; 3],
+    /// See [`S3Chunks::read`].
+    blocks: std::sync::Mutex<Blocks>,
 }
 
 const WRITES: usize = 0;
@@ -274,7 +276,15 @@ impl S3Chunks {
             .map_err(|e| {
                 io::Error::other(format!("{label}: could not start the S3 client's threads: {e}"))
             })?;
-        let shared = Arc::new(Shared { store, packs, label, aborts: Default::default(), rt: Rt(Some(rt)), requests: Default::default() });
+        let shared = Arc::new(Shared {
+            store,
+            packs,
+            label,
+            aborts: Default::default(),
+            rt: Rt(Some(rt)),
+            requests: Default::default(),
+            blocks: Default::default(),
+        });
 
         // Reachable, the bucket there, the keys accepted: one LIST of at most 256 names.
         let (store, at) = (shared.store.clone(), shared.packs.clone());
@@ -305,54 +315,37 @@ impl ChunkStore for S3Chunks {
         }))
     }
 
+    /// Small reads (a small file's chunk) go through a cache of 1 MiB blocks of packs: the
+    /// chunks of a batch of small files lie side by side, so 1,000 of them cost a few GETs, not
+    /// 1,000 (packs never change, so a cached block is never stale). Bigger reads go straight.
     fn read(&self, pack: PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        let s = &self.shared;
-        let path = s.path(pack);
+        if len == 0 || u64::from(len) > BLOCK / 2 {
+            return self.fetch(pack, offset, len);
+        }
         let end = offset.checked_add(u64::from(len)).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{}: no range {offset}+{len} in {path}", s.label),
+                format!("{}: no range {offset}+{len}", self.shared.label),
             )
         })?;
-        let (store, p) = (s.store.clone(), path.clone());
-        if len == 0 {
-            // An empty range is no HTTP range: ask for the size.
-            s.count(READS, 1);
-            let meta = s
-                .run(async move { store.head(&p).await })?
-                .map_err(|e| s.err(&format!("reading {path}"), e))?;
-            return match meta.size < offset {
-                true => Err(short(&s.label, &path, offset, len, meta.size)),
-                false => Ok(Vec::new()),
-            };
-        }
-        s.count(READS, 1);
-        let got = s.run(async move { store.get_range(&p, offset..end).await })?;
-        match got {
-            Ok(b) if b.len() == len as usize => Ok(b.into()),
-            Ok(b) => Err(short(&s.label, &path, offset, len, offset + b.len() as u64)),
-            Err(e @ object_store::Error::NotFound { .. }) => Err(s.err(&format!("reading {path}"), e)),
-            Err(e) => {
-                // A range past the end is refused (416) by some servers: a short pack.
-                let (store, p) = (s.store.clone(), path.clone());
-                s.count(READS, 1);
-                match s.run(async move { store.head(&p).await })? {
-                    Ok(meta) if meta.size < end => Err(short(&s.label, &path, offset, len, meta.size)),
-                    _ => Err(s.err(&format!("reading {len} bytes at {offset} of {path}"), e)),
-                }
+        let mut out = Vec::with_capacity(len as usize);
+        for b in offset / BLOCK..=(end - 1) / BLOCK {
+            let block = self.block(pack, b)?;
+            let start = b * BLOCK;
+            let (from, to) =
+                ((offset.max(start) - start) as usize, (end.min(start + BLOCK) - start) as usize);
+            if to > block.len() {
+                let path = self.shared.path(pack);
+                return Err(short(&self.shared.label, &path, offset, len, start + block.len() as u64));
             }
+            out.extend_from_slice(&block[from..to]);
         }
+        Ok(out)
     }
 
     fn delete(&self, pack: PackId) -> io::Result<()> {
-        let s = &self.shared;
-        let path = s.path(pack);
-        let (store, p) = (s.store.clone(), path.clone());
-        s.count(OTHERS, 1);
-        match s.run(async move { store.delete(&p).await })? {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(s.err(&format!("deleting {path}"), e)),
-        }
+        self.shared.blocks.lock().unwrap_or_else(|p| p.into_inner()).forget(pack);
+        self.remove(pack)
     }
 
     fn list(&self) -> io::Result<Vec<(PackId, u64, u64)>> {
@@ -395,6 +388,120 @@ impl ChunkStore for S3Chunks {
     /// Every read is a GET: a download fetches the chunks that follow in its pack 4 MiB at a time.
     fn read_ahead(&self) -> u64 {
         4 << 20
+    }
+}
+
+impl S3Chunks {
+    /// `len` bytes at `offset`: one GET.
+    fn fetch(&self, pack: PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let s = &self.shared;
+        let path = s.path(pack);
+        let end = offset.checked_add(u64::from(len)).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: no range {offset}+{len} in {path}", s.label),
+            )
+        })?;
+        let (store, p) = (s.store.clone(), path.clone());
+        if len == 0 {
+            // An empty range is no HTTP range: ask for the size.
+            s.count(READS, 1);
+            let meta = s
+                .run(async move { store.head(&p).await })?
+                .map_err(|e| s.err(&format!("reading {path}"), e))?;
+            return match meta.size < offset {
+                true => Err(short(&s.label, &path, offset, len, meta.size)),
+                false => Ok(Vec::new()),
+            };
+        }
+        s.count(READS, 1);
+        let got = s.run(async move { store.get_range(&p, offset..end).await })?;
+        match got {
+            Ok(b) if b.len() == len as usize => Ok(b.into()),
+            Ok(b) => Err(short(&s.label, &path, offset, len, offset + b.len() as u64)),
+            Err(e @ object_store::Error::NotFound { .. }) => Err(s.err(&format!("reading {path}"), e)),
+            Err(e) => {
+                // A range past the end is refused (416) by some servers: a short pack.
+                let (store, p) = (s.store.clone(), path.clone());
+                s.count(READS, 1);
+                match s.run(async move { store.head(&p).await })? {
+                    Ok(meta) if meta.size < end => Err(short(&s.label, &path, offset, len, meta.size)),
+                    _ => Err(s.err(&format!("reading {len} bytes at {offset} of {path}"), e)),
+                }
+            }
+        }
+    }
+
+    /// Block `b` of a pack, from the cache or one GET (shorter than [`BLOCK`] at the pack's end).
+    fn block(&self, pack: PackId, b: u64) -> io::Result<Arc<Vec<u8>>> {
+        let s = &self.shared;
+        if let Some(hit) = s.blocks.lock().unwrap_or_else(|p| p.into_inner()).get(pack, b) {
+            return Ok(hit);
+        }
+        let path = s.path(pack);
+        let (store, p) = (s.store.clone(), path.clone());
+        let start = b * BLOCK;
+        s.count(READS, 1);
+        let bytes = match s.run(async move { store.get_range(&p, start..start + BLOCK).await })? {
+            Ok(bytes) => Arc::new(Vec::from(bytes)),
+            Err(e @ object_store::Error::NotFound { .. }) => return Err(s.err(&format!("reading {path}"), e)),
+            Err(e) => {
+                // A block starting at or past the end is refused (416) by some servers.
+                let (store, p) = (s.store.clone(), path.clone());
+                s.count(READS, 1);
+                return match s.run(async move { store.head(&p).await })? {
+                    Ok(meta) if meta.size <= start => Err(short(&s.label, &path, start, 1, meta.size)),
+                    _ => Err(s.err(&format!("reading {BLOCK} bytes at {start} of {path}"), e)),
+                };
+            }
+        };
+        s.blocks.lock().unwrap_or_else(|p| p.into_inner()).put(pack, b, bytes.clone());
+        Ok(bytes)
+    }
+
+    fn remove(&self, pack: PackId) -> io::Result<()> {
+        let s = &self.shared;
+        let path = s.path(pack);
+        let (store, p) = (s.store.clone(), path.clone());
+        s.count(OTHERS, 1);
+        match s.run(async move { store.delete(&p).await })? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s.err(&format!("deleting {path}"), e)),
+        }
+    }
+}
+
+/// The block size of [`S3Chunks::read`]'s cache.
+const BLOCK: u64 = 1 << 20;
+/// Blocks the cache keeps (64 MiB).
+const CACHED_BLOCKS: usize = 64;
+
+/// Recently read blocks of packs, the oldest dropped first.
+#[derive(Default)]
+struct Blocks {
+    map: std::collections::HashMap<(PackId, u64), Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<(PackId, u64)>,
+}
+
+impl Blocks {
+    fn get(&self, pack: PackId, b: u64) -> Option<Arc<Vec<u8>>> {
+        self.map.get(&(pack, b)).cloned()
+    }
+
+    fn put(&mut self, pack: PackId, b: u64, bytes: Arc<Vec<u8>>) {
+        if self.map.insert((pack, b), bytes).is_none() {
+            self.order.push_back((pack, b));
+        }
+        while self.order.len() > CACHED_BLOCKS {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn forget(&mut self, pack: PackId) {
+        self.map.retain(|(p, _), _| *p != pack);
+        self.order.retain(|(p, _)| *p != pack);
     }
 }
 
@@ -568,6 +675,34 @@ mod tests {
     fn config() -> Option<S3Config> {
         let (endpoint, bucket, prefix) = testenv::s3()?;
         Some(S3Config { bucket, prefix, endpoint: Some(endpoint), region: None })
+    }
+
+    #[test]
+    fn small_reads_side_by_side_cost_a_few_gets() {
+        let Some(cfg) = config() else { return };
+        let s = S3Chunks::open(&cfg).unwrap();
+        let data = crate::delta::pseudo_random(3 << 20, 5);
+        let mut w = s.create().unwrap();
+        let id = w.id();
+        w.write(&data).unwrap();
+        w.finish().unwrap();
+        let reads = || s.shared.requests[READS].load(std::sync::atomic::Ordering::Relaxed);
+        let before = reads();
+        // 768 reads of 4 KiB, front to back, some across a block boundary.
+        for i in 0..768u64 {
+            let at = i * 4096 + (i % 3) * 1000;
+            let n = 4096.min(data.len() as u64 - at) as u32;
+            assert!(s.read(id, at, n).unwrap() == data[at as usize..(at + u64::from(n)) as usize], "read {i}");
+        }
+        let gets = reads() - before;
+        assert!(gets <= 4, "{gets} GETs for 768 small reads of a 3 MiB pack");
+        // The end of the pack and past it, through the cache too.
+        assert_eq!(s.read(id, (3 << 20) - 10, 10).unwrap(), &data[(3 << 20) - 10..]);
+        assert_eq!(s.read(id, (3 << 20) - 10, 11).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(s.read(id, 3 << 20, 1).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // A deleted pack is gone for the cache too.
+        s.delete(id).unwrap();
+        assert_eq!(s.read(id, 0, 10).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 
     #[test]
