@@ -123,10 +123,15 @@ packs() { find "$S3DIR" -type f -name '*.pack' "$@"; }
 # The embedded default.
 serve local
 LOCAL=$ADDR
-TOK=$(token "$BIN" account add bench --data "$WORK/data-local")
-C=(--token "$TOK" --no-progress -q)
+# An account per part, so each pull fetches only that part's files.
+acct() { # DATA NAME: sets C to use a new account's token
+    C=(--token "$(token "$BIN" account add "$2" --data "$1")" --no-progress -q)
+}
+acct "$WORK/data-local" small
 run_small embedded "$LOCAL" "$LOCAL"
+acct "$WORK/data-local" big
 run_big embedded "$LOCAL" "$LOCAL"
+acct "$WORK/data-local" prop
 run_prop embedded "$LOCAL" "$LOCAL"
 
 # Two processes on PostgreSQL + S3 (one data folder for both: the same TLS identity).
@@ -141,20 +146,21 @@ stop_pair() { # N: stops them; prints their S3 request lines
     grep -h "write requests" "$WORK/$1-a.log" "$WORK/$1-b.log" | sed 's/^.*INFO //; s/^/  /'
 }
 pair 1
-TOK=$(token "$BIN" account add bench --data "$WORK/data-shared")
-C=(--token "$TOK" --no-progress -q)
+acct "$WORK/data-shared" small
 run_small shared "$A" "$B"
 echo "shared: S3 requests of that push and pull ($FILES files), per process:"
 stop_pair 1
 echo "shared: objects for $FILES small files: $(packs | wc -l)"
 pair 2
 n0=$(packs | wc -l)
+acct "$WORK/data-shared" big
 run_big shared "$A" "$B"
 n1=$(packs | wc -l)
 echo "shared: objects for $BIG MiB: $((n1 - n0)) ($(python3 -c "print(round(($n1 - $n0) * 1024 / $BIG))") per GiB)"
 echo "shared: S3 requests of that push and pull, per process:"
 stop_pair 2
 pair 3
+acct "$WORK/data-shared" prop
 run_prop shared "$A" "$B"
 stop_pair 3 >/dev/null
 all=$(packs -printf '%s\n' | awk '{s += $1; n += 1} END {printf "%d objects, %.2f MiB each on average", n, s / n / 1048576}')

@@ -692,7 +692,10 @@ mod tests {
         for i in 0..768u64 {
             let at = i * 4096 + (i % 3) * 1000;
             let n = 4096.min(data.len() as u64 - at) as u32;
-            assert!(s.read(id, at, n).unwrap() == data[at as usize..(at + u64::from(n)) as usize], "read {i}");
+            assert!(
+                s.read(id, at, n).unwrap() == data[at as usize..(at + u64::from(n)) as usize],
+                "read {i}"
+            );
         }
         let gets = reads() - before;
         assert!(gets <= 4, "{gets} GETs for 768 small reads of a 3 MiB pack");
