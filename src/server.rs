@@ -611,3 +611,37 @@ pub async fn spawn(
     let h = tokio::spawn(async move { run(listener, config, s.cancelled_owned()).await });
     Ok((local, stop, h))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_in_a_url_is_never_shown() {
+        assert_eq!(redact_url("postgres://ds:s3cret@db:5432/ds"), "postgres://ds:***@db:5432/ds");
+        assert_eq!(redact_url("postgres://ds@db/ds"), "postgres://ds@db/ds");
+        assert_eq!(redact_url("postgres://db/ds"), "postgres://db/ds");
+        assert_eq!(redact_url("postgres://u:p@ss:w@rd@db/ds"), "postgres://u:***@db/ds");
+        let st = Storage { metadata: Some("postgres://u:hunter2@h/d".into()), ..Storage::default() };
+        assert!(!st.describe().contains("hunter2") && !st.shared().unwrap_or_default().contains("hunter2"));
+    }
+
+    #[test]
+    fn store_urls_are_checked() {
+        assert_eq!(parse_store_url("s3://packs"), Ok(("packs".into(), String::new())));
+        assert_eq!(parse_store_url("s3://my-bucket/a/b/"), Ok(("my-bucket".into(), "a/b".into())));
+        for bad in [
+            "packs",
+            "http://x/y",
+            "s3://",
+            "s3://ab",
+            "s3://Upper",
+            "s3://b_b",
+            "s3://okay/a//b",
+            "s3://okay/../x",
+        ] {
+            let e = parse_store_url(bad).expect_err(bad);
+            assert!(e.contains("s3://BUCKET"), "{bad}: {e}");
+        }
+    }
+}

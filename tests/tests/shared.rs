@@ -200,3 +200,29 @@ fn a_lost_database_is_reported_and_the_processes_recover_when_it_returns() {
 fn a_lost_object_store_is_reported_and_the_processes_recover_when_it_returns() {
     outage("object store");
 }
+
+/// The storage options are checked before anything starts: usage errors (exit 2) that say the
+/// expected form.
+#[test]
+fn storage_options_are_checked() {
+    let data = temp_dir("ds-sh-opts-");
+    let serve = |args: &[&str]| {
+        run(command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .args(args)
+            .env_remove("DELTASYNC_METADATA")
+            .env_remove("DELTASYNC_STORE"))
+    };
+    let out = serve(&["--metadata", "mysql://db/x"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.dump());
+    assert!(out.stderr.contains("postgres://"), "{}", out.dump());
+    let out = serve(&["--store", "s3://packs"]);
+    assert_eq!(out.status.code(), Some(2), "--store without --metadata:\n{}", out.dump());
+    assert!(out.stderr.contains("--metadata"), "{}", out.dump());
+    let out = serve(&["--metadata", "postgres://u@127.0.0.1:1/x", "--store", "packs"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.dump());
+    assert!(out.stderr.contains("s3://BUCKET"), "{}", out.dump());
+    let out = serve(&["--s3-endpoint", "http://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2), "--s3-endpoint without --store:\n{}", out.dump());
+}
