@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::batch::failpoint;
-use super::content::Reader;
+use super::content::{ChunkLoc, NewChunk, PACK_TARGET, Reader, Sealed};
 use super::meta::Metadata;
-use super::store::ChunkStore;
+use super::store::{ChunkStore, PackId};
 use crate::delta::Source;
 use crate::fsutil;
 use crate::hash::Hasher;
@@ -181,27 +181,31 @@ pub fn prune_store(
     failpoint("prune-recorded");
     let mut sum = PruneSummary { versions: pruned.versions, ..Default::default() };
     let mut gone = pruned.gone;
-    // Packs mostly unused: their live chunks are copied (as stored) into a new pack.
-    for (old, size, live) in pruned.sparse {
-        let mut w = chunks.create().map_err(|e| fail(&e))?;
-        let mut moved = Vec::with_capacity(live.len());
-        for c in live {
-            let bytes = chunks.read(c.loc.pack, c.loc.offset, c.loc.stored).map_err(|e| fail(&e))?;
-            let offset = super::content::write_stored(w.as_mut(), &c.key, c.loc.raw, &bytes, c.loc.zstd)
-                .map_err(|e| fail(&e))?;
-            moved.push(super::content::NewChunk {
-                key: c.key,
-                loc: super::content::ChunkLoc { pack: w.id(), offset, ..c.loc },
-            });
+    // Packs mostly unused, and small packs: their live chunks are copied (as stored) into new
+    // packs of up to PACK_TARGET, several old packs into each.
+    let mut written = 0u64;
+    let mut group: Vec<(PackId, u64, Vec<NewChunk>)> = Vec::new();
+    let mut group_bytes = 0u64;
+    let mut candidates = pruned.sparse.into_iter().peekable();
+    while let Some(candidate) = candidates.next() {
+        group_bytes += candidate.2.iter().map(|c| u64::from(c.loc.stored)).sum::<u64>();
+        group.push(candidate);
+        if group_bytes < PACK_TARGET && candidates.peek().is_some() {
+            continue;
         }
-        let new = super::content::Sealed { pack: w.id(), size: w.len(), chunks: moved };
-        w.finish().map_err(|e| fail(&e))?;
-        if meta.repacked(old, &new).map_err(|e| fail(&e))? {
-            gone.push((old, size.saturating_sub(new.size)));
-            sum.repacked += 1;
-        } else {
-            // In use again: the copy is left for a later prune.
+        // A lone pack that is only small would be copied as it was: left for a later prune,
+        // when there are others to merge it with.
+        let lone = group.len() == 1 && group_bytes.saturating_mul(2) >= group[0].1;
+        if !lone {
+            let (forgotten, size) = repack(meta, chunks, &group).map_err(|e| fail(&e))?;
+            if !forgotten.is_empty() {
+                written += size;
+            }
+            sum.repacked += forgotten.len() as u64;
+            gone.extend(forgotten);
         }
+        group.clear();
+        group_bytes = 0;
     }
     for (i, (pack, size)) in gone.iter().enumerate() {
         if i == 1 {
@@ -211,6 +215,7 @@ pub fn prune_store(
         sum.packs += 1;
         sum.bytes += size;
     }
+    sum.bytes = sum.bytes.saturating_sub(written);
     // Packs finished but never recorded (a crash between the two): nothing refers to them.
     for (pack, size, age) in chunks.list().map_err(|e| fail(&e))? {
         if age >= grace.as_secs() && !meta.pack_known(pack).map_err(|e| fail(&e))? {
@@ -220,6 +225,35 @@ pub fn prune_store(
         }
     }
     Ok(sum)
+}
+
+/// Copies the live chunks of `group`'s packs into one new pack and records the move; the old
+/// packs forgotten (with their sizes) and the new pack's size.
+fn repack(
+    meta: &Metadata,
+    chunks: &dyn ChunkStore,
+    group: &[(PackId, u64, Vec<NewChunk>)],
+) -> Result<(Vec<(PackId, u64)>, u64), Box<dyn std::error::Error>> {
+    let mut w = chunks.create()?;
+    let mut moved = Vec::new();
+    for (_, _, live) in group {
+        for c in live {
+            let bytes = chunks.read(c.loc.pack, c.loc.offset, c.loc.stored)?;
+            let offset = super::content::write_stored(w.as_mut(), &c.key, c.loc.raw, &bytes, c.loc.zstd)?;
+            moved.push(NewChunk { key: c.key, loc: ChunkLoc { pack: w.id(), offset, ..c.loc } });
+        }
+    }
+    let new = Sealed { pack: w.id(), size: w.len(), chunks: moved };
+    w.finish()?;
+    let old: Vec<PackId> = group.iter().map(|g| g.0).collect();
+    // A pack not forgotten holds a chunk in use again: its copy waits for a later prune (and
+    // a new pack nothing was moved into goes at once).
+    let forgotten = meta.repacked(&old, &new)?;
+    if forgotten.is_empty() {
+        chunks.delete(new.pack)?;
+    }
+    let sizes = group.iter().filter(|g| forgotten.contains(&g.0)).map(|g| (g.0, g.1)).collect();
+    Ok((sizes, new.size))
 }
 
 #[cfg(test)]
@@ -281,8 +315,9 @@ mod tests {
         let chunks: Arc<dyn ChunkStore> = Arc::new(LocalChunks::open(&d.path().join("packs")).unwrap());
         let a = meta.add_account("a", "d", "ta").unwrap().id;
         let b = meta.add_account("b", "d", "tb").unwrap().id;
+        // Packs of at least 1 MiB each, so no prune merges them (small packs are merged).
         let (shared, mine, theirs) =
-            (pseudo_random(300_000, 1), pseudo_random(300_000, 2), pseudo_random(300_000, 3));
+            (pseudo_random(1_100_000, 1), pseudo_random(1_100_000, 2), pseudo_random(1_100_000, 3));
         let shared_list = store(meta, &chunks, &shared);
         let kept = packs(&chunks);
         let mine_list = store(meta, &chunks, &mine);
@@ -293,10 +328,10 @@ mod tests {
         put(meta, b, "s", &shared, &shared_list);
         put(meta, b, "t", &theirs, &theirs_list);
         // Its signature and a cut-off upload refer to chunks too.
-        let sig = pseudo_random(50_000, 4);
+        let sig = pseudo_random(1_100_000, 4);
         let sig_list = store(meta, &chunks, &sig);
         assert!(meta.save_signature(&ContentHash::of(&mine), 4096, &sig_list).unwrap());
-        let part = pseudo_random(50_000, 5);
+        let part = pseudo_random(1_100_000, 5);
         let part_list = store(meta, &chunks, &part);
         let p = RelPath::new("p").unwrap();
         assert!(meta.save_partial(a, &p, &ContentHash::of(b"x"), 1 << 20, None, &part_list).unwrap());
@@ -323,5 +358,43 @@ mod tests {
         for (key, _) in shared_list.iter().chain(&theirs_list) {
             assert!(meta.chunk_exists(key).unwrap());
         }
+    }
+
+    /// `watch` commits a file or two at a time, each commit in a pack of its own: a prune merges
+    /// such small packs into one, every file reading back the same, and leaves a lone small pack
+    /// as it is (copying it would only make the same pack again).
+    #[test]
+    fn a_prune_merges_small_packs_into_one() {
+        let d = tempfile::tempdir().unwrap();
+        let sqlite = SqliteMeta::open(&d.path().join("db")).unwrap();
+        let meta: &Metadata = &sqlite;
+        let chunks: Arc<dyn ChunkStore> = Arc::new(LocalChunks::open(&d.path().join("packs")).unwrap());
+        let a = meta.add_account("a", "d", "ta").unwrap().id;
+        let files: Vec<Vec<u8>> =
+            (0..20).map(|i| pseudo_random(10_000 + i * 1_000, 100 + i as u64)).collect();
+        for (i, data) in files.iter().enumerate() {
+            let list = store(meta, &chunks, data);
+            put(meta, a, &format!("f{i}"), data, &list);
+        }
+        // One big pack is left alone.
+        let big = pseudo_random(2_000_000, 7);
+        let big_list = store(meta, &chunks, &big);
+        put(meta, a, "big", &big, &big_list);
+        let before = packs(&chunks);
+        assert_eq!(before.len(), 21);
+
+        let s = prune_store(meta, chunks.as_ref(), &Keep::All, Duration::ZERO).unwrap();
+        assert_eq!((s.repacked, s.packs), (20, 20), "{s:?}");
+        let after = packs(&chunks);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert_eq!(after.intersection(&before).count(), 1, "the big pack was rewritten");
+        for data in files.iter().chain([&big]) {
+            assert_eq!(&read(meta, &chunks, a, data), data);
+        }
+
+        // The merged pack is small but alone: nothing is rewritten.
+        let s = prune_store(meta, chunks.as_ref(), &Keep::All, Duration::ZERO).unwrap();
+        assert_eq!((s.repacked, s.packs), (0, 0), "{s:?}");
+        assert_eq!(packs(&chunks), after);
     }
 }

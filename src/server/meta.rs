@@ -260,10 +260,11 @@ pub trait MetaStore: Send + Sync {
     /// deleted pack.
     fn prune(&self, keep: &Keep, now: i64, grace: u64) -> Result<Pruned, MetaError>;
 
-    /// Moves the live chunks of pack `old` to the finished pack `new` (a repack) and forgets
-    /// `old`, in one transaction; `false` (nothing changed) if a chunk of `old` that was not
-    /// copied is in use again.
-    fn repacked(&self, old: PackId, new: &Sealed) -> Result<bool, MetaError>;
+    /// Moves the live chunks of the packs `old` to the finished pack `new` (a repack) and
+    /// forgets those packs, in one transaction; returns the packs forgotten. A pack with a chunk
+    /// that was not copied and is in use again (an upload came to use it since the prune
+    /// decided) is left as it was, and so are its chunks.
+    fn repacked(&self, old: &[PackId], new: &Sealed) -> Result<Vec<PackId>, MetaError>;
 
     /// Whether a pack is recorded (finished and known to the metadata).
     fn pack_known(&self, pack: PackId) -> Result<bool, MetaError>;
@@ -335,9 +336,19 @@ pub struct Pruned {
     pub versions: u64,
     /// Packs nothing uses any more (forgotten; their files may go), with their sizes.
     pub gone: Vec<(PackId, u64)>,
-    /// Packs less than half used (with their sizes and live chunks): worth copying the live
-    /// chunks into a new pack.
+    /// Packs worth rewriting ([`worth_repacking`]), with their sizes and live chunks: their
+    /// live chunks are copied into new packs.
     pub sparse: Vec<(PackId, u64, Vec<crate::server::content::NewChunk>)>,
+}
+
+/// Packs below this size are merged by a prune: `watch` commits a few small files at a time,
+/// each commit in a pack of its own, and an object store bills and waits per object.
+pub const SMALL_PACK: u64 = 1 << 20;
+
+/// Whether a finished pack of `size` bytes, `live` of them still used, is worth copying into a
+/// new pack: less than half of it is used, or it is small (merged with others).
+pub fn worth_repacking(size: u64, live: u64) -> bool {
+    live.saturating_mul(2) < size || size < SMALL_PACK
 }
 
 /// The metadata store as the server holds it.

@@ -223,6 +223,7 @@ pub fn metadata(m: &Metadata) {
     assert_eq!(m.version(acct, &rel("a.txt"), 1).unwrap().unwrap().node, Some(file(b"v1")));
 
     forgets_contents(m);
+    repacks(m);
     devices(m);
     folders(m, key);
 }
@@ -293,6 +294,58 @@ fn forgets_contents(m: &Metadata) {
     );
     assert!(m.content(dave, &ContentHash::of(b"new")).unwrap().is_some());
     assert!(m.content(erin, &ContentHash::of(b"old")).unwrap().is_some(), "another account's content went");
+}
+
+/// A repack moves the live chunks of several packs into one and forgets those packs, except a
+/// pack with a chunk in use that was not copied; a prune offers small packs for merging.
+fn repacks(m: &Metadata) {
+    let acct = m.add_account("repacked", "laptop", "tok-repacked").unwrap().id;
+    let (p1, p2, p3, new) = (PackId([41; 16]), PackId([42; 16]), PackId([43; 16]), PackId([44; 16]));
+    let chunk = |k: u8, pack| NewChunk {
+        key: [k; 32],
+        loc: ChunkLoc { pack, offset: 45, stored: 2, raw: 2, zstd: false },
+    };
+    m.add_pack(&Sealed { pack: p1, size: 47, chunks: vec![chunk(41, p1)] }).unwrap();
+    m.add_pack(&Sealed { pack: p2, size: 94, chunks: vec![chunk(42, p2), chunk(43, p2)] }).unwrap();
+    m.add_pack(&Sealed { pack: p3, size: 94, chunks: vec![chunk(45, p3), chunk(46, p3)] }).unwrap();
+    assert_eq!(m.commit(acct, "dev", &[put("one", 0, b"r1", [41; 32])]).unwrap(), vec![Ok(1)]);
+    assert_eq!(m.commit(acct, "dev", &[put("two", 0, b"r2", [42; 32])]).unwrap(), vec![Ok(2)]);
+    let both = Step {
+        op: "write",
+        changes: vec![Change {
+            path: rel("three"),
+            base_rev: 0,
+            node: Some(file(b"r3r4")),
+            chunks: Some(vec![([45; 32], 2), ([46; 32], 2)]),
+        }],
+    };
+    assert_eq!(m.commit(acct, "dev", &[both]).unwrap(), vec![Ok(3)]);
+    // Every pack here is small: a prune offers each, with its live chunks.
+    let pruned = m.prune(&crate::server::retention::Keep::All, i64::MAX / 2, 0).unwrap();
+    for (pack, live) in [(p1, 1), (p2, 1), (p3, 2)] {
+        let found = pruned.sparse.iter().find(|s| s.0 == pack);
+        assert_eq!(found.map(|s| s.2.len()), Some(live), "pack {pack:?} offered as {found:?}");
+    }
+
+    // Chunk 46 of p3 is in use and not copied: p3 stays whole.
+    let moved = |k: u8, offset| NewChunk {
+        key: [k; 32],
+        loc: ChunkLoc { pack: new, offset, stored: 2, raw: 2, zstd: false },
+    };
+    let sealed = Sealed { pack: new, size: 141, chunks: vec![moved(41, 45), moved(42, 92), moved(45, 139)] };
+    let mut forgotten = m.repacked(&[p1, p2, p3], &sealed).unwrap();
+    forgotten.sort();
+    assert_eq!(forgotten, [p1, p2]);
+    assert!(m.pack_known(new).unwrap() && m.pack_known(p3).unwrap());
+    assert!(!m.pack_known(p1).unwrap() && !m.pack_known(p2).unwrap());
+    assert_eq!(m.content(acct, &ContentHash::of(b"r1")).unwrap(), Some((2, vec![moved(41, 45).loc])));
+    assert_eq!(m.content(acct, &ContentHash::of(b"r2")).unwrap(), Some((2, vec![moved(42, 92).loc])));
+    assert!(!m.chunk_exists(&[43; 32]).unwrap(), "an unused chunk of a forgotten pack is still recorded");
+    let three = m.content(acct, &ContentHash::of(b"r3r4")).unwrap().unwrap().1;
+    assert!(three.iter().all(|l| l.pack == p3), "a chunk of the pack left moved: {three:?}");
+    // Nothing left to move: nothing changes.
+    assert_eq!(m.repacked(&[p3], &Sealed { pack: PackId([45; 16]), size: 0, chunks: vec![] }).unwrap(), []);
+    assert!(!m.pack_known(PackId([45; 16])).unwrap());
 }
 
 /// Devices: each has its own token, revoked alone; a removed account leaves nothing usable.

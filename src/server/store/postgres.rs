@@ -1154,7 +1154,7 @@ async fn prune_tx(cx: Ctx, keep: Keep, now: i64, grace: u64) -> Result<Pruned, M
             gone.push((pid, size.max(0) as u64));
         } else {
             let live_bytes: u64 = live.iter().map(|c| u64::from(c.loc.stored)).sum();
-            if live_bytes * 2 < size.max(0) as u64 {
+            if crate::server::meta::worth_repacking(size.max(0) as u64, live_bytes) {
                 sparse.push((pid, size.max(0) as u64, live));
             }
         }
@@ -1851,25 +1851,40 @@ impl MetaStore for PgMeta {
         self.run(move |cx| prune_tx(cx, keep, now, grace))
     }
 
-    fn repacked(&self, old: PackId, new: &Sealed) -> Result<bool, MetaError> {
+    fn repacked(&self, old: &[PackId], new: &Sealed) -> Result<Vec<PackId>, MetaError> {
         let new = Sealed { pack: new.pack, size: new.size, chunks: new.chunks.clone() };
+        let old = old.to_vec();
         self.run(move |cx| async move {
             let mut c = cx.client().await?;
             let tx = c.transaction().await.map_err(pg)?;
             // No writer adds a reference to a chunk while this decides.
             execute(&tx, CHUNKS_EXCLUSIVE, &[]).await?;
-            // Chunks of the old pack that were not copied must still be unused: an upload may
+            // Chunks of an old pack that were not copied must still be unused: an upload may
             // have come to use one since the prune decided.
             let used = used_chunks(&tx).await?;
-            let copied: HashSet<ChunkKey> = new.chunks.iter().map(|c| c.key).collect();
-            let rows = query(&tx, "SELECT id, digest FROM chunks WHERE pack = $1", &[&&old.0[..]]).await?;
-            for r in &rows {
-                let id: i64 = get(r, 0)?;
-                let copied_here =
-                    <[u8; 32]>::try_from(get::<&[u8]>(r, 1)?).is_ok_and(|k| copied.contains(&k));
-                if used.contains(&id) && !copied_here {
-                    return Ok(false);
+            let copied: HashMap<ChunkKey, &NewChunk> = new.chunks.iter().map(|c| (c.key, c)).collect();
+            let mut forgotten = Vec::new();
+            let mut moved: Vec<&NewChunk> = Vec::new();
+            for pack in &old {
+                let rows =
+                    query(&tx, "SELECT id, digest FROM chunks WHERE pack = $1", &[&&pack.0[..]]).await?;
+                let mut here = Vec::new();
+                let mut in_use = false;
+                for r in &rows {
+                    let id: i64 = get(r, 0)?;
+                    match <[u8; 32]>::try_from(get::<&[u8]>(r, 1)?).ok().and_then(|k| copied.get(&k)) {
+                        Some(ch) => here.push(*ch),
+                        None if used.contains(&id) => in_use = true,
+                        None => {}
+                    }
                 }
+                if !in_use {
+                    moved.extend(here);
+                    forgotten.push(*pack);
+                }
+            }
+            if forgotten.is_empty() {
+                return Ok(forgotten);
             }
             execute(
                 &tx,
@@ -1877,23 +1892,24 @@ impl MetaStore for PgMeta {
                 &[&&new.pack.0[..], &(new.size as i64), &now_secs()],
             )
             .await?;
-            let digests: Vec<&[u8]> = new.chunks.iter().map(|c| &c.key[..]).collect();
-            let offs: Vec<i64> = new.chunks.iter().map(|c| c.loc.offset as i64).collect();
-            let stored: Vec<i64> = new.chunks.iter().map(|c| i64::from(c.loc.stored)).collect();
-            let raw: Vec<i64> = new.chunks.iter().map(|c| i64::from(c.loc.raw)).collect();
-            let zstd: Vec<bool> = new.chunks.iter().map(|c| c.loc.zstd).collect();
+            let olds: Vec<&[u8]> = forgotten.iter().map(|p| &p.0[..]).collect();
+            let digests: Vec<&[u8]> = moved.iter().map(|c| &c.key[..]).collect();
+            let offs: Vec<i64> = moved.iter().map(|c| c.loc.offset as i64).collect();
+            let stored: Vec<i64> = moved.iter().map(|c| i64::from(c.loc.stored)).collect();
+            let raw: Vec<i64> = moved.iter().map(|c| i64::from(c.loc.raw)).collect();
+            let zstd: Vec<bool> = moved.iter().map(|c| c.loc.zstd).collect();
             execute(
                 &tx,
                 "UPDATE chunks c SET pack = $1, off = u.o, stored = u.s, raw = u.r, zstd = u.z
                  FROM UNNEST($2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::bool[]) AS u(d, o, s, r, z)
-                 WHERE c.digest = u.d",
-                &[&&new.pack.0[..], &digests, &offs, &stored, &raw, &zstd],
+                 WHERE c.digest = u.d AND c.pack = ANY($7)",
+                &[&&new.pack.0[..], &digests, &offs, &stored, &raw, &zstd, &olds],
             )
             .await?;
-            execute(&tx, "DELETE FROM chunks WHERE pack = $1", &[&&old.0[..]]).await?;
-            execute(&tx, "DELETE FROM packs WHERE id = $1", &[&&old.0[..]]).await?;
+            execute(&tx, "DELETE FROM chunks WHERE pack = ANY($1)", &[&olds]).await?;
+            execute(&tx, "DELETE FROM packs WHERE id = ANY($1)", &[&olds]).await?;
             tx.commit().await.map_err(pg)?;
-            Ok(true)
+            Ok(forgotten)
         })
     }
 

@@ -1011,7 +1011,7 @@ impl MetaStore for SqliteMeta {
                     gone.push((pid, size.max(0) as u64));
                 } else {
                     let live_bytes: u64 = live.iter().map(|c| u64::from(c.loc.stored)).sum();
-                    if live_bytes * 2 < size.max(0) as u64 {
+                    if crate::server::meta::worth_repacking(size.max(0) as u64, live_bytes) {
                         sparse.push((pid, size.max(0) as u64, live));
                     }
                 }
@@ -1026,38 +1026,59 @@ impl MetaStore for SqliteMeta {
     }
 
     /// Whether a pack is recorded (finished and known to the metadata).
-    fn repacked(&self, old: PackId, new: &Sealed) -> Result<bool, MetaError> {
+    fn repacked(&self, old: &[PackId], new: &Sealed) -> Result<Vec<PackId>, MetaError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Chunks of the old pack that were not copied must still be unused: an upload may have
+        // Chunks of an old pack that were not copied must still be unused: an upload may have
         // come to use one since the prune decided.
         let used = used_chunks(&tx)?;
-        let copied: std::collections::HashSet<ChunkKey> = new.chunks.iter().map(|c| c.key).collect();
-        let rows: Vec<(i64, Vec<u8>)> = tx
-            .prepare("SELECT id, digest FROM chunks WHERE pack=?1")?
-            .query_map(params![&old.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (id, key) in &rows {
-            let copied_here = <[u8; 32]>::try_from(key.as_slice()).is_ok_and(|k| copied.contains(&k));
-            if used.contains(id) && !copied_here {
-                return Ok(false);
+        let copied: std::collections::HashMap<ChunkKey, &NewChunk> =
+            new.chunks.iter().map(|c| (c.key, c)).collect();
+        let mut forgotten = Vec::new();
+        for pack in old {
+            let rows: Vec<(i64, Vec<u8>)> = tx
+                .prepare_cached("SELECT id, digest FROM chunks WHERE pack=?1")?
+                .query_map(params![&pack.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut moved = Vec::new();
+            let mut in_use = false;
+            for (id, key) in &rows {
+                match <[u8; 32]>::try_from(key.as_slice()).ok().and_then(|k| copied.get(&k)) {
+                    Some(ch) => moved.push(*ch),
+                    None if used.contains(id) => in_use = true,
+                    None => {}
+                }
             }
-        }
-        tx.execute(
-            "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
-            params![&new.pack.0[..], new.size as i64, now_secs()],
-        )?;
-        for ch in &new.chunks {
-            let l = &ch.loc;
-            tx.execute(
-                "UPDATE chunks SET pack=?2, offset=?3, stored=?4, raw=?5, zstd=?6 WHERE digest=?1",
-                params![&ch.key[..], &l.pack.0[..], l.offset as i64, l.stored, l.raw, l.zstd],
+            if in_use {
+                continue;
+            }
+            if forgotten.is_empty() {
+                tx.execute(
+                    "INSERT OR IGNORE INTO packs (id, size, created) VALUES (?1, ?2, ?3)",
+                    params![&new.pack.0[..], new.size as i64, now_secs()],
+                )?;
+            }
+            let mut st = tx.prepare_cached(
+                "UPDATE chunks SET pack=?2, offset=?3, stored=?4, raw=?5, zstd=?6 WHERE digest=?1 AND pack=?7",
             )?;
+            for ch in moved {
+                let l = &ch.loc;
+                st.execute(params![
+                    &ch.key[..],
+                    &l.pack.0[..],
+                    l.offset as i64,
+                    l.stored,
+                    l.raw,
+                    l.zstd,
+                    &pack.0[..]
+                ])?;
+            }
+            tx.execute("DELETE FROM chunks WHERE pack=?1", params![&pack.0[..]])?;
+            tx.execute("DELETE FROM packs WHERE id=?1", params![&pack.0[..]])?;
+            forgotten.push(*pack);
         }
-        tx.execute("DELETE FROM chunks WHERE pack=?1", params![&old.0[..]])?;
-        tx.execute("DELETE FROM packs WHERE id=?1", params![&old.0[..]])?;
         tx.commit()?;
-        Ok(true)
+        Ok(forgotten)
     }
 
     fn pack_known(&self, pack: PackId) -> Result<bool, MetaError> {
