@@ -310,7 +310,8 @@ pub struct StorageArgs {
     #[arg(long, env = "DELTASYNC_DATA", default_value = "./deltasync-data")]
     pub data: PathBuf,
     /// Keep accounts, devices and history in PostgreSQL (shared by every `serve` process given
-    /// the same URL): postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+    /// the same URL): postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (what it leaves out, from
+    /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE).
     #[arg(long, env = "DELTASYNC_METADATA", value_name = "URL", value_parser = parse_metadata)]
     pub metadata: Option<String>,
     /// Keep file content in an S3-compatible bucket: s3://BUCKET[/PREFIX] (needs --metadata;

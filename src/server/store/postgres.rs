@@ -297,6 +297,38 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("{hosts}/{}", config.get_dbname().unwrap_or("(default database)"))
 }
 
+/// Fills in what the URL leaves out from the `PG*` variables, as libpq does: `PGHOST` (a
+/// comma-separated list; a path is a socket folder), `PGPORT`, `PGUSER`, `PGPASSWORD`,
+/// `PGDATABASE`. The URL wins where it says something.
+fn with_pg_env(config: &mut tokio_postgres::Config, var: impl Fn(&str) -> Option<String>) {
+    if config.get_hosts().is_empty() {
+        for h in var("PGHOST").iter().flat_map(|h| h.split(',')).filter(|h| !h.is_empty()) {
+            config.host(h);
+        }
+    }
+    if config.get_ports().is_empty() {
+        for p in var("PGPORT").iter().flat_map(|p| p.split(',')).filter_map(|p| p.trim().parse::<u16>().ok())
+        {
+            config.port(p);
+        }
+    }
+    if config.get_user().is_none()
+        && let Some(u) = var("PGUSER")
+    {
+        config.user(u);
+    }
+    if config.get_password().is_none()
+        && let Some(p) = var("PGPASSWORD")
+    {
+        config.password(p);
+    }
+    if config.get_dbname().is_none()
+        && let Some(d) = var("PGDATABASE")
+    {
+        config.dbname(d);
+    }
+}
+
 impl PgMeta {
     /// Connects to the database at `url`, creates the schema if it is absent (several processes
     /// may do so at once) and this data's `server_id` once.
@@ -306,6 +338,17 @@ impl PgMeta {
                 "the PostgreSQL URL is not valid ({e}); write it as postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
             ))
         })?;
+        with_pg_env(&mut config, |name| std::env::var(name).ok());
+        for (missing, what, var) in [
+            (config.get_hosts().is_empty(), "host", "PGHOST"),
+            (config.get_user().is_none(), "user", "PGUSER"),
+        ] {
+            if missing {
+                return Err(MetaError::Unavailable(format!(
+                    "the PostgreSQL URL names no {what}: write it as postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or set {var}"
+                )));
+            }
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -2065,6 +2108,32 @@ mod tests {
     use std::sync::{Barrier, Mutex, mpsc};
 
     use super::*;
+
+    /// The `PG*` variables fill in what the URL leaves out, and nothing the URL says.
+    #[test]
+    fn pg_variables_fill_in_what_the_url_leaves_out() {
+        let env = |name: &str| {
+            Some(
+                match name {
+                    "PGHOST" => "db1,db2",
+                    "PGPORT" => "6432",
+                    "PGUSER" => "envuser",
+                    "PGPASSWORD" => "envpass",
+                    "PGDATABASE" => "envdb",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        };
+        let mut c: tokio_postgres::Config = "postgres://".parse().unwrap();
+        with_pg_env(&mut c, env);
+        assert_eq!(describe(&c), "db1:6432,db2:6432/envdb");
+        assert_eq!((c.get_user(), c.get_password()), (Some("envuser"), Some(&b"envpass"[..])));
+        let mut c: tokio_postgres::Config = "postgres://u:p@h:5433/d".parse().unwrap();
+        with_pg_env(&mut c, env);
+        assert_eq!(describe(&c), "h:5433/d");
+        assert_eq!((c.get_user(), c.get_password()), (Some("u"), Some(&b"p"[..])));
+    }
     use crate::protocol::Meta;
     use crate::server::store::testenv;
 
