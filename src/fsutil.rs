@@ -75,10 +75,16 @@ impl io::Write for WriteBehind {
 /// A fresh temp path in `dir` (unique per process and call).
 pub fn temp_path(dir: &Path) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // The process id and a random tag, once per process: a pull makes one temp file per file,
+    // and a `getpid` and a `getrandom` each were two of its thirteen system calls per file.
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| {
+        let mut r = [0u8; 6];
+        let _ = getrandom::fill(&mut r);
+        format!("{}-{}", std::process::id(), hex::encode(r))
+    });
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut r = [0u8; 6];
-    let _ = getrandom::fill(&mut r);
-    dir.join(format!("{TEMP_PREFIX}{}-{n}-{}", std::process::id(), hex::encode(r)))
+    dir.join(format!("{TEMP_PREFIX}{tag}-{n}"))
 }
 
 pub fn create_temp(dir: &Path) -> io::Result<(File, PathBuf)> {
@@ -231,6 +237,39 @@ pub fn release_free_memory() {
     }
 }
 
+/// Renames `from` to `to` unless something is at `to`: `Ok(false)` then, and nothing moved.
+/// One atomic `renameat2(RENAME_NOREPLACE)` where the file system has it (a file that appears at
+/// `to` meanwhile is never overwritten, and no `lstat` of `to` is needed first); elsewhere an
+/// `lstat`, then a rename.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+        let (f, t) = (cstr(from)?, cstr(to)?);
+        #[allow(unsafe_code)]
+        // SAFETY: two NUL-terminated paths that live across the call.
+        let r = unsafe {
+            libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE)
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => return Ok(false),
+            // Not supported by this file system or kernel: the two-step way below.
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {}
+            _ => return Err(e),
+        }
+    }
+    match fs::symlink_metadata(to) {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(from, to).map(|()| true),
+        Err(e) => Err(e),
+    }
+}
+
 /// Bytes an unprivileged writer may still use on the file system holding `dir`.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -289,11 +328,16 @@ const SYNCFS_FROM: usize = 16;
 /// only some. `syncfs` also writes whatever else is dirty on that file system, so a few paths
 /// (one big file, say) are still fsynced one by one, in parallel.
 pub fn make_durable(paths: &[PathBuf]) -> Vec<io::Result<()>> {
+    make_durable_on(paths, |i| Ok(fs::symlink_metadata(&paths[i])?.dev()))
+}
+
+/// [`make_durable`] where the caller knows each path's device (from an `fstat` it made anyway).
+pub fn make_durable_on(paths: &[PathBuf], device: impl Fn(usize) -> io::Result<u64>) -> Vec<io::Result<()>> {
     if paths.len() < SYNCFS_FROM || !cfg!(target_os = "linux") {
         return parallel(paths, |p| File::open(p)?.sync_all());
     }
     // One syncfs per file system (a synced folder may hold a mount point).
-    let devices: Vec<io::Result<u64>> = paths.iter().map(|p| Ok(fs::symlink_metadata(p)?.dev())).collect();
+    let devices: Vec<io::Result<u64>> = (0..paths.len()).map(device).collect();
     let mut synced: std::collections::BTreeMap<u64, io::Result<()>> = Default::default();
     for (p, d) in paths.iter().zip(&devices) {
         if let Ok(d) = d
@@ -359,6 +403,24 @@ pub fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rename that would replace something does nothing and says so; into an empty place it
+    /// moves the file.
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, c) = (d.path().join("a"), d.path().join("b"), d.path().join("c"));
+        fs::write(&a, b"new").unwrap();
+        fs::write(&b, b"theirs").unwrap();
+        fs::create_dir(&c).unwrap();
+        assert!(!rename_noreplace(&a, &b).unwrap());
+        assert!(!rename_noreplace(&a, &c).unwrap());
+        assert_eq!(fs::read(&b).unwrap(), b"theirs");
+        assert_eq!(fs::read(&a).unwrap(), b"new");
+        assert!(rename_noreplace(&a, &d.path().join("e")).unwrap());
+        assert!(!a.exists());
+        assert_eq!(fs::read(d.path().join("e")).unwrap(), b"new");
+    }
 
     #[test]
     fn make_durable_answers_for_every_path_in_both_modes() {

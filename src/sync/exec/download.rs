@@ -193,14 +193,14 @@ impl Exec {
         if let Err(e) = received {
             // Complete and verified all the same (the connection failed after its last block):
             // it goes into place with the others.
-            if let Ok((tmp, stats)) = outcome
+            if let Ok(file) = outcome
                 && !bad_base
             {
-                self.ready.push(Ready { got, tmp, stats });
+                self.ready.push(Ready { got, file });
             }
             return Err(e.into());
         }
-        let (tmp, stats) = match outcome {
+        let file = match outcome {
             Ok(x) if !bad_base => x,
             Err(Received::Failed(e)) if fsutil::says_disk_full(&e) => {
                 self.local_disk_full(&path, &e);
@@ -231,7 +231,7 @@ impl Exec {
             }
         };
         self.ready_bytes += size;
-        self.ready.push(Ready { got, tmp, stats });
+        self.ready.push(Ready { got, file });
         if self.ready.len() >= READY_FILES || self.ready_bytes >= READY_BYTES {
             self.flush_ready().await;
         }
@@ -247,9 +247,11 @@ impl Exec {
         if ready.is_empty() {
             return;
         }
-        let temps: Vec<PathBuf> = ready.iter().map(|r| r.tmp.path().to_path_buf()).collect();
-        let synced =
-            tokio::task::spawn_blocking(move || fsutil::make_durable(&temps)).await.unwrap_or_default();
+        let temps: Vec<PathBuf> = ready.iter().map(|r| r.file.tmp.path().to_path_buf()).collect();
+        let devices: Vec<u64> = ready.iter().map(|r| r.file.dev).collect();
+        let synced = tokio::task::spawn_blocking(move || fsutil::make_durable_on(&temps, |i| Ok(devices[i])))
+            .await
+            .unwrap_or_default();
         let mut dirs = std::collections::BTreeSet::new();
         let mut placed = Vec::new();
         for (r, sync) in
@@ -272,25 +274,41 @@ impl Exec {
             if !self.make_way(&path) {
                 continue;
             }
-            if !self.as_seen(&path) {
-                self.changed_meanwhile(&path);
-                continue;
+            // Where this round saw nothing, the rename itself refuses to replace what appeared
+            // meanwhile; elsewhere what is there must be what the round saw.
+            let moved = if self.local.contains_key(&path) {
+                if !self.as_seen(&path) {
+                    self.changed_meanwhile(&path);
+                    continue;
+                }
+                std::fs::rename(r.file.tmp.path(), &full).map(|()| true)
+            } else {
+                fsutil::rename_noreplace(r.file.tmp.path(), &full)
+            };
+            match moved {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.changed_meanwhile(&path);
+                    continue;
+                }
+                Err(e) => {
+                    self.report.error(
+                        path.as_str(),
+                        format!("cannot put the download in place on this computer: {e}"),
+                    );
+                    continue;
+                }
             }
-            if let Err(e) = std::fs::rename(r.tmp.path(), &full) {
-                self.report
-                    .error(path.as_str(), format!("cannot put the download in place on this computer: {e}"));
-                continue;
-            }
-            r.tmp.keep();
+            r.file.tmp.keep();
             dirs.insert(full.parent().unwrap_or(&self.root).to_path_buf());
-            placed.push((r.got, r.stats));
+            placed.push((r.got, r.file.stats, r.file.stat));
         }
         let dirs: Vec<PathBuf> = dirs.into_iter().collect();
         let _ = tokio::task::spawn_blocking(move || fsutil::make_durable(&dirs)).await;
-        for (got, stats) in placed {
+        for (got, stats, stat) in placed {
             self.report.delta.add(stats);
             self.report.files_received += 1;
-            self.after_local_write(&got.path, got.node.clone().expect("a download is a file"));
+            self.after_download(&got.path, got.node.clone().expect("a download is a file"), stat);
             self.record(&got);
             self.progress.file_done(got.path.as_str(), "downloaded");
         }
@@ -300,8 +318,7 @@ impl Exec {
 /// Downloads received in full, waiting to be made durable together.
 pub struct Ready {
     got: Entry,
-    tmp: TempGuard,
-    stats: DeltaStats,
+    file: Written,
 }
 
 /// Received files made durable together at most: each batch costs two `syncfs` (a journal
@@ -365,7 +382,7 @@ pub(super) fn receive_file(
     sigs: &SigCache,
     dest: Dest,
     landings: &Landings,
-) -> Result<(TempGuard, DeltaStats), Received> {
+) -> Result<Written, Received> {
     let full = path.under(root);
     fsutil::ensure_dirs(root, path)?;
     let base_sig = base.and_then(|(h, len)| sigs.get(&h, len));
@@ -437,6 +454,9 @@ pub(super) fn receive_file(
     // fsynced later, together with the other files of the batch (`flush_ready`).
     let file = done.out.into_inner().map_err(|e| e.error().to_string())?.into_inner();
     fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
+    // What the file is once renamed into place (a rename changes none of it), by `fstat`: no
+    // second look-up of the path after the rename.
+    let md = file.metadata()?;
     drop(file);
     if let Some(sig) = done.sig {
         let _ = sigs.put(&hash, size, &sig);
@@ -451,7 +471,18 @@ pub(super) fn receive_file(
     } else {
         guard
     };
-    Ok((guard, done.stats))
+    let stat =
+        Stat { size: md.len(), mtime_ns: fsutil::mtime_ns(&md), inode: md.ino(), mode: md.mode() & 0o7777 };
+    Ok(Written { tmp: guard, stats: done.stats, stat, dev: md.dev() })
+}
+
+/// A verified download in its temp file.
+pub(super) struct Written {
+    tmp: TempGuard,
+    stats: DeltaStats,
+    /// The temp file's, by `fstat` (the same after the rename into place).
+    stat: Stat,
+    dev: u64,
 }
 
 /// A download's answer must be the file asked for: the same path (a broken or malicious server
