@@ -48,6 +48,7 @@ mod local;
 mod upload;
 
 use download::*;
+use local::Expect;
 use upload::*;
 
 /// One server step.
@@ -143,6 +144,8 @@ pub struct Exec {
     pending_deletes: Vec<Action>,
     ready: Vec<Ready>,
     ready_bytes: u64,
+    /// The batch of downloads being put in place (see `flush_ready`).
+    flushing: Option<tokio::task::JoinHandle<download::Placements>>,
     landings: Landings,
 }
 
@@ -176,6 +179,7 @@ impl Exec {
             pending_deletes: Vec::new(),
             ready: Vec::new(),
             ready_bytes: 0,
+            flushing: None,
             landings: Default::default(),
         }
     }
@@ -451,6 +455,7 @@ impl Exec {
             (w, r)
         };
         self.flush_ready().await;
+        self.finish_flush().await;
         let retry = match (w, r) {
             (Some(w), Some(r)) => {
                 let (stats, skipped) = w?;

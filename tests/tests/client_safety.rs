@@ -244,6 +244,37 @@ fn a_download_answered_with_another_path_is_refused() {
     assert_eq!(temp_files(b.path()), Vec::<String>::new());
 }
 
+/// A file made here while the server's version of that path was on its way is kept: the
+/// download is put in place only where the round saw nothing, in one step that never replaces.
+#[test]
+fn a_file_made_here_while_it_downloads_is_kept() {
+    let data = b"the server's version\n".to_vec();
+    let b = temp_dir("ds-b-");
+    let here = b.path().join("new.txt");
+    let mine = here.clone();
+    let addr = fake_server(move |mut s| {
+        let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
+        let page = Reply::Changes { entries: vec![file_entry("new.txt", 1, &data)], seq: 1, more: false };
+        send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
+        let Some((id, Request::Get { path, .. })) = next_request(&mut s) else { return };
+        assert_eq!(path.as_str(), "new.txt");
+        // The round has scanned and seen nothing there; the user saves a file now.
+        write(&mine, "made here meanwhile\n");
+        let reply = Reply::File { entry: file_entry("new.txt", 1, &data), base: None };
+        let _ = send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(reply) });
+        for block in blocks(&data) {
+            let _ = send_frame(&mut s, &ServerMsg::Data { id, block });
+        }
+        let _ = send_frame(&mut s, &ServerMsg::End { id });
+        drain(s);
+    });
+    let out =
+        run(sync_command("pull", b.path(), &addr, "token", &["-v"]).env("DELTASYNC_IO_TIMEOUT_SECS", "3"));
+    assert_eq!(read_string(&here), "made here meanwhile\n", "{}", out.dump());
+    assert!(out.stdout.contains(CHANGED_HERE) || out.stderr.contains(CHANGED_HERE), "{}", out.dump());
+    assert_eq!(temp_files(b.path()), Vec::<String>::new());
+}
+
 #[test]
 fn a_silent_server_does_not_hang_the_client() {
     // It takes the requests and never answers.

@@ -238,81 +238,119 @@ impl Exec {
         Ok(None)
     }
 
-    /// Makes received files durable together and moves them into place: the temp files made
-    /// durable at once ([`fsutil::make_durable`]), the renames, then their directories the same
-    /// way. Two rounds for many small files instead of three fsyncs each.
+    /// Makes received files durable together and moves them into place, in the background: the
+    /// temp files made durable at once ([`fsutil::make_durable`]), the renames, then their
+    /// directories the same way (two rounds for many small files instead of three fsyncs each),
+    /// on a blocking thread while the connection goes on receiving the next ones. One batch is
+    /// in flight at most; [`finish_flush`](Self::finish_flush) records it.
     pub(super) async fn flush_ready(&mut self) {
+        self.finish_flush().await;
         let ready = std::mem::take(&mut self.ready);
         self.ready_bytes = 0;
         if ready.is_empty() {
             return;
         }
-        let temps: Vec<PathBuf> = ready.iter().map(|r| r.file.tmp.path().to_path_buf()).collect();
-        let devices: Vec<u64> = ready.iter().map(|r| r.file.dev).collect();
-        let synced = tokio::task::spawn_blocking(move || fsutil::make_durable_on(&temps, |i| Ok(devices[i])))
-            .await
-            .unwrap_or_default();
-        let mut dirs = std::collections::BTreeSet::new();
-        let mut placed = Vec::new();
-        for (r, sync) in
-            ready.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
-        {
-            let path = r.got.path.clone();
-            match sync {
-                Some(Ok(())) => {}
-                Some(Err(e)) if fsutil::says_disk_full(&e.to_string()) => {
-                    self.local_disk_full(&path, &e.to_string());
-                    continue;
-                }
-                _ => {
-                    self.report.errors.push(format!("{path}: could not make the download durable"));
-                    continue;
-                }
-            }
-            // Do not overwrite a local change made while we were downloading.
-            let full = self.full(&path);
-            if !self.make_way(&path) {
+        let mut batch = Vec::with_capacity(ready.len());
+        for r in ready {
+            // A directory the server replaced by this file goes first (here: it may hold deletes
+            // of this round); one with new files in it stays, and so does the download's temp.
+            if !self.make_way(&r.got.path) {
                 continue;
             }
-            // Where this round saw nothing, the rename itself refuses to replace what appeared
-            // meanwhile; elsewhere what is there must be what the round saw.
-            let moved = if self.local.contains_key(&path) {
-                if !self.as_seen(&path) {
-                    self.changed_meanwhile(&path);
-                    continue;
-                }
-                std::fs::rename(r.file.tmp.path(), &full).map(|()| true)
-            } else {
-                fsutil::rename_noreplace(r.file.tmp.path(), &full)
-            };
-            match moved {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.changed_meanwhile(&path);
-                    continue;
-                }
-                Err(e) => {
-                    self.report.error(
-                        path.as_str(),
-                        format!("cannot put the download in place on this computer: {e}"),
-                    );
-                    continue;
-                }
-            }
-            r.file.tmp.keep();
-            dirs.insert(full.parent().unwrap_or(&self.root).to_path_buf());
-            placed.push((r.got, r.file.stats, r.file.stat));
+            // Do not overwrite a local change made while we were downloading: what is there must
+            // be what the round saw, checked just before the rename.
+            let expect = self.local.contains_key(&r.got.path).then(|| self.expect(&r.got.path));
+            let full = self.full(&r.got.path);
+            batch.push((r, full, expect));
         }
-        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
-        let _ = tokio::task::spawn_blocking(move || fsutil::make_durable(&dirs)).await;
-        for (got, stats, stat) in placed {
-            self.report.delta.add(stats);
-            self.report.files_received += 1;
-            self.after_download(&got.path, got.node.clone().expect("a download is a file"), stat);
-            self.record(&got);
-            self.progress.file_done(got.path.as_str(), "downloaded");
+        let root = self.root.clone();
+        self.flushing = Some(tokio::task::spawn_blocking(move || place(batch, &root)));
+    }
+
+    /// Waits for the batch [`flush_ready`](Self::flush_ready) is placing and records its files.
+    pub(super) async fn finish_flush(&mut self) {
+        let Some(flushing) = self.flushing.take() else { return };
+        let placed = match flushing.await {
+            Ok(placed) => placed,
+            Err(e) => {
+                self.report.errors.push(format!("putting downloads in place stopped: {e}"));
+                return;
+            }
+        };
+        for (got, stats, stat, placed) in placed {
+            let path = &got.path;
+            match placed {
+                Placed::Done => {
+                    self.report.delta.add(stats);
+                    self.report.files_received += 1;
+                    self.after_download(path, got.node.clone().expect("a download is a file"), stat);
+                    self.record(&got);
+                    self.progress.file_done(path.as_str(), "downloaded");
+                }
+                Placed::NotDurable(e) if fsutil::says_disk_full(&e) => self.local_disk_full(path, &e),
+                Placed::NotDurable(_) => {
+                    self.report.errors.push(format!("{path}: could not make the download durable"))
+                }
+                Placed::Changed => self.changed_meanwhile(path),
+                Placed::Failed(e) => self
+                    .report
+                    .error(path.as_str(), format!("cannot put the download in place on this computer: {e}")),
+            }
         }
     }
+}
+
+/// What became of one download of a batch put in place.
+pub(super) enum Placed {
+    Done,
+    NotDurable(String),
+    /// Something else is there now than the round saw: left alone, the download dropped.
+    Changed,
+    Failed(String),
+}
+
+/// A batch's files as [`place`] leaves them.
+pub(super) type Placements = Vec<(Entry, DeltaStats, Stat, Placed)>;
+
+/// [`Exec::flush_ready`]'s blocking part. Where the round saw nothing (`expect` none), the rename
+/// itself refuses to replace what appeared meanwhile; elsewhere what is there must still be what
+/// the round saw.
+fn place(batch: Vec<(Ready, PathBuf, Option<Expect>)>, root: &Path) -> Placements {
+    let temps: Vec<PathBuf> = batch.iter().map(|(r, ..)| r.file.tmp.path().to_path_buf()).collect();
+    let synced = fsutil::make_durable_on(&temps, |i| Ok(batch[i].0.file.dev));
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(batch.len());
+    for ((r, full, expect), sync) in
+        batch.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
+    {
+        let Ready { got, file: Written { tmp, stats, stat, .. } } = r;
+        let moved = match (sync, expect) {
+            (Some(Ok(())), None) => fsutil::rename_noreplace(tmp.path(), &full),
+            (Some(Ok(())), Some(e)) if e.holds(&full) => std::fs::rename(tmp.path(), &full).map(|()| true),
+            (Some(Ok(())), Some(_)) => Ok(false),
+            (Some(Err(e)), _) => {
+                out.push((got, stats, stat, Placed::NotDurable(e.to_string())));
+                continue;
+            }
+            (None, _) => {
+                out.push((got, stats, stat, Placed::NotDurable(String::new())));
+                continue;
+            }
+        };
+        let placed = match moved {
+            Ok(true) => {
+                tmp.keep();
+                dirs.insert(full.parent().unwrap_or(root).to_path_buf());
+                Placed::Done
+            }
+            Ok(false) => Placed::Changed,
+            Err(e) => Placed::Failed(e.to_string()),
+        };
+        out.push((got, stats, stat, placed));
+    }
+    let dirs: Vec<PathBuf> = dirs.into_iter().collect();
+    let _ = fsutil::make_durable(&dirs);
+    out
 }
 
 /// Downloads received in full, waiting to be made durable together.

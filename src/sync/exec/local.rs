@@ -241,27 +241,19 @@ impl Exec {
     /// server replaced it, so [`make_way`](Self::make_way) must have removed it first. Anything
     /// else was changed here during the round, and the next round syncs it.
     pub(super) fn as_seen(&self, path: &RelPath) -> bool {
-        let full = self.full(path);
-        let md = match std::fs::symlink_metadata(&full) {
-            Ok(md) => md,
-            Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
-        };
+        self.expect(path).holds(&self.full(path))
+    }
+
+    /// What [`as_seen`](Self::as_seen) expects at `path`, to check on another thread.
+    pub(super) fn expect(&self, path: &RelPath) -> Expect {
         match self.local.get(path) {
-            None => false, // something appeared here
-            Some(Node::File { size, meta, .. }) => {
-                md.is_file()
-                    && match self.cache.get(path) {
-                        Some((s, _)) => {
-                            md.len() == s.size && fsutil::mtime_ns(&md) == s.mtime_ns && md.ino() == s.inode
-                        }
-                        None => md.len() == *size && fsutil::mtime_ns(&md) == meta.mtime_ns,
-                    }
-            }
-            Some(Node::Symlink { target }) => {
-                md.file_type().is_symlink()
-                    && std::fs::read_link(&full).is_ok_and(|t| t.to_str() == Some(target.as_str()))
-            }
-            Some(Node::Dir { .. }) => false,
+            None => Expect::Nothing,
+            Some(Node::File { size, meta, .. }) => match self.cache.get(path) {
+                Some((s, _)) => Expect::File { size: s.size, mtime_ns: s.mtime_ns, inode: Some(s.inode) },
+                None => Expect::File { size: *size, mtime_ns: meta.mtime_ns, inode: None },
+            },
+            Some(Node::Symlink { target }) => Expect::Link(target.clone()),
+            Some(Node::Dir { .. }) => Expect::Never,
         }
     }
 
@@ -344,6 +336,43 @@ impl Exec {
                 self.progress.file_done(path.as_str(), "deleted");
             }
             Err(e) => self.report.error(path.as_str(), format!("cannot delete it on this computer: {e}")),
+        }
+    }
+}
+
+/// What a round's local view says is at a path (see [`Exec::as_seen`]).
+pub(super) enum Expect {
+    Nothing,
+    /// A file of this size and mtime (and inode, if the round stat'ed it).
+    File {
+        size: u64,
+        mtime_ns: i64,
+        inode: Option<u64>,
+    },
+    Link(String),
+    /// A directory: never replaced unless [`Exec::make_way`] removed it first.
+    Never,
+}
+
+impl Expect {
+    /// Whether what is at `full` now is what was expected; nothing there always is.
+    pub(super) fn holds(&self, full: &Path) -> bool {
+        let md = match std::fs::symlink_metadata(full) {
+            Ok(md) => md,
+            Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
+        };
+        match self {
+            Expect::Nothing | Expect::Never => false, // something appeared here / a directory
+            Expect::File { size, mtime_ns, inode } => {
+                md.is_file()
+                    && md.len() == *size
+                    && fsutil::mtime_ns(&md) == *mtime_ns
+                    && inode.is_none_or(|i| md.ino() == i)
+            }
+            Expect::Link(target) => {
+                md.file_type().is_symlink()
+                    && std::fs::read_link(full).is_ok_and(|t| t.to_str() == Some(target.as_str()))
+            }
         }
     }
 }
