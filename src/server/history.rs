@@ -227,13 +227,16 @@ pub fn prune_store(
     Ok(sum)
 }
 
+/// The old packs a repack forgot (with their sizes), and the new pack's size.
+type Repacked = (Vec<(PackId, u64)>, u64);
+
 /// Copies the live chunks of `group`'s packs into one new pack and records the move; the old
 /// packs forgotten (with their sizes) and the new pack's size.
 fn repack(
     meta: &Metadata,
     chunks: &dyn ChunkStore,
     group: &[(PackId, u64, Vec<NewChunk>)],
-) -> Result<(Vec<(PackId, u64)>, u64), Box<dyn std::error::Error>> {
+) -> Result<Repacked, Box<dyn std::error::Error>> {
     let mut w = chunks.create()?;
     let mut moved = Vec::new();
     for (_, _, live) in group {
