@@ -756,7 +756,7 @@ fn report_round(dir: &std::path::Path, report: &Report, shown: &Shown) -> ExitCo
     for s in &report.skipped {
         eprintln!("skipped {s}");
     }
-    for e in &report.errors {
+    for e in report.error_lines() {
         eprintln!("error: {e}");
     }
     if !shown.dry_run && !shown.quiet && shown.json.is_none() {
@@ -777,7 +777,7 @@ fn report_round(dir: &std::path::Path, report: &Report, shown: &Shown) -> ExitCo
         );
     }
     if !report.errors.is_empty() {
-        eprintln!("deltasync: {} paths failed (see above)", report.errors.len());
+        eprintln!("deltasync: {} paths failed (see above)", report.failures());
     }
     if let Some(h) = &report.held {
         eprintln!("deltasync: {}", h.message(dir));
@@ -833,7 +833,7 @@ fn json_lines(
         "deleted": report.deleted_remote + report.deleted_local,
         "conflicts": report.conflicts.len(),
         "skipped": report.skipped.len(),
-        "failed": report.errors.len(),
+        "failed": report.failures(),
         "unresolved": report.unresolved.len(),
         "held_deletes": report.held.as_ref().map(|h| h.deletes),
         "pending_other_way": report.pending_other_way,

@@ -186,7 +186,7 @@ pub async fn watch(
             }
             match result {
                 Ok(report) => {
-                    for e in &report.errors {
+                    for e in report.error_lines() {
                         progress.say(&format!("error: {e}"));
                     }
                     // An unreadable path stays so round after round: said when the list changes.

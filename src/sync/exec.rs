@@ -251,6 +251,14 @@ impl Exec {
     /// A download that did not fit on this computer's disk: said once per path, in the words
     /// of whose disk it is, and the round's exit code says disk error.
     fn local_disk_full(&mut self, path: &RelPath, e: &str) {
+        if self.report.local_disk_full {
+            self.report.disk_full_more += 1;
+            self.report.failed.push(super::report::PathIssue {
+                path: path.to_string(),
+                cause: format!("this computer's disk is full ({e})"),
+            });
+            return;
+        }
         self.report.local_disk_full = true;
         self.report.errors.push(format!(
             "{path}: this computer's disk is full ({e}); nothing was changed here. Free space on the disk \

@@ -210,7 +210,7 @@ async fn transfer(
     };
     idx.apply(&exec.batch)?;
     // A refusal because the server moved on is the next round's to settle, as in a round.
-    for e in &exec.report.errors {
+    for e in exec.report.error_lines() {
         cx.progress.say(&format!("error: {e}"));
     }
     for s in &exec.report.skipped {

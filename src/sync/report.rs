@@ -58,6 +58,9 @@ pub struct Report {
     pub skipped: Vec<PathIssue>,
     /// A download did not fit on this computer's disk.
     pub local_disk_full: bool,
+    /// Downloads that did not fit either, after the first (which is in `errors`): in `failed`,
+    /// counted, not each said (a pull onto a full disk said so once per file, thousands of lines).
+    pub disk_full_more: usize,
     /// Server deletes left for a later round because the folder was still changing (`watch`).
     pub deferred_deletes: usize,
     /// Server deletes held back by the mass-delete guard.
@@ -75,6 +78,22 @@ impl Report {
     /// One path was left out of the round.
     pub fn skip(&mut self, path: &str, cause: impl Into<String>) {
         self.skipped.push(PathIssue { path: path.to_string(), cause: cause.into() });
+    }
+
+    /// What failed, a line each: every error, then how many more downloads did not fit.
+    pub fn error_lines(&self) -> Vec<String> {
+        let mut lines = self.errors.clone();
+        match self.disk_full_more {
+            0 => {}
+            1 => lines.push("1 more file did not fit either: this computer's disk is full".into()),
+            n => lines.push(format!("{n} more files did not fit either: this computer's disk is full")),
+        }
+        lines
+    }
+
+    /// How many paths failed.
+    pub fn failures(&self) -> usize {
+        self.errors.len() + self.disk_full_more
     }
 
     /// Did anything fail, get skipped or stay unresolved?

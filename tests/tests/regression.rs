@@ -396,6 +396,10 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     for i in 0..5 {
         write(&a.path().join(format!("small{i}.txt")), format!("small {i}"));
     }
+    // More than fits: each of these that does not is counted, not each said.
+    for i in 0..30 {
+        write(&a.path().join(format!("mid/{i:02}.bin")), random_bytes(100 + i, 512 << 10));
+    }
     push(a.path(), &srv, &token);
 
     let (_holder, mnt) = mount_tmpfs("8m");
@@ -403,6 +407,14 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     let full = sync_cmd("pull", &b, &srv, &token, &[]);
     assert_eq!(full.status.code(), Some(7), "{}", full.dump());
     assert!(full.stderr.contains("this computer's disk is full"), "{}", full.dump());
+    let said = full.stderr.lines().filter(|l| l.contains("disk is full")).count();
+    assert_eq!(
+        said,
+        2,
+        "one line for the first file that did not fit, one for how many more: {}",
+        full.dump()
+    );
+    assert!(full.stderr.contains("more files did not fit either"), "{}", full.dump());
     assert!(!b.join("big.bin").exists(), "no torn file in place");
     let temps: Vec<String> = list_tree(&b).into_iter().filter(|p| p.contains(".deltasync-tmp-")).collect();
     assert!(temps.is_empty(), "temp files left: {temps:?}");
