@@ -186,7 +186,7 @@ pub fn prune_store(
     let mut written = 0u64;
     let mut group: Vec<(PackId, u64, Vec<NewChunk>)> = Vec::new();
     let mut group_bytes = 0u64;
-    let mut candidates = pruned.sparse.into_iter().peekable();
+    let mut candidates = pruned.to_repack.into_iter().peekable();
     while let Some(candidate) = candidates.next() {
         group_bytes += candidate.2.iter().map(|c| u64::from(c.loc.stored)).sum::<u64>();
         group.push(candidate);

@@ -338,7 +338,7 @@ pub struct Pruned {
     pub gone: Vec<(PackId, u64)>,
     /// Packs worth rewriting ([`worth_repacking`]), with their sizes and live chunks: their
     /// live chunks are copied into new packs.
-    pub sparse: Vec<(PackId, u64, Vec<crate::server::content::NewChunk>)>,
+    pub to_repack: Vec<(PackId, u64, Vec<crate::server::content::NewChunk>)>,
 }
 
 /// Packs below this size are merged by a prune: `watch` commits a few small files at a time,

@@ -37,6 +37,19 @@ pub struct Stat {
     pub mode: u32,
 }
 
+impl Stat {
+    /// A file's stat as the stat cache keeps it (all mode bits, so a change of any shows).
+    pub fn of(md: &std::fs::Metadata) -> Stat {
+        use std::os::unix::fs::MetadataExt;
+        Stat {
+            size: md.len(),
+            mtime_ns: crate::fsutil::mtime_ns(md),
+            inode: md.ino(),
+            mode: md.mode() & 0o7777,
+        }
+    }
+}
+
 /// The version of a path last agreed with the server: `node: None` means agreed absent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Synced {

@@ -323,7 +323,7 @@ fn repacks(m: &Metadata) {
     // Every pack here is small: a prune offers each, with its live chunks.
     let pruned = m.prune(&crate::server::retention::Keep::All, i64::MAX / 2, 0).unwrap();
     for (pack, live) in [(p1, 1), (p2, 1), (p3, 2)] {
-        let found = pruned.sparse.iter().find(|s| s.0 == pack);
+        let found = pruned.to_repack.iter().find(|s| s.0 == pack);
         assert_eq!(found.map(|s| s.2.len()), Some(live), "pack {pack:?} offered as {found:?}");
     }
 

@@ -1166,7 +1166,7 @@ async fn prune_tx(cx: Ctx, keep: Keep, now: i64, grace: u64) -> Result<Pruned, M
     .await?;
     let used = used_chunks(&tx).await?;
     let mut gone = Vec::new();
-    let mut sparse = Vec::new();
+    let mut to_repack = Vec::new();
     let packs = query(&tx, "SELECT id, size, created FROM packs", &[]).await?;
     for p in &packs {
         let (pack, size, created): (Vec<u8>, i64, i64) = (get(p, 0)?, get(p, 1)?, get(p, 2)?);
@@ -1198,7 +1198,7 @@ async fn prune_tx(cx: Ctx, keep: Keep, now: i64, grace: u64) -> Result<Pruned, M
         } else {
             let live_bytes: u64 = live.iter().map(|c| u64::from(c.loc.stored)).sum();
             if crate::server::meta::worth_repacking(size.max(0) as u64, live_bytes) {
-                sparse.push((pid, size.max(0) as u64, live));
+                to_repack.push((pid, size.max(0) as u64, live));
             }
         }
     }
@@ -1208,7 +1208,7 @@ async fn prune_tx(cx: Ctx, keep: Keep, now: i64, grace: u64) -> Result<Pruned, M
         execute(&tx, "DELETE FROM packs WHERE id = ANY($1)", &[&ids]).await?;
     }
     tx.commit().await.map_err(pg)?;
-    Ok(Pruned { versions: forgotten, gone, sparse })
+    Ok(Pruned { versions: forgotten, gone, to_repack })
 }
 
 /// Listens for other processes' commits until the runtime ends; reconnects with backoff.
@@ -2108,6 +2108,8 @@ mod tests {
     use std::sync::{Barrier, Mutex, mpsc};
 
     use super::*;
+    use crate::protocol::Meta;
+    use crate::server::store::testenv;
 
     /// The `PG*` variables fill in what the URL leaves out, and nothing the URL says.
     #[test]
@@ -2134,8 +2136,6 @@ mod tests {
         assert_eq!(describe(&c), "h:5433/d");
         assert_eq!((c.get_user(), c.get_password()), (Some("u"), Some(&b"p"[..])));
     }
-    use crate::protocol::Meta;
-    use crate::server::store::testenv;
 
     fn open() -> Option<(String, PgMeta)> {
         let url = testenv::pg_url()?;

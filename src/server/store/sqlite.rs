@@ -977,7 +977,7 @@ impl MetaStore for SqliteMeta {
         tx.execute_batch("DELETE FROM signatures WHERE hash NOT IN (SELECT hash FROM contents)")?;
         let used = used_chunks(&tx)?;
         let mut gone = Vec::new();
-        let mut sparse = Vec::new();
+        let mut to_repack = Vec::new();
         {
             let packs: Vec<(Vec<u8>, i64, i64)> = tx
                 .prepare("SELECT id, size, created FROM packs")?
@@ -1012,7 +1012,7 @@ impl MetaStore for SqliteMeta {
                 } else {
                     let live_bytes: u64 = live.iter().map(|c| u64::from(c.loc.stored)).sum();
                     if crate::server::meta::worth_repacking(size.max(0) as u64, live_bytes) {
-                        sparse.push((pid, size.max(0) as u64, live));
+                        to_repack.push((pid, size.max(0) as u64, live));
                     }
                 }
             }
@@ -1022,10 +1022,9 @@ impl MetaStore for SqliteMeta {
             tx.execute("DELETE FROM packs WHERE id=?1", params![&p.0[..]])?;
         }
         tx.commit()?;
-        Ok(Pruned { versions: forgotten, gone, sparse })
+        Ok(Pruned { versions: forgotten, gone, to_repack })
     }
 
-    /// Whether a pack is recorded (finished and known to the metadata).
     fn repacked(&self, old: &[PackId], new: &Sealed) -> Result<Vec<PackId>, MetaError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

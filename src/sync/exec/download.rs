@@ -283,7 +283,7 @@ impl Exec {
                 Placed::Done => {
                     self.report.delta.add(stats);
                     self.report.files_received += 1;
-                    self.after_download(path, got.node.clone().expect("a download is a file"), stat);
+                    self.after_write(path, got.node.clone().expect("a download is a file"), Some(stat));
                     self.record(&got);
                     self.progress.file_done(path.as_str(), "downloaded");
                 }
@@ -509,9 +509,7 @@ pub(super) fn receive_file(
     } else {
         guard
     };
-    let stat =
-        Stat { size: md.len(), mtime_ns: fsutil::mtime_ns(&md), inode: md.ino(), mode: md.mode() & 0o7777 };
-    Ok(Written { tmp: guard, stats: done.stats, stat, dev: md.dev() })
+    Ok(Written { tmp: guard, stats: done.stats, stat: Stat::of(&md), dev: md.dev() })
 }
 
 /// A verified download in its temp file.

@@ -213,23 +213,15 @@ impl Exec {
     }
 
     /// Records what a local write left on disk, so the next scan need not re-hash it.
-    /// [`after_local_write`](Self::after_local_write) for a download put in place, whose stat
-    /// was taken from its temp file.
-    pub(super) fn after_download(&mut self, path: &RelPath, node: Node, stat: Stat) {
-        if let Node::File { hash, .. } = &node {
-            self.cache.insert(path.clone(), (stat, *hash));
-        }
-        self.local.insert(path.clone(), node);
+    pub(super) fn after_local_write(&mut self, path: &RelPath, node: Node) {
+        let stat = std::fs::symlink_metadata(self.full(path)).ok().map(|md| Stat::of(&md));
+        self.after_write(path, node, stat);
     }
 
-    pub(super) fn after_local_write(&mut self, path: &RelPath, node: Node) {
-        if let (Node::File { hash, .. }, Ok(md)) = (&node, std::fs::symlink_metadata(self.full(path))) {
-            let stat = Stat {
-                size: md.len(),
-                mtime_ns: fsutil::mtime_ns(&md),
-                inode: md.ino(),
-                mode: md.mode() & 0o7777,
-            };
+    /// [`after_local_write`](Self::after_local_write) where the stat is known (a download's, from
+    /// its temp file); without one the path is only hashed again by the next scan.
+    pub(super) fn after_write(&mut self, path: &RelPath, node: Node, stat: Option<Stat>) {
+        if let (Node::File { hash, .. }, Some(stat)) = (&node, stat) {
             self.cache.insert(path.clone(), (stat, *hash));
         }
         self.local.insert(path.clone(), node);
