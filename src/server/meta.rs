@@ -101,6 +101,29 @@ pub struct Change {
     pub chunks: Option<Vec<(ChunkKey, u32)>>,
 }
 
+/// A path's current entry and, for a file, its content's size and chunks
+/// ([`MetaStore::files_to_send`]).
+pub type FileToSend = (Option<Entry>, Option<(u64, Vec<ChunkLoc>)>);
+
+/// Downloads asked for one after another, up to this many, are looked up together
+/// ([`MetaStore::files_to_send`]).
+pub const GET_RUN: usize = 256;
+
+/// [`MetaStore::files_to_send`] for one path, by [`get`](MetaStore::get) and
+/// [`content`](MetaStore::content).
+pub fn file_to_send<M: MetaStore + ?Sized>(
+    m: &M,
+    account: AccountId,
+    path: &RelPath,
+) -> Result<FileToSend, MetaError> {
+    let entry = m.get(account, path)?;
+    let content = match &entry {
+        Some(Entry { node: Some(Node::File { hash, .. }), .. }) => m.content(account, hash)?,
+        _ => None,
+    };
+    Ok((entry, content))
+}
+
 /// Changes committed together as one revision (a move's two paths) and refused together.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -185,6 +208,19 @@ pub trait MetaStore: Send + Sync {
         account: AccountId,
         hash: &ContentHash,
     ) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError>;
+
+    /// For each of `paths`, its current entry ([`get`](Self::get)) and, for a file, its
+    /// content ([`content`](Self::content)): what a run of downloads needs, in one read (one
+    /// trip to the blocking pool and one transaction for up to [`GET_RUN`] downloads, instead of
+    /// a trip and three lookups, each its own transaction, per file). The outer error is the
+    /// read's; each path has its own.
+    fn files_to_send(
+        &self,
+        account: AccountId,
+        paths: &[RelPath],
+    ) -> Result<Vec<Result<FileToSend, MetaError>>, MetaError> {
+        Ok(paths.iter().map(|p| file_to_send(self, account, p)).collect())
+    }
 
     /// The chunk list (keys and lengths) of the account's content with this hash.
     fn content_keys(&self, account: AccountId, hash: &ContentHash) -> Result<Option<ChunkList>, MetaError>;

@@ -14,7 +14,7 @@ use super::Shared;
 use super::batch::{self, Staged};
 use super::content::{ChunkList, ChunkLoc, Chunker, PackSink, Reader};
 use super::handshake::Authed;
-use super::meta::{Account, AccountId, Change, MetaError, Metadata, Step};
+use super::meta::{Account, AccountId, Change, GET_RUN, MetaError, Metadata, Step};
 use crate::delta::{self, Applier, Block};
 use crate::hash::ContentHash;
 use crate::path::RelPath;
@@ -103,6 +103,8 @@ struct Session {
     wr: FrameWriter,
     /// Files moved, for the session's closing log line.
     tally: Arc<super::handshake::Tally>,
+    /// What was read after a run of downloads ([`GET_RUN`]): the next message to handle.
+    ahead: Option<Result<Option<ClientMsg>, ProtocolError>>,
 }
 
 /// Serves the requests of a connection that passed the [`handshake`](super::handshake), until
@@ -133,6 +135,7 @@ pub async fn serve(
         rd,
         wr,
         tally,
+        ahead: None,
     };
     let r = tokio::select! {
         r = s.requests(cancel) => r,
@@ -174,7 +177,13 @@ impl Session {
             // Answers (a download's end, say) are queued, and go out in one write for as long as
             // requests keep coming: everything queued is sent before waiting for the next one.
             let waiting = !self.staged.is_empty() || !self.small.is_empty();
-            let ready = if !waiting { self.rd.recv::<ClientMsg>().now_or_never() } else { None };
+            let ready = if let Some(m) = self.ahead.take() {
+                Some(m)
+            } else if !waiting {
+                self.rd.recv::<ClientMsg>().now_or_never()
+            } else {
+                None
+            };
             let msg = if let Some(m) = ready {
                 m?
             } else if !waiting {
@@ -301,7 +310,22 @@ impl Session {
                             continue;
                         }
                         Request::Get { path, have } => {
-                            self.get(id, path, have).await?;
+                            // The downloads asked for right after this one are looked up with it.
+                            let mut run = vec![(id, path, have)];
+                            while run.len() < GET_RUN {
+                                match self.rd.recv::<ClientMsg>().now_or_never() {
+                                    Some(Ok(Some(ClientMsg::Req {
+                                        id,
+                                        req: Request::Get { path, have },
+                                    }))) => run.push((id, path, have)),
+                                    Some(next) => {
+                                        self.ahead = Some(next);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            self.gets(run).await?;
                             continue;
                         }
                         Request::Signature { path } => {

@@ -2,6 +2,7 @@
 //! (chunks both share go as copies), its rest after a cut-off transfer, and signatures.
 
 use super::*;
+use crate::server::meta::FileToSend;
 
 /// Downloads up to this size (sent whole) are read and encoded in the session's task.
 pub(super) const INLINE_DOWNLOAD: u64 = 64 << 10;
@@ -22,25 +23,34 @@ pub(super) fn signature_of(
 }
 
 impl Session {
-    /// Sends a file, as a delta against the client's version when the server holds its signature.
-    pub(super) async fn get(
+    /// Sends files asked for one after another (up to [`GET_RUN`]), each as a delta against
+    /// the client's version when the server holds its signature: looked up together, in one
+    /// trip to the blocking pool ([`MetaStore::files_to_send`]), then sent in order.
+    pub(super) async fn gets(
+        &mut self,
+        run: Vec<(u64, RelPath, Option<(ContentHash, u64)>)>,
+    ) -> Result<(), SessionError> {
+        let paths: Vec<RelPath> = run.iter().map(|(_, p, _)| p.clone()).collect();
+        let n = paths.len();
+        let found = match self.db(move |m, a| m.files_to_send(a, &paths)).await {
+            Ok(found) if found.len() == n => found.into_iter().map(|f| f.map_err(Refusal::from)).collect(),
+            Ok(_) => vec![Err(server_err("a lookup of files answered for another number of them")); n],
+            Err(r) => vec![Err(r); n],
+        };
+        for ((id, path, have), found) in run.into_iter().zip(found) {
+            self.get(id, path, have, found).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one file of [`gets`](Self::gets), `found` its lookup.
+    async fn get(
         &mut self,
         id: u64,
         path: RelPath,
         have: Option<(ContentHash, u64)>,
+        found: Result<FileToSend, Refusal>,
     ) -> Result<(), SessionError> {
-        // The entry and where its content is, in one trip to the blocking pool.
-        let p = path.clone();
-        let found = self
-            .db(move |m, a| {
-                let cur = m.get(a, &p)?;
-                let content = match &cur {
-                    Some(Entry { node: Some(Node::File { hash, .. }), .. }) => m.content(a, hash)?,
-                    _ => None,
-                };
-                Ok((cur, content))
-            })
-            .await;
         let opened = found.and_then(|(cur, content)| {
             let Some(entry @ Entry { node: Some(Node::File { size, .. }), .. }) = cur else {
                 return Err(Refusal::new(

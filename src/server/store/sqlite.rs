@@ -16,8 +16,8 @@ use crate::path::RelPath;
 use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
 use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, NewChunk, Sealed};
 use crate::server::meta::{
-    Account, AccountId, AccountInfo, Change, Device, DeviceId, DeviceInfo, MetaError, MetaStore, PAGE,
-    PARTIAL_KEEP, Partial, Pruned, Step,
+    Account, AccountId, AccountInfo, Change, Device, DeviceId, DeviceInfo, FileToSend, MetaError, MetaStore,
+    PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
 };
 use crate::server::retention::Keep;
 
@@ -598,12 +598,32 @@ impl MetaStore for SqliteMeta {
 
     /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
     fn get(&self, account: AccountId, path: &RelPath) -> Result<Option<Entry>, MetaError> {
+        entry_at(&self.conn(), account, path)
+    }
+
+    /// In one read transaction: a lock taken and released once, not three times per file.
+    fn files_to_send(
+        &self,
+        account: AccountId,
+        paths: &[RelPath],
+    ) -> Result<Vec<Result<FileToSend, MetaError>>, MetaError> {
         let c = self.conn();
-        let mut st = c.prepare_cached(
-            "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
-        )?;
-        let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
-        row.transpose()
+        let tx = c.unchecked_transaction()?;
+        let out = paths
+            .iter()
+            .map(|p| {
+                let entry = entry_at(&tx, account, p)?;
+                let content = match &entry {
+                    Some(Entry { node: Some(Node::File { hash, .. }), .. }) => {
+                        content_of(&tx, account, hash)?
+                    }
+                    _ => None,
+                };
+                Ok((entry, content))
+            })
+            .collect();
+        tx.finish()?;
+        Ok(out)
     }
 
     /// One page of entries changed after `since`, the account's current sequence, and whether
@@ -668,19 +688,7 @@ impl MetaStore for SqliteMeta {
         account: AccountId,
         hash: &ContentHash,
     ) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError> {
-        let c = self.conn();
-        let row: Option<(i64, Vec<u8>)> = c
-            .prepare_cached("SELECT size, chunks FROM contents WHERE account=?1 AND hash=?2")?
-            .query_row(params![account, &hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((size, list)) = row else { return Ok(None) };
-        let Some(locs) = chunk_locs(&c, &list)? else {
-            return Err(MetaError::CorruptRow(format!(
-                "content {} refers to a missing chunk",
-                hash.to_hex()
-            )));
-        };
-        Ok(Some((size.max(0) as u64, locs)))
+        content_of(&self.conn(), account, hash)
     }
 
     /// Commits steps in one transaction. Each step is one revision (the account's next sequence
@@ -1201,6 +1209,36 @@ fn insert_device(
 
 /// Where the chunks of a stored list (a content's or a partial upload's) are; `None` if one is
 /// not recorded.
+/// [`MetaStore::get`] on this connection.
+fn entry_at(
+    c: &rusqlite::Connection,
+    account: AccountId,
+    path: &RelPath,
+) -> Result<Option<Entry>, MetaError> {
+    let mut st = c.prepare_cached(
+        "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
+    )?;
+    let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
+    row.transpose()
+}
+
+/// [`MetaStore::content`] on this connection.
+fn content_of(
+    c: &rusqlite::Connection,
+    account: AccountId,
+    hash: &ContentHash,
+) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError> {
+    let row: Option<(i64, Vec<u8>)> = c
+        .prepare_cached("SELECT size, chunks FROM contents WHERE account=?1 AND hash=?2")?
+        .query_row(params![account, &hash.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((size, list)) = row else { return Ok(None) };
+    let Some(locs) = chunk_locs(c, &list)? else {
+        return Err(MetaError::CorruptRow(format!("content {} refers to a missing chunk", hash.to_hex())));
+    };
+    Ok(Some((size.max(0) as u64, locs)))
+}
+
 fn chunk_locs(c: &rusqlite::Connection, list: &[u8]) -> Result<Option<Vec<ChunkLoc>>, MetaError> {
     let list: Vec<(i64, u32)> =
         postcard::from_bytes(list).map_err(|_| MetaError::CorruptRow("a chunk list".into()))?;
