@@ -32,7 +32,7 @@ use super::SyncError;
 use super::index::{Batch, Stat, Synced};
 use super::plan::Action;
 use super::report::Report;
-use super::scan::{StatCache, partial_dir, temp_dir};
+use super::scan::{StatCache, TEMP_SLOTS, partial_dir, temp_dir, temp_slot};
 use crate::client::{Client, ClientError, recv_reply, while_moving};
 use crate::delta::signature::Builder;
 use crate::delta::source::Skip;
@@ -146,7 +146,7 @@ pub struct Exec {
     ready_bytes: u64,
     /// The batch of downloads being put in place (see `flush_ready`).
     flushing: Option<tokio::task::JoinHandle<download::Placements>>,
-    landings: Landings,
+    landings: Arc<Landings>,
 }
 
 impl Exec {

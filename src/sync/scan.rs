@@ -42,6 +42,17 @@ pub fn temp_dir(root: &Path) -> PathBuf {
     root.join(STATE_DIR).join("tmp")
 }
 
+/// Slots of [`temp_dir`] taken in turn by the batches of a pull (`.deltasync/tmp/0/`, …): one
+/// batch's files are renamed out of one while the next one's are made in another. Creating and
+/// renaming in one directory both need its lock; with one temp folder, a pull of 100,000 files
+/// spent a tenth of its client CPU spinning on it.
+pub const TEMP_SLOTS: usize = 2;
+
+/// [`temp_dir`]'s slot `n` (modulo [`TEMP_SLOTS`]).
+pub fn temp_slot(root: &Path, n: usize) -> PathBuf {
+    temp_dir(root).join((n % TEMP_SLOTS).to_string())
+}
+
 /// `.deltasync/partial/`: whole downloads of big files, kept when cut off so the next run
 /// continues them.
 pub fn partial_dir(root: &Path) -> PathBuf {
@@ -76,6 +87,9 @@ pub fn clean_state(root: &Path, now: SystemTime) -> usize {
         }
     };
     clean(temp_dir(root), false);
+    for n in 0..TEMP_SLOTS {
+        clean(temp_slot(root, n), false);
+    }
     clean(partial_dir(root), true);
     removed
 }

@@ -16,28 +16,43 @@ pub(super) fn same_fs(a: &Path, b: &Path) -> bool {
     matches!((dev(a), dev(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// Where the temp file of a write to `full` goes: `.deltasync/tmp/`, so a run cut off there
-/// leaves nothing in the user's folder, unless `full` is on another file system (a mount inside
-/// the folder): then beside it, where the rename into place works.
-pub(super) fn landing_dir(root: &Path, full: &Path, memo: &Landings) -> PathBuf {
-    let parent = full.parent().unwrap_or(root);
-    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(l) = memo.get(parent) {
-        return l.clone();
-    }
-    let tmp = temp_dir(root);
-    let l = if std::fs::create_dir_all(&tmp).is_ok() && same_fs(&tmp, parent) {
-        tmp
-    } else {
-        parent.to_path_buf()
-    };
-    memo.insert(parent.to_path_buf(), l.clone());
-    l
+/// Where the temp files of a round's writes go (see [`Landings::dir`]), remembered by parent
+/// directory: finding out made the temp folder and compared devices (a `mkdir` and three
+/// `statx`) for every file of a pull.
+#[derive(Default)]
+pub(super) struct Landings {
+    /// Whether a parent directory's temp files go into `.deltasync/tmp/` (else beside it).
+    memo: Mutex<HashMap<PathBuf, bool>>,
+    /// The slot of `.deltasync/tmp/` new temp files go to (see [`TEMP_SLOTS`]).
+    slot: std::sync::atomic::AtomicUsize,
 }
 
-/// [`landing_dir`]'s answers for a round, by parent directory: it made the temp folder and
-/// compared devices (a `mkdir` and three `statx`) for every file of a pull.
-pub(super) type Landings = Arc<Mutex<HashMap<PathBuf, PathBuf>>>;
+impl Landings {
+    /// Where the temp file of a write to `full` goes: `.deltasync/tmp/`, in the current slot, so
+    /// a run cut off there leaves nothing in the user's folder, unless `full` is on another file
+    /// system (a mount inside the folder): then beside it, where the rename into place works.
+    pub(super) fn dir(&self, root: &Path, full: &Path) -> PathBuf {
+        let parent = full.parent().unwrap_or(root);
+        let slot = || temp_slot(root, self.slot.load(std::sync::atomic::Ordering::Relaxed));
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        match memo.get(parent) {
+            Some(true) => return slot(),
+            Some(false) => return parent.to_path_buf(),
+            None => {}
+        }
+        let tmp = temp_dir(root);
+        let in_tmp = (0..TEMP_SLOTS).all(|i| std::fs::create_dir_all(temp_slot(root, i)).is_ok())
+            && same_fs(&tmp, parent);
+        memo.insert(parent.to_path_buf(), in_tmp);
+        if in_tmp { slot() } else { parent.to_path_buf() }
+    }
+
+    /// New temp files go to the next slot from now on: called when a batch of downloads starts
+    /// being renamed out of the current one.
+    pub(super) fn next_slot(&self) {
+        self.slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Reads and hashes the first `from` bytes of `file` (which must have at least that many),
 /// feeding them to a builder of the signature of the version (`hash`, `size`) unless that
@@ -264,6 +279,9 @@ impl Exec {
             batch.push((r, full, expect));
         }
         let root = self.root.clone();
+        // The next batch is written into the other slot: the renames out of this one and the
+        // creates of the next do not wait on each other's lock of one directory.
+        self.landings.next_slot();
         self.flushing = Some(tokio::task::spawn_blocking(move || place(batch, &root)));
     }
 
@@ -366,7 +384,7 @@ pub(super) const READY_BYTES: u64 = 256 << 20;
 
 /// Where [`receive_file`] writes.
 pub(super) enum Dest {
-    /// A fresh temp file ([`landing_dir`]).
+    /// A fresh temp file ([`Landings::dir`]).
     Temp,
     /// The content's partial file, from byte `from` on: the bytes before are there already and
     /// `prefix` has them read and hashed (`None` when `from` is 0).
@@ -408,7 +426,7 @@ pub(super) fn file_id(n: &Node) -> Option<(ContentHash, u64)> {
 
 /// Applies a download's blocks into a temp file or the content's partial file (`dest`) and
 /// verifies it; `base` is the local version (hash and size) the blocks are a delta against, if
-/// any. The verified file is returned as a temp file in [`landing_dir`]. A partial file is kept
+/// any. The verified file is returned as a temp file in [`Landings::dir`]. A partial file is kept
 /// if the blocks end early (the transfer was cut off) and removed on any other failure.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn receive_file(
@@ -433,7 +451,7 @@ pub(super) fn receive_file(
         }
         None => None,
     };
-    let landing = landing_dir(root, &full, landings);
+    let landing = landings.dir(root, &full);
     let partial = matches!(dest, Dest::Partial { .. });
     let (file, guard, prefix) = match dest {
         Dest::Temp => {

@@ -106,7 +106,7 @@ impl Exec {
                     self.changed_meanwhile(&path);
                     return Ok(());
                 }
-                let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full, &self.landings)));
+                let tmp = TempGuard::new(fsutil::temp_path(&self.landings.dir(&self.root, &full)));
                 std::os::unix::fs::symlink(target, tmp.path()).map_err(|e| self.io_err(&path, e))?;
                 std::fs::rename(tmp.path(), &full).map_err(|e| self.io_err(&path, e))?;
                 tmp.keep();
@@ -200,7 +200,7 @@ impl Exec {
     ) -> std::io::Result<()> {
         fsutil::ensure_dirs(&self.root, dst)?;
         let full = self.full(dst);
-        let tmp = TempGuard::new(fsutil::temp_path(&landing_dir(&self.root, &full, &self.landings)));
+        let tmp = TempGuard::new(fsutil::temp_path(&self.landings.dir(&self.root, &full)));
         std::fs::copy(self.full(src), tmp.path())?;
         if ContentHash::of_file(tmp.path())?.0 != hash {
             return Err(std::io::Error::other("source changed"));
