@@ -235,6 +235,7 @@ impl Exec {
                 self.delete_local(path, rev, expect);
             }
         }
+        self.landings.tidy(&self.root);
         Ok(())
     }
 

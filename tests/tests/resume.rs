@@ -322,7 +322,9 @@ fn stale_partials_and_temp_files_in_the_state_folder_are_removed() {
     let old = partial_dir(b).join(format!("{}-{}", "00".repeat(16), 9 << 20));
     let fresh = partial_dir(b).join(format!("{}-{}", "11".repeat(16), 9 << 20));
     let temp = state_tmp(b).join(".deltasync-tmp-1-2-abc");
-    for p in [&old, &fresh, &temp] {
+    // Where a pull's batches write their temp files (slots taken in turn).
+    let in_slot = state_tmp(b).join("1/.deltasync-tmp-1-2-abd");
+    for p in [&old, &fresh, &temp, &in_slot] {
         write(p, "partial");
     }
     let three_days_ago = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
@@ -331,6 +333,7 @@ fn stale_partials_and_temp_files_in_the_state_folder_are_removed() {
     assert!(!old.exists(), "a partial download untouched for three days stayed");
     assert!(fresh.exists(), "a recent partial download was removed");
     assert!(!temp.exists(), "a leftover temp file stayed in .deltasync/tmp");
+    assert!(!in_slot.exists(), "a leftover temp file stayed in a slot of .deltasync/tmp");
 }
 
 // ---------------------------------------------------------------------------------------------
