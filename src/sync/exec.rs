@@ -235,7 +235,6 @@ impl Exec {
                 self.delete_local(path, rev, expect);
             }
         }
-        self.landings.tidy(&self.root);
         Ok(())
     }
 

@@ -48,7 +48,8 @@ pub fn temp_dir(root: &Path) -> PathBuf {
 /// spent a tenth of its client CPU spinning on it.
 pub const TEMP_SLOTS: usize = 2;
 
-/// [`temp_dir`]'s slot `n` (modulo [`TEMP_SLOTS`]).
+/// [`temp_dir`]'s slot `n` (modulo [`TEMP_SLOTS`]). Made by the first download into the
+/// temp folder and kept (a `watch` would otherwise make and remove them every round).
 pub fn temp_slot(root: &Path, n: usize) -> PathBuf {
     temp_dir(root).join((n % TEMP_SLOTS).to_string())
 }

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use deltasync::delta::{Block, encode_whole};
@@ -71,6 +71,19 @@ fn replaced_symlink_file_or_directory_arrives_on_the_other_computer() {
 }
 
 /// `.deltasync-tmp-*` files anywhere under `dir`, outside its `.deltasync/`.
+/// Everything in `dir` and below it.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 fn temp_files(dir: &Path) -> Vec<String> {
     list_tree(dir)
         .into_iter()
@@ -132,12 +145,8 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
         "leftovers stayed after a completed pull\n{}",
         out.dump()
     );
-    let tmp: Vec<_> = std::fs::read_dir(b.join(".deltasync/tmp"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    // The temp folder and its slots (folders a pull's batches take in turn).
+    let tmp: Vec<_> = walkdir(&b.join(".deltasync/tmp")).into_iter().filter(|p| !p.is_dir()).collect();
     assert!(tmp.is_empty(), "temp files stayed in .deltasync/tmp: {tmp:?}");
     assert_same_tree(a, b);
 }

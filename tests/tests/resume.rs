@@ -115,12 +115,18 @@ fn biggest_file(dir: &Path) -> u64 {
 }
 
 /// The files in `dir` (not below), with their sizes.
+/// The files in `dir` and its folders (the slots of `.deltasync/tmp/`), by name and size.
 fn files_in(dir: &Path) -> Vec<(String, u64)> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<(String, u64)> = rd
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), e.metadata().ok()?.len())))
-        .collect();
+    let mut v = Vec::new();
+    for e in rd.flatten() {
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_dir() {
+            v.extend(files_in(&e.path()));
+        } else {
+            v.push((e.file_name().to_string_lossy().into_owned(), md.len()));
+        }
+    }
     v.sort();
     v
 }

@@ -47,17 +47,6 @@ impl Landings {
         if in_tmp { slot() } else { parent.to_path_buf() }
     }
 
-    /// Removes the slots this round made, if empty (everything in them was renamed into
-    /// place): the temp folder is left as it was found.
-    pub(super) fn tidy(&self, root: &Path) {
-        let memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
-        if memo.values().any(|in_tmp| *in_tmp) {
-            for n in 0..TEMP_SLOTS {
-                let _ = std::fs::remove_dir(temp_slot(root, n));
-            }
-        }
-    }
-
     /// New temp files go to the next slot from now on: called when a batch of downloads starts
     /// being renamed out of the current one.
     pub(super) fn next_slot(&self) {
