@@ -28,8 +28,13 @@ pub struct Choice {
     pub ignored_env: Option<String>,
 }
 
+/// What is logged when neither the command line nor `RUST_LOG` says: `info`, but the file
+/// watcher's library only from `warn` (it says at INFO that it could not drop the watch of a
+/// folder the kernel had already dropped: a line per deleted folder, even under `watch -q`).
+const DEFAULT: &str = "info,notify=warn";
+
 /// The filter: `level` from the command line if given, else `env` (the text of `RUST_LOG`),
-/// else `info`.
+/// else [`DEFAULT`].
 pub fn filter(level: Option<tracing::Level>, env: Option<&str>) -> Choice {
     if let Some(l) = level {
         return Choice { filter: EnvFilter::new(l.as_str()), ignored_env: None };
@@ -38,11 +43,11 @@ pub fn filter(level: Option<tracing::Level>, env: Option<&str>) -> Choice {
         Some(text) => match EnvFilter::builder().parse(text) {
             Ok(f) => Choice { filter: f, ignored_env: None },
             Err(e) => Choice {
-                filter: EnvFilter::new("info"),
+                filter: EnvFilter::new(DEFAULT),
                 ignored_env: Some(format!("RUST_LOG={text:?}: {e}")),
             },
         },
-        None => Choice { filter: EnvFilter::new("info"), ignored_env: None },
+        None => Choice { filter: EnvFilter::new(DEFAULT), ignored_env: None },
     }
 }
 
@@ -86,14 +91,14 @@ mod tests {
     #[test]
     fn rust_log_wins_over_the_default() {
         assert_eq!(shown(&filter(None, Some("deltasync=debug"))), "deltasync=debug");
-        assert_eq!(shown(&filter(None, None)), "info");
-        assert_eq!(shown(&filter(None, Some("  "))), "info");
+        assert_eq!(shown(&filter(None, None)), "notify=warn,info");
+        assert_eq!(shown(&filter(None, Some("  "))), "notify=warn,info");
     }
 
     #[test]
     fn a_bad_rust_log_is_reported_and_info_used() {
         let c = filter(None, Some("deltasync=loud"));
-        assert_eq!(shown(&c), "info");
+        assert_eq!(shown(&c), "notify=warn,info");
         assert!(c.ignored_env.is_some_and(|t| t.contains("deltasync=loud")), "not reported");
     }
 }

@@ -215,6 +215,17 @@ fn watch_prints_one_line_per_change() {
     write(&b.path().join("from-b.txt"), b"from B");
     wait_for(&|| log("A").contains("downloaded from-b.txt"), "A did not say what it downloaded");
     assert_eq!(log("A").matches("uploaded new.txt").count(), 1, "one line per change:\n{}", log("A"));
+    // Folders deleted on B, here and by a change from A: the watcher drops their watches, which
+    // its library logs at INFO (said once with -q, found in testing).
+    fs::create_dir_all(a.path().join("gone/deeper")).expect("mkdir");
+    write(&a.path().join("gone/deeper/f.txt"), b"f");
+    fs::create_dir_all(b.path().join("here/deeper")).expect("mkdir");
+    wait_for(&|| b.path().join("gone/deeper/f.txt").exists(), "gone/deeper/f.txt never reached B");
+    wait_for(&|| a.path().join("here/deeper").is_dir(), "here/deeper never reached A");
+    fs::remove_dir_all(a.path().join("gone")).expect("rm");
+    fs::remove_dir_all(b.path().join("here")).expect("rm");
+    wait_for(&|| !b.path().join("gone").exists(), "the delete of gone never reached B");
+    wait_for(&|| !a.path().join("here").exists(), "the delete of here never reached A");
     assert!(log("B").is_empty(), "watch -q printed:\n{}", log("B"));
 }
 
