@@ -222,6 +222,19 @@ pub fn metadata(m: &Metadata) {
     assert_eq!(m.rev_at(acct, At::Time(0)).unwrap(), 0);
     assert_eq!(m.version(acct, &rel("a.txt"), 1).unwrap().unwrap().node, Some(file(b"v1")));
 
+    // A run of downloads' lookups says what `get` and `content` say, path by path: a file (twice),
+    // a deleted file and folder, a path never seen; and nothing of another account's.
+    let paths = [rel("a.txt"), rel("d/x"), rel("never"), rel("a.txt"), rel("d")];
+    let run = m.files_to_send(acct, &paths).unwrap();
+    assert_eq!(run.len(), paths.len());
+    for (p, got) in paths.iter().zip(run) {
+        assert_eq!(got.unwrap(), crate::server::meta::file_to_send(m, acct, p).unwrap(), "{p}");
+    }
+    let (entry, content) = m.files_to_send(acct, &[rel("a.txt")]).unwrap().remove(0).unwrap();
+    assert_eq!(entry.unwrap().node, Some(file(b"v2")));
+    assert_eq!(content, Some((2, vec![loc2])));
+    assert_eq!(m.files_to_send(other, &[rel("a.txt")]).unwrap().remove(0).unwrap(), (None, None));
+
     forgets_contents(m);
     repacks(m);
     devices(m);

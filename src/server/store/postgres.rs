@@ -35,8 +35,8 @@ use crate::path::RelPath;
 use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, RefusalKind, Version};
 use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, NewChunk, Sealed};
 use crate::server::meta::{
-    Account, AccountId, AccountInfo, Change, CommitListener, Device, DeviceId, DeviceInfo, MetaError,
-    MetaStore, PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
+    Account, AccountId, AccountInfo, Change, CommitListener, Device, DeviceId, DeviceInfo, FileToSend,
+    MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
 };
 use crate::server::retention::Keep;
 
@@ -538,6 +538,17 @@ fn encode_ids(found: &HashMap<Vec<u8>, i64>, list: &[(ChunkKey, u32)]) -> Result
 async fn chunk_locs<C: GenericClient>(c: &C, list: &[u8]) -> Result<Option<Vec<ChunkLoc>>, MetaError> {
     let list = decode_list(list)?;
     let ids: Vec<i64> = list.iter().map(|(id, _)| *id).collect();
+    let by_id = chunk_locs_by_id(c, &ids).await?;
+    Ok(locs_of(&list, &by_id))
+}
+
+/// The chunk list's locations from `by_id`; `None` if one is missing.
+fn locs_of(list: &[(i64, u32)], by_id: &HashMap<i64, ChunkLoc>) -> Option<Vec<ChunkLoc>> {
+    list.iter().map(|(id, _)| by_id.get(id).copied()).collect()
+}
+
+/// Where the chunks with these ids are, by id (a missing one is left out).
+async fn chunk_locs_by_id<C: GenericClient>(c: &C, ids: &[i64]) -> Result<HashMap<i64, ChunkLoc>, MetaError> {
     let rows =
         query(c, "SELECT id, pack, off, stored, raw, zstd FROM chunks WHERE id = ANY($1)", &[&ids]).await?;
     let mut by_id = HashMap::with_capacity(rows.len());
@@ -553,12 +564,7 @@ async fn chunk_locs<C: GenericClient>(c: &C, list: &[u8]) -> Result<Option<Vec<C
         };
         by_id.insert(get::<i64>(r, 0)?, loc);
     }
-    let mut locs = Vec::with_capacity(list.len());
-    for (id, _) in list {
-        let Some(loc) = by_id.get(&id) else { return Ok(None) };
-        locs.push(*loc);
-    }
-    Ok(Some(locs))
+    Ok(by_id)
 }
 
 /// Records a finished pack and its chunks. A chunk another pack has already keeps its first
@@ -1580,6 +1586,76 @@ impl MetaStore for PgMeta {
             )
             .await?;
             r.as_ref().map(row_to_entry).transpose()
+        })
+    }
+
+    /// Three queries for the whole run (entries, contents, chunks), not three per file: each
+    /// is a round trip to the database.
+    fn files_to_send(
+        &self,
+        account: AccountId,
+        paths: &[RelPath],
+    ) -> Result<Vec<Result<FileToSend, MetaError>>, MetaError> {
+        let paths: Vec<String> = paths.iter().map(|p| p.as_str().to_string()).collect();
+        self.run(move |cx| async move {
+            let c = cx.client().await?;
+            let rows = query(
+                &c,
+                &format!("SELECT {ENTRY_COLS} FROM files WHERE account = $1 AND path = ANY($2)"),
+                &[&account, &paths],
+            )
+            .await?;
+            let mut entries = HashMap::with_capacity(rows.len());
+            for r in &rows {
+                let e = row_to_entry(r)?;
+                entries.insert(e.path.as_str().to_string(), e);
+            }
+            let hashes: Vec<&[u8]> = entries
+                .values()
+                .filter_map(|e| match &e.node {
+                    Some(Node::File { hash, .. }) => Some(&hash.0[..]),
+                    _ => None,
+                })
+                .collect();
+            let rows = query(
+                &c,
+                "SELECT hash, size, chunks FROM contents WHERE account = $1 AND hash = ANY($2)",
+                &[&account, &hashes],
+            )
+            .await?;
+            let mut contents = HashMap::with_capacity(rows.len());
+            let mut ids = Vec::new();
+            for r in &rows {
+                let hash: Vec<u8> = get(r, 0)?;
+                let list = decode_list(get(r, 2)?)?;
+                ids.extend(list.iter().map(|(id, _)| *id));
+                contents.insert(hash, (get::<i64>(r, 1)?.max(0) as u64, list));
+            }
+            let by_id = chunk_locs_by_id(&c, &ids).await?;
+            Ok(paths
+                .iter()
+                .map(|p| {
+                    let entry = entries.get(p).cloned();
+                    let content = match &entry {
+                        Some(Entry { node: Some(Node::File { hash, .. }), .. }) => {
+                            match contents.get(&hash.0[..]) {
+                                None => None,
+                                Some((size, list)) => Some((
+                                    *size,
+                                    locs_of(list, &by_id).ok_or_else(|| {
+                                        MetaError::CorruptRow(format!(
+                                            "content {} refers to a missing chunk",
+                                            hash.to_hex()
+                                        ))
+                                    })?,
+                                )),
+                            }
+                        }
+                        _ => None,
+                    };
+                    Ok((entry, content))
+                })
+                .collect())
         })
     }
 
