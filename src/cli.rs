@@ -147,6 +147,9 @@ pub enum Command {
         /// The account to export.
         #[arg(long, value_name = "NAME")]
         account: String,
+        /// Which of the account's folders (`deltasync account list` shows them).
+        #[arg(long, value_name = "NAME", default_value = deltasync::protocol::DEFAULT_FOLDER, value_parser = parse_folder)]
+        folder: String,
         /// Where to write them (made if missing; must be empty).
         dest: PathBuf,
         /// The time to export: RFC 3339 or an age (90m, 2h, 3d); default: now.

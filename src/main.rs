@@ -362,19 +362,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Undo { dir, device, since, no_progress, quiet } => {
             undo(&dir, &device, since, no_progress, quiet).await
         }
-        Command::Export { storage, account, dest, at } => {
-            let (d, a, to) = (storage.storage(), account.clone(), dest.clone());
+        Command::Export { storage, account, folder, dest, at } => {
+            let (d, a, f, to) = (storage.storage(), account.clone(), folder.clone(), dest.clone());
             let data = d.describe();
-            let summary = tokio::task::spawn_blocking(move || server::history::export(&d, &a, &to, at))
+            let summary = tokio::task::spawn_blocking(move || server::history::export(&d, &a, &f, &to, at))
                 .await
                 .context("the export stopped unexpectedly")?
                 .with_context(|| format!("cannot export account `{account}` from {data}"))?;
+            let what = if folder == deltasync::protocol::DEFAULT_FOLDER {
+                format!("account `{account}`")
+            } else {
+                format!("folder `{folder}` of account `{account}`")
+            };
             let when = at.map_or_else(
                 || "as it is now".to_string(),
                 |t| format!("as of {}", deltasync::when::format_rfc3339(t)),
             );
             println!(
-                "Exported account `{account}` {when} to {}: {} ({}), {}, {}.",
+                "Exported {what} {when} to {}: {} ({}), {}, {}.",
                 dest.display(),
                 count(summary.files, "file"),
                 server::human_size(summary.bytes),

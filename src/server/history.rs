@@ -26,11 +26,12 @@ pub struct ExportSummary {
     pub bytes: u64,
 }
 
-/// Writes account `account`'s files as plain files under `dest` (made if missing; it must be
-/// empty), as they are now or, with `at` (Unix seconds), as they were then.
+/// Writes the files of account `account`'s folder `folder` as plain files under `dest` (made
+/// if missing; it must be empty), as they are now or, with `at` (Unix seconds), as they were then.
 pub fn export(
     storage: &super::Storage,
     account: &str,
+    folder: &str,
     dest: &Path,
     at: Option<i64>,
 ) -> Result<ExportSummary, ServerError> {
@@ -46,6 +47,18 @@ pub fn export(
         )));
     };
     let id = id.account.id;
+    // Looked up among the folders that exist: `space` would make a new, empty one.
+    let folders = meta.folders(id).map_err(|e| fail(&e))?;
+    if !folders.iter().any(|(name, ..)| name == folder) {
+        let names: Vec<&str> = folders.iter().map(|(n, ..)| n.as_str()).collect();
+        return Err(ServerError::History(format!(
+            "account `{account}` has no folder `{folder}` (its folders: {}); see `deltasync account list`",
+            if names.is_empty() { "none yet".to_string() } else { names.join(", ") }
+        )));
+    }
+    let Some(id) = meta.space(id, folder).map_err(|e| fail(&e))? else {
+        return Err(ServerError::History(format!("account `{account}` was removed meanwhile")));
+    };
     std::fs::create_dir_all(dest).map_err(|e| fail(&format!("cannot make {}: {e}", dest.display())))?;
     if std::fs::read_dir(dest)
         .map_err(|e| fail(&format!("cannot read {}: {e}", dest.display())))?

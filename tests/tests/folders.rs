@@ -77,6 +77,30 @@ fn two_folders_of_one_account_keep_separate_trees_and_histories() {
     assert_eq!(accounts.len(), 1, "{}", list.dump());
     assert!(accounts[0].starts_with("alice\t"), "{}", list.dump());
     assert!(list.stdout.contains("folder docs:") && list.stdout.contains("folder pics:"), "{}", list.dump());
+    // `export --folder` writes that folder's files; a folder the account does not have is
+    // refused, naming the ones it has, and makes none.
+    let out = temp_dir("fold-export");
+    let pics_out = out.path().join("pics");
+    let ex = run(command()
+        .args(["export", "--account", "alice", "--folder", "pics", "--data"])
+        .arg(&srv.data)
+        .arg(&pics_out))
+    .ok("export --folder pics");
+    assert!(ex.stdout.contains("folder `pics` of account `alice`"), "{}", ex.dump());
+    assert_eq!(list_tree(&pics_out), ["cat.jpg"]);
+    assert_eq!(fs::read(pics_out.join("cat.jpg")).unwrap(), random_bytes(3, 20_000));
+    let def_out = out.path().join("default");
+    run(command().args(["export", "--account", "alice", "--data"]).arg(&srv.data).arg(&def_out)).ok("export");
+    assert!(list_tree(&def_out).is_empty(), "the default folder's export got {:?}", list_tree(&def_out));
+    let bad = run(command()
+        .args(["export", "--account", "alice", "--folder", "music", "--data"])
+        .arg(&srv.data)
+        .arg(out.path().join("m")));
+    assert_eq!(bad.status.code(), Some(1), "{}", bad.dump());
+    assert!(bad.stderr.contains("no folder `music`") && bad.stderr.contains("docs, pics"), "{}", bad.dump());
+    let after = run(command().args(["account", "list", "--data"]).arg(&srv.data)).ok("account list");
+    assert!(!after.stdout.contains("folder music"), "the refused export made a folder:\n{}", after.dump());
+
     // Removing the account removes its folders.
     run(command().args(["account", "remove", "alice", "--yes", "--data"]).arg(&srv.data))
         .ok("account remove");

@@ -479,7 +479,7 @@ impl Server {
         drop(meta);
         match first {
             Some(a) => {
-                deltasync::server::history::export(&storage, &a.account.name, &view, None)
+                deltasync::server::history::export(&storage, &a.account.name, "default", &view, None)
                     .unwrap_or_else(|e| panic!("export of the server's files failed: {e}\n{}", self.log()));
             }
             None => fs::create_dir_all(&view).expect("make the view"),
