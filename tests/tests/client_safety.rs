@@ -284,6 +284,55 @@ fn a_file_made_here_while_it_downloads_is_kept() {
     assert_eq!(temp_files(b.path()), Vec::<String>::new());
 }
 
+/// A folder swapped for a symlink to somewhere else while downloads into it were on their way:
+/// nothing lands where the symlink leads. Downloads are renamed into place a batch at a time,
+/// later than they are received, so the folder is checked again just before the renames.
+#[test]
+fn a_folder_swapped_for_a_symlink_during_a_pull_leads_nowhere() {
+    let (a, b) = (b"first\n".to_vec(), b"second\n".to_vec());
+    let dir = temp_dir("ds-b-");
+    let elsewhere = temp_dir("ds-elsewhere-");
+    let (sub, target) = (dir.path().join("sub"), elsewhere.path().to_path_buf());
+    let addr = fake_server(move |mut s| {
+        let Some((id, Request::Changes { .. })) = next_request(&mut s) else { return };
+        let dir_entry = Entry {
+            path: RelPath::new("sub").unwrap(),
+            rev: 1,
+            node: Some(Node::Dir { mode: 0o755 }),
+            device: "other".into(),
+        };
+        let entries = vec![dir_entry, file_entry("sub/a.txt", 2, &a), file_entry("sub/b.txt", 3, &b)];
+        let page = Reply::Changes { entries, seq: 3, more: false };
+        send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(page) }).unwrap();
+        let mut gets = Vec::new();
+        while gets.len() < 2 {
+            let Some((id, Request::Get { path, .. })) = next_request(&mut s) else { return };
+            gets.push((id, path));
+        }
+        for (n, (id, path)) in gets.into_iter().enumerate() {
+            let data = if path.as_str() == "sub/a.txt" { &a } else { &b };
+            if n == 1 {
+                // The first one is in (waiting for its batch's renames): the folder goes.
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::remove_dir_all(&sub).unwrap();
+                symlink(&target, &sub).unwrap();
+            }
+            let reply = Reply::File { entry: file_entry(path.as_str(), 2 + n as u64, data), base: None };
+            let _ = send_frame(&mut s, &ServerMsg::Resp { id, result: Ok(reply) });
+            for block in blocks(data) {
+                let _ = send_frame(&mut s, &ServerMsg::Data { id, block });
+            }
+            let _ = send_frame(&mut s, &ServerMsg::End { id });
+        }
+        drain(s);
+    });
+    let out =
+        run(sync_command("pull", dir.path(), &addr, "token", &["-v"]).env("DELTASYNC_IO_TIMEOUT_SECS", "3"));
+    assert_eq!(list_tree(elsewhere.path()), Vec::<String>::new(), "written through the symlink\n{}", out.dump());
+    assert!(!out.success(), "{}", out.dump());
+    assert!(out.stderr.contains("symlinks are never followed"), "{}", out.dump());
+}
+
 #[test]
 fn a_silent_server_does_not_hang_the_client() {
     // It takes the requests and never answers.

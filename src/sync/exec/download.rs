@@ -47,6 +47,18 @@ impl Landings {
         if in_tmp { slot() } else { parent.to_path_buf() }
     }
 
+    /// [`dir`](Self::dir) for a download to `path`, making its parent folders (refusing to pass
+    /// through a symlink) the first time the round writes into that folder, not for every file:
+    /// [`place`] checks them again, once per batch, just before its renames.
+    pub(super) fn prepare(&self, root: &Path, path: &RelPath) -> std::io::Result<PathBuf> {
+        let full = path.under(root);
+        let parent = full.parent().unwrap_or(root);
+        if !self.memo.lock().unwrap_or_else(|e| e.into_inner()).contains_key(parent) {
+            fsutil::ensure_dirs(root, path)?;
+        }
+        Ok(self.dir(root, &full))
+    }
+
     /// New temp files go to the next slot from now on: called when a batch of downloads starts
     /// being renamed out of the current one.
     pub(super) fn next_slot(&self) {
@@ -336,12 +348,24 @@ pub(super) type Placements = Vec<(Entry, DeltaStats, Stat, Placed)>;
 fn place(batch: Vec<(Ready, PathBuf, Option<Expect>)>, root: &Path) -> Placements {
     let temps: Vec<PathBuf> = batch.iter().map(|(r, ..)| r.file.tmp.path().to_path_buf()).collect();
     let synced = fsutil::make_durable_on(&temps, |i| Ok(batch[i].0.file.dev));
+    // Each folder renamed into is checked (and made if it went meanwhile) once per batch, just
+    // before: no symlink on the way, which could lead outside the synced folder.
+    let mut parents: HashMap<PathBuf, Result<(), String>> = HashMap::new();
     let mut dirs = std::collections::BTreeSet::new();
     let mut out = Vec::with_capacity(batch.len());
     for ((r, full, expect), sync) in
         batch.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
     {
         let Ready { got, file: Written { tmp, stats, stat, .. } } = r;
+        let parent = full.parent().unwrap_or(root).to_path_buf();
+        let ready = parents
+            .entry(parent)
+            .or_insert_with(|| fsutil::ensure_dirs(root, &got.path).map_err(|e| e.to_string()));
+        if let Err(e) = ready {
+            let e = e.clone();
+            out.push((got, stats, stat, Placed::Failed(e)));
+            continue;
+        }
         let moved = match (sync, expect) {
             (Some(Ok(())), None) => fsutil::rename_noreplace(tmp.path(), &full),
             (Some(Ok(())), Some(e)) if e.holds(&full) => std::fs::rename(tmp.path(), &full).map(|()| true),
@@ -440,7 +464,7 @@ pub(super) fn receive_file(
     landings: &Landings,
 ) -> Result<Written, Received> {
     let full = path.under(root);
-    fsutil::ensure_dirs(root, path)?;
+    let landing = landings.prepare(root, path)?;
     let base_sig = base.and_then(|(h, len)| sigs.get(&h, len));
     // Read by pread, never mapped (see `produce`): if the base is cut short while the copies are
     // read, the delta fails and the file is fetched whole.
@@ -451,11 +475,13 @@ pub(super) fn receive_file(
         }
         None => None,
     };
-    let landing = landings.dir(root, &full);
     let partial = matches!(dest, Dest::Partial { .. });
+    // Whether the file has its permission bits from its creation (no `fchmod` needed).
+    let mut mode_set = false;
     let (file, guard, prefix) = match dest {
         Dest::Temp => {
-            let (file, t) = fsutil::create_temp(&landing)?;
+            let (file, t, with_mode) = fsutil::create_temp_with_mode(&landing, meta.mode)?;
+            mode_set = with_mode;
             (file, TempGuard::new(t), None)
         }
         Dest::Partial { from, prefix } => {
@@ -509,7 +535,11 @@ pub(super) fn receive_file(
     }
     // fsynced later, together with the other files of the batch (`flush_ready`).
     let file = done.out.into_inner().map_err(|e| e.error().to_string())?.into_inner();
-    fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
+    if mode_set {
+        fsutil::set_file_mtime(&file, meta.mtime_ns)?;
+    } else {
+        fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
+    }
     // What the file is once renamed into place (a rename changes none of it), by `fstat`: no
     // second look-up of the path after the rename.
     let md = file.metadata()?;
