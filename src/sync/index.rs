@@ -57,6 +57,19 @@ pub struct Synced {
     pub node: Option<Node>,
 }
 
+/// The statement [`put_stat`] runs.
+const PUT_STAT: &str = "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, inode, mode, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Writes one stat cache row.
+fn put_stat(
+    st: &mut rusqlite::Statement<'_>,
+    p: &RelPath,
+    s: &Stat,
+    h: &ContentHash,
+) -> rusqlite::Result<usize> {
+    st.execute(params![p.as_str(), s.size as i64, s.mtime_ns, s.inode as i64, s.mode, &h.0[..]])
+}
+
 pub struct Index {
     conn: Connection,
     /// Set when opening found an index of an older layout and replaced it by an empty one.
@@ -241,23 +254,14 @@ impl Index {
             tx.execute("DELETE FROM stat_cache", [])?;
         }
         {
-            let mut put = tx.prepare(
-                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, inode, mode, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
+            let mut put = tx.prepare(PUT_STAT)?;
             // Both maps are sorted: compared side by side, not looked up one by one.
             let mut before = old.iter().peekable();
             for (p, (s, h)) in cache {
                 while before.next_if(|(q, _)| *q < p).is_some() {}
                 let same = before.next_if(|(q, _)| *q == p).is_some_and(|(_, v)| *v == (*s, *h));
                 if whole || !same {
-                    put.execute(params![
-                        p.as_str(),
-                        s.size as i64,
-                        s.mtime_ns,
-                        s.inode as i64,
-                        s.mode,
-                        &h.0[..]
-                    ])?;
+                    put_stat(&mut put, p, s, h)?;
                 }
             }
             if !whole {
@@ -267,6 +271,20 @@ impl Index {
                 {
                     del.execute(params![p.as_str()])?;
                 }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records the stats of files written outside a round (by `watch`'s lane), so the next
+    /// round's scan knows them and does not read them again to hash them.
+    pub fn put_stats(&mut self, rows: &BTreeMap<RelPath, (Stat, ContentHash)>) -> Result<(), IndexError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut put = tx.prepare(PUT_STAT)?;
+            for (p, (s, h)) in rows {
+                put_stat(&mut put, p, s, h)?;
             }
         }
         tx.commit()?;

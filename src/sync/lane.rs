@@ -6,7 +6,8 @@
 //! rest of the round is done (a new file's directory is then on both sides). Until the lane has
 //! finished a path, the rounds leave that path alone (whatever else changed there waits: a newer
 //! local version goes up in the round after, as a conflict would if the server moved on). The
-//! lane carries each one out as a round would, with the executor, and records the outcome in the
+//! lane carries each one out as a round would, with the executor, and records the outcome (and the
+//! stat of what it wrote, so the next scan does not hash it again) in the
 //! index through its own connection to it (SQLite serialises the two writers), then wakes the
 //! watch for a round. One transfer at a time; the lane's bytes take from the same `--bwlimit`
 //! buckets as the rounds'.
@@ -209,6 +210,8 @@ async fn transfer(
         None => index.insert(Index::open(&cx.state_dir)?),
     };
     idx.apply(&exec.batch)?;
+    // What the transfer wrote is known as written: the round it wakes need not hash it again.
+    idx.put_stats(&exec.cache)?;
     // A refusal because the server moved on is the next round's to settle, as in a round.
     for e in exec.report.error_lines() {
         cx.progress.say(&format!("error: {e}"));

@@ -323,6 +323,7 @@ impl Walker<'_> {
                     _ => match ContentHash::of_file(&entry.path()) {
                         Ok((h, _)) => {
                             s.hashed_bytes += stat.size;
+                            tracing::debug!("hashed {rel} ({} bytes)", stat.size);
                             h
                         }
                         Err(e) => {

@@ -328,7 +328,12 @@ fn a_folder_swapped_for_a_symlink_during_a_pull_leads_nowhere() {
     });
     let out =
         run(sync_command("pull", dir.path(), &addr, "token", &["-v"]).env("DELTASYNC_IO_TIMEOUT_SECS", "3"));
-    assert_eq!(list_tree(elsewhere.path()), Vec::<String>::new(), "written through the symlink\n{}", out.dump());
+    assert_eq!(
+        list_tree(elsewhere.path()),
+        Vec::<String>::new(),
+        "written through the symlink\n{}",
+        out.dump()
+    );
     assert!(!out.success(), "{}", out.dump());
     assert!(out.stderr.contains("symlinks are never followed"), "{}", out.dump());
 }

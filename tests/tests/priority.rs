@@ -149,3 +149,52 @@ fn watch_sends_a_small_file_beside_a_big_upload_in_flight() {
     }
     assert_eq!(read(&b.path().join("big.bin")), random_bytes(32, BIG));
 }
+
+/// A big file `watch` downloads over its lane is known afterwards as written: the round the
+/// lane's end starts (and every later one) does not read it again to hash it.
+#[test]
+fn a_big_download_over_the_lane_is_not_hashed_again() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b, logs) = (temp_dir("ds-prio-la-"), temp_dir("ds-prio-lb-"), temp_dir("ds-prio-llog-"));
+    let log = std::fs::File::create(logs.path().join("watch.log")).expect("log");
+    let _w = Kill(
+        command()
+            .arg("watch")
+            .arg(b.path())
+            .args(["--server", &srv.address(), "--token", &token, "--no-progress"])
+            .env("RUST_LOG", "deltasync=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn watch"),
+    );
+    let watch_log = || std::fs::read_to_string(logs.path().join("watch.log")).unwrap_or_default();
+    let wait_for = |what: &dyn Fn() -> bool, context: &str| {
+        let t0 = Instant::now();
+        while !what() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "{context}\n{}", watch_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&|| watch_log().contains("watching"), "the watch never started");
+    let push_a = || {
+        run(command().arg("push").arg(a.path()).args(["--server", &srv.address(), "--token", &token, "-q"]))
+            .ok("push")
+    };
+    write(&a.path().join("big.bin"), random_bytes(33, BIG));
+    push_a();
+    wait_for(&|| b.path().join("big.bin").exists(), "big.bin never arrived");
+    // A later change: its round on B scans after the lane's download ended.
+    write(&a.path().join("later.txt"), b"later\n");
+    push_a();
+    wait_for(&|| b.path().join("later.txt").exists(), "later.txt never arrived");
+    assert_eq!(read(&b.path().join("big.bin")), random_bytes(33, BIG));
+    assert!(
+        watch_log().contains("downloaded big.bin"),
+        "big.bin did not come over the watch\n{}",
+        watch_log()
+    );
+    assert!(!watch_log().contains("hashed big.bin"), "big.bin was read again to hash it\n{}", watch_log());
+}
