@@ -68,7 +68,7 @@ pub fn status(root: &Path, folder: Option<&str>) -> Result<String, SyncError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let (s, rules, _) = input::scan(root, &index.stat_cache()?, false)
+    let (s, rules, _) = input::scan(root, &index.stat_cache()?, false, &Default::default())
         .map_err(|err| SyncError::Io { path: root.to_path_buf(), err })?;
     let inputs = input::prepare(&s, &rules, base, &[]);
     let remote = &inputs.remote;

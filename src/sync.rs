@@ -392,8 +392,10 @@ impl Folder {
         }
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
+        // What the lane is writing now: not hashed half-written; the lane records it when done.
+        let busy = opts.lane.as_ref().map(|l| l.busy_paths()).unwrap_or_default();
         let (scanned, old_cache) = tokio::task::spawn_blocking(move || {
-            let r = input::scan(&root, &old_cache, true);
+            let r = input::scan(&root, &old_cache, true, &busy);
             (r, old_cache)
         })
         .await

@@ -114,8 +114,9 @@ pub fn scan(
     root: &Path,
     index_cache: &super::scan::StatCache,
     clean: bool,
+    busy: &std::collections::HashSet<RelPath>,
 ) -> std::io::Result<(Scan, IgnoreRules, Option<String>)> {
     let (rules, warning) = IgnoreRules::load(root);
-    let s = super::scan::scan(root, index_cache, &rules, clean)?;
+    let s = super::scan::scan(root, index_cache, &rules, clean, busy)?;
     Ok((s, rules, warning))
 }

@@ -87,6 +87,11 @@ impl Lane {
         self.shared.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The paths given to the lane and not finished yet.
+    pub fn busy_paths(&self) -> HashSet<RelPath> {
+        self.busy().clone()
+    }
+
     /// A transfer ended since the last call (or ends later): the caller's wait for the next round.
     pub async fn finished(&self) {
         self.shared.done.notified().await

@@ -1,7 +1,7 @@
 //! Walks a synced folder into a map of path → node, re-hashing only files whose size, mtime or
 //! inode changed since the last scan.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -111,12 +111,21 @@ const SCAN_THREADS: usize = 4;
 /// The directories below the root are read by up to [`SCAN_THREADS`] threads (one per core),
 /// each taking the next directory any of them found: a scan is mostly `statx` calls, which run
 /// side by side. Only an unreadable root is an error; what cannot be read below it is skipped.
-pub fn scan(root: &Path, old: &StatCache, rules: &IgnoreRules, clean: bool) -> std::io::Result<Scan> {
+///
+/// A file in `busy` (being written by `watch`'s lane, which records its stat when done) is not
+/// read to be hashed when its stat is not the cached one: it is left out of the round, unknown.
+pub fn scan(
+    root: &Path,
+    old: &StatCache,
+    rules: &IgnoreRules,
+    clean: bool,
+    busy: &HashSet<RelPath>,
+) -> std::io::Result<Scan> {
     let mut s = Scan::default();
     if clean {
         s.temps_removed += clean_state(root, SystemTime::now());
     }
-    let w = Walker { root, old, rules, clean };
+    let w = Walker { root, old, rules, clean, busy };
     let mut dirs = Vec::new();
     w.read_dir(&Dir { full: root.to_path_buf(), rel: None }, &mut s, &mut dirs)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SCAN_THREADS);
@@ -182,6 +191,7 @@ struct Walker<'a> {
     old: &'a StatCache,
     rules: &'a IgnoreRules,
     clean: bool,
+    busy: &'a HashSet<RelPath>,
 }
 
 impl Walker<'_> {
@@ -320,6 +330,10 @@ impl Walker<'_> {
                     {
                         *h
                     }
+                    _ if self.busy.contains(&rel) => {
+                        s.unknown.push(rel);
+                        continue;
+                    }
                     _ => match ContentHash::of_file(&entry.path()) {
                         Ok((h, _)) => {
                             s.hashed_bytes += stat.size;
@@ -383,7 +397,7 @@ mod tests {
         }
         fs::write(root.join("top"), b"x").unwrap();
         want.insert("top".into(), "file");
-        let s = scan(root, &StatCache::new(), &IgnoreRules::default(), false).unwrap();
+        let s = scan(root, &StatCache::new(), &IgnoreRules::default(), false, &HashSet::new()).unwrap();
         let got: BTreeMap<String, &str> = s
             .nodes
             .iter()
@@ -401,7 +415,7 @@ mod tests {
         assert_eq!(s.cache.keys().map(|p| p.to_string()).collect::<Vec<_>>(), files);
         assert!(s.skipped.is_empty() && s.unknown.is_empty(), "{:?}", s.skipped);
         // A second scan with that cache hashes nothing.
-        let again = scan(root, &s.cache, &IgnoreRules::default(), false).unwrap();
+        let again = scan(root, &s.cache, &IgnoreRules::default(), false, &HashSet::new()).unwrap();
         assert_eq!(again.hashed_bytes, 0);
         assert_eq!(again.nodes, s.nodes);
     }
