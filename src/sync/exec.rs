@@ -139,6 +139,9 @@ pub struct Exec {
     own_revs: std::collections::BTreeSet<u64>,
     /// Local files the server deleted, by content, that a fetch may rename instead of copy.
     renamed_away: std::collections::HashMap<ContentHash, (RelPath, u64, u64, Meta)>,
+    /// The local view's files by content, made when first needed (see
+    /// [`local_with_hash`](Self::local_with_hash)).
+    by_hash: Option<HashMap<ContentHash, Vec<RelPath>>>,
     renamed_here: std::collections::HashSet<RelPath>,
     /// Local deletes, run after the downloads (or earlier, to empty a directory a file replaces).
     pending_deletes: Vec<Action>,
@@ -175,6 +178,7 @@ impl Exec {
             report,
             own_revs: Default::default(),
             renamed_away: Default::default(),
+            by_hash: None,
             renamed_here: Default::default(),
             pending_deletes: Vec::new(),
             ready: Vec::new(),

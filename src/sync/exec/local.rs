@@ -158,11 +158,27 @@ impl Exec {
         Ok(())
     }
 
-    pub(super) fn local_with_hash(&self, hash: &ContentHash, not: &RelPath) -> Option<RelPath> {
-        self.local.iter().find_map(|(p, n)| match n {
-            Node::File { hash: h, .. } if h == hash && p != not => Some(p.clone()),
-            _ => None,
-        })
+    /// A local file other than `not` with this content, to copy instead of downloading. By an
+    /// index of the local view's files by hash, made on first use: looking through the whole
+    /// view for every download made a pull of many new files into a big folder quadratic. The
+    /// index may be stale (files written since); a candidate counts only if the view still has
+    /// that content there, and the copy checks the bytes it copied.
+    pub(super) fn local_with_hash(&mut self, hash: &ContentHash, not: &RelPath) -> Option<RelPath> {
+        let local = &self.local;
+        let by_hash = self.by_hash.get_or_insert_with(|| {
+            let mut m: HashMap<ContentHash, Vec<RelPath>> = HashMap::new();
+            for (p, n) in local {
+                if let Node::File { hash, .. } = n {
+                    m.entry(*hash).or_default().push(p.clone());
+                }
+            }
+            m
+        });
+        by_hash
+            .get(hash)?
+            .iter()
+            .find(|p| *p != not && matches!(local.get(*p), Some(Node::File { hash: h, .. }) if h == hash))
+            .cloned()
     }
 
     /// Renames `src` to `dst` if `src` is still the version the plan saw.
