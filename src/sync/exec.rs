@@ -212,6 +212,10 @@ impl Exec {
                     if let Err(e) = self.fetch(entry, &mut jobs) {
                         self.report.errors.push(e.to_string());
                     }
+                    // Local copies wait for their batch like downloads.
+                    if self.ready.len() >= READY_FILES || self.ready_bytes >= READY_BYTES {
+                        self.flush_ready().await;
+                    }
                 }
                 Action::Record { entry } => self.record(&entry),
                 Action::Forget { path } => self.batch.forget.push(path),
@@ -232,6 +236,9 @@ impl Exec {
                     .push(format!("{}: failed twice; will retry on the next run", job_path(&j)));
             }
         }
+        // Local copies wait in the last batch when nothing was transferred.
+        self.flush_ready().await;
+        self.finish_flush().await;
         for a in std::mem::take(&mut self.pending_deletes) {
             if let Action::DeleteLocal { path, rev, expect } = a
                 && !self.renamed_here.contains(&path)

@@ -179,6 +179,43 @@ fn rename_into_subfolder_sends_no_content() {
     assert_eq!(read(&b.path().join("sub/big.bin")), data);
 }
 
+/// A copy made on one computer arrives on the other as a local copy of the file it already
+/// has (no content on the wire), put in place with the round's downloads (found in testing: a
+/// round with nothing to download then dropped them).
+#[test]
+fn a_copy_arrives_as_a_local_copy_without_its_content() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-a-");
+    let data = random_bytes(6, 2 << 20);
+    write(&a.path().join("orig.bin"), &data);
+    push(a.path(), &srv, &token);
+    let b = temp_dir("ds-b-");
+    pull(b.path(), &srv, &token);
+
+    fs::create_dir(a.path().join("copies")).unwrap();
+    for i in 0..3 {
+        fs::copy(a.path().join("orig.bin"), a.path().join(format!("copies/copy{i}.bin"))).unwrap();
+    }
+    push(a.path(), &srv, &token);
+    let down = sync_cmd("pull", b.path(), &srv, &token, &["-v"]).ok("pull");
+    assert!(
+        down.wire_bytes() < 20_000,
+        "pulling three copies cost {} bytes\n{}",
+        down.wire_bytes(),
+        down.dump()
+    );
+    assert!(
+        down.stdout.contains("copied copies/copy0.bin") || down.stderr.contains("copied copies/copy0.bin"),
+        "{}",
+        down.dump()
+    );
+    assert_same_tree(a.path(), b.path());
+    for i in 0..3 {
+        assert_eq!(read(&b.path().join(format!("copies/copy{i}.bin"))), data);
+    }
+}
+
 #[test]
 fn accounts_cannot_see_each_other() {
     let srv = start_server();

@@ -307,15 +307,19 @@ impl Exec {
                 return;
             }
         };
-        for (got, stats, stat, placed) in placed {
+        for Placement { got, stats, stat, copied, placed } in placed {
             let path = &got.path;
             match placed {
                 Placed::Done => {
                     self.report.delta.add(stats);
-                    self.report.files_received += 1;
+                    if copied {
+                        self.report.files_copied_locally += 1;
+                    } else {
+                        self.report.files_received += 1;
+                    }
                     self.after_write(path, got.node.clone().expect("a download is a file"), Some(stat));
                     self.record(&got);
-                    self.progress.file_done(path.as_str(), "downloaded");
+                    self.progress.file_done(path.as_str(), if copied { "copied" } else { "downloaded" });
                 }
                 Placed::NotDurable(e) if fsutil::says_disk_full(&e) => self.local_disk_full(path, &e),
                 Placed::NotDurable(_) => {
@@ -339,8 +343,18 @@ pub(super) enum Placed {
     Failed(String),
 }
 
+/// A file of a batch as [`place`] leaves it.
+pub(super) struct Placement {
+    got: Entry,
+    stats: DeltaStats,
+    stat: Stat,
+    /// Copied from a local file with its content ([`Written::copied`]).
+    copied: bool,
+    placed: Placed,
+}
+
 /// A batch's files as [`place`] leaves them.
-pub(super) type Placements = Vec<(Entry, DeltaStats, Stat, Placed)>;
+pub(super) type Placements = Vec<Placement>;
 
 /// [`Exec::flush_ready`]'s blocking part. Where the round saw nothing (`expect` none), the rename
 /// itself refuses to replace what appeared meanwhile; elsewhere what is there must still be what
@@ -356,49 +370,43 @@ fn place(batch: Vec<(Ready, PathBuf, Option<Expect>)>, root: &Path) -> Placement
     for ((r, full, expect), sync) in
         batch.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
     {
-        let Ready { got, file: Written { tmp, stats, stat, .. } } = r;
+        let Ready { got, file: Written { tmp, stats, stat, copied, .. } } = r;
         let parent = full.parent().unwrap_or(root).to_path_buf();
         let ready = parents
             .entry(parent)
             .or_insert_with(|| fsutil::ensure_dirs(root, &got.path).map_err(|e| e.to_string()));
-        if let Err(e) = ready {
-            let e = e.clone();
-            out.push((got, stats, stat, Placed::Failed(e)));
-            continue;
-        }
-        let moved = match (sync, expect) {
-            (Some(Ok(())), None) => fsutil::rename_noreplace(tmp.path(), &full),
-            (Some(Ok(())), Some(e)) if e.holds(&full) => std::fs::rename(tmp.path(), &full).map(|()| true),
-            (Some(Ok(())), Some(_)) => Ok(false),
-            (Some(Err(e)), _) => {
-                out.push((got, stats, stat, Placed::NotDurable(e.to_string())));
-                continue;
-            }
-            (None, _) => {
-                out.push((got, stats, stat, Placed::NotDurable(String::new())));
-                continue;
+        let placed = match (ready, sync, expect) {
+            (Err(e), ..) => Placed::Failed(e.clone()),
+            (Ok(()), Some(Err(e)), _) => Placed::NotDurable(e.to_string()),
+            (Ok(()), None, _) => Placed::NotDurable(String::new()),
+            (Ok(()), Some(Ok(())), expect) => {
+                let moved = match expect {
+                    None => fsutil::rename_noreplace(tmp.path(), &full),
+                    Some(e) if e.holds(&full) => std::fs::rename(tmp.path(), &full).map(|()| true),
+                    Some(_) => Ok(false),
+                };
+                match moved {
+                    Ok(true) => {
+                        tmp.keep();
+                        dirs.insert(full.parent().unwrap_or(root).to_path_buf());
+                        Placed::Done
+                    }
+                    Ok(false) => Placed::Changed,
+                    Err(e) => Placed::Failed(e.to_string()),
+                }
             }
         };
-        let placed = match moved {
-            Ok(true) => {
-                tmp.keep();
-                dirs.insert(full.parent().unwrap_or(root).to_path_buf());
-                Placed::Done
-            }
-            Ok(false) => Placed::Changed,
-            Err(e) => Placed::Failed(e.to_string()),
-        };
-        out.push((got, stats, stat, placed));
+        out.push(Placement { got, stats, stat, copied, placed });
     }
     let dirs: Vec<PathBuf> = dirs.into_iter().collect();
     let _ = fsutil::make_durable(&dirs);
     out
 }
 
-/// Downloads received in full, waiting to be made durable together.
+/// Downloads received in full (and local copies), waiting to be made durable together.
 pub struct Ready {
-    got: Entry,
-    file: Written,
+    pub(super) got: Entry,
+    pub(super) file: Written,
 }
 
 /// Received files made durable together at most: each batch costs two `syncfs` (a journal
@@ -557,16 +565,25 @@ pub(super) fn receive_file(
     } else {
         guard
     };
-    Ok(Written { tmp: guard, stats: done.stats, stat: Stat::of(&md), dev: md.dev() })
+    Ok(Written { tmp: guard, stats: done.stats, stat: Stat::of(&md), dev: md.dev(), copied: false })
 }
 
-/// A verified download in its temp file.
+/// A verified download (or local copy) in its temp file.
 pub(super) struct Written {
     tmp: TempGuard,
     stats: DeltaStats,
     /// The temp file's, by `fstat` (the same after the rename into place).
-    stat: Stat,
+    pub(super) stat: Stat,
     dev: u64,
+    /// Made by copying a local file with the content, not by a download.
+    copied: bool,
+}
+
+impl Written {
+    /// A local copy in its temp file, `md` its `fstat`.
+    pub(super) fn copied(tmp: TempGuard, md: &std::fs::Metadata) -> Written {
+        Written { tmp, stats: DeltaStats::default(), stat: Stat::of(md), dev: md.dev(), copied: true }
+    }
 }
 
 /// A download's answer must be the file asked for: the same path (a broken or malicious server

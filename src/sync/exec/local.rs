@@ -140,12 +140,11 @@ impl Exec {
                     return Ok(());
                 }
                 if let Some(src) = self.local_with_hash(hash, &path)
-                    && self.copy_local(&src, &path, *hash, *meta).is_ok()
+                    && let Ok(file) = self.copy_local(&src, &path, *hash, *meta)
                 {
-                    self.after_local_write(&path, node);
-                    self.record(&entry);
-                    self.report.files_copied_locally += 1;
-                    self.progress.file_done(path.as_str(), "copied");
+                    // Put in place with the downloads, a batch at a time (see `flush_ready`).
+                    self.ready_bytes += file.stat.size;
+                    self.ready.push(Ready { got: entry, file });
                     return Ok(());
                 }
                 let have = match here {
@@ -207,25 +206,26 @@ impl Exec {
         Ok(())
     }
 
+    /// Copies the local file `src` (which the round saw with content `hash`) into a temp file for
+    /// `dst`, checks the bytes copied and sets `meta`: ready to be put in place with a batch of
+    /// downloads.
     pub(super) fn copy_local(
         &self,
         src: &RelPath,
         dst: &RelPath,
         hash: ContentHash,
         meta: Meta,
-    ) -> std::io::Result<()> {
-        fsutil::ensure_dirs(&self.root, dst)?;
-        let full = self.full(dst);
-        let tmp = TempGuard::new(fsutil::temp_path(&self.landings.dir(&self.root, &full)));
+    ) -> std::io::Result<Written> {
+        let landing = self.landings.prepare(&self.root, dst)?;
+        let tmp = TempGuard::new(fsutil::temp_path(&landing));
         std::fs::copy(self.full(src), tmp.path())?;
         if ContentHash::of_file(tmp.path())?.0 != hash {
             return Err(std::io::Error::other("source changed"));
         }
-        fsutil::set_mode(tmp.path(), meta.mode)?;
-        fsutil::set_mtime(tmp.path(), meta.mtime_ns)?;
-        fsutil::commit_temp(tmp.path(), &full)?;
-        tmp.keep();
-        Ok(())
+        let f = std::fs::File::open(tmp.path())?;
+        fsutil::set_file_meta(&f, meta.mode, meta.mtime_ns)?;
+        let md = f.metadata()?;
+        Ok(Written::copied(tmp, &md))
     }
 
     /// Records what a local write left on disk, so the next scan need not re-hash it.
