@@ -832,7 +832,7 @@ fn json_lines(
     }
     line(json!({
         "type": "summary",
-        "uploaded": report.files_sent,
+        "uploaded": report.files_sent + report.files_copied_remote,
         "downloaded": report.files_received + report.files_copied_locally,
         "moved": report.moved,
         "deleted": report.deleted_remote + report.deleted_local,

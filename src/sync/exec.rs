@@ -599,6 +599,7 @@ impl Exec {
                 (path, Some(Node::File { hash: *hash, size: *size, meta: *meta }), "uploaded")
             }
             Action::Copy { path, hash, size, meta, .. } => {
+                self.report.files_copied_remote += 1;
                 (path, Some(Node::File { hash: *hash, size: *size, meta: *meta }), "copied")
             }
             Action::Move { from, to, hash, size, meta, .. } => {

@@ -34,6 +34,8 @@ pub struct Report {
     pub files_sent: u64,
     pub files_received: u64,
     pub files_copied_locally: u64,
+    /// Uploads made by the server copying content it already held (no bytes sent).
+    pub files_copied_remote: u64,
     pub moved: u64,
     pub deleted_remote: u64,
     pub deleted_local: u64,
@@ -117,8 +119,8 @@ impl Report {
 
     pub fn summary(&self) -> String {
         let mut parts = vec![];
-        if self.files_sent > 0 {
-            parts.push(format!("{} uploaded", self.files_sent));
+        if self.files_sent + self.files_copied_remote > 0 {
+            parts.push(format!("{} uploaded", self.files_sent + self.files_copied_remote));
         }
         if self.files_received + self.files_copied_locally > 0 {
             parts.push(format!("{} downloaded", self.files_received + self.files_copied_locally));
@@ -166,7 +168,7 @@ impl Report {
              total size is {}  speedup is {:.2}",
             self.total_files,
             self.files_sent + self.files_received,
-            self.moved + self.files_copied_locally,
+            self.moved + self.files_copied_locally + self.files_copied_remote,
             self.deleted_local + self.deleted_remote,
             self.total_size,
             transferred,
@@ -208,6 +210,15 @@ mod tests {
         r.error("b.txt", "the server's disk is full");
         assert!(r.summary().starts_with("nothing changed; "), "{}", r.summary());
         assert_eq!(r.errors, ["b.txt: the server's disk is full"]);
+    }
+
+    #[test]
+    fn copies_without_transfer_count_as_changes() {
+        let r = Report { files_copied_remote: 3, ..Report::default() };
+        assert!(r.summary().starts_with("3 uploaded; "), "{}", r.summary());
+        assert!(r.stats().contains("Number of files moved or copied without transfer: 3"), "{}", r.stats());
+        let r = Report { files_copied_locally: 2, ..Report::default() };
+        assert!(r.summary().starts_with("2 downloaded; "), "{}", r.summary());
     }
 
     #[test]

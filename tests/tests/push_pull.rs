@@ -197,7 +197,10 @@ fn a_copy_arrives_as_a_local_copy_without_its_content() {
     for i in 0..3 {
         fs::copy(a.path().join("orig.bin"), a.path().join(format!("copies/copy{i}.bin"))).unwrap();
     }
-    push(a.path(), &srv, &token);
+    // Copied by the server from what it holds: uploads all the same (it said "up to date").
+    let up = push(a.path(), &srv, &token);
+    assert!(up.stdout.starts_with("3 uploaded;"), "{}", up.dump());
+    assert!(up.wire_bytes() < 20_000, "pushing three copies cost {} bytes\n{}", up.wire_bytes(), up.dump());
     let down = sync_cmd("pull", b.path(), &srv, &token, &["-v"]).ok("pull");
     assert!(
         down.wire_bytes() < 20_000,
