@@ -4,6 +4,9 @@
 use super::*;
 use crate::server::meta::FileToSend;
 
+/// One `Get` of a run: its request id, the path, and the version the client has.
+pub(super) type GetRequest = (u64, RelPath, Option<(ContentHash, u64)>);
+
 /// Downloads up to this size (sent whole) are read and encoded in the session's task.
 pub(super) const INLINE_DOWNLOAD: u64 = 64 << 10;
 
@@ -26,10 +29,7 @@ impl Session {
     /// Sends files asked for one after another (up to [`GET_RUN`]), each as a delta against
     /// the client's version when the server holds its signature: looked up together, in one
     /// trip to the blocking pool ([`MetaStore::files_to_send`]), then sent in order.
-    pub(super) async fn gets(
-        &mut self,
-        run: Vec<(u64, RelPath, Option<(ContentHash, u64)>)>,
-    ) -> Result<(), SessionError> {
+    pub(super) async fn gets(&mut self, run: Vec<GetRequest>) -> Result<(), SessionError> {
         let paths: Vec<RelPath> = run.iter().map(|(_, p, _)| p.clone()).collect();
         let n = paths.len();
         let found = match self.db(move |m, a| m.files_to_send(a, &paths)).await {
