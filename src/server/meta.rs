@@ -116,9 +116,17 @@ pub fn file_to_send<M: MetaStore + ?Sized>(
     account: AccountId,
     path: &RelPath,
 ) -> Result<FileToSend, MetaError> {
-    let entry = m.get(account, path)?;
+    with_content(m.get(account, path)?, |hash| m.content(account, hash))
+}
+
+/// A path's entry with, for a file, its content as `content` finds it: the one rule of
+/// [`MetaStore::files_to_send`], whichever way a store looks things up.
+pub fn with_content(
+    entry: Option<Entry>,
+    content: impl FnOnce(&ContentHash) -> Result<Option<(u64, Vec<ChunkLoc>)>, MetaError>,
+) -> Result<FileToSend, MetaError> {
     let content = match &entry {
-        Some(Entry { node: Some(Node::File { hash, .. }), .. }) => m.content(account, hash)?,
+        Some(Entry { node: Some(Node::File { hash, .. }), .. }) => content(hash)?,
         _ => None,
     };
     Ok((entry, content))

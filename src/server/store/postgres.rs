@@ -36,7 +36,7 @@ use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, Refus
 use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, NewChunk, Sealed};
 use crate::server::meta::{
     Account, AccountId, AccountInfo, Change, CommitListener, Device, DeviceId, DeviceInfo, FileToSend,
-    MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
+    MetaError, MetaStore, PAGE, PARTIAL_KEEP, Partial, Pruned, Step, with_content,
 };
 use crate::server::retention::Keep;
 
@@ -1635,25 +1635,16 @@ impl MetaStore for PgMeta {
             Ok(paths
                 .iter()
                 .map(|p| {
-                    let entry = entries.get(p).cloned();
-                    let content = match &entry {
-                        Some(Entry { node: Some(Node::File { hash, .. }), .. }) => {
-                            match contents.get(&hash.0[..]) {
-                                None => None,
-                                Some((size, list)) => Some((
-                                    *size,
-                                    locs_of(list, &by_id).ok_or_else(|| {
-                                        MetaError::CorruptRow(format!(
-                                            "content {} refers to a missing chunk",
-                                            hash.to_hex()
-                                        ))
-                                    })?,
-                                )),
-                            }
-                        }
-                        _ => None,
-                    };
-                    Ok((entry, content))
+                    with_content(entries.get(p).cloned(), |hash| {
+                        let Some((size, list)) = contents.get(&hash.0[..]) else { return Ok(None) };
+                        let locs = locs_of(list, &by_id).ok_or_else(|| {
+                            MetaError::CorruptRow(format!(
+                                "content {} refers to a missing chunk",
+                                hash.to_hex()
+                            ))
+                        })?;
+                        Ok(Some((*size, locs)))
+                    })
                 })
                 .collect())
         })

@@ -17,7 +17,7 @@ use crate::protocol::{At, Entry, MAX_LOG, Meta as NodeMeta, Node, Refusal, Refus
 use crate::server::content::{ChunkKey, ChunkList, ChunkLoc, NewChunk, Sealed};
 use crate::server::meta::{
     Account, AccountId, AccountInfo, Change, Device, DeviceId, DeviceInfo, FileToSend, MetaError, MetaStore,
-    PAGE, PARTIAL_KEEP, Partial, Pruned, Step,
+    PAGE, PARTIAL_KEEP, Partial, Pruned, Step, with_content,
 };
 use crate::server::retention::Keep;
 
@@ -611,16 +611,7 @@ impl MetaStore for SqliteMeta {
         let tx = c.unchecked_transaction()?;
         let out = paths
             .iter()
-            .map(|p| {
-                let entry = entry_at(&tx, account, p)?;
-                let content = match &entry {
-                    Some(Entry { node: Some(Node::File { hash, .. }), .. }) => {
-                        content_of(&tx, account, hash)?
-                    }
-                    _ => None,
-                };
-                Ok((entry, content))
-            })
+            .map(|p| with_content(entry_at(&tx, account, p)?, |hash| content_of(&tx, account, hash)))
             .collect();
         tx.finish()?;
         Ok(out)
@@ -1207,8 +1198,6 @@ fn insert_device(
     Ok(tx.last_insert_rowid())
 }
 
-/// Where the chunks of a stored list (a content's or a partial upload's) are; `None` if one is
-/// not recorded.
 /// [`MetaStore::get`] on this connection.
 fn entry_at(
     c: &rusqlite::Connection,
@@ -1239,6 +1228,8 @@ fn content_of(
     Ok(Some((size.max(0) as u64, locs)))
 }
 
+/// Where the chunks of a stored list (a content's or a partial upload's) are; `None` if one is
+/// not recorded.
 fn chunk_locs(c: &rusqlite::Connection, list: &[u8]) -> Result<Option<Vec<ChunkLoc>>, MetaError> {
     let list: Vec<(i64, u32)> =
         postcard::from_bytes(list).map_err(|_| MetaError::CorruptRow("a chunk list".into()))?;
