@@ -38,14 +38,15 @@ pub struct Stat {
 }
 
 impl Stat {
-    /// A file's stat as the stat cache keeps it (all mode bits, so a change of any shows).
+    /// A file's stat as the scan sees it and the stat cache keeps it (the permission bits of
+    /// its mode, the only ones synced).
     pub fn of(md: &std::fs::Metadata) -> Stat {
         use std::os::unix::fs::MetadataExt;
         Stat {
             size: md.len(),
             mtime_ns: crate::fsutil::mtime_ns(md),
             inode: md.ino(),
-            mode: md.mode() & 0o7777,
+            mode: md.mode() & crate::fsutil::PERMISSION_BITS,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime};
@@ -318,12 +318,7 @@ impl Walker<'_> {
                     }
                 }
             } else if ft.is_file() {
-                let stat = Stat {
-                    size: md.len(),
-                    mtime_ns: fsutil::mtime_ns(&md),
-                    inode: md.ino(),
-                    mode: md.mode() & fsutil::PERMISSION_BITS,
-                };
+                let stat = Stat::of(&md);
                 let hash = match self.old.get(&rel) {
                     Some((st, h))
                         if st.size == stat.size && st.mtime_ns == stat.mtime_ns && st.inode == stat.inode =>
