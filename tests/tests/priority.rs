@@ -22,6 +22,31 @@ impl Drop for Kill {
     }
 }
 
+/// `watch DIR` with `args` and `env`, its output into `log`; killed when dropped.
+fn spawn_watch(
+    dir: &Path,
+    srv: &Server,
+    token: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Kill {
+    let log = std::fs::File::create(log).expect("log");
+    Kill(
+        command()
+            .arg("watch")
+            .arg(dir)
+            .args(["--server", &srv.address(), "--token", token, "--no-progress"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn watch"),
+    )
+}
+
 /// The paths a `--json` run reports, in the order it reports them, with their action.
 fn json_files(out: &Output) -> Vec<(String, String)> {
     out.stdout
@@ -96,18 +121,8 @@ fn watch_sends_a_small_file_beside_a_big_upload_in_flight() {
     let token = add_account(&srv.data, "alice");
     let a = temp_dir("ds-prio-wa-");
     let logs = temp_dir("ds-prio-log-");
-    let log = std::fs::File::create(logs.path().join("watch.log")).expect("log");
-    let _w = Kill(
-        command()
-            .arg("watch")
-            .arg(a.path())
-            .args(["--server", &srv.address(), "--token", &token, "--no-progress", "-v", "--bwlimit", "1M"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn watch"),
-    );
+    let _w =
+        spawn_watch(a.path(), &srv, &token, &["-v", "--bwlimit", "1M"], &[], &logs.path().join("watch.log"));
     let watch_log = || std::fs::read_to_string(logs.path().join("watch.log")).unwrap_or_default();
     let b = temp_dir("ds-prio-wb-");
     let pull_b = || {
@@ -157,19 +172,9 @@ fn a_big_download_over_the_lane_is_not_hashed_again() {
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
     let (a, b, logs) = (temp_dir("ds-prio-la-"), temp_dir("ds-prio-lb-"), temp_dir("ds-prio-llog-"));
-    let log = std::fs::File::create(logs.path().join("watch.log")).expect("log");
-    let _w = Kill(
-        command()
-            .arg("watch")
-            .arg(b.path())
-            .args(["--server", &srv.address(), "--token", &token, "--no-progress"])
-            .env("RUST_LOG", "deltasync=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn watch"),
-    );
+    // At debug, the scan names each file it hashes.
+    let debug = [("RUST_LOG", "deltasync=debug")];
+    let _w = spawn_watch(b.path(), &srv, &token, &[], &debug, &logs.path().join("watch.log"));
     let watch_log = || std::fs::read_to_string(logs.path().join("watch.log")).unwrap_or_default();
     let wait_for = |what: &dyn Fn() -> bool, context: &str| {
         let t0 = Instant::now();
