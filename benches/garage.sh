@@ -123,21 +123,7 @@ TOTAL_FILES=$((CLIENTS * (FILES + 1)))
 TOTAL_MIB=$(python3 -c "print(round($CLIENTS * ($FILES * 4096 + (2 << 20)) / 1048576, 1))")
 
 # serve NAME [ARGS...]: starts a server, sets ADDR and LAST_PID.
-serve() {
-    local name=$1
-    shift
-    "$BIN" serve --listen 127.0.0.1:0 "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-    PIDS+=($!)
-    LAST_PID=$!
-    for _ in $(seq 400); do
-        ADDR=$(sed -n 's/.*listening on //p' "$WORK/$name.out")
-        [ -n "$ADDR" ] && return
-        sleep 0.05
-    done
-    echo "server $name did not start:" >&2
-    cat "$WORK/$name.log" >&2
-    exit 1
-}
+. "$ROOT/benches/common/serve.sh"
 
 # endpoint P: process P's Garage node (round robin), when on Garage.
 endpoint() {

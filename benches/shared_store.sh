@@ -56,22 +56,14 @@ head -c $((BIG << 20)) /dev/urandom >"$WORK/big/big.bin"
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 
-# serve NAME [ARGS...]: starts a server, sets ADDR; its log in $WORK/NAME.log.
-serve() {
+. "$ROOT/benches/common/serve.sh"
+# serve_here NAME [ARGS...]: `serve` on the local data folder, or the shared one when
+# DELTASYNC_METADATA is set.
+serve_here() {
     local name=$1 data=$WORK/data-local
     shift
     [ -n "${DELTASYNC_METADATA:-}" ] && data=$WORK/data-shared
-    "$BIN" serve --listen 127.0.0.1:0 --data "$data" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-    PIDS+=($!)
-    LAST_PID=$!
-    for _ in $(seq 200); do
-        ADDR=$(sed -n 's/.*listening on //p' "$WORK/$name.out")
-        [ -n "$ADDR" ] && return
-        sleep 0.05
-    done
-    echo "server $name did not start:" >&2
-    cat "$WORK/$name.log" >&2
-    exit 1
+    serve "$name" --data "$data" "$@"
 }
 
 token() { "$@" | tail -n 1; }
@@ -121,7 +113,7 @@ run_prop() { # LABEL ADDR1 ADDR2: a watch on 1, pushes of 1 KiB through 2
 packs() { find "$S3DIR" -type f -name '*.pack' "$@"; }
 
 # The embedded default.
-serve local
+serve_here local
 LOCAL=$ADDR
 # An account per part, so each pull fetches only that part's files.
 acct() { # DATA NAME: sets C to use a new account's token
@@ -137,8 +129,8 @@ run_prop embedded "$LOCAL" "$LOCAL"
 # Two processes on PostgreSQL + S3 (one data folder for both: the same TLS identity).
 export DELTASYNC_METADATA=$PG DELTASYNC_STORE=s3://$DELTASYNC_TEST_S3_BUCKET/bench DELTASYNC_S3_ENDPOINT=$DELTASYNC_TEST_S3_ENDPOINT
 pair() { # N: starts processes N-a and N-b, sets A, B and their PIDs
-    serve "$1-a"; A=$ADDR; A_PID=$LAST_PID
-    serve "$1-b"; B=$ADDR; B_PID=$LAST_PID
+    serve_here "$1-a"; A=$ADDR; A_PID=$LAST_PID
+    serve_here "$1-b"; B=$ADDR; B_PID=$LAST_PID
 }
 stop_pair() { # N: stops them; prints their S3 request lines
     kill -TERM "$A_PID" "$B_PID"
