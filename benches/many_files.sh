@@ -8,11 +8,13 @@
 # --fsync), a no-op round of each, a first pull into an empty folder (`deltasync pull`; rsync from
 # the module), and a `watch`'s first round (until it has printed one `uploaded` line per file).
 # Files are random (incompressible) in folders of 1,000. `sync` runs before each timed command.
-# As root, everything runs on a freshly made ext4 image and nothing is deleted until the end: ext4
+# As root, everything runs on a freshly made ext4 image (attached with direct I/O, like a disk:
+# see below) and nothing is deleted until the end: ext4
 # skips inodes deleted in the last seconds when it allocates, which makes creates after a big
 # delete seconds slower (see side_by_side.sh).
 # Environment: DELTASYNC_BENCH_TMP (work folder parent, default $TMPDIR or /tmp; ~2.5 GB for
-# 100,000 files), DELTASYNC_BIN (default target/release/deltasync, built first), KEEP=1 keeps it.
+# 100,000 files), DELTASYNC_BIN (default target/release/deltasync, built first), KEEP=1 keeps it,
+# DELTASYNC_BENCH_IMAGE=0 runs on the work folder's own file system even as root.
 set -euo pipefail
 
 RUNS=${1:-3}
@@ -31,23 +33,34 @@ WORK=$(mktemp -d "${DELTASYNC_BENCH_TMP:-${TMPDIR:-/tmp}}/deltasync-many.XXXXXX"
 BASE=$WORK
 PIDS=()
 MNT=""
+LOOP=""
 cleanup() {
     set +e
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     [ -n "$MNT" ] && umount "$MNT" 2>/dev/null
+    [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
     if [ "${KEEP:-0}" = 1 ]; then echo "many_files: kept $BASE" >&2; else rm -rf "$BASE"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "$(id -u)" = 0 ] && command -v mkfs.ext4 >/dev/null; then
-    truncate -s $(( FILES * 4096 * (2 + 6 * RUNS) * 13 / 10 + (1 << 30) )) "$WORK/fs.img"
-    mkfs.ext4 -q -F -i 4096 "$WORK/fs.img"
+if [ "${DELTASYNC_BENCH_IMAGE:-1}" = 1 ] && [ "$(id -u)" = 0 ] && command -v mkfs.ext4 >/dev/null \
+    && command -v losetup >/dev/null; then
+    # The image is attached with direct I/O, so that it behaves like a disk: a buffered loop
+    # device copies every block written back into a second page cache and a second file system
+    # (the one holding the image), and that doubled writeback lands inside the timed window of
+    # whoever makes data durable (deltasync) and after the window of whoever does not (rsync
+    # without --fsync). Preallocated, so writes to it allocate nothing in the outer file system.
+    SIZE=$(( FILES * 4096 * (2 + 6 * RUNS) * 13 / 10 + (1 << 30) ))
+    fallocate -l "$SIZE" "$WORK/fs.img" 2>/dev/null || truncate -s "$SIZE" "$WORK/fs.img"
+    LOOP=$(losetup --direct-io=on -f --show "$WORK/fs.img" 2>/dev/null || losetup -f --show "$WORK/fs.img")
+    mkfs.ext4 -q -F -i 4096 "$LOOP"
     mkdir "$WORK/fs"
-    mount -o loop "$WORK/fs.img" "$WORK/fs" && MNT=$WORK/fs
+    mount "$LOOP" "$WORK/fs" && MNT=$WORK/fs
+    echo "many_files: on a fresh ext4 image, $LOOP, direct I/O $(cat "/sys/block/${LOOP#/dev/}/loop/dio" 2>/dev/null || echo '?')" >&2
     WORK=$WORK/fs
 else
-    echo "many_files: not root: runs on the work folder's file system" >&2
+    echo "many_files: runs on the work folder's file system (no image: not root, or DELTASYNC_BENCH_IMAGE=0)" >&2
 fi
 
 python3 - "$WORK/src" "$FILES" <<'EOF'
