@@ -23,10 +23,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufWriter, Seek};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::SyncError;
 use super::index::{Batch, Stat, Synced};
@@ -85,6 +85,23 @@ fn big_size(j: &Job) -> Option<u64> {
 fn put_big_files_last(jobs: &mut [Job]) {
     // A stable sort: small jobs (key 0) in their order, then big ones by size.
     jobs.sort_by_key(|j| big_size(j).unwrap_or(0));
+}
+
+/// The downloads asked for and not yet answered, by what they bring: each request weighs its
+/// file's size in KiB plus 8, in a window of 32 MiB. What is still coming when a round stops
+/// asking (this computer's disk is full) stays within it, but for the two big files at most that
+/// may be on their way, and so does the work a server queues up for one client. 8 per request
+/// lets 2,730 files of 4 KiB be in flight, far more than a round trip on any link needs; a file
+/// weighs half the window at most, so the next big file is asked for while one is still coming.
+const GET_WINDOW: u32 = 32 << 10;
+
+/// A download request's weight in [`GET_WINDOW`].
+fn get_weight(j: &Job) -> u32 {
+    let size = match j {
+        Job::Get { entry: Entry { node: Some(Node::File { size, .. }), .. }, .. } => *size,
+        _ => 0,
+    };
+    u32::try_from(8 + size / 1024).unwrap_or(GET_WINDOW).min(GET_WINDOW / 2)
 }
 
 /// Files of at least this size continue where a cut-off transfer of them stopped (the server
@@ -150,6 +167,9 @@ pub struct Exec {
     /// The batch of downloads being put in place (see `flush_ready`).
     flushing: Option<tokio::task::JoinHandle<download::Placements>>,
     landings: Arc<Landings>,
+    /// Set when this computer's disk is full: the round asks for no further downloads, and those
+    /// already on their way are read past without writing.
+    no_more_gets: Arc<AtomicBool>,
 }
 
 impl Exec {
@@ -185,6 +205,7 @@ impl Exec {
             ready_bytes: 0,
             flushing: None,
             landings: Default::default(),
+            no_more_gets: Default::default(),
         }
     }
 
@@ -271,6 +292,7 @@ impl Exec {
             return;
         }
         self.report.local_disk_full = true;
+        self.no_more_gets.store(true, Ordering::Relaxed);
         self.report.errors.push(format!(
             "{path}: this computer's disk is full ({e}); nothing was changed here. Free space on the disk \
              of {} and run again",
@@ -420,7 +442,9 @@ impl Exec {
             return Ok(Vec::new());
         }
         let ids: Vec<u64> = jobs.iter().map(|_| client.next_id()).collect();
-        let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job, Outcome)>();
+        let (ptx, mut prx) = mpsc::unbounded_channel::<(u64, Job, Outcome, Option<OwnedSemaphorePermit>)>();
+        let window = Arc::new(Semaphore::new(GET_WINDOW as usize));
+        let no_more_gets = self.no_more_gets.clone();
         let sender = Sender {
             root: self.root.clone(),
             sigs: self.sigs.clone(),
@@ -434,23 +458,50 @@ impl Exec {
         let writer = async move {
             let mut stats = DeltaStats::default();
             let mut skipped = Vec::new();
+            let mut unasked = Vec::new();
             for (id, job) in ids.into_iter().zip(jobs) {
+                // A download waits for room in the window; its answer gives the room back.
+                let permit = if let Job::Get { .. } = job {
+                    if no_more_gets.load(Ordering::Relaxed) {
+                        unasked.push(job);
+                        continue;
+                    }
+                    let weight = get_weight(&job);
+                    let permit = match window.clone().try_acquire_many_owned(weight) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            // The requests written so far must reach the server to be answered.
+                            wr.flush().await?;
+                            window.clone().acquire_many_owned(weight).await.map_err(|e| {
+                                ClientError::Unexpected(format!("the window of downloads closed: {e}"))
+                            })?
+                        }
+                    };
+                    // The disk may have filled while this one waited.
+                    if no_more_gets.load(Ordering::Relaxed) {
+                        unasked.push(job);
+                        continue;
+                    }
+                    Some(permit)
+                } else {
+                    None
+                };
                 match sender.send(wr, id, &job, &mut stats).await? {
                     Outcome::Skipped => skipped.push(job),
                     sent => {
-                        let _ = ptx.send((id, job, sent));
+                        let _ = ptx.send((id, job, sent, permit));
                     }
                 }
             }
             wr.flush().await?;
             drop(ptx);
-            Ok::<_, ClientError>((stats, skipped))
+            Ok::<_, ClientError>((stats, skipped, unasked))
         };
         let reader = async {
             let mut retry = Vec::new();
             // The writer hands a job over once it is sent; a writer stuck on a server that reads
             // nothing more shows as a connection where nothing moves.
-            while let Some((id, job, sent)) =
+            while let Some((id, job, sent, _room)) =
                 while_moving(&counters, "the server to take an upload", prx.recv()).await?
             {
                 if let Some(j) = self.receive(rd, &notified, &counters, id, job, sent, resumes).await? {
@@ -477,7 +528,7 @@ impl Exec {
         self.finish_flush().await;
         let retry = match (w, r) {
             (Some(w), Some(r)) => {
-                let (stats, skipped) = w?;
+                let (stats, skipped, unasked) = w?;
                 let retry = r?;
                 self.report.delta.add(stats);
                 for j in skipped {
@@ -485,6 +536,11 @@ impl Exec {
                         &job_path(&j),
                         "vanished or changed size on this computer while it was read; it goes on the next run",
                     );
+                }
+                for j in unasked {
+                    if let Job::Get { entry, .. } = j {
+                        self.local_disk_full(&entry.path, "not downloaded once the disk was full");
+                    }
                 }
                 retry
             }

@@ -396,9 +396,10 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     for i in 0..5 {
         write(&a.path().join(format!("small{i}.txt")), format!("small {i}"));
     }
-    // More than fits: each of these that does not is counted, not each said.
-    for i in 0..30 {
-        write(&a.path().join(format!("mid/{i:02}.bin")), random_bytes(100 + i, 512 << 10));
+    // Far more than fits: each of these that does not is counted, not each said, and once the
+    // disk is full the pull asks for no more of them.
+    for i in 0..64 {
+        write(&a.path().join(format!("mid/{i:02}.bin")), random_bytes(100 + i, 1 << 20));
     }
     push(a.path(), &srv, &token);
 
@@ -406,6 +407,16 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     let b = mnt.0.join("b");
     let full = sync_cmd("pull", &b, &srv, &token, &[]);
     assert_eq!(full.status.code(), Some(7), "{}", full.dump());
+    let received: u64 = full
+        .stdout
+        .lines()
+        .chain(full.stderr.lines())
+        .find_map(|l| l.strip_prefix("Total bytes received: "))
+        .and_then(|n| n.trim().replace(',', "").parse().ok())
+        .unwrap_or_else(|| panic!("no byte count: {}", full.dump()));
+    // 76 MiB on the server: what fit (8 MiB) and what was asked for before the disk filled (the
+    // 32 MiB window) came, not the rest.
+    assert!(received < 48 << 20, "{received} bytes received onto a full disk: {}", full.dump());
     assert!(full.stderr.contains("this computer's disk is full"), "{}", full.dump());
     let said = full.stderr.lines().filter(|l| l.contains("disk is full")).count();
     assert_eq!(
@@ -419,7 +430,7 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     let temps: Vec<String> = list_tree(&b).into_iter().filter(|p| p.contains(".deltasync-tmp-")).collect();
     assert!(temps.is_empty(), "temp files left: {temps:?}");
 
-    mnt.resize("64m");
+    mnt.resize("160m");
     pull(&b, &srv, &token);
     assert_same_tree(a.path(), &b);
 }

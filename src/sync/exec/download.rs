@@ -124,6 +124,24 @@ impl Exec {
         let Some(Node::File { hash, size, meta }) = got.node.clone() else {
             return Err(ClientError::Unexpected("file reply without a file".into()).into());
         };
+        if self.no_more_gets.load(Ordering::Relaxed) {
+            // This computer's disk is full: asked for before that was known, read past unwritten.
+            loop {
+                match recv_reply(rd, notified, counters).await? {
+                    ServerMsg::Data { id: i, .. } if i == id => {}
+                    ServerMsg::End { id: i } if i == id => break,
+                    other => {
+                        return Err(ClientError::Unexpected(format!(
+                            "{} inside the download of `{path}`",
+                            crate::client::describe(&other)
+                        ))
+                        .into());
+                    }
+                }
+            }
+            self.local_disk_full(&path, "not written once the disk was full");
+            return Ok(None);
+        }
         self.progress.file_started(path.as_str(), size);
         // A partial file holds one content: a fresh one only for the content planned (the server
         // may have sent a newer one), and only for a whole download.
