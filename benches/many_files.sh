@@ -7,7 +7,8 @@
 # Per run, into a fresh account / module: a first push (deltasync push; plain `rsync -a`, no
 # --fsync), a no-op round of each, a first pull into an empty folder (`deltasync pull`; rsync from
 # the module), and a `watch`'s first round (until it has printed one `uploaded` line per file).
-# Files are random (incompressible) in folders of 1,000. `sync` runs before each timed command.
+# Files are random (incompressible), new for each push and watch (the server deduplicates across
+# accounts), in folders of 1,000. `sync` runs before each timed command.
 # As root, everything runs on a freshly made ext4 image (attached with direct I/O, like a disk:
 # see below) and nothing is deleted until the end: ext4
 # skips inodes deleted in the last seconds when it allocates, which makes creates after a big
@@ -63,7 +64,10 @@ else
     echo "many_files: runs on the work folder's file system (no image: not root, or DELTASYNC_BENCH_IMAGE=0)" >&2
 fi
 
-python3 - "$WORK/src" "$FILES" <<'EOF'
+# New random files in DIR: every push and watch starts from content the server has never seen
+# (its store deduplicates across accounts, so copies of one tree would measure a push of nothing).
+gen() {
+    python3 - "$1" "$FILES" <<'EOF'
 import os, sys
 root, n = sys.argv[1], int(sys.argv[2])
 r = open('/dev/urandom', 'rb')
@@ -74,6 +78,7 @@ for i in range(n):
     with open(f'{d}/f{i % 1000:04}.bin', 'wb') as f:
         f.write(r.read(4096))
 EOF
+}
 
 mkdir -p "$WORK/mod"
 "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/serve.log" 2>&1 &
@@ -117,14 +122,14 @@ watch_first_round() { # DIR TOKEN: ms until the watch has uploaded every file
 for i in $(seq "$RUNS"); do
     tok=$("$BIN" account add "run$i" --data "$WORK/data" 2>/dev/null | tail -n 1)
     c=$WORK/c$i
-    cp -a "$WORK/src" "$c"
+    gen "$c"
     ds_push() { timed push "$BIN" push "$c" --token "$tok" --no-progress; timed noop "$BIN" push "$c" --no-progress; }
     rs_push() { timed rpush rsync -a --exclude .deltasync "$c/" "$MOD/r$i/"; timed rnoop rsync -a --exclude .deltasync "$c/" "$MOD/r$i/"; }
     ds_pull() { timed pull "$BIN" pull "$WORK/p$i" --token "$tok" --no-progress; }
     rs_pull() { timed rpull rsync -a "$MOD/r$i/" "$WORK/q$i/"; }
     if [ $((i % 2)) = 1 ]; then ds_push; rs_push; ds_pull; rs_pull; else rs_push; ds_push; rs_pull; ds_pull; fi
     wtok=$("$BIN" account add "watch$i" --data "$WORK/data" 2>/dev/null | tail -n 1)
-    cp -a "$WORK/src" "$WORK/w$i"
+    gen "$WORK/w$i"
     watch_first_round "$WORK/w$i" "$wtok"
     echo "run $i: push $(tail -n 1 "$WORK/push") ms (rsync $(tail -n 1 "$WORK/rpush")), no-op $(tail -n 1 "$WORK/noop") ms (rsync $(tail -n 1 "$WORK/rnoop")), pull $(tail -n 1 "$WORK/pull") ms (rsync $(tail -n 1 "$WORK/rpull")), watch first round $(tail -n 1 "$WORK/watch") ms" >&2
 done
