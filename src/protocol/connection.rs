@@ -335,8 +335,8 @@ const RANDOM_CHECK_MIN: usize = 1024;
 /// average, text under 100). Such a message goes out as a plain frame instead of through the
 /// stream's compressor, which found nothing in it and cost a quarter of the server's CPU in a
 /// pull of 100,000 random small files. The cost is a run frame's header or so (about 10 bytes)
-/// per such message.
-fn looks_random(bytes: &[u8]) -> bool {
+/// per such message. The server's chunk store asks the same of small chunks.
+pub(crate) fn looks_random(bytes: &[u8]) -> bool {
     if bytes.len() < RANDOM_CHECK_MIN {
         return false;
     }
