@@ -10,11 +10,10 @@
 # Files are random (incompressible), new for each push and watch (the server deduplicates across
 # accounts), in folders of 1,000. `sync` runs before each timed command.
 # As root, everything runs on a freshly made ext4 image (attached with direct I/O, like a disk:
-# see below) and nothing is deleted until the end: ext4
-# skips inodes deleted in the last seconds when it allocates, which makes creates after a big
-# delete seconds slower (see side_by_side.sh).
-# Environment: DELTASYNC_BENCH_TMP (work folder parent, default $TMPDIR or /tmp; ~2.5 GB for
-# 100,000 files), DELTASYNC_BIN (default target/release/deltasync, built first), KEEP=1 keeps it,
+# see below) and nothing is deleted until the end: ext4 skips inodes deleted in the last seconds
+# when it allocates, which makes creates after a big delete seconds slower (see side_by_side.sh).
+# Environment: DELTASYNC_BENCH_TMP (work folder parent, default $TMPDIR or /tmp; ~2.5 GB per run
+# of 100,000 files), DELTASYNC_BIN (default target/release/deltasync, built first), KEEP=1 keeps it,
 # DELTASYNC_BENCH_IMAGE=0 runs on the work folder's own file system even as root.
 set -euo pipefail
 

@@ -462,27 +462,30 @@ impl Exec {
             for (id, job) in ids.into_iter().zip(jobs) {
                 // A download waits for room in the window; its answer gives the room back.
                 let permit = if let Job::Get { .. } = job {
-                    if no_more_gets.load(Ordering::Relaxed) {
-                        unasked.push(job);
-                        continue;
-                    }
-                    let weight = get_weight(&job);
-                    let permit = match window.clone().try_acquire_many_owned(weight) {
-                        Ok(p) => p,
-                        Err(_) => {
-                            // The requests written so far must reach the server to be answered.
-                            wr.flush().await?;
-                            window.clone().acquire_many_owned(weight).await.map_err(|e| {
-                                ClientError::Unexpected(format!("the window of downloads closed: {e}"))
-                            })?
-                        }
+                    let stopped = || no_more_gets.load(Ordering::Relaxed);
+                    let permit = if stopped() {
+                        None
+                    } else {
+                        let weight = get_weight(&job);
+                        Some(match window.clone().try_acquire_many_owned(weight) {
+                            Ok(p) => p,
+                            Err(_) => {
+                                // The requests written so far must reach the server to be answered.
+                                wr.flush().await?;
+                                window.clone().acquire_many_owned(weight).await.map_err(|e| {
+                                    ClientError::Unexpected(format!("the window of downloads closed: {e}"))
+                                })?
+                            }
+                        })
                     };
-                    // The disk may have filled while this one waited.
-                    if no_more_gets.load(Ordering::Relaxed) {
-                        unasked.push(job);
-                        continue;
+                    // Checked again: the disk may have filled while this one waited.
+                    match permit.filter(|_| !stopped()) {
+                        Some(p) => Some(p),
+                        None => {
+                            unasked.push(job);
+                            continue;
+                        }
                     }
-                    Some(permit)
                 } else {
                     None
                 };
