@@ -6,11 +6,15 @@
 //! writes each version. Nothing is renamed and nothing needs redoing after a crash: a crash
 //! before the transaction leaves packs (or chunks) nothing refers to, which a prune collects;
 //! after it, the versions are committed and their chunks durable.
+//!
+//! A session runs one batch's commit in a task of its own while it receives and rebuilds the
+//! next batch (a commit of a thousand small uploads is mostly metadata work): the next batch's
+//! chunks go into a new pack, and its replies wait for the commit before them.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::Shared;
-use super::content::{ChunkKey, ChunkList, PackSink};
+use super::content::{ChunkKey, ChunkList, Taken};
 use super::meta::{AccountId, Change, Step};
 use crate::path::RelPath;
 use crate::protocol::{Node, Refusal, RefusalKind, Reply};
@@ -28,12 +32,11 @@ pub struct Staged {
     pub sig: Option<ChunkList>,
 }
 
-pub struct Target<'a> {
-    pub shared: &'a Arc<Shared>,
+pub struct Target {
+    pub shared: Arc<Shared>,
     pub account: AccountId,
     pub session: u64,
-    pub device: &'a str,
-    pub sink: &'a Arc<Mutex<PackSink>>,
+    pub device: String,
 }
 
 pub fn server_err(e: impl std::fmt::Display) -> Refusal {
@@ -58,9 +61,16 @@ pub fn failpoint(name: &str) {
 pub fn failpoint(_: &str) {}
 
 /// Commits a batch; returns each upload's reply, in order.
-pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Reply, Refusal>)> {
+/// `pack` is the session's pack taken out with the batch's new chunks (see
+/// [`PackSink::take_pack`](super::content::PackSink::take_pack)): the session fills the next one
+/// meanwhile.
+pub async fn commit(
+    t: Target,
+    staged: Vec<Staged>,
+    pack: Option<Taken>,
+) -> Vec<(u64, Result<Reply, Refusal>)> {
     failpoint("commit-before-seal");
-    let (sink, sh, account, device) = (t.sink.clone(), t.shared.clone(), t.account, t.device.to_string());
+    let (sh, account, device) = (t.shared.clone(), t.account, t.device.clone());
     let steps: Vec<Step> = staged
         .iter()
         .map(|s| Step {
@@ -89,7 +99,7 @@ pub async fn commit(t: Target<'_>, staged: Vec<Staged>) -> Vec<(u64, Result<Repl
         let _span = span.enter();
         // The chunks first, durable; then, in one transaction, the pack and the versions that
         // refer to it.
-        let sealed = sink.lock().unwrap_or_else(|p| p.into_inner()).finish_pack().map_err(server_err)?;
+        let sealed = pack.map(Taken::finish).transpose().map_err(server_err)?;
         failpoint("commit-sealed");
         let r = sh.meta.commit_with_pack(account, &device, sealed.as_ref(), &steps).map_err(server_err)?;
         failpoint("commit-recorded");

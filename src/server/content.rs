@@ -215,12 +215,32 @@ impl PackSink {
     /// Finishes the open pack (durable) without recording it: the caller records it, in the
     /// transaction that commits the versions using it.
     pub fn finish_pack(&mut self) -> io::Result<Option<Sealed>> {
-        let Some(w) = self.open.take() else { return Ok(None) };
-        let (pack, size) = (w.id(), w.len());
-        w.finish()?;
-        let chunks = std::mem::take(&mut self.written);
+        self.take_pack().map(Taken::finish).transpose()
+    }
+
+    /// Takes the open pack out, unfinished, for a commit that runs while this sink fills the
+    /// next one. Its chunks are forgotten here: until that commit is done, one sent again is
+    /// stored again (the second copy is garbage for a prune), so a batch never depends on the
+    /// one before it having committed.
+    pub fn take_pack(&mut self) -> Option<Taken> {
+        let writer = self.open.take()?;
         self.keys.clear();
-        Ok(Some(Sealed { pack, size, chunks }))
+        Some(Taken { writer, chunks: std::mem::take(&mut self.written) })
+    }
+}
+
+/// A pack taken out of its [`PackSink`], not yet durable.
+pub struct Taken {
+    writer: Box<dyn PackWriter>,
+    chunks: Vec<NewChunk>,
+}
+
+impl Taken {
+    /// Makes the pack durable; what to record of it.
+    pub fn finish(self) -> io::Result<Sealed> {
+        let (pack, size) = (self.writer.id(), self.writer.len());
+        self.writer.finish()?;
+        Ok(Sealed { pack, size, chunks: self.chunks })
     }
 }
 

@@ -5,10 +5,12 @@
 //! without content. `upload` checks, receives and rebuilds uploads; `download` sends
 //! versions, their rest and signatures.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Shared;
 use super::batch::{self, Staged};
@@ -90,6 +92,8 @@ struct Session {
     idle: bool,
     staged: Vec<Staged>,
     staged_bytes: u64,
+    /// The batch being committed in a task of its own (see [`batch`]).
+    behind: Option<Behind>,
     /// Small uploads received whole, waiting to be checked and written (see [`SMALL_UPLOAD`]).
     small: Vec<SmallPut>,
     small_bytes: usize,
@@ -105,6 +109,21 @@ struct Session {
     tally: Arc<super::handshake::Tally>,
     /// What was read after a run of downloads ([`GET_RUN`]): the next message to handle.
     ahead: Option<Result<Option<ClientMsg>, ProtocolError>>,
+}
+
+/// A batch being committed while the session receives the next one.
+struct Behind {
+    task: tokio::task::JoinHandle<Vec<(u64, Result<Reply, Refusal>)>>,
+    /// Each upload's request id, and whether it is a write (for the tally).
+    ids: Vec<(u64, bool)>,
+    /// A new upload of one of these paths waits for the commit.
+    paths: HashSet<RelPath>,
+}
+
+impl Behind {
+    fn has(this: &Option<Behind>, path: &RelPath) -> bool {
+        this.as_ref().is_some_and(|b| b.paths.contains(path))
+    }
 }
 
 /// Serves the requests of a connection that passed the [`handshake`](super::handshake), until
@@ -125,6 +144,7 @@ pub async fn serve(
         idle: false,
         staged: Vec::new(),
         staged_bytes: 0,
+        behind: None,
         small: Vec::new(),
         small_bytes: 0,
         id: shared.session_id(),
@@ -176,7 +196,7 @@ impl Session {
         loop {
             // Answers (a download's end, say) are queued, and go out in one write for as long as
             // requests keep coming: everything queued is sent before waiting for the next one.
-            let waiting = !self.staged.is_empty() || !self.small.is_empty();
+            let waiting = !self.staged.is_empty() || !self.small.is_empty() || self.behind.is_some();
             let ready = if let Some(m) = self.ahead.take() {
                 Some(m)
             } else if !waiting {
@@ -244,7 +264,9 @@ impl Session {
             let result = match req {
                 Request::Put { path, base_rev, hash, size, meta, base }
                 | Request::PutRest { path, base_rev, hash, size, meta, base, from: _ } => {
-                    if self.staged.iter().any(|s| s.path == path) || self.small.iter().any(|s| s.path == path)
+                    if self.staged.iter().any(|s| s.path == path)
+                        || self.small.iter().any(|s| s.path == path)
+                        || Behind::has(&self.behind, &path)
                     {
                         self.flush().await?;
                     }
@@ -279,7 +301,7 @@ impl Session {
                     }
                 }
                 Request::Copy { hash, size, to, to_base_rev, meta } => {
-                    if self.staged.iter().any(|s| s.path == to) {
+                    if self.staged.iter().any(|s| s.path == to) || Behind::has(&self.behind, &to) {
                         self.flush().await?;
                     }
                     match self.copy(hash, size, &to, to_base_rev, meta).await {
@@ -394,7 +416,8 @@ impl Session {
         }
         self.staged.push(s);
         if self.staged.len() >= MAX_BATCH || self.staged_bytes >= MAX_BATCH_BYTES {
-            self.flush().await?;
+            self.settle_small().await?;
+            self.start_commit().await?;
         }
         Ok(())
     }
@@ -406,23 +429,46 @@ impl Session {
         self.commit_staged().await
     }
 
-    /// Commits the staged uploads as one batch and sends their replies.
-    async fn commit_staged(&mut self) -> Result<(), SessionError> {
+    /// Commits the staged uploads as one batch and sends their replies, and those of the batch
+    /// before it.
+    pub(super) async fn commit_staged(&mut self) -> Result<(), SessionError> {
+        self.start_commit().await?;
+        self.wait_behind().await
+    }
+
+    /// Starts the commit of the staged uploads in a task of its own, once the one before it is
+    /// done and answered; the session goes on receiving meanwhile.
+    pub(super) async fn start_commit(&mut self) -> Result<(), SessionError> {
         if self.staged.is_empty() {
             return Ok(());
         }
+        self.wait_behind().await?;
         let staged = std::mem::take(&mut self.staged);
         self.staged_bytes = 0;
         let target = batch::Target {
-            shared: &self.shared,
+            shared: self.shared.clone(),
             account: self.account.id,
             session: self.id,
-            device: &self.device,
-            sink: &self.sink,
+            device: self.device.clone(),
         };
-        let writes: Vec<bool> = staged.iter().map(|s| s.op == "write").collect();
-        let results = batch::commit(target, staged).await;
-        let up = results.iter().zip(writes).filter(|((_, r), write)| *write && r.is_ok()).count();
+        let pack = self.sink.lock().unwrap_or_else(|p| p.into_inner()).take_pack();
+        let ids = staged.iter().map(|s| (s.id, s.op == "write")).collect();
+        let paths = staged.iter().map(|s| s.path.clone()).collect();
+        let span = tracing::Span::current();
+        let task = tokio::spawn(batch::commit(target, staged, pack).instrument(span));
+        self.behind = Some(Behind { task, ids, paths });
+        Ok(())
+    }
+
+    /// Waits for the batch being committed and sends its replies.
+    async fn wait_behind(&mut self) -> Result<(), SessionError> {
+        let Some(Behind { task, ids, .. }) = self.behind.take() else { return Ok(()) };
+        let results = match task.await {
+            Ok(results) => results,
+            // The commit's task failed: its uploads are refused, so the connection stays in step.
+            Err(e) => ids.iter().map(|(id, _)| (*id, Err(server_err(&e)))).collect(),
+        };
+        let up = results.iter().zip(ids).filter(|((_, r), (_, write))| *write && r.is_ok()).count();
         self.tally.uploaded(up as u64);
         for (id, result) in results {
             self.wr.feed(&ServerMsg::Resp { id, result }).await?;

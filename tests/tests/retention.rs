@@ -161,3 +161,30 @@ fn a_prune_killed_at_any_point_leaves_every_kept_version_readable() {
         drop(all);
     }
 }
+
+/// A session commits a full batch of uploads (1,024) in a task of its own while it receives the
+/// next one into a new pack. Content that comes again in the next batch is not looked for in
+/// the pack still being committed: it is stored again, and the copy is garbage for a prune.
+/// Every file arrives whole on a second computer, and on a third after a prune.
+#[test]
+fn uploads_committed_while_the_next_batch_arrives_all_arrive_before_and_after_a_prune() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let (a, b, c) = (temp_dir("ds-ret-batch-a-"), temp_dir("ds-ret-batch-b-"), temp_dir("ds-ret-batch-c-"));
+    // Three full batches and a rest; every third file one of seven contents, repeated through all.
+    for i in 0..3500u64 {
+        let body = if i % 3 == 0 {
+            random_bytes(i % 7, 2000)
+        } else {
+            random_bytes(1000 + i, 1000 + (i % 3000) as usize)
+        };
+        write(&a.path().join(format!("d{}/f{i:04}", i / 500)), body);
+    }
+    let up = push(a.path(), &srv, &token);
+    assert!(up.stdout.starts_with("3500 uploaded;"), "{}", up.dump());
+    pull(b.path(), &srv, &token);
+    assert_same_tree(a.path(), b.path());
+    prune(&srv.data, "current", &[]).ok("prune --keep current");
+    pull(c.path(), &srv, &token);
+    assert_same_tree(a.path(), c.path());
+}

@@ -435,7 +435,7 @@ impl Session {
             return Err(e);
         }
         if self.staged.len() >= MAX_BATCH || self.staged_bytes >= MAX_BATCH_BYTES {
-            self.commit_staged().await?;
+            self.start_commit().await?;
         }
         Ok(())
     }

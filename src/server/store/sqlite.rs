@@ -138,6 +138,10 @@ pub const FIRST_DEVICE: &str = "first";
 /// callers run it on the blocking pool.
 pub struct SqliteMeta {
     conn: Mutex<Connection>,
+    /// A second connection for the lookups of uploads being received (is this chunk stored,
+    /// what is at this path, how much does the account use): WAL lets them read the last
+    /// commit while a batch's transaction runs on `conn`, instead of waiting for it.
+    reader: Mutex<Connection>,
 }
 
 const SCHEMA: &str = concat!(
@@ -312,12 +316,20 @@ impl SqliteMeta {
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "wal_autocheckpoint", 8_192)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
-        Ok(SqliteMeta { conn: Mutex::new(conn) })
+        let reader = Connection::open(path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(10))?;
+        reader.pragma_update(None, "cache_size", -16_384)?;
+        Ok(SqliteMeta { conn: Mutex::new(conn), reader: Mutex::new(reader) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The read connection (see [`SqliteMeta::reader`]): for single reads of committed state.
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every path row of every account (for converting an old data folder).
@@ -403,7 +415,7 @@ impl MetaStore for SqliteMeta {
 
     /// The bytes of the live files of the account (all its folders) and its quota, if any.
     fn usage(&self, account: AccountId) -> Result<(u64, Option<u64>), MetaError> {
-        let c = self.conn();
+        let c = self.reader();
         let (others, own, quota) = room(&c, account)?;
         Ok(((others + own).max(0) as u64, quota.map(|q| q.max(0) as u64)))
     }
@@ -598,7 +610,7 @@ impl MetaStore for SqliteMeta {
 
     /// The current entry at `path` (a tombstone if deleted), `None` if it never existed.
     fn get(&self, account: AccountId, path: &RelPath) -> Result<Option<Entry>, MetaError> {
-        entry_at(&self.conn(), account, path)
+        entry_at(&self.reader(), account, path)
     }
 
     /// In one read transaction: a lock taken and released once, not three times per file.
@@ -659,7 +671,7 @@ impl MetaStore for SqliteMeta {
 
     /// Whether a chunk is stored (in a finished pack).
     fn chunk_exists(&self, key: &ChunkKey) -> Result<bool, MetaError> {
-        let c = self.conn();
+        let c = self.reader();
         Ok(c.prepare_cached("SELECT 1 FROM chunks WHERE digest=?1")?.exists(params![&key[..]])?)
     }
 
