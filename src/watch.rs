@@ -429,19 +429,29 @@ fn seen(kind: &EventKind) -> Option<Seen> {
 /// appear), feeding `changes`.
 fn start_watcher(root: &Path, changes: Arc<Changes>) -> Result<notify::RecommendedWatcher, String> {
     let state: PathBuf = root.join(STATE_DIR);
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-        // The kernel's queue overflowed: events were lost, the next round rescans everything.
-        Ok(e) if e.need_rescan() => changes.note(&[], None),
-        Ok(e) => {
-            let Some(seen) = seen(&e.kind) else { return };
-            let paths: Vec<PathBuf> = e.paths.into_iter().filter(|p| !ours(p, &state)).collect();
-            if !paths.is_empty() {
-                changes.note(&paths, Some(seen));
+    // Changes only: no open or read-close events (the kernel queued one for every file our own
+    // scan and uploads opened, and woke the watcher's thread for each).
+    let kinds = notify::EventKindMask::CREATE
+        | notify::EventKindMask::REMOVE
+        | notify::EventKindMask::ALL_MODIFY
+        | notify::EventKindMask::ACCESS_CLOSE;
+    let config = notify::Config::default().with_event_kinds(kinds);
+    let mut watcher = notify::RecommendedWatcher::new(
+        move |res: notify::Result<notify::Event>| match res {
+            // The kernel's queue overflowed: events were lost, the next round rescans everything.
+            Ok(e) if e.need_rescan() => changes.note(&[], None),
+            Ok(e) => {
+                let Some(seen) = seen(&e.kind) else { return };
+                let paths: Vec<PathBuf> = e.paths.into_iter().filter(|p| !ours(p, &state)).collect();
+                if !paths.is_empty() {
+                    changes.note(&paths, Some(seen));
+                }
             }
-        }
-        // A failed watcher (a new folder over the watch limit): rescan to be safe.
-        Err(_) => changes.note(&[], None),
-    })
+            // A failed watcher (a new folder over the watch limit): rescan to be safe.
+            Err(_) => changes.note(&[], None),
+        },
+        config,
+    )
     .map_err(|e| e.to_string())?;
     watcher.watch(root, RecursiveMode::Recursive).map_err(|e| e.to_string())?;
     Ok(watcher)
@@ -510,6 +520,38 @@ mod tests {
         c.lock().first = Some(first - MAX_WAIT);
         c.note(&p("/r/log"), Some(Seen::Changed));
         assert!(c.due().expect("pending") <= Instant::now(), "due MAX_WAIT after the first change");
+    }
+
+    /// The real watcher on a real folder: a file written and closed is seen closed (so its
+    /// round starts at once), and reading files is no change at all.
+    #[test]
+    fn the_watcher_sees_a_written_file_closed_and_reads_not_at_all() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/old"), b"old").unwrap();
+        let changes = Arc::new(Changes::default());
+        let _w = start_watcher(d.path(), changes.clone()).unwrap();
+        let settle = |what: &str, done: &dyn Fn(&Pending) -> bool| {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while !done(&changes.lock()) {
+                assert!(std::time::Instant::now() < until, "{what}: {:?}", changes.lock().paths);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let new = d.path().join("sub/new");
+        std::fs::write(&new, b"new").unwrap();
+        settle("the written file, closed", &|p| p.paths.get(&new) == Some(&true) && p.open == 0);
+        changes.take();
+        for _ in 0..3 {
+            assert_eq!(std::fs::read(d.path().join("sub/old")).unwrap(), b"old");
+            assert_eq!(std::fs::read_dir(d.path().join("sub")).unwrap().count(), 2);
+        }
+        // A change after the reads, so the reads' events (if any) were delivered before it.
+        let marker = d.path().join("marker");
+        std::fs::write(&marker, b"m").unwrap();
+        settle("the marker", &|p| p.paths.contains_key(&marker));
+        let p = changes.lock();
+        assert_eq!(p.paths.keys().collect::<Vec<_>>(), vec![&marker], "reads were taken for changes");
     }
 
     #[test]
