@@ -110,10 +110,26 @@ watch_first_round() { # DIR TOKEN: ms until the watch has uploaded every file
     t=$(date +%s%N)
     "$BIN" watch "$d" --token "$tok" --no-progress 2>"$log" &
     local wp=$!
-    until [ "$(grep -c '^uploaded ' "$log" || true)" -ge "$FILES" ]; do
-        kill -0 "$wp" 2>/dev/null || die "watch stopped: $(tail -n 3 "$log")"
-        sleep 0.02
-    done
+    # Reads only what the log gained since the last look, every 10 ms (a `grep -c` of the whole
+    # log every 20 ms cost the two cores a few percent by the end of the round).
+    python3 - "$log" "$FILES" "$wp" <<'EOF' || die "watch stopped: $(tail -n 3 "$log")"
+import os, sys, time
+log, want, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seen, rest = 0, b''
+with open(log, 'rb') as f:
+    while seen < want:
+        got = f.read()
+        if not got:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                sys.exit(1)
+            time.sleep(0.01)
+            continue
+        lines = (rest + got).split(b'\n')
+        rest = lines.pop()
+        seen += sum(1 for l in lines if l.startswith(b'uploaded '))
+EOF
     ms "$t" >>"$WORK/watch"
     kill "$wp"; wait "$wp" 2>/dev/null || true
 }
