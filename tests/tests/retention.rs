@@ -162,7 +162,7 @@ fn a_prune_killed_at_any_point_leaves_every_kept_version_readable() {
     }
 }
 
-/// A session commits a full batch of uploads (1,024) in a task of its own while it receives the
+/// A session commits a full batch of uploads (2,048) in a task of its own while it receives the
 /// next one into a new pack. Content that comes again in the next batch is not looked for in
 /// the pack still being committed: it is stored again, and the copy is garbage for a prune.
 /// Every file arrives whole on a second computer, and on a third after a prune.
@@ -171,8 +171,8 @@ fn uploads_committed_while_the_next_batch_arrives_all_arrive_before_and_after_a_
     let srv = start_server();
     let token = add_account(&srv.data, "alice");
     let (a, b, c) = (temp_dir("ds-ret-batch-a-"), temp_dir("ds-ret-batch-b-"), temp_dir("ds-ret-batch-c-"));
-    // Three full batches and a rest; every third file one of seven contents, repeated through all.
-    for i in 0..3500u64 {
+    // Two full batches and a rest; every third file one of seven contents, repeated through all.
+    for i in 0..4500u64 {
         let body = if i % 3 == 0 {
             random_bytes(i % 7, 2000)
         } else {
@@ -181,7 +181,7 @@ fn uploads_committed_while_the_next_batch_arrives_all_arrive_before_and_after_a_
         write(&a.path().join(format!("d{}/f{i:04}", i / 500)), body);
     }
     let up = push(a.path(), &srv, &token);
-    assert!(up.stdout.starts_with("3500 uploaded;"), "{}", up.dump());
+    assert!(up.stdout.starts_with("4500 uploaded;"), "{}", up.dump());
     pull(b.path(), &srv, &token);
     assert_same_tree(a.path(), b.path());
     prune(&srv.data, "current", &[]).ok("prune --keep current");
