@@ -122,12 +122,6 @@ struct Behind {
     paths: HashSet<RelPath>,
 }
 
-impl Behind {
-    fn has(this: &Option<Behind>, path: &RelPath) -> bool {
-        this.as_ref().is_some_and(|b| b.paths.contains(path))
-    }
-}
-
 /// Serves the requests of a connection that passed the [`handshake`](super::handshake), until
 /// the client leaves, the server stops (`cancel`) or the device is revoked (`authed.kill`).
 pub async fn serve(
@@ -266,10 +260,7 @@ impl Session {
             let result = match req {
                 Request::Put { path, base_rev, hash, size, meta, base }
                 | Request::PutRest { path, base_rev, hash, size, meta, base, from: _ } => {
-                    if self.staged.iter().any(|s| s.path == path)
-                        || self.small.iter().any(|s| s.path == path)
-                        || Behind::has(&self.behind, &path)
-                    {
+                    if self.uncommitted(&path) {
                         self.flush().await?;
                     }
                     let from = match &req_from {
@@ -303,7 +294,7 @@ impl Session {
                     }
                 }
                 Request::Copy { hash, size, to, to_base_rev, meta } => {
-                    if self.staged.iter().any(|s| s.path == to) || Behind::has(&self.behind, &to) {
+                    if self.uncommitted(&to) {
                         self.flush().await?;
                     }
                     match self.copy(hash, size, &to, to_base_rev, meta).await {
@@ -422,6 +413,14 @@ impl Session {
             self.start_commit().await?;
         }
         Ok(())
+    }
+
+    /// Whether an upload of `path` is received but not yet committed (waiting, staged or in the
+    /// batch being committed): a new change of it waits for that.
+    fn uncommitted(&self, path: &RelPath) -> bool {
+        self.small.iter().any(|s| &s.path == path)
+            || self.staged.iter().any(|s| &s.path == path)
+            || self.behind.as_ref().is_some_and(|b| b.paths.contains(path))
     }
 
     /// Checks and writes the waiting small uploads, then commits the waiting uploads as one

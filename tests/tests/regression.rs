@@ -407,12 +407,7 @@ fn a_full_disk_on_the_client_is_reported_and_the_next_pull_converges() {
     let b = mnt.0.join("b");
     let full = sync_cmd("pull", &b, &srv, &token, &[]);
     assert_eq!(full.status.code(), Some(7), "{}", full.dump());
-    let received: u64 = full
-        .stdout
-        .lines()
-        .chain(full.stderr.lines())
-        .find_map(|l| l.strip_prefix("Total bytes received: "))
-        .and_then(|n| n.trim().replace(',', "").parse().ok())
+    let received = stat_line(&full.stdout, "Total bytes received")
         .unwrap_or_else(|| panic!("no byte count: {}", full.dump()));
     // 76 MiB on the server: what fit (8 MiB) and what was asked for before the disk filled (the
     // 32 MiB window) came, not the rest.
