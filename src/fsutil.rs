@@ -12,8 +12,8 @@ pub const TEMP_PREFIX: &str = ".deltasync-tmp-";
 /// A file writer that starts the kernel's writeback of each [`WRITE_BEHIND`] bytes as soon as
 /// they are written, so the fsync that makes a big file durable finds little left to write:
 /// the disk works while the rest of the file still arrives. Writes are at most [`MAX_WRITE`].
-pub struct WriteBehind {
-    file: File,
+pub struct WriteBehind<F = File> {
+    file: F,
     written: u64,
     started: u64,
 }
@@ -27,12 +27,12 @@ const WRITE_BEHIND: u64 = 8 << 20;
 /// can cover megabytes, so writes are cut here.
 const MAX_WRITE: usize = 1 << 20;
 
-impl WriteBehind {
-    pub fn new(file: File) -> Self {
+impl<F: std::os::fd::AsFd> WriteBehind<F> {
+    pub fn new(file: F) -> Self {
         WriteBehind { file, written: 0, started: 0 }
     }
 
-    pub fn into_inner(self) -> File {
+    pub fn into_inner(self) -> F {
         self.file
     }
 
@@ -44,7 +44,7 @@ impl WriteBehind {
         #[allow(unsafe_code)]
         let _ = unsafe {
             libc::sync_file_range(
-                self.file.as_raw_fd(),
+                self.file.as_fd().as_raw_fd(),
                 self.started as libc::off64_t,
                 (self.written - self.started) as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -57,7 +57,7 @@ impl WriteBehind {
     fn start_writeback(&mut self) {}
 }
 
-impl io::Write for WriteBehind {
+impl<F: std::os::fd::AsFd + io::Write> io::Write for WriteBehind<F> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(&buf[..buf.len().min(MAX_WRITE)])?;
         self.written += n as u64;
@@ -296,6 +296,109 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
     }
 }
 
+/// A new file without a name (`O_TMPFILE`), linked into place when complete
+/// ([`Unnamed::link`]): a download to a path where nothing was. It is made in the temp folder, so
+/// the kernel's events for its writes (named `#INODE` there) are not in the user's folders, and
+/// the link adds the one entry; a named temp file costs an entry in the temp folder, a rename out
+/// of it and an entry in the target. If the process dies first, the file system frees it: nothing
+/// is left to clean up.
+pub struct Unnamed {
+    file: File,
+}
+
+/// Unnamed files open at once, at most: each holds a descriptor until it is linked, and a pull
+/// holds two batches of them (one filling, one being placed).
+static UNNAMED_OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many unnamed files may be open at once: half the descriptors this process may open above
+/// a reserve of 1,024, after raising its soft limit to the hard one (at most 65,536), as Go's
+/// runtime does for every program; 0 where `/proc/self/fd` (which [`Unnamed::link`] links
+/// through) is missing.
+fn unnamed_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        if !cfg!(target_os = "linux") || !Path::new("/proc/self/fd").is_dir() {
+            return 0;
+        }
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        #[allow(unsafe_code)]
+        // SAFETY: get/setrlimit with a valid pointer to a struct we own.
+        let soft = unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return 0;
+            }
+            let want = lim.rlim_max.min(1 << 16);
+            if lim.rlim_cur < want {
+                let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = want;
+                }
+            }
+            lim.rlim_cur
+        };
+        usize::try_from(soft.saturating_sub(1024) / 2).unwrap_or(0)
+    })
+}
+
+impl Unnamed {
+    /// An unnamed file in `dir` with the permission bits of `mode` as the umask lets them through
+    /// (true if that is all of them, as [`create_temp_with_mode`]). `None` where the file system
+    /// or kernel cannot make one, or too many are open already: a named temp file then.
+    pub fn create(dir: &Path, mode: u32) -> io::Result<Option<(Unnamed, bool)>> {
+        use std::sync::atomic::Ordering;
+        if UNNAMED_OPEN.load(Ordering::Relaxed) >= unnamed_budget() {
+            return Ok(None);
+        }
+        let mode = permission_bits(mode);
+        match OpenOptions::new().write(true).custom_flags(libc::O_TMPFILE).mode(mode).open(dir) {
+            Ok(file) => {
+                UNNAMED_OPEN.fetch_add(1, Ordering::Relaxed);
+                Ok(Some((Unnamed { file }, umask().is_some_and(|m| m & mode == 0))))
+            }
+            // No O_TMPFILE here: EOPNOTSUPP from the file system, EISDIR (or EINVAL) from a
+            // kernel that does not know the flag.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn file_mut(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Gives the file the name `to` unless something is there: `Ok(false)` then, and nothing
+    /// changed (`linkat` never replaces). `to` must be on the mount the file was made on.
+    pub fn link(&self, to: &Path) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+            .map_err(io::Error::other)?;
+        let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        #[allow(unsafe_code)]
+        // SAFETY: two NUL-terminated paths that live across the call.
+        let r = unsafe {
+            libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) { Ok(false) } else { Err(e) }
+    }
+}
+
+impl Drop for Unnamed {
+    fn drop(&mut self) {
+        UNNAMED_OPEN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Bytes an unprivileged writer may still use on the file system holding `dir`.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -354,22 +457,49 @@ const SYNCFS_FROM: usize = 16;
 /// only some. `syncfs` also writes whatever else is dirty on that file system, so a few paths
 /// (one big file, say) are still fsynced one by one, in parallel.
 pub fn make_durable(paths: &[PathBuf]) -> Vec<io::Result<()>> {
-    make_durable_on(paths, |i| Ok(fs::symlink_metadata(&paths[i])?.dev()))
+    let items: Vec<Durable<'_>> = paths.iter().map(|p| Durable::Path(p)).collect();
+    make_durable_on(&items, |i| Ok(fs::symlink_metadata(&paths[i])?.dev()))
 }
 
-/// [`make_durable`] where the caller knows each path's device (from an `fstat` it made anyway).
-pub fn make_durable_on(paths: &[PathBuf], device: impl Fn(usize) -> io::Result<u64>) -> Vec<io::Result<()>> {
-    if paths.len() < SYNCFS_FROM || !cfg!(target_os = "linux") {
-        return parallel(paths, |p| File::open(p)?.sync_all());
+/// What [`make_durable_on`] makes durable: a file or folder by its path, or a file open here
+/// (an [`Unnamed`] one has no path).
+pub enum Durable<'a> {
+    Path(&'a Path),
+    File(&'a File),
+}
+
+impl Durable<'_> {
+    fn sync_all(&self) -> io::Result<()> {
+        match self {
+            Durable::Path(p) => File::open(p)?.sync_all(),
+            Durable::File(f) => f.sync_all(),
+        }
+    }
+
+    fn syncfs(&self) -> io::Result<()> {
+        match self {
+            Durable::Path(p) => syncfs(&File::open(p)?),
+            Durable::File(f) => syncfs(f),
+        }
+    }
+}
+
+/// [`make_durable`] where the caller knows each item's device (from an `fstat` it made anyway).
+pub fn make_durable_on(
+    items: &[Durable<'_>],
+    device: impl Fn(usize) -> io::Result<u64>,
+) -> Vec<io::Result<()>> {
+    if items.len() < SYNCFS_FROM || !cfg!(target_os = "linux") {
+        return parallel(items, Durable::sync_all);
     }
     // One syncfs per file system (a synced folder may hold a mount point).
-    let devices: Vec<io::Result<u64>> = (0..paths.len()).map(device).collect();
+    let devices: Vec<io::Result<u64>> = (0..items.len()).map(device).collect();
     let mut synced: std::collections::BTreeMap<u64, io::Result<()>> = Default::default();
-    for (p, d) in paths.iter().zip(&devices) {
+    for (item, d) in items.iter().zip(&devices) {
         if let Ok(d) = d
             && !synced.contains_key(d)
         {
-            synced.insert(*d, File::open(p).and_then(|f| syncfs(&f)));
+            synced.insert(*d, item.syncfs());
         }
     }
     devices

@@ -12,8 +12,9 @@
 //! leaves behind; the next download of that content asks for the rest (`GetRest`) and appends it.
 //! Either way the bytes already there are read and hashed before the pipeline starts (while the
 //! connection is idle), so the whole file is verified in the end. Downloads are written in
-//! `.deltasync/tmp/` and renamed into place: a run cut off at any point leaves nothing in the
-//! user's folder.
+//! `.deltasync/tmp/` and renamed into place (to a path where nothing was: written as an unnamed
+//! file there and linked into place): a run cut off at any point leaves nothing in the user's
+//! folder.
 //!
 //! Here: the jobs, the pipeline and the replies. `upload` is the writer side (requests and
 //! encoding), `download` receiving, verifying and placing files, `local` the steps taken on
@@ -165,7 +166,7 @@ pub struct Exec {
     ready: Vec<Ready>,
     ready_bytes: u64,
     /// The batch of downloads being put in place (see `flush_ready`).
-    flushing: Option<tokio::task::JoinHandle<download::Placements>>,
+    flushing: Option<tokio::task::JoinHandle<Result<download::Placements, String>>>,
     landings: Arc<Landings>,
     /// Set when this computer's disk is full: the round asks for no further downloads, and those
     /// already on their way are read past without writing.

@@ -46,7 +46,7 @@ pub fn temp_dir(root: &Path) -> PathBuf {
 /// batch's files are renamed out of one while the next one's are made in another. Creating and
 /// renaming in one directory both need its lock; with one temp folder, a pull of 100,000 files
 /// spent a tenth of its client CPU spinning on it.
-pub const TEMP_SLOTS: usize = 2;
+pub const TEMP_SLOTS: usize = 3;
 
 /// [`temp_dir`]'s slot `n` (modulo [`TEMP_SLOTS`]). Made by the first download into the
 /// temp folder and kept (a `watch` would otherwise make and remove them every round).

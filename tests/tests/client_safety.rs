@@ -151,6 +151,54 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
     assert_same_tree(a, b);
 }
 
+/// A pull of many small files killed between two batches leaves nothing in the temp folder,
+/// even before a later run cleans up: a download to a path where nothing was is written as an
+/// unnamed file (`O_TMPFILE`), which the file system frees when the process dies, and is linked
+/// into place. (Named temp files stayed in `.deltasync/tmp/` until the next run removed them.)
+#[test]
+fn a_killed_pull_of_new_files_leaves_nothing_to_clean_up() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("ds-a-");
+    let b = temp_dir("ds-b-");
+    let (a, b) = (a.path(), b.path());
+    let files = 12_000;
+    for i in 0..files {
+        write(&a.join(format!("d{}/f{i}.bin", i / 1000)), random_bytes(i as u64, 2048));
+    }
+    push(a, &srv, &token);
+    let placed =
+        |b: &Path| walkdir(b).into_iter().filter(|p| p.extension().is_some_and(|e| e == "bin")).count();
+    let mut killed_midway = false;
+    for _ in 0..3 {
+        let _ = std::fs::remove_dir_all(b);
+        let mut child = sync_command("pull", b, &srv.address(), &token, &[])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn deltasync pull");
+        // Killed once its first batch is in place, while the next ones are being written.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && child.try_wait().unwrap().is_none() && placed(b) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL: no destructor runs
+        child.wait().unwrap();
+        let tmp: Vec<_> = walkdir(&b.join(".deltasync/tmp")).into_iter().filter(|p| !p.is_dir()).collect();
+        assert!(tmp.is_empty(), "a killed pull left files in .deltasync/tmp: {tmp:?}");
+        assert_eq!(temp_files(b), Vec::<String>::new(), "a killed pull left temp files in the folder");
+        let n = placed(b);
+        if n > 0 && n < files {
+            killed_midway = true;
+            break;
+        }
+    }
+    assert!(killed_midway, "no pull was killed between its batches; the test proves nothing");
+    pull_cleanly(b, &srv, &token);
+    assert_same_tree(a, b);
+}
+
 // ---------------------------------------------------------------------------------------------
 // A fake server
 

@@ -156,6 +156,8 @@ impl Exec {
                 }
                 Dest::Partial { from, prefix: resumes.down.remove(&(hash, size)).map(Box::new) }
             }
+            // Nothing here as the round saw it: an unnamed file, linked into place.
+            _ if !self.local.contains_key(&path) => Dest::Fresh,
             _ => Dest::Temp,
         };
         let resumed = matches!(dest, Dest::Partial { from, .. } if from > 0);
@@ -164,7 +166,8 @@ impl Exec {
         let local_base = have.filter(|_| use_base);
         // A small file sent whole is held here and written in this task at its end: no thread
         // hand-off per file (a pull of many small files spent more on those than on writing).
-        let inline = size <= INLINE_FILE && local_base.is_none() && matches!(dest, Dest::Temp);
+        let inline = size <= INLINE_FILE && local_base.is_none() && matches!(dest, Dest::Temp | Dest::Fresh);
+        let fresh = matches!(dest, Dest::Fresh);
         let mut held: Vec<Block> = Vec::new();
         let mut held_bytes = 0u64;
         let worker = if inline {
@@ -230,7 +233,7 @@ impl Exec {
                     move || blocks.next(),
                     (hash, size, meta),
                     &self.sigs,
-                    Dest::Temp,
+                    if fresh { Dest::Fresh } else { Dest::Temp },
                     &self.landings,
                 )
             }
@@ -284,41 +287,55 @@ impl Exec {
     }
 
     /// Makes received files durable together and moves them into place, in the background: the
-    /// temp files made durable at once ([`fsutil::make_durable`]), the renames, then their
-    /// directories the same way (two rounds for many small files instead of three fsyncs each),
-    /// on a blocking thread while the connection goes on receiving the next ones. One batch is
-    /// in flight at most; [`finish_flush`](Self::finish_flush) records it.
+    /// temp files made durable at once ([`fsutil::make_durable`]), the renames (or links), then
+    /// their directories the same way (two rounds for many small files instead of three fsyncs
+    /// each), on blocking threads while the connection goes on receiving the next ones. The
+    /// durable step starts at once, while the previous batch may still be being put in place
+    /// (a `syncfs` mostly waits on the disk; a pull of 100,000 small files spent a third of each
+    /// batch's placing in it); the renames wait for that batch to be recorded
+    /// ([`finish_flush`](Self::finish_flush)), so at most one batch is being put in place.
     pub(super) async fn flush_ready(&mut self) {
-        self.finish_flush().await;
         let ready = std::mem::take(&mut self.ready);
         self.ready_bytes = 0;
         if ready.is_empty() {
+            self.finish_flush().await;
             return;
         }
-        let mut batch = Vec::with_capacity(ready.len());
-        for r in ready {
+        let paths: Vec<RelPath> = ready.iter().map(|r| r.got.path.clone()).collect();
+        let durable = tokio::task::spawn_blocking(move || {
+            let synced = make_durable(&ready);
+            (ready, synced)
+        });
+        // The next batch is written into the next slot: the renames out of this one and the
+        // creates of the next do not wait on each other's lock of one directory.
+        self.landings.next_slot();
+        self.finish_flush().await;
+        let mut plan = Vec::with_capacity(paths.len());
+        for path in &paths {
             // A directory the server replaced by this file goes first (here: it may hold deletes
             // of this round); one with new files in it stays, and so does the download's temp.
-            if !self.make_way(&r.got.path) {
+            if !self.make_way(path) {
+                plan.push(None);
                 continue;
             }
             // Do not overwrite a local change made while we were downloading: what is there must
             // be what the round saw, checked just before the rename.
-            let expect = self.local.contains_key(&r.got.path).then(|| self.expect(&r.got.path));
-            let full = self.full(&r.got.path);
-            batch.push((r, full, expect));
+            let expect = self.local.contains_key(path).then(|| self.expect(path));
+            plan.push(Some((self.full(path), expect)));
         }
         let root = self.root.clone();
-        // The next batch is written into the other slot: the renames out of this one and the
-        // creates of the next do not wait on each other's lock of one directory.
-        self.landings.next_slot();
-        self.flushing = Some(tokio::task::spawn_blocking(move || place(batch, &root)));
+        self.flushing = Some(tokio::spawn(async move {
+            let (ready, synced) = durable.await.map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || place(ready, synced, plan, &root))
+                .await
+                .map_err(|e| e.to_string())
+        }));
     }
 
     /// Waits for the batch [`flush_ready`](Self::flush_ready) is placing and records its files.
     pub(super) async fn finish_flush(&mut self) {
         let Some(flushing) = self.flushing.take() else { return };
-        let placed = match flushing.await {
+        let placed = match flushing.await.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(placed) => placed,
             Err(e) => {
                 self.report.errors.push(format!("putting downloads in place stopped: {e}"));
@@ -374,38 +391,60 @@ pub(super) struct Placement {
 /// A batch's files as [`place`] leaves them.
 pub(super) type Placements = Vec<Placement>;
 
-/// [`Exec::flush_ready`]'s blocking part. Where the round saw nothing (`expect` none), the rename
-/// itself refuses to replace what appeared meanwhile; elsewhere what is there must still be what
-/// the round saw.
-fn place(batch: Vec<(Ready, PathBuf, Option<Expect>)>, root: &Path) -> Placements {
-    let temps: Vec<PathBuf> = batch.iter().map(|(r, ..)| r.file.tmp.path().to_path_buf()).collect();
-    let synced = fsutil::make_durable_on(&temps, |i| Ok(batch[i].0.file.dev));
+/// The files of a batch made durable together: one result per file.
+fn make_durable(ready: &[Ready]) -> Vec<std::io::Result<()>> {
+    let items: Vec<fsutil::Durable<'_>> = ready
+        .iter()
+        .map(|r| match &r.file.tmp {
+            Landed::Named(t) => fsutil::Durable::Path(t.path()),
+            Landed::Unnamed(u) => fsutil::Durable::File(u.file()),
+        })
+        .collect();
+    fsutil::make_durable_on(&items, |i| Ok(ready[i].file.dev))
+}
+
+/// [`Exec::flush_ready`]'s last blocking part: the batch `ready`, made durable (`synced`), put
+/// in place as `plan` says (per file: where, and what must be there now; `None`: dropped). Where
+/// the round saw nothing (`expect` none), the rename itself refuses to replace what appeared
+/// meanwhile; elsewhere what is there must still be what the round saw.
+fn place(
+    ready: Vec<Ready>,
+    synced: Vec<std::io::Result<()>>,
+    plan: Vec<Option<(PathBuf, Option<Expect>)>>,
+    root: &Path,
+) -> Placements {
     // Each folder renamed into is checked (and made if it went meanwhile) once per batch, just
     // before: no symlink on the way, which could lead outside the synced folder.
     let mut parents: HashMap<PathBuf, Result<(), String>> = HashMap::new();
     let mut dirs = std::collections::BTreeSet::new();
-    let mut out = Vec::with_capacity(batch.len());
-    for ((r, full, expect), sync) in
-        batch.into_iter().zip(synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
-    {
+    let mut out = Vec::with_capacity(ready.len());
+    let synced = synced.into_iter().map(Some).chain(std::iter::repeat_with(|| None));
+    for ((r, sync), plan) in ready.into_iter().zip(synced).zip(plan) {
+        let Some((full, expect)) = plan else { continue };
         let Ready { got, file: Written { tmp, stats, stat, copied, .. } } = r;
         let parent = full.parent().unwrap_or(root).to_path_buf();
-        let ready = parents
+        let parent_ok = parents
             .entry(parent)
             .or_insert_with(|| fsutil::ensure_dirs(root, &got.path).map_err(|e| e.to_string()));
-        let placed = match (ready, sync, expect) {
+        let placed = match (parent_ok, sync, expect) {
             (Err(e), ..) => Placed::Failed(e.clone()),
             (Ok(()), Some(Err(e)), _) => Placed::NotDurable(e.to_string()),
             (Ok(()), None, _) => Placed::NotDurable(String::new()),
             (Ok(()), Some(Ok(())), expect) => {
-                let moved = match expect {
-                    None => fsutil::rename_noreplace(tmp.path(), &full),
-                    Some(e) if e.holds(&full) => std::fs::rename(tmp.path(), &full).map(|()| true),
-                    Some(_) => Ok(false),
+                let moved = match (&tmp, expect) {
+                    (Landed::Named(t), None) => fsutil::rename_noreplace(t.path(), &full),
+                    (Landed::Unnamed(u), None) => u.link(&full),
+                    (Landed::Named(t), Some(e)) if e.holds(&full) => {
+                        std::fs::rename(t.path(), &full).map(|()| true)
+                    }
+                    (Landed::Unnamed(u), Some(e)) if e.holds(&full) => replace_with(u, &full),
+                    (_, Some(_)) => Ok(false),
                 };
                 match moved {
                     Ok(true) => {
-                        tmp.keep();
+                        if let Landed::Named(t) = tmp {
+                            t.keep();
+                        }
                         dirs.insert(full.parent().unwrap_or(root).to_path_buf());
                         Placed::Done
                     }
@@ -419,6 +458,18 @@ fn place(batch: Vec<(Ready, PathBuf, Option<Expect>)>, root: &Path) -> Placement
     let dirs: Vec<PathBuf> = dirs.into_iter().collect();
     let _ = fsutil::make_durable(&dirs);
     out
+}
+
+/// Replaces the file at `full` by the unnamed file `u`: linked under a temp name beside it, then
+/// renamed over it.
+fn replace_with(u: &fsutil::Unnamed, full: &Path) -> std::io::Result<bool> {
+    let t = TempGuard::new(fsutil::temp_path(full.parent().unwrap_or(Path::new("."))));
+    if !u.link(t.path())? {
+        return Err(std::io::Error::other(format!("{} exists already", t.path().display())));
+    }
+    std::fs::rename(t.path(), full)?;
+    t.keep();
+    Ok(true)
 }
 
 /// Downloads received in full (and local copies), waiting to be made durable together.
@@ -436,6 +487,9 @@ pub(super) const READY_BYTES: u64 = 256 << 20;
 pub(super) enum Dest {
     /// A fresh temp file ([`Landings::dir`]).
     Temp,
+    /// A path where the round saw nothing: an unnamed file ([`fsutil::Unnamed`]) in the temp
+    /// folder, where the file system makes one, else as [`Dest::Temp`].
+    Fresh,
     /// The content's partial file, from byte `from` on: the bytes before are there already and
     /// `prefix` has them read and hashed (`None` when `from` is 0).
     Partial { from: u64, prefix: Option<Box<Prefix>> },
@@ -504,13 +558,21 @@ pub(super) fn receive_file(
     let partial = matches!(dest, Dest::Partial { .. });
     // Whether the file has its permission bits from its creation (no `fchmod` needed).
     let mut mode_set = false;
-    let (file, guard, prefix) = match dest {
-        Dest::Temp => {
+    let unnamed = match dest {
+        Dest::Fresh => fsutil::Unnamed::create(&landing, meta.mode)?,
+        _ => None,
+    };
+    let (out, prefix) = match (dest, unnamed) {
+        (_, Some((u, with_mode))) => {
+            mode_set = with_mode;
+            (Out::Unnamed(u), None)
+        }
+        (Dest::Temp | Dest::Fresh, None) => {
             let (file, t, with_mode) = fsutil::create_temp_with_mode(&landing, meta.mode)?;
             mode_set = with_mode;
-            (file, TempGuard::new(t), None)
+            (Out::Named(file, TempGuard::new(t)), None)
         }
-        Dest::Partial { from, prefix } => {
+        (Dest::Partial { from, prefix }, None) => {
             let at = partial_path(root, &hash, size);
             std::fs::create_dir_all(partial_dir(root))?;
             // Removed on failure from here on, kept only when cut off.
@@ -518,7 +580,7 @@ pub(super) fn receive_file(
             let mut open = std::fs::OpenOptions::new();
             open.write(true).custom_flags(libc::O_NOFOLLOW);
             match prefix {
-                None if from == 0 => (open.create(true).truncate(true).open(&at)?, guard, None),
+                None if from == 0 => (Out::Named(open.create(true).truncate(true).open(&at)?, guard), None),
                 Some(p) if p.from == from => {
                     let mut f = open.open(&at)?;
                     if f.metadata()?.len() < from {
@@ -530,7 +592,7 @@ pub(super) fn receive_file(
                     // What a killed run wrote after the resume point goes.
                     f.set_len(from)?;
                     f.seek(std::io::SeekFrom::Start(from))?;
-                    (f, guard, Some(p))
+                    (Out::Named(f, guard), Some(p))
                 }
                 _ => return Err(Received::Failed("the start of the partial download was not read".into())),
             }
@@ -538,57 +600,88 @@ pub(super) fn receive_file(
     };
     // Writes of at most 1 MiB; a small file's buffer is its size (not 1 MiB per file of a pull).
     let cap = usize::try_from(size).unwrap_or(usize::MAX).clamp(8 << 10, 1 << 20);
-    let out = BufWriter::with_capacity(cap, fsutil::WriteBehind::new(file));
+    let writer = BufWriter::with_capacity(cap, fsutil::WriteBehind::new(out.file()));
     let (new_sig, start) = match prefix {
         Some(p) => (p.sig, Some((p.hasher, p.from))),
         None => (sigs.builder_for(&hash, size), None),
     };
-    let mut ap = Applier::from_base(base, out, size).with_signature(new_sig, base_sig);
+    let mut ap = Applier::from_base(base, writer, size).with_signature(new_sig, base_sig);
     if let Some((hasher, from)) = start {
         ap = ap.resume_after(hasher, from)?;
     }
     while let Some(b) = next() {
         ap.block(&b)?;
     }
-    let done = ap.finish()?;
-    if partial && done.len < size {
+    let crate::delta::Applied { hash: got, len, stats, sig, out: writer } = ap.finish()?;
+    // Written out (the file is borrowed until then); a failure to is an error below, unless the
+    // download was cut off anyway.
+    let flushed = writer.into_inner().map(drop).map_err(|e| e.error().to_string());
+    if partial && len < size {
         // Cut off: what came stays for the next run.
-        guard.keep();
-        return Err(Received::CutOff { got: done.len });
+        if let Out::Named(_, guard) = out {
+            guard.keep();
+        }
+        return Err(Received::CutOff { got: len });
     }
-    if done.hash != hash || done.len != size {
+    if got != hash || len != size {
         return Err(Received::Failed("content hash mismatch".into()));
     }
+    flushed?;
     // fsynced later, together with the other files of the batch (`flush_ready`).
-    let file = done.out.into_inner().map_err(|e| e.error().to_string())?.into_inner();
+    let file = out.file();
     if mode_set {
-        fsutil::set_file_mtime(&file, meta.mtime_ns)?;
+        fsutil::set_file_mtime(file, meta.mtime_ns)?;
     } else {
-        fsutil::set_file_meta(&file, meta.mode, meta.mtime_ns)?;
+        fsutil::set_file_meta(file, meta.mode, meta.mtime_ns)?;
     }
-    // What the file is once renamed into place (a rename changes none of it), by `fstat`: no
-    // second look-up of the path after the rename.
+    // What the file is once renamed or linked into place (neither changes any of it), by
+    // `fstat`: no second look-up of the path after.
     let md = file.metadata()?;
-    drop(file);
-    if let Some(sig) = done.sig {
+    if let Some(sig) = sig {
         let _ = sigs.put(&hash, size, &sig);
     }
-    let guard = if partial {
-        // Complete: the partial file becomes an ordinary temp file, so the content's name is
-        // free for the next download of it.
-        let t = fsutil::temp_path(&landing);
-        std::fs::rename(guard.path(), &t)?;
-        guard.keep();
-        TempGuard::new(t)
-    } else {
-        guard
+    let tmp = match out {
+        Out::Unnamed(u) => Landed::Unnamed(u),
+        Out::Named(file, guard) if partial => {
+            drop(file);
+            // Complete: the partial file becomes an ordinary temp file, so the content's name is
+            // free for the next download of it.
+            let t = fsutil::temp_path(&landing);
+            std::fs::rename(guard.path(), &t)?;
+            guard.keep();
+            Landed::Named(TempGuard::new(t))
+        }
+        Out::Named(_, guard) => Landed::Named(guard),
     };
-    Ok(Written { tmp: guard, stats: done.stats, stat: Stat::of(&md), dev: md.dev(), copied: false })
+    Ok(Written { tmp, stats, stat: Stat::of(&md), dev: md.dev(), copied: false })
+}
+
+/// What [`receive_file`] writes into: a named file (a temp file or a partial download), removed
+/// unless kept, or an unnamed one.
+enum Out {
+    Named(std::fs::File, TempGuard),
+    Unnamed(fsutil::Unnamed),
+}
+
+impl Out {
+    fn file(&self) -> &std::fs::File {
+        match self {
+            Out::Named(f, _) => f,
+            Out::Unnamed(u) => u.file(),
+        }
+    }
+}
+
+/// A verified file waiting to be put in place: a named temp file, or an unnamed one
+/// ([`fsutil::Unnamed`], linked into place).
+pub(super) enum Landed {
+    Named(TempGuard),
+    Unnamed(fsutil::Unnamed),
 }
 
 /// A verified download (or local copy) in its temp file.
 pub(super) struct Written {
-    tmp: TempGuard,
+    tmp: Landed,
     stats: DeltaStats,
     /// The temp file's, by `fstat` (the same after the rename into place).
     pub(super) stat: Stat,
@@ -600,7 +693,13 @@ pub(super) struct Written {
 impl Written {
     /// A local copy in its temp file, `md` its `fstat`.
     pub(super) fn copied(tmp: TempGuard, md: &std::fs::Metadata) -> Written {
-        Written { tmp, stats: DeltaStats::default(), stat: Stat::of(md), dev: md.dev(), copied: true }
+        Written {
+            tmp: Landed::Named(tmp),
+            stats: DeltaStats::default(),
+            stat: Stat::of(md),
+            dev: md.dev(),
+            copied: true,
+        }
     }
 }
 
