@@ -26,7 +26,7 @@ pub mod report;
 pub mod rules;
 pub mod scan;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -450,7 +450,6 @@ impl Folder {
             }
             return Ok(report);
         }
-        self.index.apply(&Batch { remote: changes, last_seq: Some(seq), ..Default::default() })?;
         // Written before anything is sent: if this round is cut off after the server committed
         // some of them, the next round recognises them as its own instead of as conflicts.
         self.index.add_intents(&intents(&actions, &inputs.local))?;
@@ -502,7 +501,14 @@ impl Folder {
         );
         let r = exec.run(client, actions).await;
         exec.batch.last_seq = Some(exec.advanced_seq(seq));
-        // Whatever happened, keep what was done.
+        // Whatever happened, keep what was done: the server's changes the round started from
+        // (written now, with the rest: a pull wrote each of its files' rows twice before), under
+        // what the round's own steps made of them.
+        let done: HashSet<&RelPath> = exec.batch.remote.iter().map(|e| &e.path).collect();
+        let mut remote: Vec<Entry> = changes.into_iter().filter(|e| !done.contains(&e.path)).collect();
+        drop(done);
+        remote.append(&mut exec.batch.remote);
+        exec.batch.remote = remote;
         self.index.apply(&exec.batch)?;
         self.index.save_stat_cache(&old_cache, &exec.cache)?;
         progress.finish();
