@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
@@ -52,6 +52,44 @@ pub struct Progress {
     results: Mutex<Vec<(String, String)>>,
     done: AtomicU64,
     total_files: AtomicU64,
+    /// Per-file lines (`Mode::Log`) not written yet: see [`Lines`].
+    lines: Arc<Mutex<Lines>>,
+}
+
+/// Per-file log lines, written to stderr at once when the last write was at least
+/// [`LINES_EVERY`] ago and otherwise gathered, then written together: by a thread that starts
+/// with the gathering and ends once nothing is left to write (so an idle `watch` has none), or
+/// earlier by [`Progress::flush`] (a round's end, any other message, the drop). One `write` per
+/// line cost a `watch` uploading 100,000 files 100,000 system calls on the thread that takes
+/// the server's replies.
+#[derive(Default)]
+struct Lines {
+    buf: String,
+    written: Option<std::time::Instant>,
+    /// The thread that writes what waits is running.
+    writer: bool,
+    /// Where the lines go instead of stderr (the tests' own buffer).
+    #[cfg(test)]
+    to: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+/// How long per-file lines may wait to be written together.
+const LINES_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Lines {
+    fn write(&mut self) {
+        use std::io::Write;
+        if !self.buf.is_empty() {
+            #[cfg(test)]
+            if let Some(to) = &self.to {
+                to.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(self.buf.as_bytes());
+                self.buf.clear();
+            }
+            let _ = std::io::stderr().lock().write_all(self.buf.as_bytes());
+            self.buf.clear();
+        }
+        self.written = Some(std::time::Instant::now());
+    }
 }
 
 impl Progress {
@@ -84,6 +122,7 @@ impl Progress {
             results: Mutex::default(),
             done: AtomicU64::new(0),
             total_files: AtomicU64::new(0),
+            lines: Arc::default(),
         }
     }
 
@@ -149,7 +188,25 @@ impl Progress {
             self.done.load(Ordering::Relaxed)
         };
         match self.mode {
-            Mode::Log => eprintln!("{what} {path}"),
+            Mode::Log => {
+                let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+                lines.buf.push_str(what);
+                lines.buf.push(' ');
+                lines.buf.push_str(path);
+                lines.buf.push('\n');
+                if lines.written.is_none_or(|t| t.elapsed() >= LINES_EVERY) || lines.buf.len() >= 64 << 10 {
+                    lines.write();
+                } else if !lines.writer {
+                    let waiting = Arc::downgrade(&self.lines);
+                    lines.writer = std::thread::Builder::new()
+                        .name("deltasync-lines".into())
+                        .spawn(move || write_waiting_lines(waiting))
+                        .is_ok();
+                    if !lines.writer {
+                        lines.write();
+                    }
+                }
+            }
             Mode::Bars => {
                 if let Some(pb) = self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(path) {
                     pb.finish_and_clear();
@@ -180,6 +237,7 @@ impl Progress {
         if self.quiet && !["warning", "error", "deltasync:"].iter().any(|p| line.starts_with(p)) {
             return;
         }
+        self.flush();
         match &self.multi {
             Some(m) => {
                 let _ = m.println(line);
@@ -188,10 +246,40 @@ impl Progress {
         }
     }
 
+    /// Writes the per-file lines gathered so far.
+    pub fn flush(&self) {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if !lines.buf.is_empty() {
+            lines.write();
+        }
+    }
+
     pub fn finish(&self) {
+        self.flush();
         if let Some(o) = self.overall.lock().unwrap_or_else(|p| p.into_inner()).take() {
             o.finish_and_clear();
         }
+    }
+}
+
+/// The body of the thread of [`Lines`]: writes what waits every [`LINES_EVERY`] until nothing
+/// does (or the [`Progress`] is gone).
+fn write_waiting_lines(lines: std::sync::Weak<Mutex<Lines>>) {
+    loop {
+        std::thread::sleep(LINES_EVERY);
+        let Some(lines) = lines.upgrade() else { return };
+        let mut lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.buf.is_empty() {
+            lines.writer = false;
+            return;
+        }
+        lines.write();
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -414,6 +502,25 @@ mod tests {
         assert_eq!(layout(200), Layout { bar: Some(30), bytes: true, rate: true });
         assert_eq!(layout(60), Layout { bar: Some(12), bytes: false, rate: false });
         assert_eq!(layout(30), Layout { bar: None, bytes: false, rate: false });
+    }
+
+    /// Lines that come fast are written together, and what waits is written within a moment
+    /// without a flush (a `-v` push whose small files are done before a long upload).
+    #[test]
+    fn per_file_lines_that_wait_are_written_soon() {
+        let p = Progress::with(Settings { verbose: true, ..Settings::default() });
+        let out = Arc::new(Mutex::new(Vec::new()));
+        p.lines.lock().unwrap().to = Some(out.clone());
+        let written = || String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        p.file_done("a.txt", "uploaded");
+        p.file_done("b.txt", "uploaded");
+        p.file_done("c.txt", "uploaded");
+        assert_eq!(written(), "uploaded a.txt\n", "the first line goes at once, the next ones wait");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while written().lines().count() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(written(), "uploaded a.txt\nuploaded b.txt\nuploaded c.txt\n");
     }
 
     #[test]

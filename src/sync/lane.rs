@@ -209,6 +209,7 @@ async fn transfer(
         Default::default(),
     );
     let r = exec.run(c, vec![w.action]).await;
+    cx.progress.flush();
     // Whatever happened, keep what was done (the journal position stays the rounds' business).
     let idx = match index {
         Some(i) => i,
