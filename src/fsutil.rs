@@ -270,9 +270,7 @@ pub fn release_free_memory() {
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::unix::ffi::OsStrExt;
-        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-        let (f, t) = (cstr(from)?, cstr(to)?);
+        let (f, t) = (c_path(from)?, c_path(to)?);
         #[allow(unsafe_code)]
         // SAFETY: two NUL-terminated paths that live across the call.
         let r = unsafe {
@@ -306,8 +304,8 @@ pub struct Unnamed {
     file: File,
 }
 
-/// Unnamed files open at once, at most: each holds a descriptor until it is linked, and a pull
-/// holds two batches of them (one filling, one being placed).
+/// Unnamed files open now: each holds a descriptor until it is linked, and a pull holds up to
+/// three batches of them (one filling, one being made durable, one being placed).
 static UNNAMED_OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How many unnamed files may be open at once: half the descriptors this process may open above
@@ -368,18 +366,12 @@ impl Unnamed {
         &self.file
     }
 
-    pub fn file_mut(&mut self) -> &mut File {
-        &mut self.file
-    }
-
     /// Gives the file the name `to` unless something is there: `Ok(false)` then, and nothing
     /// changed (`linkat` never replaces). `to` must be on the mount the file was made on.
     pub fn link(&self, to: &Path) -> io::Result<bool> {
         use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-            .map_err(io::Error::other)?;
-        let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        let from = c_path(Path::new(&format!("/proc/self/fd/{}", self.file.as_raw_fd())))?;
+        let to = c_path(to)?;
         #[allow(unsafe_code)]
         // SAFETY: two NUL-terminated paths that live across the call.
         let r = unsafe {
@@ -399,10 +391,15 @@ impl Drop for Unnamed {
     }
 }
 
+/// `p` for a system call: NUL-terminated (a path with a NUL in it is an error, never cut short).
+fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
 /// Bytes an unprivileged writer may still use on the file system holding `dir`.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let c = c_path(dir)?;
     #[allow(unsafe_code)]
     // SAFETY: all-zero is a valid `statvfs` (plain integers).
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -85,8 +85,10 @@ impl Lines {
                 to.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(self.buf.as_bytes());
                 self.buf.clear();
             }
-            let _ = std::io::stderr().lock().write_all(self.buf.as_bytes());
-            self.buf.clear();
+            if !self.buf.is_empty() {
+                let _ = std::io::stderr().lock().write_all(self.buf.as_bytes());
+                self.buf.clear();
+            }
         }
         self.written = Some(std::time::Instant::now());
     }

@@ -91,6 +91,29 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Runs a pull into `b` and kills it (SIGKILL: no destructor runs) once `now()` holds, or after
+/// it ends by itself or after two minutes; true if `now()` held.
+fn pull_killed_once(b: &Path, srv: &Server, token: &str, now: impl Fn() -> bool) -> bool {
+    let mut child = sync_command("pull", b, &srv.address(), token, &[])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn deltasync pull");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut held = false;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if now() {
+            held = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    held
+}
+
 #[test]
 fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
     let srv = start_server();
@@ -104,33 +127,15 @@ fn killed_pulls_leave_no_temp_files_after_a_later_pull() {
         // New content each time, so every pull has a big download to be killed in.
         write(&a.join("sub/big.bin"), random_bytes(100 + round, size));
         push(a, &srv, &token);
-        let mut child = sync_command("pull", b, &srv.address(), &token, &[])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn deltasync pull");
-        // Wait until the download has written part of its file (in `.deltasync/`, never in the
-        // folder itself), then kill the client.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seen = false;
-        while Instant::now() < deadline {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            let partial = b.join(".deltasync/partial");
-            seen = std::fs::read_dir(&partial)
+        // Killed once the download has written part of its file (in `.deltasync/`, never in the
+        // folder itself).
+        let seen = pull_killed_once(b, &srv, &token, || {
+            std::fs::read_dir(b.join(".deltasync/partial"))
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|e| e.metadata().is_ok_and(|m| m.len() > 0 && m.len() < size as u64));
-            if seen {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL: no destructor runs
-        child.wait().unwrap();
+                .any(|e| e.metadata().is_ok_and(|m| m.len() > 0 && m.len() < size as u64))
+        });
         assert_eq!(temp_files(b), Vec::<String>::new(), "a killed pull left temp files in the folder");
         if seen && !b.join("sub/big.bin").exists() {
             killed_midway += 1;
@@ -172,19 +177,8 @@ fn a_killed_pull_of_new_files_leaves_nothing_to_clean_up() {
     let mut killed_midway = false;
     for _ in 0..3 {
         let _ = std::fs::remove_dir_all(b);
-        let mut child = sync_command("pull", b, &srv.address(), &token, &[])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn deltasync pull");
         // Killed once its first batch is in place, while the next ones are being written.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline && child.try_wait().unwrap().is_none() && placed(b) == 0 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL: no destructor runs
-        child.wait().unwrap();
+        pull_killed_once(b, &srv, &token, || placed(b) > 0);
         let tmp: Vec<_> = walkdir(&b.join(".deltasync/tmp")).into_iter().filter(|p| !p.is_dir()).collect();
         assert!(tmp.is_empty(), "a killed pull left files in .deltasync/tmp: {tmp:?}");
         assert_eq!(temp_files(b), Vec::<String>::new(), "a killed pull left temp files in the folder");
