@@ -11,6 +11,7 @@
 //! next batch (a commit of a thousand small uploads is mostly metadata work): the next batch's
 //! chunks go into a new pack, and its replies wait for the commit before them.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::Shared;
@@ -30,6 +31,46 @@ pub struct Staged {
     pub chunks: Option<Vec<(ChunkKey, u32)>>,
     /// The new version's signature, in chunks of the same pack.
     pub sig: Option<ChunkList>,
+}
+
+/// The uploads staged for the next batch, with their paths as a set: every upload asks whether
+/// its path waits here (a scan of the list for each made that check, comparing paths of one
+/// length byte by byte, the server's biggest single cost on many small files).
+#[derive(Default)]
+pub struct Staging {
+    list: Vec<Staged>,
+    paths: HashSet<RelPath>,
+    /// The bytes of the staged files.
+    bytes: u64,
+}
+
+impl Staging {
+    pub fn push(&mut self, s: Staged) {
+        if let Node::File { size, .. } = &s.node {
+            self.bytes += size;
+        }
+        self.paths.insert(s.path.clone());
+        self.list.push(s);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Whether the batch is as big as one gets (`files` uploads or `bytes`).
+    pub fn full(&self, files: usize, bytes: u64) -> bool {
+        self.list.len() >= files || self.bytes >= bytes
+    }
+
+    pub fn contains(&self, path: &RelPath) -> bool {
+        self.paths.contains(path)
+    }
+
+    /// Takes the staged uploads and their paths, leaving it empty.
+    pub fn take(&mut self) -> (Vec<Staged>, HashSet<RelPath>) {
+        self.bytes = 0;
+        (std::mem::take(&mut self.list), std::mem::take(&mut self.paths))
+    }
 }
 
 pub struct Target {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Shared;
-use super::batch::{self, Staged};
+use super::batch::{self, Staged, Staging};
 use super::content::{ChunkList, ChunkLoc, Chunker, PackSink, Reader};
 use super::handshake::Authed;
 use super::meta::{Account, AccountId, Change, GET_RUN, MetaError, Metadata, Step};
@@ -92,8 +92,7 @@ const MAX_BATCH_BYTES: u64 = 64 << 20;
 struct Session {
     /// Set once a quiet connection has freed its transfer state (see [`QUIET`]).
     idle: bool,
-    staged: Vec<Staged>,
-    staged_bytes: u64,
+    staged: Staging,
     /// The batch being committed in a task of its own (see [`batch`]).
     behind: Option<Behind>,
     /// Small uploads received whole, waiting to be checked and written (see [`SMALL_UPLOAD`]).
@@ -138,8 +137,7 @@ pub async fn serve(
     let sink = Arc::new(Mutex::new(PackSink::new(shared.chunks.clone())));
     let mut s = Session {
         idle: false,
-        staged: Vec::new(),
-        staged_bytes: 0,
+        staged: Staging::default(),
         behind: None,
         small: Vec::new(),
         small_bytes: 0,
@@ -404,11 +402,8 @@ impl Session {
     }
 
     async fn stage(&mut self, s: Staged) -> Result<(), SessionError> {
-        if let Node::File { size, .. } = &s.node {
-            self.staged_bytes += size;
-        }
         self.staged.push(s);
-        if self.staged.len() >= MAX_BATCH || self.staged_bytes >= MAX_BATCH_BYTES {
+        if self.staged.full(MAX_BATCH, MAX_BATCH_BYTES) {
             self.settle_small().await?;
             self.start_commit().await?;
         }
@@ -419,7 +414,7 @@ impl Session {
     /// batch being committed): a new change of it waits for that.
     fn uncommitted(&self, path: &RelPath) -> bool {
         self.small.iter().any(|s| &s.path == path)
-            || self.staged.iter().any(|s| &s.path == path)
+            || self.staged.contains(path)
             || self.behind.as_ref().is_some_and(|b| b.paths.contains(path))
     }
 
@@ -444,8 +439,7 @@ impl Session {
             return Ok(());
         }
         self.wait_behind().await?;
-        let staged = std::mem::take(&mut self.staged);
-        self.staged_bytes = 0;
+        let (staged, paths) = self.staged.take();
         let target = batch::Target {
             shared: self.shared.clone(),
             account: self.account.id,
@@ -454,7 +448,6 @@ impl Session {
         };
         let pack = self.sink.lock().unwrap_or_else(|p| p.into_inner()).take_pack();
         let ids = staged.iter().map(|s| (s.id, s.op == "write")).collect();
-        let paths = staged.iter().map(|s| s.path.clone()).collect();
         let span = tracing::Span::current();
         let task = tokio::spawn(batch::commit(target, staged, pack).instrument(span));
         self.behind = Some(Behind { task, ids, paths });

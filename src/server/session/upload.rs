@@ -405,9 +405,6 @@ impl Session {
         for (id, path, base_rev, node, r) in done {
             match r {
                 Ok((chunks, sig)) => {
-                    if let Node::File { size, .. } = &node {
-                        self.staged_bytes += size;
-                    }
                     self.staged.push(Staged {
                         id,
                         path,
@@ -434,7 +431,7 @@ impl Session {
             let _ = self.commit_staged().await;
             return Err(e);
         }
-        if self.staged.len() >= MAX_BATCH || self.staged_bytes >= MAX_BATCH_BYTES {
+        if self.staged.full(MAX_BATCH, MAX_BATCH_BYTES) {
             self.start_commit().await?;
         }
         Ok(())
