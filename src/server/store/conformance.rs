@@ -235,6 +235,21 @@ pub fn metadata(m: &Metadata) {
     assert_eq!(content, Some((2, vec![loc2])));
     assert_eq!(m.files_to_send(other, &[rel("a.txt")]).unwrap().remove(0).unwrap(), (None, None));
 
+    // What one commit did to a folder counts for its next changes: a file put into a folder the
+    // same commit deleted is refused (it was a directory at the commit's first put).
+    let grace = m.add_account("grace", "laptop", "token-grace").unwrap().id;
+    assert_eq!(m.commit(grace, "dev", &[mkdir("e", 0)]).unwrap(), vec![Ok(1)]);
+    let r = m.commit(
+        grace,
+        "dev",
+        &[put("e/x", 0, b"v1", key), del("e/x", 2), del("e", 1), put("e/y", 0, b"v1", key)],
+    );
+    let r = r.unwrap();
+    assert_eq!(r[..3], [Ok(2), Ok(3), Ok(4)]);
+    assert_eq!(r[3].as_ref().unwrap_err().kind, RefusalKind::Stale, "{r:?}");
+    assert_eq!(m.get(grace, &rel("e/y")).unwrap(), None);
+    assert_eq!(m.seq(grace).unwrap(), 4);
+
     forgets_contents(m);
     repacks(m);
     devices(m);

@@ -4,6 +4,7 @@
 //! updates the path's row (its `rev` is that number) and appends a journal line, so "what changed
 //! since N" is `WHERE rev > N` and can never miss a commit.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -727,16 +728,17 @@ impl MetaStore for SqliteMeta {
         steps: &[Step],
     ) -> Result<Vec<Result<u64, Refusal>>, MetaError> {
         let mut c = self.conn();
-        let mut tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some(p) = pack {
             record_pack(&tx, p)?;
         }
         // The quota is the account's, over all its folders: the others' bytes count too.
         let (others, mut used, quota) = room(&tx, account)?;
-        let quota = (others, quota);
         let mut seq: i64 =
             tx.query_row("SELECT seq FROM accounts WHERE id=?1", params![account], |r| r.get(0))?;
-        let at = now_secs();
+        let partials =
+            tx.prepare_cached("SELECT 1 FROM partial WHERE account=?1 LIMIT 1")?.exists(params![account])?;
+        let mut batch = Batch::new(&tx, account, device, (others, quota), partials)?;
         let mut out = Vec::with_capacity(steps.len());
         for step in steps {
             let next = seq as u64 + 1;
@@ -745,26 +747,26 @@ impl MetaStore for SqliteMeta {
             // first change did, so it runs in a savepoint. (A savepoint per upload wrote every
             // page it touched to the statement journal: most of a 100,000-file push's commit time.)
             let r = if let [ch] = step.changes.as_slice() {
-                apply_change(&tx, account, device, step.op, ch, next, at, &mut used, quota)?
+                apply_change(&tx, &mut batch, step.op, ch, next, &mut used)?
             } else {
-                let sp = tx.savepoint()?;
+                tx.execute_batch("SAVEPOINT step")?;
                 let before = used;
                 let mut r = Ok(next);
                 for ch in &step.changes {
-                    if let Err(refusal) =
-                        apply_change(&sp, account, device, step.op, ch, next, at, &mut used, quota)?
-                    {
+                    if let Err(refusal) = apply_change(&tx, &mut batch, step.op, ch, next, &mut used)? {
                         r = Err(refusal);
                         break;
                     }
                 }
                 match r {
-                    Ok(_) => sp.commit()?,
+                    Ok(_) => tx.execute_batch("RELEASE step")?,
                     Err(_) => {
                         used = before;
-                        drop(sp); // rolls back
+                        tx.execute_batch("ROLLBACK TO step; RELEASE step")?;
                     }
                 }
+                // What the step wrote may have been rolled back: look the folders up again.
+                batch.dirs.clear();
                 r
             };
             if r.is_ok() {
@@ -772,6 +774,7 @@ impl MetaStore for SqliteMeta {
             }
             out.push(r);
         }
+        drop(batch);
         tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2), seq = ?3 WHERE id=?1")?
             .execute(params![account, used, seq])?;
         tx.commit()?;
@@ -1268,8 +1271,16 @@ fn chunk_locs(c: &rusqlite::Connection, list: &[u8]) -> Result<Option<Vec<ChunkL
 }
 
 /// The ids of stored chunks, as a content row's list; `None` if one is not stored (any more).
-fn chunk_ids(tx: &rusqlite::Connection, list: &[(ChunkKey, u32)]) -> Result<Option<Vec<u8>>, MetaError> {
-    let mut st = tx.prepare_cached("SELECT id FROM chunks WHERE digest=?1")?;
+/// The ids of a list's chunks, as a content row holds them; `None` if one is not stored.
+fn chunk_ids(c: &rusqlite::Connection, list: &[(ChunkKey, u32)]) -> Result<Option<Vec<u8>>, MetaError> {
+    chunk_ids_by(&mut *c.prepare_cached(CHUNK_ID)?, list)
+}
+
+/// [`chunk_ids`] with the statement ([`CHUNK_ID`]) at hand.
+fn chunk_ids_by(
+    st: &mut rusqlite::Statement<'_>,
+    list: &[(ChunkKey, u32)],
+) -> Result<Option<Vec<u8>>, MetaError> {
     let mut ids: Vec<(i64, u32)> = Vec::with_capacity(list.len());
     for (key, len) in list {
         match st.query_row(params![&key[..]], |r| r.get::<_, i64>(0)).optional()? {
@@ -1284,24 +1295,86 @@ fn stale(msg: String) -> Refusal {
     Refusal::new(RefusalKind::Stale, msg)
 }
 
+/// What the changes of one commit share: the space, who writes and when, what its transaction
+/// has learned that later changes need not look up again, and its statements, prepared once
+/// (taken from rusqlite's cache for each change, each cost a hash of its text and two moves in
+/// the cache).
+struct Batch<'c> {
+    account: AccountId,
+    device: &'c str,
+    at: i64,
+    /// The bytes of the account's other folders, and its quota.
+    quota: (i64, Option<i64>),
+    /// Paths this transaction has found to be directories: the parent of a thousand uploads
+    /// into one folder is looked up once. A path a change writes is taken out.
+    dirs: HashSet<RelPath>,
+    /// Whether the space kept cut-off uploads when the commit began (if not, no change deletes
+    /// one: no other connection writes during the transaction).
+    partials: bool,
+    get: rusqlite::CachedStatement<'c>,
+    has_content: rusqlite::CachedStatement<'c>,
+    chunk_id: rusqlite::CachedStatement<'c>,
+    add_content: rusqlite::CachedStatement<'c>,
+    put_file: rusqlite::CachedStatement<'c>,
+    put_history: rusqlite::CachedStatement<'c>,
+    drop_partial: rusqlite::CachedStatement<'c>,
+}
+
+const GET_ROW: &str = "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2";
+const CHUNK_ID: &str = "SELECT id FROM chunks WHERE digest=?1";
+
+impl<'c> Batch<'c> {
+    fn new(
+        tx: &'c rusqlite::Connection,
+        account: AccountId,
+        device: &'c str,
+        quota: (i64, Option<i64>),
+        partials: bool,
+    ) -> Result<Self, MetaError> {
+        Ok(Batch {
+            account,
+            device,
+            at: now_secs(),
+            quota,
+            dirs: HashSet::new(),
+            partials,
+            get: tx.prepare_cached(GET_ROW)?,
+            has_content: tx.prepare_cached("SELECT 1 FROM contents WHERE account=?1 AND hash=?2")?,
+            chunk_id: tx.prepare_cached(CHUNK_ID)?,
+            add_content: tx
+                .prepare_cached("INSERT INTO contents (account, hash, size, chunks) VALUES (?1, ?2, ?3, ?4)")?,
+            put_file: tx.prepare_cached(
+                "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?,
+            put_history: tx.prepare_cached(
+                "INSERT OR REPLACE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?,
+            drop_partial: tx.prepare_cached("DELETE FROM partial WHERE account=?1 AND path=?2")?,
+        })
+    }
+
+    fn get_row(&mut self, path: &RelPath) -> Result<Option<Entry>, MetaError> {
+        let row = self.get.query_row(params![self.account, path.as_str()], row_to_entry).optional()?;
+        row.transpose()
+    }
+}
+
 /// Checks and writes one change of a step (revision `seq`) inside the commit's transaction:
 /// `Ok(Err(_))` is a refusal, and then nothing of this change was written. `used` is the
-/// space's usage, updated only when the change is written; `quota` is the bytes of the account's
-/// other folders and its quota.
-#[allow(clippy::too_many_arguments)]
+/// space's usage, updated only when the change is written.
 fn apply_change(
     tx: &rusqlite::Connection,
-    account: AccountId,
-    device: &str,
+    batch: &mut Batch<'_>,
     op: &str,
     ch: &Change,
     seq: u64,
-    at: i64,
     used: &mut i64,
-    quota: (i64, Option<i64>),
 ) -> Result<Result<u64, Refusal>, MetaError> {
-    let (others, quota) = quota;
-    let cur = get_row(tx, account, &ch.path)?;
+    let account = batch.account;
+    let (others, quota) = batch.quota;
+    let cur = batch.get_row(&ch.path)?;
     let rev = cur.as_ref().map_or(0, |e| e.rev);
     if rev != ch.base_rev {
         return Ok(Err(stale(format!(
@@ -1316,9 +1389,12 @@ fn apply_change(
     }
     if ch.node.is_some()
         && let Some(parent) = ch.path.parent()
+        && !batch.dirs.contains(&parent)
     {
-        match get_row(tx, account, &parent)?.and_then(|e| e.node) {
-            Some(Node::Dir { .. }) => {}
+        match batch.get_row(&parent)?.and_then(|e| e.node) {
+            Some(Node::Dir { .. }) => {
+                batch.dirs.insert(parent);
+            }
             Some(_) => {
                 return Ok(Err(stale(format!(
                     "`{parent}` is not a directory on the server any more (another computer replaced it)"
@@ -1337,12 +1413,10 @@ fn apply_change(
     };
     let mut new_content = None;
     let after = if let Some(Node::File { hash, size, .. }) = &ch.node {
-        let known = tx
-            .prepare_cached("SELECT 1 FROM contents WHERE account=?1 AND hash=?2")?
-            .exists(params![account, &hash.0[..]])?;
+        let known = batch.has_content.exists(params![account, &hash.0[..]])?;
         if !known {
             let ids = match &ch.chunks {
-                Some(list) => chunk_ids(tx, list)?,
+                Some(list) => chunk_ids_by(&mut *batch.chunk_id, list)?,
                 None => None,
             };
             let Some(ids) = ids else {
@@ -1373,10 +1447,10 @@ fn apply_change(
         *used - old
     };
     if let Some((hash, size, ids)) = new_content {
-        tx.prepare_cached("INSERT INTO contents (account, hash, size, chunks) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![account, &hash.0[..], size as i64, ids])?;
+        batch.add_content.execute(params![account, &hash.0[..], size as i64, ids])?;
     }
-    write_change(tx, account, seq, &ch.path, ch.node.as_ref(), op, device, at)?;
+    write_change(batch, seq, &ch.path, ch.node.as_ref(), op)?;
+    batch.dirs.remove(&ch.path);
     *used = after;
     Ok(Ok(seq))
 }
@@ -1444,18 +1518,6 @@ fn room(tx: &rusqlite::Connection, space: AccountId) -> Result<(i64, i64, Option
         .query_row(params![space], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?)
 }
 
-fn get_row(
-    tx: &rusqlite::Connection,
-    account: AccountId,
-    path: &RelPath,
-) -> Result<Option<Entry>, MetaError> {
-    let mut st = tx.prepare_cached(
-        "SELECT path, rev, kind, hash, size, mtime_ns, mode, target, device FROM files WHERE account=?1 AND path=?2",
-    )?;
-    let row = st.query_row(params![account, path.as_str()], row_to_entry).optional()?;
-    row.transpose()
-}
-
 fn children(tx: &rusqlite::Connection, account: AccountId, dir: &RelPath) -> Result<bool, MetaError> {
     let prefix = format!("{}/", dir.as_str());
     Ok(tx
@@ -1465,25 +1527,22 @@ fn children(tx: &rusqlite::Connection, account: AccountId, dir: &RelPath) -> Res
         .exists(params![account, prefix, format!("{}0", dir.as_str())])?)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write_change(
-    tx: &rusqlite::Connection,
-    account: AccountId,
+    batch: &mut Batch<'_>,
     seq: u64,
     path: &RelPath,
     node: Option<&Node>,
     op: &str,
-    device: &str,
-    at: i64,
 ) -> Result<(), MetaError> {
     let zero = NodeMeta { mtime_ns: 0, mode: 0 };
-    let (kind, hash, size, meta, target): (i64, Option<Vec<u8>>, u64, NodeMeta, Option<&str>) = match node {
+    let (kind, hash, size, meta, target): (i64, Option<&[u8]>, u64, NodeMeta, Option<&str>) = match node {
         None => (0, None, 0, zero, None),
-        Some(Node::File { hash, size, meta }) => (1, Some(hash.0.to_vec()), *size, *meta, None),
+        Some(Node::File { hash, size, meta }) => (1, Some(&hash.0[..]), *size, *meta, None),
         Some(Node::Dir { mode }) => (2, None, 0, NodeMeta { mtime_ns: 0, mode: *mode }, None),
         Some(Node::Symlink { target }) => (3, None, 0, zero, Some(target)),
     };
-    let row = params![
+    let (account, device) = (batch.account, batch.device);
+    batch.put_file.execute(params![
         account,
         path.as_str(),
         seq as i64,
@@ -1494,34 +1553,23 @@ fn write_change(
         meta.mode,
         target,
         device
-    ];
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO files (account, path, rev, kind, hash, size, mtime_ns, mode, target, device)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(row)?;
-    tx.prepare_cached("DELETE FROM partial WHERE account=?1 AND path=?2")?
-        .execute(params![account, path.as_str()])?;
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO history (account, path, rev, kind, hash, size, mtime_ns, mode, target, device, op, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )?
-    .execute(params![
+    ])?;
+    if batch.partials {
+        batch.drop_partial.execute(params![account, path.as_str()])?;
+    }
+    batch.put_history.execute(params![
         account,
         path.as_str(),
         seq as i64,
         kind,
-        node.and_then(|n| match n {
-            Node::File { hash, .. } => Some(hash.0.to_vec()),
-            _ => None,
-        }),
+        hash,
         size as i64,
         meta.mtime_ns,
         meta.mode,
         target,
         device,
         op,
-        at
+        batch.at
     ])?;
     Ok(())
 }
