@@ -2,7 +2,6 @@
 //! rename detection, signature-cache keys and verification after every reconstruction.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
@@ -28,9 +27,11 @@ impl ContentHash {
         Some(ContentHash(b.try_into().ok()?))
     }
 
-    /// Hashes a file, streaming through a buffer: memory stays bounded whatever the size.
+    /// Hashes a file, streaming through a buffer: memory stays bounded whatever the size. The
+    /// file is opened as [`open_to_read`](crate::fsutil::open_to_read) does: not through a
+    /// symlink, its access time left alone.
     pub fn of_file(path: &Path) -> io::Result<(Self, u64)> {
-        let mut f = File::open(path)?;
+        let mut f = crate::fsutil::open_to_read(path)?;
         let mut h = Hasher::new();
         // Sized to the file: a scan hashes thousands of small files, and zeroing a full buffer
         // for each cost more than hashing them.

@@ -125,9 +125,7 @@ impl Builder {
 
 /// The signature of a file, read piece by piece: the same bytes as [`compute`], in bounded memory.
 pub fn compute_file(path: &Path) -> io::Result<Signature> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Never through a symlink: a link swapped in for a file must not make us read elsewhere.
-    let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mut f = crate::fsutil::open_to_read(path)?;
     let mut b = Builder::new(f.metadata()?.len());
     let mut buf = vec![0u8; 1 << 20];
     loop {

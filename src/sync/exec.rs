@@ -393,18 +393,14 @@ impl Exec {
             reads
                 .into_iter()
                 .map(|r| {
-                    let prefix = std::fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&r.file)
-                        .and_then(|f| {
-                            let len = f.metadata()?.len();
-                            // An upload's file must still have the size the scan saw.
-                            if len < r.from || (r.upload.is_some() && len != r.size) {
-                                return Err(std::io::Error::other("changed since the scan"));
-                            }
-                            read_prefix(&f, &r.hash, r.size, r.from, &sigs)
-                        });
+                    let prefix = fsutil::open_to_read(&r.file).and_then(|f| {
+                        let len = f.metadata()?.len();
+                        // An upload's file must still have the size the scan saw.
+                        if len < r.from || (r.upload.is_some() && len != r.size) {
+                            return Err(std::io::Error::other("changed since the scan"));
+                        }
+                        read_prefix(&f, &r.hash, r.size, r.from, &sigs)
+                    });
                     (r, prefix)
                 })
                 .collect::<Vec<_>>()

@@ -549,10 +549,7 @@ pub(super) fn receive_file(
     // Read by pread, never mapped (see `produce`): if the base is cut short while the copies are
     // read, the delta fails and the file is fetched whole.
     let base = match base {
-        Some(_) => {
-            let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&full)?;
-            Some(FileBase::new(f)?)
-        }
+        Some(_) => Some(FileBase::new(fsutil::open_to_read(&full)?)?),
         None => None,
     };
     let partial = matches!(dest, Dest::Partial { .. });

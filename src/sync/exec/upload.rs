@@ -207,7 +207,7 @@ pub(super) fn produce(
         let _ = send(Item::Skip);
         Produced::Failed(why)
     };
-    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(full) {
+    let file = match fsutil::open_to_read(full) {
         Ok(f) => f,
         Err(e) => return skip(&mut send, e.to_string()),
     };
