@@ -1416,7 +1416,7 @@ fn apply_change(
         let known = batch.has_content.exists(params![account, &hash.0[..]])?;
         if !known {
             let ids = match &ch.chunks {
-                Some(list) => chunk_ids_by(&mut *batch.chunk_id, list)?,
+                Some(list) => chunk_ids_by(&mut batch.chunk_id, list)?,
                 None => None,
             };
             let Some(ids) = ids else {
