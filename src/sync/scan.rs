@@ -329,7 +329,7 @@ impl Walker<'_> {
                         s.unknown.push(rel);
                         continue;
                     }
-                    _ => match ContentHash::of_file(&entry.path()) {
+                    _ => match ContentHash::of_file_sized(&entry.path(), stat.size) {
                         Ok((h, _)) => {
                             s.hashed_bytes += stat.size;
                             tracing::debug!("hashed {rel} ({} bytes)", stat.size);
