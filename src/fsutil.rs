@@ -76,7 +76,7 @@ impl<F: std::os::fd::AsFd + io::Write> io::Write for WriteBehind<F> {
 /// swapped in for a file must not make us read elsewhere), and without updating its access time
 /// where the file is ours (`O_NOATIME`, as restic and `rsync --open-noatime` do: a backup that
 /// reads a file has not used it, and a first read of a fresh file otherwise dirtied its inode, a
-/// write to the file system's journal per file; a fifth of a push's system time on 100,000 new
+/// write to the file system's journal per file: 7% of the client's samples pushing 100,000 new
 /// files). Another user's file refuses `O_NOATIME` (`EPERM`) and is opened as usual.
 pub fn open_to_read(path: &Path) -> io::Result<File> {
     let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(path);

@@ -774,7 +774,7 @@ impl MetaStore for SqliteMeta {
             }
             out.push(r);
         }
-        drop(batch);
+        drop(batch); // its statements borrow the transaction, which the commit takes
         tx.prepare_cached("UPDATE accounts SET used = MAX(0, ?2), seq = ?3 WHERE id=?1")?
             .execute(params![account, used, seq])?;
         tx.commit()?;
@@ -1271,7 +1271,6 @@ fn chunk_locs(c: &rusqlite::Connection, list: &[u8]) -> Result<Option<Vec<ChunkL
 }
 
 /// The ids of stored chunks, as a content row's list; `None` if one is not stored (any more).
-/// The ids of a list's chunks, as a content row holds them; `None` if one is not stored.
 fn chunk_ids(c: &rusqlite::Connection, list: &[(ChunkKey, u32)]) -> Result<Option<Vec<u8>>, MetaError> {
     chunk_ids_by(&mut *c.prepare_cached(CHUNK_ID)?, list)
 }
