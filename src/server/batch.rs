@@ -187,3 +187,38 @@ pub async fn commit(
     }
     staged.iter().zip(results).map(|(s, r)| (s.id, r.map(|rev| Reply::Committed { rev }))).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The set of staged paths follows the list: every path pushed is found until the batch is
+    /// taken, and the batch is full at its count or its bytes.
+    #[test]
+    fn staged_paths_are_found_until_the_batch_is_taken() {
+        let staged = |path: &str, size| Staged {
+            id: 0,
+            path: RelPath::new(path).unwrap(),
+            base_rev: 0,
+            node: Node::File {
+                hash: crate::hash::ContentHash::of(b""),
+                size,
+                meta: crate::protocol::Meta { mtime_ns: 0, mode: 0o644 },
+            },
+            op: "write",
+            chunks: None,
+            sig: None,
+        };
+        let mut s = Staging::default();
+        s.push(staged("a/x", 10));
+        s.push(staged("a/y", 20));
+        let (x, y, z) =
+            (RelPath::new("a/x").unwrap(), RelPath::new("a/y").unwrap(), RelPath::new("a/z").unwrap());
+        assert!(s.contains(&x) && s.contains(&y) && !s.contains(&z));
+        assert!(!s.full(3, 31) && s.full(2, 1000) && s.full(10, 30));
+        let (list, paths) = s.take();
+        assert_eq!(list.len(), 2);
+        assert_eq!(paths, HashSet::from([x.clone(), y]));
+        assert!(s.is_empty() && !s.contains(&x) && !s.full(1, 1));
+    }
+}
