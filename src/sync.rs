@@ -43,6 +43,11 @@ use report::Report;
 /// The address `deltasync serve` listens on by default.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7700";
 
+/// A scan that changes at least this many rows of the stat cache has it written beside the
+/// round's transfers: a first push of 100,000 files spent 0.12 s writing it after them, with the
+/// server done and waiting.
+const STATS_BESIDE: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
@@ -489,6 +494,20 @@ impl Folder {
                 .sum();
             progress.start(files, planned_bytes + fetch_bytes);
         }
+        // A big scan's stat cache (a first round over a big folder) is written on a connection of
+        // its own while the transfers run (mostly waiting for the server then), instead of after
+        // them; the end writes only what the round changed in it.
+        let (beside, old_cache) = if index::stat_changes(&old_cache, &scan.cache, STATS_BESIDE)
+            >= STATS_BESIDE
+        {
+            let mut second = self.index.second()?;
+            let new = scan.cache.clone();
+            let t =
+                tokio::task::spawn_blocking(move || second.save_stat_cache(&old_cache, &new).map(|()| new));
+            (Some(t), BTreeMap::new())
+        } else {
+            (None, old_cache)
+        };
         let mut exec = exec::Exec::new(
             self.root.clone(),
             self.sigs.clone(),
@@ -509,8 +528,14 @@ impl Folder {
         drop(done);
         remote.append(&mut exec.batch.remote);
         exec.batch.remote = remote;
+        let saved = match beside {
+            Some(t) => {
+                t.await.map_err(|e| SyncError::Other(format!("writing the stat cache failed: {e}")))??
+            }
+            None => old_cache,
+        };
         self.index.apply(&exec.batch)?;
-        self.index.save_stat_cache(&old_cache, &exec.cache)?;
+        self.index.save_stat_cache(&saved, &exec.cache)?;
         progress.finish();
         r?;
         if let Some(lane) = &opts.lane {

@@ -138,6 +138,29 @@ fn read_node(r: &Row, at: usize) -> rusqlite::Result<Result<Option<Node>, String
     })
 }
 
+/// How many stat-cache rows [`Index::save_stat_cache`] would write or delete going from `old`
+/// to `new`, counting no further than `limit`.
+pub fn stat_changes(
+    old: &BTreeMap<RelPath, (Stat, ContentHash)>,
+    new: &BTreeMap<RelPath, (Stat, ContentHash)>,
+    limit: usize,
+) -> usize {
+    let mut n = 0;
+    let mut before = old.iter().peekable();
+    for (p, v) in new {
+        while before.next_if(|(q, _)| *q < p).is_some() {
+            n += 1;
+        }
+        if before.next_if(|(q, _)| *q == p).is_none_or(|(_, w)| w != v) {
+            n += 1;
+        }
+        if n >= limit {
+            return n;
+        }
+    }
+    n + before.count()
+}
+
 fn rev_of(v: i64) -> Result<u64, String> {
     u64::try_from(v).map_err(|_| format!("revision {v}"))
 }
@@ -243,6 +266,16 @@ impl Index {
     /// the start of the round: only the rows that changed are written (a no-op round over
     /// 100,000 files rewrote them all: 12% of its time). If the table held rows `old` could not
     /// read, it is written whole.
+    /// A second connection to this index, for writing beside the round's transfers (the stat
+    /// cache of a big scan, see [`stat_changes`]).
+    pub fn second(&self) -> Result<Index, IndexError> {
+        let path = self.conn.path().unwrap_or_default().to_string();
+        let conn = Connection::open(&path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Index { conn, fresh: false })
+    }
+
     pub fn save_stat_cache(
         &mut self,
         old: &BTreeMap<RelPath, (Stat, ContentHash)>,
@@ -473,6 +506,33 @@ mod tests {
         // Given a stale `old` (rows it did not know), the table is written whole.
         ix.save_stat_cache(&BTreeMap::new(), &first).unwrap();
         assert_eq!(ix.stat_cache().unwrap(), first);
+    }
+
+    #[test]
+    fn stat_changes_counts_what_a_save_writes_and_a_second_connection_saves_it() {
+        let st = |n: u64| Stat { size: n, mtime_ns: n as i64, inode: n, mode: 0o644 };
+        let h = |n: u8| ContentHash::of(&[n]);
+        let old: BTreeMap<_, _> =
+            [(p("a"), (st(1), h(1))), (p("b"), (st(2), h(2))), (p("c"), (st(3), h(3)))].into();
+        let new: BTreeMap<_, _> = [
+            (p("a"), (st(1), h(1))),
+            (p("b"), (st(5), h(5))),
+            (p("d"), (st(4), h(4))),
+            (p("e"), (st(6), h(6))),
+        ]
+        .into();
+        // b changed, d and e are new, c went.
+        assert_eq!(stat_changes(&old, &new, 100), 4);
+        assert_eq!(stat_changes(&old, &old, 100), 0);
+        assert_eq!(stat_changes(&BTreeMap::new(), &new, 100), 4);
+        assert_eq!(stat_changes(&new, &BTreeMap::new(), 100), 4);
+        assert_eq!(stat_changes(&BTreeMap::new(), &new, 2), 2);
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = Index::open(d.path()).unwrap();
+        ix.save_stat_cache(&BTreeMap::new(), &old).unwrap();
+        let mut second = ix.second().unwrap();
+        second.save_stat_cache(&old, &new).unwrap();
+        assert_eq!(ix.stat_cache().unwrap(), new);
     }
 
     #[test]

@@ -432,3 +432,31 @@ fn file_or_symlink_replaced_by_directory_syncs() {
     pull(b, &srv, &token);
     assert_same_tree(a, b);
 }
+
+/// A first push of more files than `sync::STATS_BESIDE` writes the stat cache on a second
+/// connection while it uploads: afterwards it holds every file (a no-op push then reads none of
+/// them again), and the round's own index rows are there beside it.
+#[test]
+fn a_big_first_push_keeps_the_stat_cache_of_every_file() {
+    let srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let a = temp_dir("a");
+    for i in 0..4200 {
+        write(&a.path().join(format!("d{}/f{i}.txt", i / 500)), format!("file {i}"));
+    }
+    push(a.path(), &srv, &token);
+    let count = |table: &str| -> i64 {
+        let db = rusqlite::Connection::open(a.path().join(".deltasync/index.db")).unwrap();
+        db.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+    };
+    assert_eq!(count("stat_cache"), 4200);
+    assert_eq!(count("synced WHERE kind = 1"), 4200);
+    let again = push(a.path(), &srv, &token);
+    assert!(again.stdout.contains("up to date"), "{}", again.dump());
+    // A change after it is seen and sent.
+    write(&a.path().join("d0/f0.txt"), "file 0, edited");
+    push(a.path(), &srv, &token);
+    let b = temp_dir("b");
+    pull(b.path(), &srv, &token);
+    assert_same_tree(a.path(), b.path());
+}
