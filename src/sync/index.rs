@@ -262,10 +262,6 @@ impl Index {
         Ok(rows.into_iter().collect())
     }
 
-    /// Saves the stat cache `cache`, given `old`, what [`stat_cache`](Self::stat_cache) read at
-    /// the start of the round: only the rows that changed are written (a no-op round over
-    /// 100,000 files rewrote them all: 12% of its time). If the table held rows `old` could not
-    /// read, it is written whole.
     /// A second connection to this index, for writing beside the round's transfers (the stat
     /// cache of a big scan, see [`stat_changes`]).
     pub fn second(&self) -> Result<Index, IndexError> {
@@ -276,6 +272,10 @@ impl Index {
         Ok(Index { conn, fresh: false })
     }
 
+    /// Saves the stat cache `cache`, given `old`, what [`stat_cache`](Self::stat_cache) read at
+    /// the start of the round: only the rows that changed are written (a no-op round over
+    /// 100,000 files rewrote them all: 12% of its time). If the table held rows `old` could not
+    /// read, it is written whole.
     pub fn save_stat_cache(
         &mut self,
         old: &BTreeMap<RelPath, (Stat, ContentHash)>,
