@@ -138,6 +138,17 @@ fn read_node(r: &Row, at: usize) -> rusqlite::Result<Result<Option<Node>, String
     })
 }
 
+/// The stat-cache rows that differ from `old` in `new`, in path order: each path with its row
+/// in `new`, or `None` where it went (both maps sorted: compared side by side, not looked up one
+/// by one).
+fn stat_diff<'a>(
+    old: &'a BTreeMap<RelPath, (Stat, ContentHash)>,
+    new: &'a BTreeMap<RelPath, (Stat, ContentHash)>,
+) -> impl Iterator<Item = (&'a RelPath, Option<&'a (Stat, ContentHash)>)> {
+    static NONE: BTreeMap<RelPath, ()> = BTreeMap::new();
+    merge3(old, new, &NONE).filter_map(|(p, was, now, _)| (was != now).then_some((p, now)))
+}
+
 /// How many stat-cache rows [`Index::save_stat_cache`] would write or delete going from `old`
 /// to `new`, counting no further than `limit`.
 pub fn stat_changes(
@@ -145,20 +156,7 @@ pub fn stat_changes(
     new: &BTreeMap<RelPath, (Stat, ContentHash)>,
     limit: usize,
 ) -> usize {
-    let mut n = 0;
-    let mut before = old.iter().peekable();
-    for (p, v) in new {
-        while before.next_if(|(q, _)| *q < p).is_some() {
-            n += 1;
-        }
-        if before.next_if(|(q, _)| *q == p).is_none_or(|(_, w)| w != v) {
-            n += 1;
-        }
-        if n >= limit {
-            return n;
-        }
-    }
-    n + before.count()
+    stat_diff(old, new).take(limit).count()
 }
 
 fn rev_of(v: i64) -> Result<u64, String> {
@@ -289,21 +287,17 @@ impl Index {
         }
         {
             let mut put = tx.prepare(PUT_STAT)?;
-            // Both maps are sorted: compared side by side, not looked up one by one.
-            let mut before = old.iter().peekable();
-            for (p, (s, h)) in cache {
-                while before.next_if(|(q, _)| *q < p).is_some() {}
-                let same = before.next_if(|(q, _)| *q == p).is_some_and(|(_, v)| *v == (*s, *h));
-                if whole || !same {
+            if whole {
+                for (p, (s, h)) in cache {
                     put_stat(&mut put, p, s, h)?;
                 }
-            }
-            if !whole {
+            } else {
                 let mut del = tx.prepare("DELETE FROM stat_cache WHERE path=?1")?;
-                for (p, ..) in
-                    merge3(old, cache, &BTreeMap::<RelPath, ()>::new()).filter(|(_, _, now, _)| now.is_none())
-                {
-                    del.execute(params![p.as_str()])?;
+                for (p, now) in stat_diff(old, cache) {
+                    match now {
+                        Some((s, h)) => put_stat(&mut put, p, s, h)?,
+                        None => del.execute(params![p.as_str()])?,
+                    };
                 }
             }
         }

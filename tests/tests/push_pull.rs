@@ -433,9 +433,11 @@ fn file_or_symlink_replaced_by_directory_syncs() {
     assert_same_tree(a, b);
 }
 
-/// A first push of more files than `sync::STATS_BESIDE` writes the stat cache on a second
-/// connection while it uploads: afterwards it holds every file (a no-op push then reads none of
-/// them again), and the round's own index rows are there beside it.
+/// A first push of more files than `sync::STATS_BESIDE` takes the way that writes the stat cache
+/// on a second connection while it uploads: afterwards the cache holds every file beside the
+/// round's own index rows, the next push finds nothing to send, and an edit is still seen. (Which
+/// connection wrote the rows is not visible from here; the unit test `stat_changes_counts_...`
+/// covers the second connection.)
 #[test]
 fn a_big_first_push_keeps_the_stat_cache_of_every_file() {
     let srv = start_server();

@@ -310,8 +310,8 @@ impl SqliteMeta {
             }
         }
         migrate(&conn)?;
-        // A commit of a few hundred uploads dirties about a thousand pages (every index is keyed
-        // by a hash, so each insert lands on its own leaf): a cache that holds them all avoids
+        // A batch's commit (up to 8,192 uploads) dirties thousands of pages (in the indexes keyed
+        // by a hash each insert lands on a leaf of its own): a cache that holds them all avoids
         // spilling them to the WAL mid-transaction and reading them back, and checkpoints every
         // 8,192 pages (32 MiB of WAL) write a page changed by several commits once.
         conn.pragma_update(None, "cache_size", -65_536)?;
