@@ -34,6 +34,9 @@ mod code {
     pub const PARTIAL: u8 = 23;
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Client commands log at info (RUST_LOG may say otherwise); `serve` takes --log-level, -v and
