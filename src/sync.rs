@@ -390,11 +390,11 @@ impl Folder {
         progress: &Arc<Progress>,
     ) -> Result<Report, SyncError> {
         let mut report = Report::default();
-        let (base, note) = input::Base::load(&self.index, true)?;
-        if let Some(n) = note {
-            progress.say(&format!("note: {n}"));
-            report.notes.push(n);
-        }
+        // The index's view of the server is read on a connection of its own, beside the stat
+        // cache and the scan: both are mostly CPU (a row or a `statx` a path), and the scan alone
+        // does not keep two cores busy.
+        let second = self.index.second()?;
+        let based = tokio::task::spawn_blocking(move || input::Base::load(&second, true));
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
         // What the lane is writing now: not hashed half-written; the lane records it when done.
@@ -405,6 +405,11 @@ impl Folder {
         })
         .await
         .map_err(|e| SyncError::Other(e.to_string()))?;
+        let (base, note) = based.await.map_err(|e| SyncError::Other(e.to_string()))??;
+        if let Some(n) = note {
+            progress.say(&format!("note: {n}"));
+            report.notes.push(n);
+        }
         let (scan, rules, warning) = scanned.map_err(|err| SyncError::Io { path: self.root.clone(), err })?;
         if let Some(w) = warning {
             progress.say(&format!("warning: {w}"));
@@ -497,8 +502,10 @@ impl Folder {
         // A big scan's stat cache (a first round over a big folder) is written on a connection of
         // its own while the transfers run (mostly waiting for the server then), instead of after
         // them; the end writes only what the round changed in it.
-        let (beside, old_cache) = if index::stat_changes(&old_cache, &scan.cache, STATS_BESIDE)
-            >= STATS_BESIDE
+        // Nothing to write when the scan found every stat as it was and no step changes one.
+        let cache_kept = scan.cache_is(&old_cache) && actions.is_empty();
+        let (beside, old_cache) = if !cache_kept
+            && index::stat_changes(&old_cache, &scan.cache, STATS_BESIDE) >= STATS_BESIDE
         {
             let mut second = self.index.second()?;
             let new = scan.cache.clone();
@@ -535,7 +542,9 @@ impl Folder {
             None => old_cache,
         };
         self.index.apply(&exec.batch)?;
-        self.index.save_stat_cache(&saved, &exec.cache)?;
+        if !cache_kept {
+            self.index.save_stat_cache(&saved, &exec.cache)?;
+        }
         progress.finish();
         r?;
         if let Some(lane) = &opts.lane {

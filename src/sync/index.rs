@@ -260,14 +260,15 @@ impl Index {
         Ok(rows.into_iter().collect())
     }
 
-    /// A second connection to this index, for writing beside the round's transfers (the stat
-    /// cache of a big scan, see [`stat_changes`]).
+    /// A second connection to this index, for work beside this one's: reading the server's
+    /// view during the scan, writing a big scan's stat cache during the transfers (see
+    /// [`stat_changes`]). It says the index is fresh if this one does.
     pub fn second(&self) -> Result<Index, IndexError> {
         let path = self.conn.path().unwrap_or_default().to_string();
         let conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        Ok(Index { conn, fresh: false })
+        Ok(Index { conn, fresh: self.fresh })
     }
 
     /// Saves the stat cache `cache`, given `old`, what [`stat_cache`](Self::stat_cache) read at

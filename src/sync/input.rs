@@ -79,8 +79,11 @@ pub fn prepare(scan: &Scan, rules: &IgnoreRules, base: Base, changes: &[Entry]) 
             .iter()
             .any(|u| p == u || p.as_str().strip_prefix(u.as_str()).is_some_and(|s| s.starts_with('/')))
     };
-    // One pass over the three maps side by side; only the paths left out are cloned.
+    // One pass over the three maps side by side (none when no path can be left out); only the
+    // paths left out are cloned.
+    let nothing_out = rules.is_empty() && scan.unknown.is_empty();
     let out: Vec<RelPath> = merge3(&local, &remote, &synced)
+        .take_while(|_| !nothing_out)
         .filter(|(p, l, r, b)| {
             let is_dir = [*l, r.and_then(|e| e.node.as_ref()), b.and_then(|s| s.node.as_ref())]
                 .into_iter()

@@ -33,6 +33,11 @@ impl IgnoreRules {
         }
     }
 
+    /// No rules: nothing is ignored.
+    pub fn is_empty(&self) -> bool {
+        self.matcher.is_none()
+    }
+
     pub fn is_ignored(&self, path: &RelPath, is_dir: bool) -> bool {
         match &self.matcher {
             Some(m) => m.matched_path_or_any_parents(path.as_str(), is_dir).is_ignore(),

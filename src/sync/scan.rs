@@ -33,8 +33,19 @@ pub struct Scan {
     /// taken for deleted.
     pub unknown: Vec<RelPath>,
     pub hashed_bytes: u64,
+    /// How many files' rows in `cache` are the ones the scan was given, stat and hash alike:
+    /// all of them, with none gone, and the cache needs no writing.
+    pub unchanged: usize,
     /// Temp files of interrupted runs removed on the way.
     pub temps_removed: usize,
+}
+
+impl Scan {
+    /// Is `cache` the stat cache `old` the scan was given, row for row (as in a round where
+    /// nothing changed)? Told from the scan's count, without comparing the two maps.
+    pub fn cache_is(&self, old: &StatCache) -> bool {
+        self.unchanged == self.cache.len() && self.cache.len() == old.len()
+    }
 }
 
 /// `.deltasync/tmp/`: the temp files of downloads and local copies, renamed into place from here.
@@ -161,6 +172,7 @@ pub fn scan(
             s.special.append(&mut part.special);
             s.unknown.append(&mut part.unknown);
             s.hashed_bytes += part.hashed_bytes;
+            s.unchanged += part.unchanged;
             s.temps_removed += part.temps_removed;
         }
     }
@@ -323,6 +335,8 @@ impl Walker<'_> {
                     Some((st, h))
                         if st.size == stat.size && st.mtime_ns == stat.mtime_ns && st.inode == stat.inode =>
                     {
+                        // Only the content is known: a new mode is still a row to write.
+                        s.unchanged += usize::from(*st == stat);
                         *h
                     }
                     _ if self.busy.contains(&rel) => {
@@ -413,5 +427,41 @@ mod tests {
         let again = scan(root, &s.cache, &IgnoreRules::default(), false, &HashSet::new()).unwrap();
         assert_eq!(again.hashed_bytes, 0);
         assert_eq!(again.nodes, s.nodes);
+    }
+
+    /// The scan says its stat cache is the one it was given only when every row is: a file's
+    /// new mode (content not read again), a new file or a file gone makes it differ.
+    #[test]
+    fn a_scan_tells_whether_its_stat_cache_is_the_old_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for f in ["a", "b", "c"] {
+            fs::write(root.join(f), f).unwrap();
+        }
+        let again =
+            |old: &StatCache| scan(root, old, &IgnoreRules::default(), false, &HashSet::new()).unwrap();
+        let first = again(&StatCache::new());
+        assert!(!first.cache_is(&StatCache::new()));
+        let same = again(&first.cache);
+        assert!(same.cache_is(&first.cache));
+        assert_eq!(same.cache, first.cache);
+
+        fs::set_permissions(root.join("b"), fs::Permissions::from_mode(0o600)).unwrap();
+        let moded = again(&same.cache);
+        assert_eq!(moded.hashed_bytes, 0);
+        assert_ne!(moded.cache, same.cache);
+        assert!(!moded.cache_is(&same.cache));
+        assert!(again(&moded.cache).cache_is(&moded.cache));
+
+        fs::write(root.join("d"), "d").unwrap();
+        assert!(!again(&moded.cache).cache_is(&moded.cache));
+        fs::remove_file(root.join("d")).unwrap();
+        fs::remove_file(root.join("a")).unwrap();
+        let mut old = moded.cache.clone();
+        old.remove(&RelPath::new("a").unwrap());
+        // `old` without a: the same rows as the folder now.
+        assert!(again(&old).cache_is(&old));
+        assert!(!again(&moded.cache).cache_is(&moded.cache));
     }
 }
