@@ -132,7 +132,7 @@ pub fn scan(
     clean: bool,
     busy: &HashSet<RelPath>,
 ) -> std::io::Result<Scan> {
-    let mut s = Scan::default();
+    let mut s = Part::default();
     if clean {
         s.temps_removed += clean_state(root, SystemTime::now());
     }
@@ -146,7 +146,7 @@ pub fn scan(
         }
     } else {
         let queue = Queue { state: Mutex::new((dirs, 0)), more: Condvar::new() };
-        let parts: Vec<Scan> = std::thread::scope(|scope| {
+        let parts: Vec<Part> = std::thread::scope(|scope| {
             // A thread that cannot be started is no error: the others (and this one) do its share.
             let helpers: Vec<_> = (1..threads)
                 .filter_map(|_| {
@@ -176,6 +176,19 @@ pub fn scan(
             s.temps_removed += part.temps_removed;
         }
     }
+    // Each directory's paths were sorted as it was read: the maps are built by merging those
+    // runs, not by inserting each path (a no-op scan of 100,000 files spent 14% of its samples
+    // inserting into the maps and merging the threads' maps).
+    let mut s = Scan {
+        nodes: s.nodes.into_iter().collect(),
+        cache: s.cache.into_iter().collect(),
+        skipped: s.skipped,
+        special: s.special,
+        unknown: s.unknown,
+        hashed_bytes: s.hashed_bytes,
+        unchanged: s.unchanged,
+        temps_removed: s.temps_removed,
+    };
     // A directory that could not be read was listed by its parent, maybe in another thread.
     for u in &s.unknown {
         s.nodes.remove(u);
@@ -198,6 +211,19 @@ struct Queue {
     more: Condvar,
 }
 
+/// What one thread found: a [`Scan`] with its maps still lists, each directory's paths sorted.
+#[derive(Default)]
+struct Part {
+    nodes: Vec<(RelPath, Node)>,
+    cache: Vec<(RelPath, (Stat, ContentHash))>,
+    skipped: Vec<PathIssue>,
+    special: Vec<PathIssue>,
+    unknown: Vec<RelPath>,
+    hashed_bytes: u64,
+    unchanged: usize,
+    temps_removed: usize,
+}
+
 struct Walker<'a> {
     root: &'a Path,
     old: &'a StatCache,
@@ -208,8 +234,8 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     /// Reads directories from `queue` until none is left and no thread can find more.
-    fn work(&self, queue: &Queue) -> Scan {
-        let mut s = Scan::default();
+    fn work(&self, queue: &Queue) -> Part {
+        let mut s = Part::default();
         let mut found = Vec::new();
         loop {
             let dir = {
@@ -240,10 +266,10 @@ impl Walker<'_> {
 
     /// Reads one directory into `s`, adding its subdirectories to `dirs`. Only an unreadable
     /// root is an error.
-    fn read_dir(&self, dir: &Dir, s: &mut Scan, dirs: &mut Vec<Dir>) -> std::io::Result<()> {
+    fn read_dir(&self, dir: &Dir, s: &mut Part, dirs: &mut Vec<Dir>) -> std::io::Result<()> {
         let root = self.root;
         let shown = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
-        let unreadable = |s: &mut Scan, e: std::io::Error, rel: &RelPath| {
+        let unreadable = |s: &mut Part, e: std::io::Error, rel: &RelPath| {
             s.skipped.push(PathIssue { path: rel.to_string(), cause: local_cause(&e) });
             s.unknown.push(rel.clone());
         };
@@ -255,6 +281,7 @@ impl Walker<'_> {
             }
             (Err(e), None) => return Err(e),
         };
+        let first = (s.nodes.len(), s.cache.len());
         for entry in rd {
             let entry = match (entry, &dir.rel) {
                 (Ok(entry), _) => entry,
@@ -311,15 +338,15 @@ impl Walker<'_> {
                 continue;
             }
             if ft.is_dir() {
-                s.nodes.insert(
+                s.nodes.push((
                     rel.clone(),
                     Node::Dir { mode: md.permissions().mode() & fsutil::PERMISSION_BITS },
-                );
+                ));
                 dirs.push(Dir { full: entry.path(), rel: Some(rel) });
             } else if ft.is_symlink() {
                 match fs::read_link(entry.path()).ok().and_then(|t| t.to_str().map(String::from)) {
                     Some(target) => {
-                        s.nodes.insert(rel, Node::Symlink { target });
+                        s.nodes.push((rel, Node::Symlink { target }));
                     }
                     None => {
                         s.skipped.push(PathIssue {
@@ -356,15 +383,15 @@ impl Walker<'_> {
                         }
                     },
                 };
-                s.cache.insert(rel.clone(), (stat, hash));
-                s.nodes.insert(
+                s.cache.push((rel.clone(), (stat, hash)));
+                s.nodes.push((
                     rel,
                     Node::File {
                         hash,
                         size: stat.size,
                         meta: Meta { mtime_ns: stat.mtime_ns, mode: stat.mode },
                     },
-                );
+                ));
             } else {
                 s.special.push(PathIssue {
                     path: rel.to_string(),
@@ -373,6 +400,9 @@ impl Walker<'_> {
                 s.unknown.push(rel);
             }
         }
+        // Sorted runs, one a directory, for the maps to be built from.
+        s.nodes[first.0..].sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        s.cache[first.1..].sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(())
     }
 }
