@@ -568,8 +568,17 @@ impl Folder {
                 report.total_size += size;
             }
         }
+        // The round's maps of every path are freed on a thread of their own, beside what comes
+        // next (for push and pull: the exit). At 100,000 files that took 30-40 ms, a tenth of a
+        // no-op round.
+        free_beside((inputs, std::mem::take(&mut exec.local), std::mem::take(&mut exec.cache), saved));
         Ok(report)
     }
+}
+
+/// Drops `t` on a new thread; here when none can be started.
+fn free_beside<T: Send + 'static>(t: T) {
+    let _ = std::thread::Builder::new().name("free".into()).spawn(move || drop(t));
 }
 
 /// A download a push makes too: the server changed a path that is gone here but was agreed
