@@ -157,6 +157,8 @@ pub struct Folder {
     pub sigs: SigCache,
     /// Server deletes this process sent, and when: the mass-delete guard counts them together.
     recent_deletes: Vec<(std::time::Instant, u64)>,
+    /// The thread freeing the last round's maps (see [`free_beside`]).
+    freeing: Option<std::thread::JoinHandle<()>>,
     _lock: std::fs::File,
 }
 
@@ -184,7 +186,7 @@ impl Folder {
         }
         let index = Index::open(&sd)?;
         let sigs = SigCache::new(sd.join("sigs")).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
-        Ok(Folder { root, index, sigs, recent_deletes: Vec::new(), _lock: lock })
+        Ok(Folder { root, index, sigs, recent_deletes: Vec::new(), freeing: None, _lock: lock })
     }
 
     /// Flags and environment win over what `.deltasync/` remembers.
@@ -571,14 +573,22 @@ impl Folder {
         // The round's maps of every path are freed on a thread of their own, beside what comes
         // next (for push and pull: the exit). At 100,000 files that took 30-40 ms, a tenth of a
         // no-op round.
-        free_beside((inputs, std::mem::take(&mut exec.local), std::mem::take(&mut exec.cache), saved));
+        self.freeing =
+            free_beside((inputs, std::mem::take(&mut exec.local), std::mem::take(&mut exec.cache), saved));
         Ok(report)
+    }
+
+    /// Waits until the last round's maps are freed (before giving the memory back to the OS).
+    pub fn wait_freed(&mut self) {
+        if let Some(t) = self.freeing.take() {
+            let _ = t.join();
+        }
     }
 }
 
-/// Drops `t` on a new thread; here when none can be started.
-fn free_beside<T: Send + 'static>(t: T) {
-    let _ = std::thread::Builder::new().name("free".into()).spawn(move || drop(t));
+/// Drops `t` on a new thread, returned; here when none can be started.
+fn free_beside<T: Send + 'static>(t: T) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("free".into()).spawn(move || drop(t)).ok()
 }
 
 /// A download a push makes too: the server changed a path that is gone here but was agreed

@@ -182,6 +182,7 @@ pub async fn watch(
             // idle: give the freed memory back to the OS (103 MiB -> 15 MiB after a first round of
             // 100,000 files). Not after small rounds: trimming costs ~10 ms of their latency.
             if started.elapsed() > BIG_ROUND {
+                folder.wait_freed();
                 crate::fsutil::release_free_memory();
             }
             match result {
