@@ -264,15 +264,9 @@ pub fn clean_temps(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Returns memory the allocators hold free to the OS: a long-running `watch` after a big round.
-/// Rust's allocations are mimalloc's (see `main.rs`); SQLite's and other C code's are libc's
-/// (glibc's `malloc_trim`).
+/// Returns memory the allocator holds free to the OS (glibc's `malloc_trim`): a long-running
+/// `watch` after a big round.
 pub fn release_free_memory() {
-    #[allow(unsafe_code)]
-    // SAFETY: mi_collect only frees what mimalloc's own heaps hold unused; it takes no pointers.
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         #[allow(unsafe_code)]

@@ -34,11 +34,6 @@ mod code {
     pub const PARTIAL: u8 = 23;
 }
 
-/// mimalloc: both ends allocate a path, a row and a buffer a file, and spend less time doing it
-/// than with glibc's malloc (see the commit that chose it for the before/after).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Client commands log at info (RUST_LOG may say otherwise); `serve` takes --log-level, -v and
