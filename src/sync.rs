@@ -159,6 +159,9 @@ pub struct Folder {
     recent_deletes: Vec<(std::time::Instant, u64)>,
     /// The thread freeing the last round's maps (see [`free_beside`]).
     freeing: Option<std::thread::JoinHandle<()>>,
+    /// A second connection to the index, for a round's work beside the first (see
+    /// [`second`](Self::second)), kept from round to round.
+    spare: Option<Index>,
     _lock: std::fs::File,
 }
 
@@ -186,7 +189,7 @@ impl Folder {
         }
         let index = Index::open(&sd)?;
         let sigs = SigCache::new(sd.join("sigs")).map_err(|err| SyncError::Io { path: sd.clone(), err })?;
-        Ok(Folder { root, index, sigs, recent_deletes: Vec::new(), freeing: None, _lock: lock })
+        Ok(Folder { root, index, sigs, recent_deletes: Vec::new(), freeing: None, spare: None, _lock: lock })
     }
 
     /// Flags and environment win over what `.deltasync/` remembers.
@@ -395,8 +398,11 @@ impl Folder {
         // The index's view of the server is read on a connection of its own, beside the stat
         // cache and the scan: both are mostly CPU (a row or a `statx` a path), and the scan alone
         // does not keep two cores busy.
-        let second = self.index.second()?;
-        let based = tokio::task::spawn_blocking(move || input::Base::load(&second, true));
+        let second = self.second()?;
+        let based = tokio::task::spawn_blocking(move || {
+            let r = input::Base::load(&second, true);
+            (second, r)
+        });
         let root = self.root.clone();
         let old_cache = self.index.stat_cache()?;
         // What the lane is writing now: not hashed half-written; the lane records it when done.
@@ -407,7 +413,9 @@ impl Folder {
         })
         .await
         .map_err(|e| SyncError::Other(e.to_string()))?;
-        let (base, note) = based.await.map_err(|e| SyncError::Other(e.to_string()))??;
+        let (second, loaded) = based.await.map_err(|e| SyncError::Other(e.to_string()))?;
+        self.spare = Some(second);
+        let (base, note) = loaded?;
         if let Some(n) = note {
             progress.say(&format!("note: {n}"));
             report.notes.push(n);
@@ -501,22 +509,23 @@ impl Folder {
                 .sum();
             progress.start(files, planned_bytes + fetch_bytes);
         }
-        // A big scan's stat cache (a first round over a big folder) is written on a connection of
-        // its own while the transfers run (mostly waiting for the server then), instead of after
-        // them; the end writes only what the round changed in it.
-        // Nothing to write when the scan found every stat as it was and no step changes one.
+        // Nothing to write when the scan found every stat as it was and no step changes one. A
+        // big scan's stat cache (a first round over a big folder) is written on the second
+        // connection while the transfers run (mostly waiting for the server then), instead of
+        // after them; the end writes only what the round changed in it.
         let cache_kept = scan.cache_is(&old_cache) && actions.is_empty();
-        let (beside, old_cache) = if !cache_kept
-            && index::stat_changes(&old_cache, &scan.cache, STATS_BESIDE) >= STATS_BESIDE
-        {
-            let mut second = self.index.second()?;
-            let new = scan.cache.clone();
-            let t =
-                tokio::task::spawn_blocking(move || second.save_stat_cache(&old_cache, &new).map(|()| new));
-            (Some(t), BTreeMap::new())
-        } else {
-            (None, old_cache)
-        };
+        let (beside, old_cache) =
+            if !cache_kept && index::stat_changes(&old_cache, &scan.cache, STATS_BESIDE) >= STATS_BESIDE {
+                let mut second = self.second()?;
+                let new = scan.cache.clone();
+                let t = tokio::task::spawn_blocking(move || {
+                    let r = second.save_stat_cache(&old_cache, &new).map(|()| new);
+                    (second, r)
+                });
+                (Some(t), BTreeMap::new())
+            } else {
+                (None, old_cache)
+            };
         let mut exec = exec::Exec::new(
             self.root.clone(),
             self.sigs.clone(),
@@ -539,7 +548,10 @@ impl Folder {
         exec.batch.remote = remote;
         let saved = match beside {
             Some(t) => {
-                t.await.map_err(|e| SyncError::Other(format!("writing the stat cache failed: {e}")))??
+                let (second, saved) =
+                    t.await.map_err(|e| SyncError::Other(format!("writing the stat cache failed: {e}")))?;
+                self.spare = Some(second);
+                saved?
             }
             None => old_cache,
         };
@@ -576,6 +588,14 @@ impl Folder {
         self.freeing =
             free_beside((inputs, std::mem::take(&mut exec.local), std::mem::take(&mut exec.cache), saved));
         Ok(report)
+    }
+
+    /// The second connection to the index: the one kept from an earlier round, else a new one.
+    fn second(&mut self) -> Result<Index, SyncError> {
+        match self.spare.take() {
+            Some(ix) => Ok(ix),
+            None => Ok(self.index.second()?),
+        }
     }
 
     /// Waits until the last round's maps are freed (before giving the memory back to the OS).
