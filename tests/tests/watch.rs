@@ -71,6 +71,8 @@ struct Watcher {
     addr: String,
     token: String,
     log: PathBuf,
+    /// Set in the watcher's environment (failpoints).
+    env: Vec<(&'static str, &'static str)>,
     child: Option<Child>,
     /// The log's folder: removed after a passing test, kept after a failing one.
     logs: Option<TempDir>,
@@ -78,6 +80,16 @@ struct Watcher {
 
 impl Watcher {
     fn start(dir: &Path, srv: &Server, token: &str, device: &str) -> Watcher {
+        Watcher::start_with(dir, srv, token, device, &[])
+    }
+
+    fn start_with(
+        dir: &Path,
+        srv: &Server,
+        token: &str,
+        device: &str,
+        env: &[(&'static str, &'static str)],
+    ) -> Watcher {
         let logs = temp_dir("ds-watch-log-");
         let mut w = Watcher {
             device: device.to_string(),
@@ -85,6 +97,7 @@ impl Watcher {
             addr: srv.address(),
             token: token.to_string(),
             log: logs.path().join("watch.log"),
+            env: env.to_vec(),
             child: None,
             logs: Some(logs),
         };
@@ -100,6 +113,7 @@ impl Watcher {
             .arg(&self.dir)
             .args(["--server", &self.addr, "--token", &self.token, "--no-progress", "-v"])
             .args(["--device", &self.device])
+            .envs(self.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -1396,6 +1410,42 @@ fn ignore_rules_are_respected() {
     assert_eq!(on_server, want.iter().map(|s| s.to_string()).collect(), "paths on the server");
     wa.stop();
     wb.stop();
+}
+
+/// The watch is set up once the first round is over (so that round's reads and downloads raise no
+/// events): a file written after that round and before the watch is in place raises no event, and
+/// still goes, in the round the end of the setup starts (not at the rescan, 300 s away).
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_file_written_before_the_watch_is_in_place_still_goes() {
+    let mut srv = start_server();
+    let token = add_account(&srv.data, "alice");
+    let ta = temp_dir("ds-late-");
+    let a = ta.path();
+    write(&a.join("first.txt"), "there from the start\n");
+    // The setup takes 5 s more than it would: the write below falls before it ends.
+    let mut w = Watcher::start_with(a, &srv, &token, "A", &[("DELTASYNC_FAILPOINT", "watcher-slow")]);
+    let deadline = Instant::now() + CONVERGE;
+    while !synced_once(a) {
+        w.assert_alive();
+        assert!(Instant::now() < deadline, "the watcher did not finish a first round");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write(&a.join("late.txt"), "written before the watch was in place\n");
+    mirror(&mut srv);
+    loop {
+        let files = srv.files();
+        if fs::read_to_string(files.join("late.txt"))
+            .is_ok_and(|c| c == "written before the watch was in place\n")
+        {
+            assert_eq!(read_string(&files.join("first.txt")), "there from the start\n");
+            break;
+        }
+        w.assert_alive();
+        assert!(Instant::now() < deadline, "late.txt never reached the server; log:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.stop();
 }
 
 /// Polls until `path` holds `content`.
