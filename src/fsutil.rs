@@ -277,6 +277,24 @@ pub fn release_free_memory() {
     }
 }
 
+/// For a long-running `watch`: fixed limits instead of glibc's sliding ones, so the memory a big
+/// round frees can go back to the OS. glibc raises its trim threshold to twice the biggest block
+/// it has freed (up to 64 MiB), and it only ever trims the top of a thread's arena past that: after
+/// a first round of 100,000 files and one more round, a watch kept 85 MiB (12 MiB in use) even
+/// after `malloc_trim`, 13 MiB with these limits. Blocks of 1 MiB and more are mapped on their
+/// own; an arena's top is trimmed past 4 MiB.
+pub fn keep_free_memory_small() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: mallopt only sets the allocator's tunables; any value is valid for these two.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        }
+    }
+}
+
 /// Renames `from` to `to` unless something is at `to`: `Ok(false)` then, and nothing moved.
 /// One atomic `renameat2(RENAME_NOREPLACE)` where the file system has it (a file that appears at
 /// `to` meanwhile is never overwritten, and no `lstat` of `to` is needed first); elsewhere an

@@ -32,8 +32,10 @@ use crate::protocol::{ClientMsg, Request, ServerMsg};
 use crate::sync::lane::Lane;
 use crate::sync::{Folder, Options, Settings, SyncError};
 
-/// A round that took longer than this returns the memory it freed to the OS.
-const BIG_ROUND: Duration = Duration::from_secs(2);
+/// A round that took longer than this (one over a folder of tens of thousands of files) returns
+/// the memory it freed to the OS once the watch has been idle for [`TRIM_IDLE`].
+const BIG_ROUND: Duration = Duration::from_millis(250);
+const TRIM_IDLE: Duration = Duration::from_secs(1);
 /// How long the folder must be quiet before a round starts for changes other than closed files:
 /// coalesces an editor's write-temp-then-rename and the thousands of events of a `git checkout`,
 /// and lets a file still being written finish.
@@ -77,6 +79,7 @@ pub async fn watch(
     progress: Arc<Progress>,
     shutdown: impl Future,
 ) -> Result<(), SyncError> {
+    crate::fsutil::keep_free_memory_small();
     let mut folder = Folder::open(root, true)?;
     let mut settings = folder.settings(&opts)?;
     let opts = Options { upload: true, download: true, ..opts };
@@ -91,6 +94,7 @@ pub async fn watch(
     let mut setup: Option<tokio::task::JoinHandle<Result<notify::RecommendedWatcher, String>>> = None;
     let mut _watcher = None;
     let mut setup_started = false;
+    let mut trim_due: Option<Instant> = None;
     tokio::pin!(shutdown);
     let mut client: Option<Client> = None;
     let mut dirty = true;
@@ -183,12 +187,13 @@ pub async fn watch(
                     start_watcher(&root, changes)
                 }));
             }
-            // A big round (the first over a big folder) frees much more than a watch keeps while
-            // idle: give the freed memory back to the OS (103 MiB -> 15 MiB after a first round of
-            // 100,000 files). Not after small rounds: trimming costs ~10 ms of their latency.
+            // A big round (any over a big folder) frees much more than a watch keeps while idle:
+            // the freed memory goes back to the OS (103 MiB -> 15 MiB after a first round of
+            // 100,000 files) once the watch is idle, not between rounds that follow each other
+            // (the one the watch's setup starts comes right after the first). Not after small
+            // rounds: trimming costs ~10 ms.
             if started.elapsed() > BIG_ROUND {
-                folder.wait_freed();
-                crate::fsutil::release_free_memory();
+                trim_due = Some(Instant::now() + TRIM_IDLE);
             }
             match result {
                 Ok(report) => {
@@ -266,6 +271,11 @@ pub async fn watch(
             // A big file's transfer ended: what changed meanwhile at its path goes now.
             _ = async { match &lane { Some(l) => l.finished().await, None => std::future::pending().await } } => dirty = true,
             _ = tokio::time::sleep_until(due.unwrap_or(next_rescan)), if due.is_some() => {}
+            _ = tokio::time::sleep_until(trim_due.unwrap_or(next_rescan)), if trim_due.is_some() => {
+                trim_due = None;
+                folder.wait_freed();
+                crate::fsutil::release_free_memory();
+            }
             _ = tokio::time::sleep_until(deletes_due.unwrap_or(next_rescan)), if deletes_due.is_some() => {
                 deletes_due = None;
                 dirty = true;
